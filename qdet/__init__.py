@@ -1,0 +1,11 @@
+"""qdet: low-bit quantization-aware training with feature distillation for Detectron2.
+
+Importing qdet registers its datasets (and, as they land, meta-architectures) into
+Detectron2's registries, the way Detectron2's own projects do.
+"""
+
+from qdet import data  # noqa: F401  (registers qdet_digits_train / qdet_digits_val)
+from qdet.config import add_qdet_config
+
+__all__ = ["add_qdet_config"]
+__version__ = "0.1.0"

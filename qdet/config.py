@@ -1,0 +1,58 @@
+"""qdet's config keys. ``add_qdet_config(cfg)`` declares every key with its default."""
+
+from __future__ import annotations
+
+from detectron2.config import CfgNode as CN
+
+from qdet.quantization.quantizers import QUANTIZERS, check_bits
+
+
+def add_qdet_config(cfg: CN) -> CN:
+    """Add the ``QUANT.*`` keys to a Detectron2 config (in place; also returned)."""
+    cfg.QUANT = CN()
+    # Quantize the model at all. False trains the plain FP model through the same tools.
+    cfg.QUANT.ENABLED = False
+    # Weight and input-activation bit widths: 1..8, or 32 for "not quantized".
+    cfg.QUANT.W_BITS = 4
+    cfg.QUANT.A_BITS = 4
+    # Quantizer: "uniform" (QFD's, EWGS init, STE), "ewgs" (+ gradient scaling), "lsq".
+    cfg.QUANT.METHOD = "uniform"
+    # Per-output-channel weight quantizers instead of one per tensor.
+    cfg.QUANT.PER_CHANNEL = False
+    # Regexes searched in module names. Empty INCLUDE = every Conv2d/Linear; empty EXCLUDE
+    # = qdet.quantization.DEFAULT_EXCLUDE (stem conv and final predictors stay FP).
+    cfg.QUANT.INCLUDE = []
+    cfg.QUANT.EXCLUDE = []
+    # Sign of activation quantizers: "auto" (signed if calibration sees negatives),
+    # "signed" or "unsigned".
+    cfg.QUANT.ACT_SIGNED = "auto"
+    # Training batches used to initialise the quantizers before the first step.
+    cfg.QUANT.CALIB_BATCHES = 4
+    # Quantizer parameters (l, u, s/alpha) get their own optimizer group: EWGS trains them
+    # with a smaller LR and no weight decay. LR_FACTOR multiplies SOLVER.BASE_LR.
+    cfg.QUANT.LR_FACTOR = 1.0
+    cfg.QUANT.WEIGHT_DECAY = 0.0
+    # EWGS: re-estimate each layer's delta from the Hessian trace every this many
+    # iterations (0: keep the initial delta), on this many batches.
+    cfg.QUANT.EWGS_UPDATE_PERIOD = 0
+    cfg.QUANT.EWGS_UPDATE_BATCHES = 3
+    return cfg
+
+
+def quantize_kwargs(cfg: CN) -> dict:
+    """``quantize_model`` keyword arguments from ``cfg.QUANT``, checked."""
+    q = cfg.QUANT
+    if q.METHOD not in QUANTIZERS:
+        raise ValueError(f"QUANT.METHOD={q.METHOD!r} is unknown: choose from {list(QUANTIZERS)}")
+    signed = {"auto": None, "signed": True, "unsigned": False}
+    if q.ACT_SIGNED not in signed:
+        raise ValueError(f"QUANT.ACT_SIGNED={q.ACT_SIGNED!r}: use one of {list(signed)}")
+    return {
+        "w_bits": check_bits(q.W_BITS),
+        "a_bits": check_bits(q.A_BITS),
+        "method": q.METHOD,
+        "per_channel": q.PER_CHANNEL,
+        "include": list(q.INCLUDE) or None,
+        "exclude": list(q.EXCLUDE) or None,
+        "act_signed": signed[q.ACT_SIGNED],
+    }

@@ -1,0 +1,57 @@
+"""Quantizers, quantized layers, model surgery, calibration and integer export."""
+
+from qdet.quantization.calibration import calibrate, init_weight_quantizers
+from qdet.quantization.ewgs import update_ewgs_deltas
+from qdet.quantization.export import (
+    dequantize_weights,
+    export_int_weights,
+    export_size_bytes,
+    load_dequantized_weights,
+    pack_codes,
+    unpack_codes,
+)
+from qdet.quantization.functional import fake_quant_reference, fake_quantize, set_backend
+from qdet.quantization.layers import QConv2d, QLinear
+from qdet.quantization.quantizers import (
+    QUANTIZERS,
+    EWGSQuantizer,
+    LSQQuantizer,
+    Quantizer,
+    UniformQuantizer,
+    build_quantizer,
+)
+from qdet.quantization.surgery import (
+    DEFAULT_EXCLUDE,
+    quantization_table,
+    quantize_model,
+    quantized_layers,
+    select_layers,
+)
+
+__all__ = [
+    "DEFAULT_EXCLUDE",
+    "QUANTIZERS",
+    "EWGSQuantizer",
+    "LSQQuantizer",
+    "QConv2d",
+    "QLinear",
+    "Quantizer",
+    "UniformQuantizer",
+    "build_quantizer",
+    "calibrate",
+    "dequantize_weights",
+    "export_int_weights",
+    "export_size_bytes",
+    "fake_quant_reference",
+    "fake_quantize",
+    "init_weight_quantizers",
+    "load_dequantized_weights",
+    "pack_codes",
+    "quantization_table",
+    "quantize_model",
+    "quantized_layers",
+    "select_layers",
+    "set_backend",
+    "unpack_codes",
+    "update_ewgs_deltas",
+]

@@ -1,0 +1,90 @@
+"""Calibration: initialise every quantizer of a model before training.
+
+Weight quantizers are initialised from their weights; input quantizers from the
+activations of a few batches, observed in full precision (quantization is off while
+observing, so every layer sees the statistics it will see at the start of FP fine-tuning).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable
+
+import torch
+from torch import nn
+
+from qdet.quantization.layers import QUANTIZED_LAYERS
+from qdet.quantization.quantizers import Quantizer
+
+logger = logging.getLogger(__name__)
+
+
+def init_weight_quantizers(model: nn.Module) -> int:
+    """Initialise every weight quantizer from its layer's weight; returns how many."""
+    count = 0
+    for m in model.modules():
+        if isinstance(m, QUANTIZED_LAYERS) and m.weight_quantizer.enabled:
+            m.weight_quantizer.init_from(m.weight)
+            count += 1
+    return count
+
+
+@torch.no_grad()
+def calibrate(
+    model: nn.Module,
+    batches: Iterable,
+    num_batches: int = 4,
+    run: Callable[[nn.Module, object], object] | None = None,
+) -> dict[str, Quantizer]:
+    """Initialise all quantizers of ``model`` from ``num_batches`` batches of ``batches``.
+
+    ``run(model, batch)`` performs one forward (default: ``model(batch)``). The model is
+    put in eval mode while observing, so BN statistics are untouched, then restored.
+    Returns name -> input quantizer that was calibrated.
+    """
+    if num_batches < 1:
+        raise ValueError(f"num_batches={num_batches}: calibration needs at least one batch")
+    run = run or (lambda m, b: m(b))
+    init_weight_quantizers(model)
+    inputs = {
+        n + ".input_quantizer": m.input_quantizer
+        for n, m in model.named_modules()
+        if isinstance(m, QUANTIZED_LAYERS) and m.input_quantizer.enabled
+    }
+
+    def observe(quantizer):
+        def pre_hook(_layer, args):
+            quantizer.observe(args[0])
+
+        return pre_hook
+
+    # Observe the layer's input through a pre-hook while its input quantizer is off.
+    handles, saved_bits = [], {}
+    for name, q in inputs.items():
+        layer = model.get_submodule(name.rsplit(".", 1)[0])
+        handles.append(layer.register_forward_pre_hook(observe(q)))
+        saved_bits[name], q.bits = q.bits, 32
+    was_training = model.training
+    model.eval()
+    seen = 0
+    try:
+        for batch in batches:
+            if seen == num_batches:
+                break
+            run(model, batch)
+            seen += 1
+    finally:
+        for h in handles:
+            h.remove()
+        for name, q in inputs.items():
+            q.bits = saved_bits[name]
+        model.train(was_training)
+    if seen == 0:
+        raise ValueError("calibrate() got no batches: the data iterable is empty")
+    never_called = [n for n, q in inputs.items() if q.num_observed == 0]
+    if never_called:
+        raise RuntimeError(f"these quantized layers never ran during calibration: {never_called}")
+    for q in inputs.values():
+        q.finish_calibration()
+    logger.info("Calibrated %d input quantizers on %d batches", len(inputs), seen)
+    return inputs

@@ -1,0 +1,228 @@
+"""The uniform fake-quantization op of QFD (Eq. 1-5) as one autograd Function.
+
+For a tensor v, bounds l < u, n = 2^b - 1 and an output map (A, B):
+
+    t       = (v - l) / (u - l)
+    v_hat   = clip(t, 0, 1)                                  (QFD Eq. 1)
+    v_tilde = round(n * v_hat) / n                           (QFD Eq. 2, half to even)
+    out     = A * v_tilde + B                                (QFD Eq. 3-4)
+
+with (A, B) = (2s, -s) for weights (= s * 2 * (v_tilde - 0.5)), (alpha, 0) for unsigned
+activations and (alpha, l) for signed activations. The backward is the straight-through
+estimator (QFD Eq. 5) or, with delta > 0, EWGS's element-wise gradient scaling
+g_in = g_out * (1 + delta * sign(g_out) * (x_n - x_q)) at the rounding.
+
+Why a custom Function: autograd through the plain formula keeps about six full-size
+intermediates alive per quantizer. This one saves only the input and recomputes in the
+backward. Its elementwise bodies are passed through ``torch.compile`` (dynamic shapes,
+since detector activations change size from batch to batch) where a compiler works, and
+fall back to eager PyTorch elsewhere. ``QDET_QUANT_BACKEND`` = ``auto`` | ``compile`` |
+``eager`` picks; ``auto`` compiles and silently falls back on failure.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+# Output maps: out = A * v_tilde + B.
+MODE_WEIGHT = 0  # A = 2s, B = -s
+MODE_UNSIGNED = 1  # A = alpha, B = 0
+MODE_SIGNED = 2  # A = alpha, B = l
+
+
+def _output_map(mode: int, lower: torch.Tensor, scale: torch.Tensor):
+    if mode == MODE_WEIGHT:
+        return scale * 2, -scale
+    if mode == MODE_UNSIGNED:
+        return scale, None
+    return scale, lower
+
+
+def fake_quant_reference(
+    x: torch.Tensor,
+    lower: torch.Tensor,
+    upper: torch.Tensor,
+    scale: torch.Tensor,
+    n: int,
+    mode: int,
+) -> torch.Tensor:
+    """The plain autograd composition of QFD Eq. 1-5 (straight-through round).
+
+    This is the definition the fused op is tested against, and the fallback used for
+    double backward.
+    """
+    v_hat = torch.clamp((x - lower) / (upper - lower), 0, 1)
+    scaled = n * v_hat
+    v_tilde = (scaled + (torch.round(scaled) - scaled).detach()) / n
+    if mode == MODE_WEIGHT:
+        return scale * 2 * (v_tilde - 0.5)
+    if mode == MODE_UNSIGNED:
+        return scale * v_tilde
+    return lower + scale * v_tilde
+
+
+def _forward_body(x, lower, upper, scale, n: int, mode: int):
+    """Forward values, written so that they equal ``fake_quant_reference`` bit for bit."""
+    v_hat = torch.clamp((x - lower) / (upper - lower), 0, 1)
+    v_tilde = torch.round(n * v_hat) / n
+    if mode == MODE_WEIGHT:
+        return scale * 2 * (v_tilde - 0.5)
+    if mode == MODE_UNSIGNED:
+        return scale * v_tilde
+    return lower + scale * v_tilde
+
+
+def _backward_body(g, x, lower, upper, scale, delta, n: int, mode: int, reduce_dims):
+    """Gradients of QFD Eq. 1-5 w.r.t. x, l, u and the scale, from the input alone.
+
+    With d = u - l and m = [0 <= t <= 1] (clamp's gradient mask, inclusive as in torch):
+        dt/dx = 1/d,  dt/dl = (t - 1)/d,  dt/du = -t/d,  d out/d v_tilde = A.
+    """
+    d = upper - lower
+    t = (x - lower) / d
+    inside = (t >= 0) & (t <= 1)
+    scaled = n * torch.clamp(t, 0, 1)
+    rounded = torch.round(scaled)
+    v_tilde = rounded / n
+    amp, _ = _output_map(mode, lower, scale)
+    g_v = g * amp  # gradient w.r.t. v_tilde (= w.r.t. v_hat under the STE)
+    if delta is not None:
+        # EWGS: scale the gradient by how far the value was moved by the rounding.
+        g_v = g_v * (1 + delta * torch.sign(g_v) * (scaled - rounded))
+    g_t = torch.where(inside, g_v, torch.zeros_like(g_v)) / d
+    grad_x = g_t
+    grad_lower = (g_t * (t - 1)).sum(reduce_dims)
+    grad_upper = -(g_t * t).sum(reduce_dims)
+    if mode == MODE_WEIGHT:
+        grad_scale = (g * (2 * v_tilde - 1)).sum(reduce_dims)
+    else:
+        grad_scale = (g * v_tilde).sum(reduce_dims)
+    if mode == MODE_SIGNED:
+        grad_lower = grad_lower + g.sum(reduce_dims)
+    return grad_x, grad_lower, grad_upper, grad_scale
+
+
+_BACKEND = os.environ.get("QDET_QUANT_BACKEND", "auto")
+_compiled: dict[str, Callable | None] = {}
+
+
+def set_backend(name: str) -> None:
+    """Choose how the fake-quant bodies run: ``auto`` | ``compile`` | ``eager``."""
+    global _BACKEND
+    if name not in ("auto", "compile", "eager"):
+        raise ValueError(f"unknown quantizer backend {name!r}: use 'auto', 'compile' or 'eager'")
+    _BACKEND = name
+
+
+def get_backend() -> str:
+    return _BACKEND
+
+
+def _body(name: str, fn: Callable) -> Callable:
+    if _BACKEND == "eager":
+        return fn
+    if name not in _compiled:
+        _compiled[name] = torch.compile(fn, dynamic=True)
+    return _compiled[name] or fn
+
+
+def _run(name: str, fn: Callable, *args):
+    """Run ``fn`` compiled, falling back to eager (for good, in auto mode) if compiling fails."""
+    compiled = _body(name, fn)
+    if compiled is fn:
+        return fn(*args)
+    try:
+        return compiled(*args)
+    except Exception as e:  # noqa: BLE001 - any compiler failure means "use eager"
+        if _BACKEND == "compile":
+            raise
+        logger.warning("torch.compile of the quantizer failed (%s); using eager PyTorch", e)
+        _compiled[name] = None
+        return fn(*args)
+
+
+class ScaleGradient(torch.autograd.Function):
+    """Identity forward, gradient times ``factor`` (LSQ's gradient scale, bit-exact value).
+
+    LSQ's own ``(s - s g).detach() + s g`` changes s by float rounding, which would tie the
+    quantized values to the tensor size N through g = 1 / sqrt(N Q_p).
+    """
+
+    @staticmethod
+    def forward(ctx, x, factor):
+        ctx.factor = factor
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g * ctx.factor, None
+
+
+class FakeQuantize(torch.autograd.Function):
+    """Uniform fake quantization with a recomputing backward. See the module docstring."""
+
+    @staticmethod
+    def forward(ctx, x, lower, upper, scale, n, mode, delta, reduce_dims):
+        ctx.save_for_backward(x, lower, upper, scale)
+        ctx.n, ctx.mode, ctx.delta, ctx.reduce_dims = n, mode, delta, reduce_dims
+        xf = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+        out = _run("forward", _forward_body, xf, lower, upper, scale, n, mode)
+        return out.to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, g):
+        x, lower, upper, scale = ctx.saved_tensors
+        g32, x32 = g.float(), x.float()
+        args = (g32, x32, lower, upper, scale, ctx.delta, ctx.n, ctx.mode, ctx.reduce_dims)
+        if torch.is_grad_enabled():
+            # create_graph=True (e.g. EWGS's Hessian estimate): stay differentiable.
+            grads = _backward_body(*args)
+        else:
+            grads = _run("backward", _backward_body, *args)
+        grad_x, grad_l, grad_u, grad_s = grads
+        grad_x = grad_x.to(x.dtype)
+        return (
+            grad_x,
+            grad_l.view_as(lower),
+            grad_u.view_as(upper),
+            grad_s.view_as(scale),
+            None,
+            None,
+            None,
+            None,
+        )
+
+
+def fake_quantize(
+    x: torch.Tensor,
+    lower: torch.Tensor,
+    upper: torch.Tensor,
+    scale: torch.Tensor,
+    bits: int,
+    mode: int,
+    delta: float | None = None,
+    channel_dim: int | None = None,
+) -> torch.Tensor:
+    """QFD's uniform fake quantization (Eq. 1-5) of ``x``.
+
+    ``lower``, ``upper`` and ``scale`` are scalars, or per-channel vectors along
+    ``channel_dim``. ``delta`` > 0 turns on EWGS gradient scaling (None or 0: the STE).
+    """
+    n = 2**bits - 1
+    if channel_dim is None:
+        reduce_dims = tuple(range(x.dim()))
+    else:
+        shape = [1] * x.dim()
+        shape[channel_dim] = -1
+        lower, upper, scale = (p.view(shape) for p in (lower, upper, scale))
+        reduce_dims = tuple(i for i in range(x.dim()) if i != channel_dim)
+    if isinstance(delta, (int, float)):
+        # A tensor delta (EWGS's buffer) is used as is: comparing it here would sync the GPU.
+        delta = None if delta == 0 else torch.tensor(float(delta), device=x.device)
+    return FakeQuantize.apply(x, lower, upper, scale, n, mode, delta, reduce_dims)

@@ -1,0 +1,369 @@
+"""Quantizer modules: QFD's uniform quantizer (the default), EWGS and LSQ.
+
+All three share one interface, so a config switch picks among them:
+``Quantizer(bits, kind, signed=False, per_channel=False)``, ``forward(x)``,
+``observe(x)`` / ``finish_calibration()`` (or ``init_from(x)``), and the integer-code pair
+``to_codes(x)`` / ``from_codes(codes)`` used by the integer export.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from qdet.quantization.functional import (
+    MODE_SIGNED,
+    MODE_UNSIGNED,
+    MODE_WEIGHT,
+    ScaleGradient,
+    fake_quantize,
+)
+
+VALID_BITS = (1, 2, 3, 4, 5, 6, 7, 8, 32)
+KINDS = ("weight", "activation")
+# Low/high percentiles of the calibration batches that set a signed activation's l, u.
+SIGNED_PERCENTILES = (0.1, 99.9)
+# Beyond this many elements, percentiles are estimated on an evenly strided subsample.
+_PERCENTILE_SAMPLES = 1 << 20
+
+
+def check_bits(bits: int) -> int:
+    if not isinstance(bits, int) or isinstance(bits, bool) or bits not in VALID_BITS:
+        raise ValueError(
+            f"bits={bits!r} is out of range: use an integer in 1..8, or 32 for 'not quantized'"
+        )
+    return bits
+
+
+def _percentile(x: torch.Tensor, q: float) -> float:
+    flat = x.detach().flatten().float()
+    if flat.numel() > _PERCENTILE_SAMPLES:
+        flat = flat[:: flat.numel() // _PERCENTILE_SAMPLES + 1]
+    return torch.quantile(flat, q / 100.0).item()
+
+
+class Quantizer(nn.Module):
+    """Base class: bit width, kind, calibration bookkeeping and serialised flags.
+
+    ``signed=None`` (activations only) means "decide at calibration": signed when the
+    calibration data has negative values. Post-ReLU inputs then get the unsigned map and
+    FPN / LayerNorm / GELU outputs the signed one, without per-architecture rules.
+    """
+
+    def __init__(
+        self,
+        bits: int,
+        kind: str,
+        signed: bool | None = False,
+        per_channel: bool = False,
+        num_channels: int | None = None,
+    ):
+        super().__init__()
+        self.bits = check_bits(bits)
+        if kind not in KINDS:
+            raise ValueError(f"kind={kind!r} is not one of {KINDS}")
+        if per_channel and kind != "weight":
+            raise ValueError("per_channel applies to weights only (per output channel)")
+        if kind == "weight" and signed:
+            raise ValueError("signed= applies to activations; weights are always symmetric")
+        self.kind = kind
+        self.signed = signed if kind == "activation" else False
+        self.per_channel = per_channel
+        self.initialized = False
+        self._observed: list[dict] = []
+        shape = (num_channels,) if per_channel and num_channels else ()
+        self._param_shape = shape
+
+    @property
+    def enabled(self) -> bool:
+        return self.bits != 32
+
+    @property
+    def num_observed(self) -> int:
+        """Calibration tensors observed since the last ``finish_calibration``."""
+        return len(self._observed)
+
+    @property
+    def n_levels(self) -> int:
+        return 2**self.bits - 1
+
+    # Flags that are not tensors travel in the state dict as extra state, so a checkpoint
+    # restores whether the quantizer was calibrated and which output map it chose.
+    def get_extra_state(self):
+        return {"initialized": self.initialized, "signed": self.signed, "bits": self.bits}
+
+    def set_extra_state(self, state):
+        self.initialized = bool(state["initialized"])
+        self.signed = state["signed"]
+        if state.get("bits", self.bits) != self.bits:
+            raise ValueError(
+                f"checkpoint quantizer has {state['bits']} bits, this model {self.bits}: "
+                "build the model with the bit widths the checkpoint was trained with"
+            )
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # Per-channel parameters are created lazily; take their size from the checkpoint.
+        for name, param in self._parameters.items():
+            key = prefix + name
+            if key in state_dict and state_dict[key].shape != param.shape:
+                param.data = torch.empty_like(state_dict[key], device=param.device)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def _channel_dim(self) -> int | None:
+        return 0 if self.per_channel else None
+
+    def _resize(self, shape: tuple[int, ...]) -> None:
+        for p in self._parameters.values():
+            if p.shape != shape:
+                p.data = torch.zeros(shape, dtype=p.dtype, device=p.device)
+
+    # -- calibration ---------------------------------------------------------------
+    # Each observed tensor is reduced to a few statistics at once, so calibrating a
+    # detector on several large batches holds no activations in memory.
+    def observe(self, x: torch.Tensor) -> None:
+        """Record one calibration tensor (weights: the weight; activations: a batch)."""
+        with torch.no_grad():
+            self._observed.append(self._statistics(x.detach().float()))
+
+    def finish_calibration(self) -> None:
+        """Set the parameters from what ``observe`` recorded, then forget it."""
+        if not self._observed:
+            raise RuntimeError("finish_calibration() called before any observe(x)")
+        stats = self._observed
+        if self.kind == "activation" and self.signed is None:
+            self.signed = bool(min(s["min"] for s in stats) < 0)
+        with torch.no_grad():
+            self._init_from_statistics(stats)
+        self._observed = []
+        self.initialized = True
+
+    def init_from(self, x: torch.Tensor) -> None:
+        """Calibrate from one tensor."""
+        self.observe(x)
+        self.finish_calibration()
+
+    def _statistics(self, x: torch.Tensor) -> dict:
+        raise NotImplementedError
+
+    def _init_from_statistics(self, stats: list[dict]) -> None:
+        raise NotImplementedError
+
+    # -- the quantization map --------------------------------------------------------
+    def _affine(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+        """(l, u, scale, mode) of QFD's map out = A * v_tilde + B (see ``functional``)."""
+        raise NotImplementedError
+
+    def _gradient_delta(self) -> torch.Tensor | None:
+        """EWGS's gradient-scaling factor, None for the straight-through estimator."""
+        return None
+
+    def _fake_quant(self, x: torch.Tensor) -> torch.Tensor:
+        lower, upper, scale, mode = self._affine()
+        return fake_quantize(
+            x,
+            lower,
+            upper,
+            scale,
+            self.bits,
+            mode,
+            delta=self._gradient_delta(),
+            channel_dim=self._channel_dim(),
+        )
+
+    def _view(self, p: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return p.view(-1, *([1] * (x.dim() - 1))) if self.per_channel else p
+
+    @torch.no_grad()
+    def to_codes(self, x: torch.Tensor) -> torch.Tensor:
+        """Integer codes k = round(n v_hat) in 0..n (int64), n = 2^b - 1."""
+        lower, upper, _, _ = self._affine()
+        lo, hi = self._view(lower, x), self._view(upper, x)
+        return torch.round(self.n_levels * torch.clamp((x - lo) / (hi - lo), 0, 1)).long()
+
+    @torch.no_grad()
+    def from_codes(self, codes: torch.Tensor) -> torch.Tensor:
+        """The fake-quantized values of ``codes``, with the forward's exact arithmetic."""
+        lower, _, scale, mode = self._affine()
+        v_tilde = codes.float() / self.n_levels
+        s = self._view(scale, codes)
+        if mode == MODE_WEIGHT:
+            return s * 2 * (v_tilde - 0.5)
+        if mode == MODE_UNSIGNED:
+            return s * v_tilde
+        return self._view(lower, codes) + s * v_tilde
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.enabled:
+            return x
+        if not self.initialized:
+            # No calibration was run: initialise from the first tensor seen (EWGS does
+            # the same on its first training batch).
+            self.init_from(x)
+        return self._fake_quant(x)
+
+    def extra_repr(self) -> str:
+        sign = {True: "signed", False: "unsigned", None: "auto-sign"}[self.signed]
+        s = f"bits={self.bits}, kind={self.kind}"
+        if self.kind == "activation":
+            s += f", {sign}"
+        return s + (", per_channel" if self.per_channel else "")
+
+
+class UniformQuantizer(Quantizer):
+    """QFD's uniform quantizer with learnable bounds (QFD Eq. 1-5).
+
+        v_hat = clip((v - l) / (u - l), 0, 1),   v_tilde = round(n v_hat) / n,  n = 2^b - 1
+        weights: s * 2 * (v_tilde - 0.5);  unsigned activations: alpha * v_tilde;
+        signed activations: l + alpha * v_tilde
+
+    ``lower`` (l), ``upper`` (u) and ``scale`` (s or alpha) are learned; round uses the
+    straight-through estimator. Initialisation follows EWGS's official code: weights
+    u = -l = 3 std(W) (per channel when ``per_channel``), s = (u - l) / 2; unsigned
+    activations u = 3 std(x) / sqrt(1 - 2/pi) (the half-normal's sigma from the std of a
+    ReLU output), l = min(x), on the first calibration batch; signed activations l, u =
+    the 0.1 / 99.9 percentiles, averaged over calibration batches; alpha = u - l.
+    Unsigned u is averaged over the calls seen in calibration (EWGS uses its first batch;
+    a shared detection head is called once per FPN level).
+    """
+
+    def __init__(self, bits, kind, signed=False, per_channel=False, num_channels=None):
+        super().__init__(bits, kind, signed, per_channel, num_channels)
+        self.lower = nn.Parameter(torch.full(self._param_shape, -1.0))
+        self.upper = nn.Parameter(torch.full(self._param_shape, 1.0))
+        self.scale = nn.Parameter(torch.full(self._param_shape, 1.0))
+
+    @property
+    def mode(self) -> int:
+        if self.kind == "weight":
+            return MODE_WEIGHT
+        return MODE_SIGNED if self.signed else MODE_UNSIGNED
+
+    def _statistics(self, x):
+        if self.kind == "weight":
+            return {"std": x.flatten(1).std(dim=1) if self.per_channel else x.std()}
+        return {
+            "min": x.min().item(),
+            "std": x.std().item() if x.numel() > 1 else 0.0,
+            "low": _percentile(x, SIGNED_PERCENTILES[0]),
+            "high": _percentile(x, SIGNED_PERCENTILES[1]),
+        }
+
+    def _init_from_statistics(self, stats):
+        if self.kind == "weight":
+            std = stats[-1]["std"]
+            self._resize(tuple(std.shape))
+            self.upper.copy_(3 * std)
+            self.lower.copy_(-3 * std)
+            self.scale.copy_(3 * std)  # (u - l) / 2
+            return
+        if self.signed:
+            lo = sum(s["low"] for s in stats) / len(stats)
+            hi = sum(s["high"] for s in stats) / len(stats)
+        else:
+            # A layer called several times per batch (RetinaNet's shared head) sees each
+            # call here, so average over calls rather than keep only the first.
+            lo = min(s["min"] for s in stats)
+            hi = sum(3 * s["std"] for s in stats) / len(stats) / math.sqrt(1 - 2 / math.pi)
+        if not hi > lo:  # constant input (e.g. an all-zero batch): keep a valid interval
+            hi = lo + 1e-3
+        self.lower.fill_(lo)
+        self.upper.fill_(hi)
+        self.scale.fill_(hi - lo)
+
+    def _affine(self):
+        return self.lower, self.upper, self.scale, self.mode
+
+
+class EWGSQuantizer(UniformQuantizer):
+    """The uniform quantizer with EWGS's element-wise gradient scaling (Lee et al. 2021).
+
+    Backward at the rounding: g_in = g_out * (1 + delta * sign(g_out) * (x_n - x_q)),
+    x_n the value before rounding and x_q after (EWGS Eq. 5); delta = 0 is the STE.
+    ``delta`` is a buffer set by :func:`qdet.quantization.ewgs.update_ewgs_deltas`
+    from a Hutchinson estimate of the Hessian trace.
+    """
+
+    def __init__(
+        self, bits, kind, signed=False, per_channel=False, num_channels=None, delta: float = 1e-3
+    ):
+        super().__init__(bits, kind, signed, per_channel, num_channels)
+        # EWGS's official code starts every layer at 1e-3 before the first Hessian update.
+        self.register_buffer("delta", torch.tensor(float(delta)))
+
+    def _gradient_delta(self):
+        return self.delta
+
+
+class LSQQuantizer(Quantizer):
+    """Learned step size quantization, LSQ (Esser et al. 2020, Eq. 1-5).
+
+        v_bar = round(clip(v / s, Q_n, Q_p)) * s,  gradient of s scaled by 1/sqrt(N Q_p)
+
+    Weights and signed activations: Q_n = -2^(b-1), Q_p = 2^(b-1) - 1; unsigned
+    activations: Q_n = 0, Q_p = 2^b - 1. Init (LSQ): s = 2 mean|v| / sqrt(Q_p). Only
+    ``scale`` is learned.
+
+    LSQ is QFD's signed map with tied bounds, l = Q_n s, u = Q_p s, alpha = (Q_p - Q_n) s:
+    forward values (up to float rounding) and the STE gradients w.r.t. v and s equal
+    LSQ's (the gradient w.r.t. s is -v/s + round(v/s) inside the range, Q_n or Q_p
+    outside), so LSQ runs on
+    the same fused op. (PyTorch's fused LSQ kernel, behind torch.ao's
+    ``_LearnableFakeQuantize``, instead masks the input gradient by the *rounded* value,
+    which differs from the paper at the clipping edges.)
+    """
+
+    def __init__(self, bits, kind, signed=False, per_channel=False, num_channels=None):
+        super().__init__(bits, kind, signed, per_channel, num_channels)
+        if kind == "weight" and self.enabled and bits < 2:
+            raise ValueError("LSQ needs at least 2 bits for weights; use method='uniform'")
+        self.scale = nn.Parameter(torch.full(self._param_shape, 1.0))
+        self._numel = 1
+
+    @property
+    def qrange(self) -> tuple[int, int]:
+        if self.kind == "activation" and not self.signed:
+            return 0, 2**self.bits - 1
+        return -(2 ** (self.bits - 1)), 2 ** (self.bits - 1) - 1
+
+    def _statistics(self, x):
+        mean_abs = x.abs().flatten(1).mean(1) if self.per_channel else x.abs().mean()
+        return {"min": x.min().item(), "mean_abs": mean_abs}
+
+    def _init_from_statistics(self, stats):
+        mean_abs = sum(s["mean_abs"] for s in stats) / len(stats)
+        self._resize(tuple(mean_abs.shape))
+        self.scale.copy_((2 * mean_abs / math.sqrt(self.qrange[1])).clamp_min(1e-8))
+
+    def _fake_quant(self, x):
+        self._numel = x[0].numel() if self.per_channel else x.numel()
+        return super()._fake_quant(x)
+
+    def _affine(self):
+        qn, qp = self.qrange
+        step = self.scale.abs() + 1e-8  # a positive step whatever the optimizer does
+        g = 1.0 / math.sqrt(self._numel * qp)
+        step = ScaleGradient.apply(step, g)  # LSQ's gradient scale on s
+        return qn * step, qp * step, (qp - qn) * step, MODE_SIGNED
+
+
+QUANTIZERS: dict[str, type[Quantizer]] = {
+    "uniform": UniformQuantizer,
+    "ewgs": EWGSQuantizer,
+    "lsq": LSQQuantizer,
+}
+
+
+def build_quantizer(
+    method: str,
+    bits: int,
+    kind: str,
+    signed: bool | None = False,
+    per_channel: bool = False,
+    num_channels: int | None = None,
+) -> Quantizer:
+    """Make a quantizer by method name (``uniform`` | ``ewgs`` | ``lsq``)."""
+    if method not in QUANTIZERS:
+        raise ValueError(f"unknown quantization method {method!r}: choose from {list(QUANTIZERS)}")
+    return QUANTIZERS[method](bits, kind, signed, per_channel, num_channels)

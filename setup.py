@@ -1,0 +1,38 @@
+from setuptools import find_packages, setup
+
+# Versions are the ones qdet was tested with (Python 3.11, CPU). torch/torchvision and
+# Detectron2 are installed by scripts/setup_env.sh (Detectron2 is not on PyPI under its name).
+install_requires = [
+    "torch>=2.4",
+    "torchvision>=0.19",
+    "numpy>=1.24,<2",  # Detectron2 0.7 / pycocotools builds in use need numpy 1.x
+    "fvcore>=0.1.5.post20221221",
+    "iopath>=0.1.9",
+    "pycocotools>=2.0.7",
+    "yacs>=0.1.8",
+    "omegaconf>=2.1,<2.4",
+    "hydra-core>=1.1",
+    "termcolor>=1.1",
+    "tabulate>=0.9",
+    "cloudpickle>=2.0",
+    "tqdm>4.29",
+    "matplotlib>=3.7",
+    "Pillow>=9.0",
+    "tensorboard>=2.14",
+    "timm>=0.9",
+    "scikit-learn>=1.3",  # the embedded dataset pastes sklearn's UCI digits
+    "setuptools<81",  # Detectron2's model_zoo imports pkg_resources
+]
+
+setup(
+    name="qdet",
+    version="0.1.0",
+    description="Low-bit quantization-aware training with feature distillation for Detectron2",
+    packages=find_packages(include=["qdet", "qdet.*"]),
+    python_requires=">=3.10",
+    install_requires=install_requires,
+    extras_require={
+        # tested: pytest 9.2.0, ruff 0.17.6
+        "dev": ["pytest>=8.0", "ruff>=0.6"],
+    },
+)
