@@ -64,7 +64,9 @@ def test_one_bit_weights_are_binary():
 @pytest.mark.parametrize("kind,signed", KINDS)
 def test_gradients_match_autograd_of_plain_formula(bits, kind, signed):
     torch.manual_seed(100 + bits)
-    x = (torch.randn(2, 4, 6, 6) * 2).requires_grad_(True)
+    x = torch.randn(2, 4, 6, 6) * 2
+    x[0, 0, 0, :3] = torch.tensor([-0.9, 1.4, 0.0])  # exactly on l, on u, and a ReLU zero
+    x.requires_grad_(True)
     q = UniformQuantizer(bits, kind, signed=signed)
     _set_params(q, -0.9, 1.4, 1.6)
     g = torch.randn(2, 4, 6, 6)
@@ -76,8 +78,8 @@ def test_gradients_match_autograd_of_plain_formula(bits, kind, signed):
     fake_quant_reference(x2, l, u, s, 2**bits - 1, q.mode).backward(g)
     for a, b in zip(ours, [x2.grad, l.grad, u.grad, s.grad]):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
-    # Clip passes gradient only inside [l, u].
-    outside = (x.detach() < -0.9) | (x.detach() > 1.4)
+    # Clip passes gradient only inside (l, u), like torch.clamp's.
+    outside = (x.detach() <= -0.9) | (x.detach() >= 1.4)
     assert torch.all(x.grad[outside] == 0)
 
 

@@ -58,12 +58,16 @@ def calibrate(
 
         return pre_hook
 
-    # Observe the layer's input through a pre-hook while its input quantizer is off.
-    handles, saved_bits = [], {}
+    # Observe each layer's input through a pre-hook while every quantizer is off, so the
+    # statistics are those of the FP model the quantized one is fine-tuned from.
+    handles = []
     for name, q in inputs.items():
         layer = model.get_submodule(name.rsplit(".", 1)[0])
         handles.append(layer.register_forward_pre_hook(observe(q)))
-        saved_bits[name], q.bits = q.bits, 32
+    all_quantizers = [m for m in model.modules() if isinstance(m, Quantizer)]
+    saved_bits = [q.bits for q in all_quantizers]
+    for q in all_quantizers:
+        q.bits = 32
     was_training = model.training
     model.eval()
     seen = 0
@@ -76,8 +80,8 @@ def calibrate(
     finally:
         for h in handles:
             h.remove()
-        for name, q in inputs.items():
-            q.bits = saved_bits[name]
+        for q, bits in zip(all_quantizers, saved_bits):
+            q.bits = bits
         model.train(was_training)
     if seen == 0:
         raise ValueError("calibrate() got no batches: the data iterable is empty")

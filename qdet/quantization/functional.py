@@ -81,12 +81,15 @@ def _forward_body(x, lower, upper, scale, n: int, mode: int):
 def _backward_body(g, x, lower, upper, scale, delta, n: int, mode: int, reduce_dims):
     """Gradients of QFD Eq. 1-5 w.r.t. x, l, u and the scale, from the input alone.
 
-    With d = u - l and m = [0 <= t <= 1] (clamp's gradient mask, inclusive as in torch):
+    With d = u - l and m = [0 < t < 1]:
         dt/dx = 1/d,  dt/dl = (t - 1)/d,  dt/du = -t/d,  d out/d v_tilde = A.
+    The mask excludes the bounds, as torch.clamp's gradient does (torch 2.14), so this
+    equals autograd through ``fake_quant_reference`` also on values exactly at l or u
+    (ReLU zeros with l = 0 are such values).
     """
     d = upper - lower
     t = (x - lower) / d
-    inside = (t >= 0) & (t <= 1)
+    inside = (t > 0) & (t < 1)
     scaled = n * torch.clamp(t, 0, 1)
     rounded = torch.round(scaled)
     v_tilde = rounded / n
@@ -132,13 +135,20 @@ def _body(name: str, fn: Callable) -> Callable:
     return _compiled[name] or fn
 
 
+# Graph variants: 3 output maps x (per tensor | per channel) x (STE | EWGS) x devices x
+# the n = 1 special case. Inputs are flattened first, so shapes add no variants; past
+# dynamo's default of 8 it would silently stop compiling.
+_RECOMPILE_LIMIT = 64
+
+
 def _run(name: str, fn: Callable, *args):
     """Run ``fn`` compiled, falling back to eager (for good, in auto mode) if compiling fails."""
     compiled = _body(name, fn)
     if compiled is fn:
         return fn(*args)
     try:
-        return compiled(*args)
+        with torch._dynamo.config.patch(recompile_limit=_RECOMPILE_LIMIT):
+            return compiled(*args)
     except Exception as e:  # noqa: BLE001 - any compiler failure means "use eager"
         if _BACKEND == "compile":
             raise
@@ -206,23 +216,25 @@ def fake_quantize(
     scale: torch.Tensor,
     bits: int,
     mode: int,
-    delta: float | None = None,
-    channel_dim: int | None = None,
+    delta: float | torch.Tensor | None = None,
+    per_channel: bool = False,
 ) -> torch.Tensor:
     """QFD's uniform fake quantization (Eq. 1-5) of ``x``.
 
-    ``lower``, ``upper`` and ``scale`` are scalars, or per-channel vectors along
-    ``channel_dim``. ``delta`` > 0 turns on EWGS gradient scaling (None or 0: the STE).
+    ``lower``, ``upper`` and ``scale`` are scalars, or vectors over dim 0 of ``x`` when
+    ``per_channel``. ``delta`` > 0 turns on EWGS gradient scaling (None or 0: the STE).
     """
     n = 2**bits - 1
-    if channel_dim is None:
-        reduce_dims = tuple(range(x.dim()))
+    # Flatten (to 1-D, or channels x rest) so that one compiled graph serves every shape.
+    if per_channel:
+        flat = x.reshape(x.shape[0], -1)
+        lower, upper, scale = (p.view(-1, 1) for p in (lower, upper, scale))
+        reduce_dims = (1,)
     else:
-        shape = [1] * x.dim()
-        shape[channel_dim] = -1
-        lower, upper, scale = (p.view(shape) for p in (lower, upper, scale))
-        reduce_dims = tuple(i for i in range(x.dim()) if i != channel_dim)
+        flat = x.reshape(-1)
+        reduce_dims = (0,)
     if isinstance(delta, (int, float)):
         # A tensor delta (EWGS's buffer) is used as is: comparing it here would sync the GPU.
         delta = None if delta == 0 else torch.tensor(float(delta), device=x.device)
-    return FakeQuantize.apply(x, lower, upper, scale, n, mode, delta, reduce_dims)
+    out = FakeQuantize.apply(flat, lower, upper, scale, n, mode, delta, reduce_dims)
+    return out.view(x.shape)

@@ -111,9 +111,6 @@ class Quantizer(nn.Module):
                 param.data = torch.empty_like(state_dict[key], device=param.device)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
-    def _channel_dim(self) -> int | None:
-        return 0 if self.per_channel else None
-
     def _resize(self, shape: tuple[int, ...]) -> None:
         for p in self._parameters.values():
             if p.shape != shape:
@@ -169,7 +166,7 @@ class Quantizer(nn.Module):
             self.bits,
             mode,
             delta=self._gradient_delta(),
-            channel_dim=self._channel_dim(),
+            per_channel=self.per_channel,
         )
 
     def _view(self, p: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
