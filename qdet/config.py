@@ -28,14 +28,11 @@ def add_qdet_config(cfg: CN) -> CN:
     cfg.QUANT.ACT_SIGNED = "auto"
     # Training batches used to initialise the quantizers before the first step.
     cfg.QUANT.CALIB_BATCHES = 4
-    # Quantizer parameters (l, u, s/alpha) get their own optimizer group: EWGS trains them
-    # with a smaller LR and no weight decay. LR_FACTOR multiplies SOLVER.BASE_LR.
+    # Quantizer parameters (l, u, s/alpha) get their own optimizer group
+    # (qdet.engine.build_qat_optimizer): EWGS trains them with a smaller LR and no weight
+    # decay. LR_FACTOR multiplies SOLVER.BASE_LR.
     cfg.QUANT.LR_FACTOR = 1.0
     cfg.QUANT.WEIGHT_DECAY = 0.0
-    # EWGS: re-estimate each layer's delta from the Hessian trace every this many
-    # iterations (0: keep the initial delta), on this many batches.
-    cfg.QUANT.EWGS_UPDATE_PERIOD = 0
-    cfg.QUANT.EWGS_UPDATE_BATCHES = 3
     return cfg
 
 

@@ -219,3 +219,23 @@ def test_calibration_observes_fp_inputs_and_leaves_bn_alone():
     assert q.upper.item() == pytest.approx(
         3 * fp_input.std().item() / (1 - 2 / math.pi) ** 0.5, rel=1e-4
     )
+
+
+def test_qat_optimizer_puts_quantizer_params_in_their_own_group(fp_retinanet):
+    from qdet.engine import build_qat_optimizer
+    from qdet.engine.optimizer import quantizer_parameters
+
+    model = copy.deepcopy(fp_retinanet)
+    quantize_model(model, 4, 4)
+    cfg = _retinanet_cfg()
+    cfg.SOLVER.BASE_LR, cfg.SOLVER.WEIGHT_DECAY = 0.01, 1e-4
+    cfg.QUANT.LR_FACTOR, cfg.QUANT.WEIGHT_DECAY = 0.1, 0.0
+    opt = build_qat_optimizer(cfg, model)
+    qids = {id(p) for p in quantizer_parameters(model)}
+    assert len(qids) == 3 * 2 * len(quantized_layers(model))
+    groups = [g for g in opt.param_groups if any(id(p) in qids for p in g["params"])]
+    assert len(groups) == 1 and {id(p) for p in groups[0]["params"]} == qids
+    assert groups[0]["lr"] == pytest.approx(0.001) and groups[0]["weight_decay"] == 0.0
+    # Every trainable parameter is in exactly one group.
+    seen = [id(p) for g in opt.param_groups for p in g["params"]]
+    assert sorted(seen) == sorted(id(p) for p in model.parameters() if p.requires_grad)
