@@ -55,12 +55,15 @@ def _cfg(bits: int):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--bits", type=int, default=4)
-    parser.add_argument("--calib-batches", type=int, default=4)
+    parser.add_argument(
+        "--calib-batches", type=int, default=None, help="default: QUANT.CALIB_BATCHES"
+    )
     args = parser.parse_args()
     t0 = time.time()
     print("[demo] building / loading the embedded digits dataset ...", flush=True)
     print(f"[demo] {len(DatasetCatalog.get('qdet_digits_train'))} training images")
     cfg = _cfg(args.bits)
+    calib_batches = args.calib_batches or cfg.QUANT.CALIB_BATCHES
     torch.manual_seed(0)
     model = build_model(cfg)
     names = quantize_model(model, **quantize_kwargs(cfg))
@@ -69,8 +72,8 @@ def main() -> None:
 
     loader = build_detection_train_loader(cfg, mapper=DatasetMapper(cfg, is_train=True))
     batches = iter(loader)
-    print(f"[demo] calibrating on {args.calib_batches} batches ...", flush=True)
-    inputs = calibrate(model, batches, num_batches=args.calib_batches)
+    print(f"[demo] calibrating on {calib_batches} batches ...", flush=True)
+    inputs = calibrate(model, batches, num_batches=calib_batches)
     for name in list(inputs)[:3] + list(inputs)[-2:]:
         q = inputs[name]
         sign = "signed" if q.signed else "unsigned"

@@ -1,0 +1,213 @@
+"""The embedded dataset: real handwritten digits pasted on textured canvases.
+
+scikit-learn ships the UCI handwritten digits (1797 8x8 images, 10 classes, no download).
+Each image here is a 128-192 px canvas (gradients, noise, stripes, checkers) with 1-5
+digits scaled to 20-56 px, tinted against their background; each digit is an instance
+with a box and a mask (its pixels, cut where a later digit covers it). Train and val use
+disjoint digit samples. The COCO json stores masks as RLE: train Mask R-CNN on it with
+``INPUT.MASK_FORMAT bitmask``.
+
+It is built deterministically on first use into ``$QDET_DATASETS/digits_v1`` (default
+``~/.cache/qdet/datasets``), in a temporary folder renamed into place at the end, so an
+interrupted build never leaves half a dataset and two concurrent builds do not clash.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+DIGITS_CLASSES = [str(i) for i in range(10)]
+VERSION = "digits_v1"
+SPLITS = {"train": 400, "val": 100}  # images per split
+_SPLIT_SEEDS = {"train": 1, "val": 2}
+_VAL_SAMPLE_FRACTION = 0.25  # share of sklearn's 1797 digit samples reserved for val
+
+
+def get_digits_root() -> Path:
+    """Where the dataset lives: ``$QDET_DATASETS/digits_v1`` or the user cache."""
+    base = os.environ.get("QDET_DATASETS")
+    if not base:
+        cache = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+        base = Path(cache) / "qdet" / "datasets"
+    return Path(base) / VERSION
+
+
+def _digit_pools() -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    order = np.random.default_rng(0).permutation(len(digits.target))
+    n_val = int(len(order) * _VAL_SAMPLE_FRACTION)
+    pools = {"val": np.sort(order[:n_val]), "train": np.sort(order[n_val:])}
+    return pools, digits.images, digits.target
+
+
+def _texture(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
+    """A random RGB background in [0, 1]: two colours mixed by a random pattern, plus noise."""
+    yy, xx = np.mgrid[0:h, 0:w] / max(h, w)
+    kind = rng.integers(4)
+    if kind == 0:  # linear gradient
+        angle = rng.uniform(0, np.pi)
+        pattern = (np.cos(angle) * xx + np.sin(angle) * yy) % 1.0
+    elif kind == 1:  # stripes
+        freq, angle = rng.uniform(4, 14), rng.uniform(0, np.pi)
+        pattern = 0.5 + 0.5 * np.sin(2 * np.pi * freq * (np.cos(angle) * xx + np.sin(angle) * yy))
+    elif kind == 2:  # checkerboard
+        cells = rng.integers(4, 12)
+        pattern = ((np.floor(xx * cells) + np.floor(yy * cells)) % 2).astype(float)
+    else:  # smooth blobs: upsampled noise
+        coarse = rng.random((5, 5))
+        pattern = (
+            np.asarray(
+                Image.fromarray((coarse * 255).astype(np.uint8)).resize((w, h), Image.BILINEAR),
+                dtype=float,
+            )
+            / 255
+        )
+    c0, c1 = rng.random(3), rng.random(3)
+    img = c0 + (c1 - c0) * pattern[..., None] * rng.uniform(0.2, 0.6)
+    return np.clip(img + rng.normal(0, 0.04, img.shape), 0, 1)
+
+
+def _iou(a: tuple, b: tuple) -> float:
+    ix = max(0, min(a[2], b[2]) - max(a[0], b[0]))
+    iy = max(0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = ix * iy
+    area = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / area
+
+
+def _render(rng, pool, images, targets):
+    """One canvas and its instances: (uint8 HxWx3, [(category, bool mask)])."""
+    h, w = (int(v) for v in rng.integers(128, 193, size=2))
+    canvas = _texture(rng, h, w)
+    placed, instances = [], []
+    for _ in range(rng.integers(1, 6)):
+        size = int(rng.integers(20, 57))
+        for _try in range(20):
+            x0, y0 = int(rng.integers(0, w - size + 1)), int(rng.integers(0, h - size + 1))
+            box = (x0, y0, x0 + size, y0 + size)
+            if all(_iou(box, other) < 0.3 for other in placed):
+                break
+        else:
+            continue
+        sample = int(rng.choice(pool))
+        digit = Image.fromarray((images[sample] * (255 / 16)).astype(np.uint8))
+        alpha = np.asarray(digit.resize((size, size), Image.BILINEAR), dtype=float) / 255
+        # Tint for contrast: dark ink on light background and the reverse.
+        local = canvas[y0 : y0 + size, x0 : x0 + size].mean()
+        ink = rng.uniform(0, 0.3, 3) if local > 0.5 else rng.uniform(0.7, 1.0, 3)
+        region = canvas[y0 : y0 + size, x0 : x0 + size]
+        canvas[y0 : y0 + size, x0 : x0 + size] = (
+            region * (1 - alpha[..., None]) + ink * alpha[..., None]
+        )
+        mask = np.zeros((h, w), dtype=bool)
+        mask[y0 : y0 + size, x0 : x0 + size] = alpha > 0.35
+        for _, earlier in instances:  # the new digit covers the ones below it
+            earlier &= ~mask
+        placed.append(box)
+        instances.append((int(targets[sample]), mask))
+    instances = [(c, m) for c, m in instances if m.sum() >= 16]
+    return (canvas * 255).round().astype(np.uint8), instances
+
+
+def _build_split(out: Path, split: str, count: int, pool, images, targets) -> dict:
+    from pycocotools import mask as mask_util
+
+    (out / split).mkdir(parents=True)
+    coco = {
+        "images": [],
+        "annotations": [],
+        "categories": [{"id": i + 1, "name": n} for i, n in enumerate(DIGITS_CLASSES)],
+    }
+    for image_id in range(1, count + 1):
+        rng = np.random.default_rng([_SPLIT_SEEDS[split], image_id])
+        pixels, instances = _render(rng, pool, images, targets)
+        file_name = f"{image_id:05d}.png"
+        Image.fromarray(pixels).save(out / split / file_name)
+        h, w = pixels.shape[:2]
+        coco["images"].append({"id": image_id, "file_name": file_name, "height": h, "width": w})
+        for category, mask in instances:
+            rle = mask_util.encode(np.asfortranarray(mask.astype(np.uint8)))
+            coco["annotations"].append(
+                {
+                    "id": len(coco["annotations"]) + 1,
+                    "image_id": image_id,
+                    "category_id": category + 1,
+                    "iscrowd": 0,
+                    "bbox": [float(v) for v in mask_util.toBbox(rle)],
+                    "area": float(mask_util.area(rle)),
+                    "segmentation": {"size": [h, w], "counts": rle["counts"].decode("ascii")},
+                }
+            )
+    return coco
+
+
+def build_digits_dataset(root: str | Path, splits: dict[str, int] | None = None) -> Path:
+    """Build the dataset into ``root`` unless it is there; returns ``root``.
+
+    ``splits`` maps split name ("train", "val") to its number of images.
+    """
+    root = Path(root)
+    if (root / "annotations").is_dir():
+        return root
+    try:
+        root.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}-", dir=root.parent))
+    except OSError as e:
+        raise RuntimeError(
+            f"cannot create the embedded dataset under {root.parent} ({e}): set QDET_DATASETS "
+            "to a writable folder"
+        ) from e
+    try:
+        pools, images, targets = _digit_pools()
+        (tmp / "annotations").mkdir()
+        for split, count in (splits or SPLITS).items():
+            coco = _build_split(tmp, split, count, pools[split], images, targets)
+            with open(tmp / "annotations" / f"{split}.json", "w") as f:
+                json.dump(coco, f)
+        try:
+            os.rename(tmp, root)
+        except OSError:
+            if not (root / "annotations").is_dir():  # not a concurrent build: a real error
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return root
+
+
+def ensure_digits_dataset() -> dict[str, tuple[str, str]]:
+    """Build if needed; split -> (json_file, image_root)."""
+    root = build_digits_dataset(get_digits_root())
+    return {s: (str(root / "annotations" / f"{s}.json"), str(root / s)) for s in SPLITS}
+
+
+def register_digits_datasets() -> None:
+    """Register ``qdet_digits_train`` / ``qdet_digits_val`` (lazily built) with Detectron2."""
+    from detectron2.data import DatasetCatalog, MetadataCatalog
+    from detectron2.data.datasets import load_coco_json
+
+    root = get_digits_root()
+    for split in SPLITS:
+        name = f"qdet_digits_{split}"
+        if name in DatasetCatalog.list():
+            continue
+
+        def load(split=split, name=name):
+            json_file, image_root = ensure_digits_dataset()[split]
+            return load_coco_json(json_file, image_root, name)
+
+        DatasetCatalog.register(name, load)
+        MetadataCatalog.get(name).set(
+            json_file=str(root / "annotations" / f"{split}.json"),
+            image_root=str(root / split),
+            evaluator_type="coco",
+            thing_classes=DIGITS_CLASSES,
+        )
