@@ -4,7 +4,10 @@ Importing qdet registers its datasets (and, as they land, meta-architectures) in
 Detectron2's registries, the way Detectron2's own projects do.
 """
 
-from qdet import data  # noqa: F401  (registers qdet_digits_train / qdet_digits_val)
+from qdet import (
+    data,  # noqa: F401  (registers qdet_digits_train / qdet_digits_val)
+    modeling,  # noqa: F401  (registers QuantRetinaNet)
+)
 from qdet.config import add_qdet_config
 
 __all__ = ["add_qdet_config"]

@@ -33,6 +33,33 @@ def add_qdet_config(cfg: CN) -> CN:
     # decay. LR_FACTOR multiplies SOLVER.BASE_LR.
     cfg.QUANT.LR_FACTOR = 1.0
     cfg.QUANT.WEIGHT_DECAY = 0.0
+    # A signed activation quantizer on one backbone output (e.g. "p3"): the teacher stage
+    # of QFD trains the FP teacher with its feature quantized there. "" = none.
+    cfg.QUANT.FEATURE_TAP = ""
+    cfg.QUANT.FEATURE_BITS = 8
+
+    cfg.DISTILL = CN()
+    # Distil from a frozen teacher while training the (quantized) student.
+    cfg.DISTILL.ENABLED = False
+    # The teacher's config file and its FP weights (a Detectron2 checkpoint).
+    cfg.DISTILL.TEACHER_CONFIG = ""
+    cfg.DISTILL.TEACHER_WEIGHTS = ""
+    # Backbone output distilled: p3..p7 of an FPN, res2..res5 of its ResNet.
+    cfg.DISTILL.TAP = "p3"
+    # Loss name in qdet.distill.DISTILL_LOSS_REGISTRY: "qfd" (MSE to the teacher's
+    # quantized feature, QFD Eq. 7) or "feature_kd" (MSE to its float feature).
+    cfg.DISTILL.LOSS = "qfd"
+    # Weight lambda of the distillation term. QFD's detection recipe: about 1/5 of the
+    # total loss; the log shows the ratio (distill_ratio).
+    cfg.DISTILL.WEIGHT = 1.0
+    # Bits of the teacher's feature quantizer (QFD: 8 for detection).
+    cfg.DISTILL.TEACHER_FEATURE_BITS = 8
+    # Teacher stage: fine-tune the teacher with its feature quantizer for this many
+    # iterations (0 = SOLVER.MAX_ITER // 10) at SOLVER.BASE_LR, then freeze it.
+    cfg.DISTILL.TEACHER_STAGE_ITERS = 0
+    # The feature-quantized teacher the student stage loads. "" = the teacher stage's
+    # output, OUTPUT_DIR/teacher_stage/model_final.pth.
+    cfg.DISTILL.QUANTIZED_TEACHER_WEIGHTS = ""
     return cfg
 
 

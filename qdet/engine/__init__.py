@@ -1,5 +1,16 @@
-"""Training: the QAT optimizer (trainers and hooks come with the distillation trainer)."""
+"""Training: the QAT/distillation trainer, its hooks, optimizer and checkpointer."""
 
+from qdet.engine.checkpoint import AtomicCheckpointer
+from qdet.engine.hooks import CalibrationHook, sync_quantizers_from_main
 from qdet.engine.optimizer import build_qat_optimizer, build_qat_optimizer_params
+from qdet.engine.trainer import QDetTrainer, has_compiled_ops
 
-__all__ = ["build_qat_optimizer", "build_qat_optimizer_params"]
+__all__ = [
+    "AtomicCheckpointer",
+    "CalibrationHook",
+    "QDetTrainer",
+    "build_qat_optimizer",
+    "build_qat_optimizer_params",
+    "has_compiled_ops",
+    "sync_quantizers_from_main",
+]

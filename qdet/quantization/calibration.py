@@ -40,30 +40,26 @@ def calibrate(
 
     ``run(model, batch)`` performs one forward (default: ``model(batch)``). The model is
     put in eval mode while observing, so BN statistics are untouched, then restored.
-    Returns name -> input quantizer that was calibrated.
+    Returns name -> activation quantizer that was calibrated.
     """
     if num_batches < 1:
         raise ValueError(f"num_batches={num_batches}: calibration needs at least one batch")
     run = run or (lambda m, b: m(b))
     init_weight_quantizers(model)
+    # Every enabled activation quantizer: layer inputs, and standalone ones such as a
+    # teacher's feature quantizer.
     inputs = {
-        n + ".input_quantizer": m.input_quantizer
+        n: m
         for n, m in model.named_modules()
-        if isinstance(m, QUANTIZED_LAYERS) and m.input_quantizer.enabled
+        if isinstance(m, Quantizer) and m.kind == "activation" and m.enabled
     }
 
-    def observe(quantizer):
-        def pre_hook(_layer, args):
-            quantizer.observe(args[0])
+    def observe(quantizer, _args):
+        quantizer.observe(_args[0])
 
-        return pre_hook
-
-    # Observe each layer's input through a pre-hook while every quantizer is off, so the
-    # statistics are those of the FP model the quantized one is fine-tuned from.
-    handles = []
-    for name, q in inputs.items():
-        layer = model.get_submodule(name.rsplit(".", 1)[0])
-        handles.append(layer.register_forward_pre_hook(observe(q)))
+    # Observe through pre-hooks while every quantizer is off (a 32-bit quantizer is the
+    # identity), so the statistics are those of the FP model being fine-tuned.
+    handles = [q.register_forward_pre_hook(observe) for q in inputs.values()]
     all_quantizers = [m for m in model.modules() if isinstance(m, Quantizer)]
     saved_bits = [q.bits for q in all_quantizers]
     for q in all_quantizers:

@@ -91,17 +91,22 @@ class Quantizer(nn.Module):
 
     # Flags that are not tensors travel in the state dict as extra state, so a checkpoint
     # restores whether the quantizer was calibrated and which output map it chose.
-    def get_extra_state(self):
-        return {"initialized": self.initialized, "signed": self.signed, "bits": self.bits}
+    # Encoded as a small int tensor: Detectron2's (fvcore's) checkpointer accepts tensors
+    # only. [initialized, signed (-1 = undecided), bits]
+    _SIGN_CODES = {None: -1, False: 0, True: 1}
 
-    def set_extra_state(self, state):
-        self.initialized = bool(state["initialized"])
-        self.signed = state["signed"]
-        if state.get("bits", self.bits) != self.bits:
+    def get_extra_state(self) -> torch.Tensor:
+        return torch.tensor([int(self.initialized), self._SIGN_CODES[self.signed], self.bits])
+
+    def set_extra_state(self, state) -> None:
+        initialized, sign, bits = (int(v) for v in torch.as_tensor(state).tolist())
+        if bits != self.bits:
             raise ValueError(
-                f"checkpoint quantizer has {state['bits']} bits, this model {self.bits}: "
+                f"checkpoint quantizer has {bits} bits, this model {self.bits}: "
                 "build the model with the bit widths the checkpoint was trained with"
             )
+        self.initialized = bool(initialized)
+        self.signed = {-1: None, 0: False, 1: True}[sign]
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # Per-channel parameters are created lazily; take their size from the checkpoint.

@@ -1,0 +1,65 @@
+"""QDetTrainer: Detectron2's DefaultTrainer for QAT, with or without a distilling teacher."""
+
+from __future__ import annotations
+
+import os
+import weakref
+
+from detectron2.data import DatasetCatalog
+from detectron2.engine import DefaultTrainer
+from detectron2.evaluation import COCOEvaluator
+from detectron2.modeling import build_model
+
+from qdet.engine.checkpoint import AtomicCheckpointer
+from qdet.engine.hooks import CalibrationHook
+from qdet.engine.optimizer import build_qat_optimizer
+
+
+def has_compiled_ops() -> bool:
+    """Whether Detectron2's C++/CUDA extension loads (it does not for a 3.10 wheel on 3.11)."""
+    try:
+        from detectron2 import _C  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+class QDetTrainer(DefaultTrainer):
+    """DefaultTrainer with: the student's teacher attached (``DISTILL.ENABLED``); quantizer
+    parameters in their own optimizer group; calibration before the first step; atomic
+    checkpoints; COCO evaluation. AMP (``SOLVER.AMP.ENABLED``) and DDP come from Detectron2.
+    """
+
+    @classmethod
+    def build_model(cls, cfg):
+        model = build_model(cfg)
+        if cfg.DISTILL.ENABLED:
+            from qdet.distill import build_distiller
+
+            model.attach_distiller(build_distiller(cfg, model))
+        return model
+
+    @classmethod
+    def build_optimizer(cls, cfg, model):
+        return build_qat_optimizer(cfg, model)
+
+    @classmethod
+    def build_evaluator(cls, cfg, dataset_name, output_folder=None):
+        if dataset_name.startswith("qdet_digits"):
+            DatasetCatalog.get(dataset_name)  # builds the embedded data if needed
+        output_folder = output_folder or os.path.join(cfg.OUTPUT_DIR, "inference")
+        return COCOEvaluator(
+            dataset_name, output_dir=output_folder, use_fast_impl=has_compiled_ops()
+        )
+
+    def build_hooks(self):
+        # Called at the end of DefaultTrainer.__init__: swap in the atomic checkpointer
+        # before the periodic-checkpoint hook captures it.
+        self.checkpointer = AtomicCheckpointer(
+            self._trainer.model, self.cfg.OUTPUT_DIR, trainer=weakref.proxy(self)
+        )
+        hooks = super().build_hooks()
+        calib = CalibrationHook(
+            lambda: self.build_train_loader(self.cfg), self.cfg.QUANT.CALIB_BATCHES
+        )
+        return [calib, *hooks]

@@ -1,0 +1,260 @@
+"""QuantRetinaNet, the QFD distiller and tools/train_net.py on the embedded data (CPU)."""
+
+import copy
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.config import get_cfg
+from detectron2.modeling import build_model
+from detectron2.utils.events import EventStorage
+
+from qdet.config import add_qdet_config
+from qdet.distill import Distiller, QFDLoss, build_distill_loss, load_teacher, teacher_config
+from qdet.quantization import QConv2d, UniformQuantizer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FP_CONFIG = os.path.join(ROOT, "configs/digits/retinanet_r18_fp.yaml")
+TINY = [
+    "MODEL.RESNETS.DEPTH",
+    "18",
+    "MODEL.FPN.OUT_CHANNELS",
+    "32",
+    "MODEL.RETINANET.NUM_CONVS",
+    "1",
+    "SOLVER.IMS_PER_BATCH",
+    "2",
+    "INPUT.MIN_SIZE_TRAIN",
+    "(96,)",
+    "INPUT.MAX_SIZE_TRAIN",
+    "128",
+    "INPUT.MIN_SIZE_TEST",
+    "96",
+    "INPUT.MAX_SIZE_TEST",
+    "128",
+]
+
+
+def _cfg(*opts):
+    cfg = add_qdet_config(get_cfg())
+    cfg.merge_from_file(FP_CONFIG)
+    cfg.merge_from_list(TINY + list(opts))
+    return cfg
+
+
+def _batch(n=2, size=96, seed=0):
+    from detectron2.structures import Boxes, Instances
+
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        inst = Instances((size, size))
+        inst.gt_boxes = Boxes(torch.tensor([[10.0, 12.0, 40.0, 50.0], [50.0, 30.0, 80.0, 70.0]]))
+        inst.gt_classes = torch.tensor([1, 7])
+        out.append(
+            {
+                "image": torch.randint(0, 255, (3, size, size), generator=g).float(),
+                "instances": inst,
+                "height": size,
+                "width": size,
+            }
+        )
+    return out
+
+
+def test_quant_retinanet_quantizes_and_trains():
+    torch.manual_seed(0)
+    model = build_model(_cfg("QUANT.ENABLED", "True"))
+    convs = {n for n, m in model.named_modules() if isinstance(m, torch.nn.Conv2d)}
+    assert set(model.quantized_layers) == convs - {
+        "backbone.bottom_up.stem.conv1",
+        "head.cls_score",
+        "head.bbox_pred",
+    }
+    assert isinstance(model.backbone.fpn_output3, QConv2d)
+    model.train()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    for step in range(2):
+        with EventStorage(step):
+            losses = model(_batch(seed=step))
+        opt.zero_grad()
+        sum(losses.values()).backward()
+        q = model.head.cls_subnet[0]
+        assert q.input_quantizer.scale.grad is not None and q.weight_quantizer.lower.grad.abs() > 0
+        opt.step()
+    assert all(torch.isfinite(v) for v in losses.values())
+
+
+def test_fp_checkpoint_loads_into_quantized_model(tmp_path):
+    fp = build_model(_cfg())
+    DetectionCheckpointer(fp, save_dir=str(tmp_path)).save("fp")
+    q = build_model(_cfg("QUANT.ENABLED", "True"))
+    result = q.load_state_dict(
+        torch.load(tmp_path / "fp.pth", weights_only=False)["model"], strict=False
+    )
+    assert not result.unexpected_keys
+    assert result.missing_keys and all("_quantizer." in k for k in result.missing_keys)
+
+
+@pytest.fixture(scope="module")
+def teacher_checkpoint(tmp_path_factory):
+    """An FP teacher checkpoint and a feature-quantized one (teacher stage output)."""
+    d = tmp_path_factory.mktemp("teacher")
+    torch.manual_seed(1)
+    fp = build_model(_cfg())
+    DetectionCheckpointer(fp, save_dir=str(d)).save("fp")
+    fq = build_model(_cfg("QUANT.FEATURE_TAP", "p3"))
+    fq.load_state_dict(fp.state_dict(), strict=False)
+    with torch.no_grad():
+        fq.feature_quantizer.init_from(torch.randn(1000) * 3)
+    DetectionCheckpointer(fq, save_dir=str(d)).save("fq")
+    return d
+
+
+def _student_cfg(d, *opts):
+    return _cfg(
+        "QUANT.ENABLED",
+        "True",
+        "DISTILL.ENABLED",
+        "True",
+        "DISTILL.TEACHER_CONFIG",
+        FP_CONFIG,
+        "DISTILL.TEACHER_WEIGHTS",
+        str(d / "fp.pth"),
+        "DISTILL.QUANTIZED_TEACHER_WEIGHTS",
+        str(d / "fq.pth"),
+        *opts,
+    )
+
+
+def test_qfd_loss_matches_independent_computation(teacher_checkpoint, monkeypatch):
+    from qdet.distill import distiller as distiller_module
+
+    monkeypatch.setattr(distiller_module, "teacher_config", _tiny_teacher_config)
+    cfg = _student_cfg(teacher_checkpoint)
+    from qdet.engine import QDetTrainer
+
+    student = QDetTrainer.build_model(cfg)
+    teacher = student.distiller.teacher
+    assert teacher.feature_quantizer.bits == 8 and teacher.feature_quantizer.signed
+    assert not any(p.requires_grad for p in teacher.parameters())
+    assert not any(k.startswith("distiller.teacher") for k in student.state_dict())
+    student.train()
+    batch = _batch()
+    with EventStorage() as storage:
+        losses = student(batch)
+    ratio = storage.history("distill_ratio").latest()
+    det = losses["loss_cls"] + losses["loss_box_reg"]
+    total = det + losses["loss_distill"]
+    assert ratio == pytest.approx((losses["loss_distill"] / total).item(), rel=1e-5)
+    # Independent: run both backbones by hand, quantize the teacher's p3 with a fresh
+    # quantizer holding the checkpoint's parameters, and take the mean squared error.
+    images = student.preprocess_image(batch).tensor
+    with torch.no_grad():
+        f_s = student.backbone(images)["p3"]
+        fpn_fp = copy.deepcopy(teacher.backbone)
+        fpn_fp._forward_hooks.clear()
+        p3_t = fpn_fp(images)["p3"]
+        q = UniformQuantizer(8, "activation", signed=True)
+        q.load_state_dict(teacher.feature_quantizer.state_dict())
+        expected = F.mse_loss(f_s, q(p3_t)) * cfg.DISTILL.WEIGHT
+    torch.testing.assert_close(losses["loss_distill"].detach(), expected, rtol=1e-5, atol=1e-7)
+    assert losses["loss_distill"].requires_grad
+    sum(losses.values()).backward()
+    assert all(p.grad is None for p in teacher.parameters())
+
+
+def _tiny_teacher_config(cfg, quantized_feature):
+    tcfg = teacher_config(cfg, quantized_feature)
+    tcfg.merge_from_list(TINY)
+    return tcfg
+
+
+def test_distiller_errors(teacher_checkpoint, monkeypatch):
+    from qdet.distill import distiller as distiller_module
+
+    monkeypatch.setattr(distiller_module, "teacher_config", _tiny_teacher_config)
+    cfg = _student_cfg(teacher_checkpoint)
+    with pytest.raises(FileNotFoundError, match="does not exist.*teacher stage"):
+        load_teacher(cfg, str(teacher_checkpoint / "missing.pth"), quantized_feature=True)
+    with pytest.raises(ValueError, match="no trained feature quantizer"):
+        load_teacher(cfg, str(teacher_checkpoint / "fp.pth"), quantized_feature=True)
+    teacher = load_teacher(cfg, str(teacher_checkpoint / "fp.pth"), quantized_feature=False)
+    with pytest.raises(ValueError, match="not a feature of the teacher.*p3"):
+        Distiller(teacher, "p9", QFDLoss(), 1.0)
+    with pytest.raises(ValueError, match="DISTILL.LOSS='kl'.*feature_kd"):
+        build_distill_loss("kl")
+    d = Distiller(teacher, "p3", QFDLoss(), 1.0)
+    images = torch.randn(1, 3, 64, 64)
+    with pytest.raises(ValueError, match="differ in shape"), EventStorage():
+        d(images, {"p3": torch.randn(1, 16, 8, 8)}, {"loss_cls": torch.tensor(1.0)})
+    # A teacher config whose model does not match the checkpoint.
+    monkeypatch.setattr(distiller_module, "teacher_config", _wide)
+    with pytest.raises(ValueError, match="does not match"):
+        load_teacher(cfg, str(teacher_checkpoint / "fp.pth"), quantized_feature=False)
+
+
+def _wide(cfg, quantized_feature):
+    tcfg = _tiny_teacher_config(cfg, quantized_feature)
+    tcfg.merge_from_list(["MODEL.FPN.OUT_CHANNELS", "48"])
+    return tcfg
+
+
+def _train_net(*args, env_extra=None, check=True):
+    env = dict(os.environ, QDET_QUANT_BACKEND="eager", PYTHONUNBUFFERED="1")
+    env.update(env_extra or {})
+    return subprocess.run(
+        [sys.executable, os.path.join(ROOT, "tools/train_net.py"), *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=check,
+        timeout=600,
+    )
+
+
+def test_train_net_runs_resumes_and_evaluates(tmp_path):
+    out = tmp_path / "fp"
+    common = [
+        "--config-file",
+        FP_CONFIG,
+        *TINY,
+        "OUTPUT_DIR",
+        str(out),
+        "SOLVER.CHECKPOINT_PERIOD",
+        "2",
+        "DATASETS.TEST",
+        "()",
+    ]
+    _train_net(*common, "SOLVER.MAX_ITER", "2")
+    assert (out / "model_final.pth").is_file()
+    assert (out / "last_checkpoint").read_text() == "model_final.pth"
+    assert not list(out.glob("*.tmp-*"))  # atomic writes leave no temporaries
+    # Resume with a longer schedule: starts at iteration 2, not 0.
+    r = _train_net("--resume", *common, "SOLVER.MAX_ITER", "4")
+    assert "Starting training from iteration 2" in r.stderr + r.stdout
+    ckpt = torch.load(out / "model_final.pth", weights_only=False)
+    assert ckpt["iteration"] == 3
+    # --eval-only prints COCO AP on the embedded val split.
+    r = _train_net(
+        "--eval-only",
+        "--config-file",
+        FP_CONFIG,
+        *TINY,
+        "MODEL.WEIGHTS",
+        str(out / "model_final.pth"),
+        "OUTPUT_DIR",
+        str(tmp_path / "eval"),
+    )
+    assert "copypaste: AP,AP50,AP75" in r.stderr + r.stdout
+
+
+def test_train_net_unknown_key_is_clear(tmp_path):
+    r = _train_net("--config-file", FP_CONFIG, "QUANT.W_BIT", "4", check=False)
+    assert r.returncode != 0
+    assert "unknown config key" in r.stderr and "QUANT.W_BITS" in r.stderr
