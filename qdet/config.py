@@ -29,9 +29,11 @@ def add_qdet_config(cfg: CN) -> CN:
     # Training batches used to initialise the quantizers before the first step.
     cfg.QUANT.CALIB_BATCHES = 4
     # Quantizer parameters (l, u, s/alpha) get their own optimizer group
-    # (qdet.engine.build_qat_optimizer): EWGS trains them with a smaller LR and no weight
-    # decay. LR_FACTOR multiplies SOLVER.BASE_LR.
-    cfg.QUANT.LR_FACTOR = 1.0
+    # (qdet.engine.build_qat_optimizer): EWGS's official code trains them with Adam at
+    # lr 1e-5 and no weight decay, beside SGD for the weights. OPTIMIZER: "adam" | "sgd".
+    # BASE_LR is absolute; the LR schedule (warmup, steps) scales it like SOLVER.BASE_LR.
+    cfg.QUANT.OPTIMIZER = "adam"
+    cfg.QUANT.BASE_LR = 1e-5
     cfg.QUANT.WEIGHT_DECAY = 0.0
     # A signed activation quantizer on one backbone output (e.g. "p3"): the teacher stage
     # of QFD trains the FP teacher with its feature quantized there. "" = none.

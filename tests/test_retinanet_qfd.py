@@ -1,6 +1,7 @@
 """QuantRetinaNet, the QFD distiller and tools/train_net.py on the embedded data (CPU)."""
 
 import copy
+import json
 import os
 import subprocess
 import sys
@@ -8,6 +9,7 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
+import yaml
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import get_cfg
 from detectron2.modeling import build_model
@@ -258,3 +260,119 @@ def test_train_net_unknown_key_is_clear(tmp_path):
     r = _train_net("--config-file", FP_CONFIG, "QUANT.W_BIT", "4", check=False)
     assert r.returncode != 0
     assert "unknown config key" in r.stderr and "QUANT.W_BITS" in r.stderr
+
+
+def test_two_process_training_keeps_ranks_equal(tmp_path):
+    """2 CPU processes through Detectron2's launch (gloo DDP): same weights on both ranks."""
+    script = tmp_path / "ddp.py"
+    script.write_text(f"""
+import sys, torch
+sys.path.insert(0, {ROOT!r}); sys.path.insert(0, {os.path.join(ROOT, "tools")!r})
+from detectron2.engine import launch
+from detectron2.utils import comm
+import train_net
+
+def main(args):
+    cfg = train_net.setup(args)
+    trainer = train_net.QDetTrainer(cfg)
+    trainer.resume_or_load(resume=False)
+    trainer.train()
+    model = trainer.model.module
+    flat = torch.cat([p.detach().flatten() for p in model.parameters()])
+    flats = comm.all_gather(flat)
+    if comm.is_main_process():
+        q = model.head.cls_subnet[0].input_quantizer
+        print("RANKS_EQUAL", bool(torch.equal(flats[0], flats[1])), "CALIBRATED", q.initialized)
+
+if __name__ == "__main__":
+    args = train_net.build_parser().parse_args(sys.argv[1:])
+    launch(main, 2, dist_url="auto", args=(args,))
+""")
+    env = dict(os.environ, QDET_QUANT_BACKEND="eager", OMP_NUM_THREADS="1")
+    r = subprocess.run(
+        [
+            sys.executable,
+            str(script),
+            "--config-file",
+            FP_CONFIG,
+            *TINY,
+            "QUANT.ENABLED",
+            "True",
+            "SOLVER.MAX_ITER",
+            "2",
+            "SOLVER.IMS_PER_BATCH",
+            "4",
+            "QUANT.CALIB_BATCHES",
+            "1",
+            "DATASETS.TEST",
+            "()",
+            "OUTPUT_DIR",
+            str(tmp_path / "o"),
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "RANKS_EQUAL True CALIBRATED True" in r.stdout
+
+
+def test_train_net_teacher_stage_then_qfd_student(tmp_path):
+    fp_out, out = tmp_path / "fp", tmp_path / "qfd"
+    _train_net(
+        "--config-file",
+        FP_CONFIG,
+        *TINY,
+        "SOLVER.MAX_ITER",
+        "2",
+        "DATASETS.TEST",
+        "()",
+        "OUTPUT_DIR",
+        str(fp_out),
+    )
+    fp_weights = str(fp_out / "model_final.pth")
+    # The teacher config must describe the same (tiny) model as its checkpoint.
+    tiny_teacher = tmp_path / "teacher.yaml"
+    tree = {"_BASE_": FP_CONFIG}
+    for key, value in zip(TINY[::2], TINY[1::2]):
+        *parents, leaf = key.split(".")
+        node = tree
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    tiny_teacher.write_text(yaml.safe_dump(tree))
+    r = _train_net(
+        "--config-file",
+        os.path.join(ROOT, "configs/digits/retinanet_r18_4bit_qfd.yaml"),
+        *TINY,
+        "MODEL.WEIGHTS",
+        fp_weights,
+        "DISTILL.TEACHER_WEIGHTS",
+        fp_weights,
+        "DISTILL.TEACHER_CONFIG",
+        str(tiny_teacher),
+        "DISTILL.TEACHER_STAGE_ITERS",
+        "2",
+        "SOLVER.MAX_ITER",
+        "2",
+        "QUANT.CALIB_BATCHES",
+        "1",
+        "DATASETS.TEST",
+        "()",
+        "OUTPUT_DIR",
+        str(out),
+    )
+    teacher = torch.load(out / "teacher_stage" / "model_final.pth", weights_only=False)["model"]
+    initialized, signed, bits = teacher["feature_quantizer._extra_state"].tolist()
+    assert (initialized, signed, bits) == (1, 1, 8)
+    fp = torch.load(fp_weights, weights_only=False)["model"]
+    key = "backbone.fpn_output3.weight"
+    assert not torch.equal(torch.as_tensor(teacher[key]), torch.as_tensor(fp[key]))  # fine-tuned
+    metrics = [json.loads(line) for line in (out / "metrics.json").read_text().splitlines()]
+    assert metrics[-1]["loss_distill"] > 0 and 0 < metrics[-1]["distill_ratio"] < 1
+    assert "Calibrating" in r.stdout + r.stderr
+    student = torch.load(out / "model_final.pth", weights_only=False)["model"]
+    assert "backbone.fpn_output3.input_quantizer.lower" in student
+    assert not any(k.startswith("feature_quantizer") for k in student)

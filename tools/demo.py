@@ -1,106 +1,108 @@
 #!/usr/bin/env python
-"""`make demo`: quantize a Detectron2 RetinaNet-R18 to 4 bits on the embedded digits data.
+"""`make demo`: FP teacher, then 4-bit baseline and 4-bit QFD students, on the digits data.
 
-What it does today (the foundation): builds the embedded dataset, builds a RetinaNet-R18
-for its 10 classes, swaps every conv but the stem and the predictors for 4-bit quantized
-ones, calibrates the quantizers on training batches, runs a 4-bit forward/backward step,
-and exports the integer weights, printing the layer table, the calibrated ranges and the
-export size. Training the FP teacher and the QFD student (the full demo) comes with the
-distillation trainer.
+Steps (configs/digits/*.yaml, outputs under output/demo/):
+  1. train an FP RetinaNet-R18 teacher from scratch on qdet_digits_train;
+  2. QFD's teacher stage: fine-tune it with an 8-bit quantizer on its p3 feature;
+  3. 4-bit QAT baseline, fine-tuned from the FP model;
+  4. 4-bit QFD student: the baseline plus MSE to the teacher's quantized p3;
+then evaluate all with COCO AP on qdet_digits_val and print one table.
+
+A step whose model_final.pth exists is reused; --fresh retrains everything.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import shutil
+import sys
 import time
 
-import torch
-from detectron2 import model_zoo
-from detectron2.config import get_cfg
-from detectron2.data import DatasetCatalog, DatasetMapper, build_detection_train_loader
-from detectron2.modeling import build_model
-from detectron2.utils.events import EventStorage
+from tabulate import tabulate
 
-import qdet  # noqa: F401  (registers qdet_digits_*)
-from qdet.config import add_qdet_config, quantize_kwargs
-from qdet.quantization import (
-    calibrate,
-    dequantize_weights,
-    export_int_weights,
-    export_size_bytes,
-    quantization_table,
-    quantize_model,
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import train_net  # noqa: E402
+from detectron2.checkpoint import DetectionCheckpointer  # noqa: E402
+from detectron2.modeling import build_model  # noqa: E402
+from detectron2.utils.logger import setup_logger  # noqa: E402
+
+from qdet.engine import QDetTrainer  # noqa: E402
+from qdet.quantization import deployed_weight_bytes  # noqa: E402
+
+OUT = "output/demo"
+FP = "configs/digits/retinanet_r18_fp.yaml"
+RUNS = (  # (label, config)
+    ("FP teacher", FP),
+    ("4-bit baseline", "configs/digits/retinanet_r18_4bit_baseline.yaml"),
+    ("4-bit QFD", "configs/digits/retinanet_r18_4bit_qfd.yaml"),
 )
 
 
-def _cfg(bits: int):
-    cfg = get_cfg()
-    cfg.merge_from_file(model_zoo.get_config_file("COCO-Detection/retinanet_R_50_FPN_1x.yaml"))
-    add_qdet_config(cfg)
-    cfg.MODEL.DEVICE = "cpu"
-    cfg.MODEL.WEIGHTS = ""
-    cfg.MODEL.RESNETS.DEPTH = 18
-    cfg.MODEL.RESNETS.RES2_OUT_CHANNELS = 64
-    cfg.MODEL.RETINANET.NUM_CLASSES = 10
-    cfg.DATASETS.TRAIN = ("qdet_digits_train",)
-    cfg.INPUT.MIN_SIZE_TRAIN = (160,)
-    cfg.INPUT.MAX_SIZE_TRAIN = 192
-    cfg.SOLVER.IMS_PER_BATCH = 4
-    cfg.DATALOADER.NUM_WORKERS = 0
-    cfg.QUANT.ENABLED = True
-    cfg.QUANT.W_BITS = cfg.QUANT.A_BITS = bits
+def _config(path: str, name: str, extra: list[str]):
+    fp_weights = os.path.join(OUT, "fp", "model_final.pth")
+    opts = ["OUTPUT_DIR", os.path.join(OUT, name), *extra]
+    if path != FP:
+        opts += ["MODEL.WEIGHTS", fp_weights]
+    if "qfd" in path:
+        opts += ["DISTILL.TEACHER_WEIGHTS", fp_weights]
+    cfg = train_net.load_config(path, opts)
+    cfg.freeze()
     return cfg
+
+
+def _evaluate(cfg) -> dict:
+    model = build_model(cfg)
+    DetectionCheckpointer(model).load(os.path.join(cfg.OUTPUT_DIR, "model_final.pth"))
+    bbox = QDetTrainer.test(cfg, model)["bbox"]
+    bits = f"{cfg.QUANT.W_BITS}/{cfg.QUANT.A_BITS}" if cfg.QUANT.ENABLED else "32/32"
+    return {
+        "W/A": bits,
+        "AP": bbox["AP"],
+        "AP50": bbox["AP50"],
+        "AP75": bbox["AP75"],
+        "weights MiB": deployed_weight_bytes(model) / 2**20,
+    }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--bits", type=int, default=4)
+    parser.add_argument("--fresh", action="store_true", help="retrain every step")
     parser.add_argument(
-        "--calib-batches", type=int, default=None, help="default: QUANT.CALIB_BATCHES"
+        "opts",
+        nargs=argparse.REMAINDER,
+        help="KEY VALUE overrides for every run, e.g. SOLVER.MAX_ITER 50",
     )
     args = parser.parse_args()
+    if args.fresh:
+        shutil.rmtree(OUT, ignore_errors=True)
+    setup_logger(name="qdet")
     t0 = time.time()
-    print("[demo] building / loading the embedded digits dataset ...", flush=True)
-    print(f"[demo] {len(DatasetCatalog.get('qdet_digits_train'))} training images")
-    cfg = _cfg(args.bits)
-    calib_batches = args.calib_batches or cfg.QUANT.CALIB_BATCHES
-    torch.manual_seed(0)
-    model = build_model(cfg)
-    names = quantize_model(model, **quantize_kwargs(cfg))
-    print(f"[demo] quantized {len(names)} layers to W{args.bits}/A{args.bits}:")
-    print(quantization_table(model))
-
-    loader = build_detection_train_loader(cfg, mapper=DatasetMapper(cfg, is_train=True))
-    batches = iter(loader)
-    print(f"[demo] calibrating on {calib_batches} batches ...", flush=True)
-    inputs = calibrate(model, batches, num_batches=calib_batches)
-    for name in list(inputs)[:3] + list(inputs)[-2:]:
-        q = inputs[name]
-        sign = "signed" if q.signed else "unsigned"
-        print(f"  {name:55s} {sign:8s} l={q.lower.item():+.3f} u={q.upper.item():+.3f}")
-
-    model.train()
-    with EventStorage():
-        losses = model(next(batches))
-    sum(losses.values()).backward()
-    print(
-        "[demo] one 4-bit training step: "
-        + ", ".join(f"{k}={v.item():.3f}" for k, v in losses.items())
-    )
-
-    exported = export_int_weights(model)
-    decoded = dequantize_weights(exported)
-    exact = all(
-        torch.equal(w, model.get_submodule(n).weight_quantizer(model.get_submodule(n).weight))
-        for n, w in decoded.items()
-    )
-    size = export_size_bytes(exported)
-    print(
-        f"[demo] integer export: {size['int_bytes'] / 2**20:.2f} MiB vs FP32 "
-        f"{size['fp32_bytes'] / 2**20:.2f} MiB ({size['fp32_bytes'] / size['int_bytes']:.1f}x "
-        f"smaller); round trip bit-exact: {exact}"
-    )
-    print(f"[demo] done in {time.time() - t0:.0f} s")
+    rows = []
+    for step, (label, path) in enumerate(RUNS, 1):
+        name = ["fp", "baseline_4bit", "qfd_4bit"][step - 1]
+        cfg = _config(path, name, args.opts)
+        final = os.path.join(cfg.OUTPUT_DIR, "model_final.pth")
+        if os.path.isfile(final):
+            print(f"[demo] {step}/3 {label}: reusing {final}", flush=True)
+        else:
+            print(
+                f"[demo] {step}/3 {label}: training ({cfg.SOLVER.MAX_ITER} iterations, "
+                f"{time.time() - t0:.0f} s so far) ...",
+                flush=True,
+            )
+            if "qfd" in path:
+                print(
+                    "[demo]     teacher stage first: p3 quantized to "
+                    f"{cfg.DISTILL.TEACHER_FEATURE_BITS} bits",
+                    flush=True,
+                )
+                train_net.train(train_net.teacher_stage_config(cfg), resume=False)
+            train_net.train(cfg, resume=False)
+        rows.append({"model": label, **_evaluate(cfg)})
+    print(f"\n[demo] COCO box AP on qdet_digits_val ({time.time() - t0:.0f} s in all):")
+    print(tabulate(rows, headers="keys", tablefmt="github", floatfmt=".1f"))
 
 
 if __name__ == "__main__":

@@ -23,6 +23,9 @@ from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import CfgNode, get_cfg
 from detectron2.engine import default_argument_parser, default_setup, launch
 from detectron2.modeling import build_model
+from detectron2.utils import comm
+from detectron2.utils.env import seed_all_rng
+from detectron2.utils.logger import setup_logger
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import qdet  # noqa: E402,F401  (registers qdet's datasets and models)
@@ -67,6 +70,7 @@ def setup(args) -> CfgNode:
         build_distill_loss(cfg.DISTILL.LOSS)  # unknown loss names fail before any training
     cfg.freeze()
     default_setup(cfg, args)
+    setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="qdet")
     return cfg
 
 
@@ -79,6 +83,7 @@ def teacher_stage_config(cfg: CfgNode) -> CfgNode:
     tcfg.DATALOADER = cfg.DATALOADER.clone()
     tcfg.INPUT = cfg.INPUT.clone()
     tcfg.SOLVER = cfg.SOLVER.clone()
+    tcfg.defrost()  # the clones of the frozen student config are frozen too
     iters = cfg.DISTILL.TEACHER_STAGE_ITERS or max(cfg.SOLVER.MAX_ITER // 10, 1)
     tcfg.SOLVER.MAX_ITER = iters
     tcfg.SOLVER.STEPS = ()
@@ -93,6 +98,8 @@ def teacher_stage_config(cfg: CfgNode) -> CfgNode:
 
 
 def train(cfg: CfgNode, resume: bool):
+    # Seeded per run, as default_setup does, so both stages of one process are repeatable.
+    seed_all_rng(None if cfg.SEED < 0 else cfg.SEED + comm.get_rank())
     trainer = QDetTrainer(cfg)
     trainer.resume_or_load(resume=resume)
     return trainer.train()

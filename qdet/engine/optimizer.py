@@ -1,9 +1,11 @@
 """The QAT optimizer: Detectron2's SGD param groups, plus one for the quantizer parameters.
 
 EWGS's official code trains the quantizer parameters (l, u, s) apart from the weights, with
-a smaller learning rate and no weight decay: decaying l and u would shrink every
-quantization interval towards zero. ``QUANT.LR_FACTOR`` and ``QUANT.WEIGHT_DECAY`` set
-that group's LR (a factor of ``SOLVER.BASE_LR``, like ``SOLVER.BIAS_LR_FACTOR``) and decay.
+Adam at lr 1e-5 and no weight decay. Their gradients are sums over every element of a
+weight or activation tensor, hundreds of times larger than a weight's, so SGD at the
+weights' learning rate moves the ranges far in a few steps; Adam's step does not depend on
+the gradient's scale. Decaying l and u would shrink every quantization interval.
+``QUANT.OPTIMIZER``, ``QUANT.BASE_LR`` and ``QUANT.WEIGHT_DECAY`` set that group.
 """
 
 from __future__ import annotations
@@ -33,10 +35,13 @@ def build_qat_optimizer_params(cfg: CfgNode, model: nn.Module) -> list[dict]:
     )
     quant_ids = {id(p) for p in quantizer_parameters(model)}
     out = []
+    if cfg.QUANT.OPTIMIZER not in ("adam", "sgd"):
+        raise ValueError(f"QUANT.OPTIMIZER={cfg.QUANT.OPTIMIZER!r}: use 'adam' or 'sgd'")
     quant_group = {
         "params": [],
-        "lr": cfg.SOLVER.BASE_LR * cfg.QUANT.LR_FACTOR,
+        "lr": cfg.QUANT.BASE_LR,
         "weight_decay": cfg.QUANT.WEIGHT_DECAY,
+        "adam": cfg.QUANT.OPTIMIZER == "adam",
     }
     for group in groups:
         rest = [p for p in group["params"] if id(p) not in quant_ids]
@@ -48,9 +53,55 @@ def build_qat_optimizer_params(cfg: CfgNode, model: nn.Module) -> list[dict]:
     return out
 
 
+class SGDWithAdamGroups(torch.optim.SGD):
+    """SGD, except for param groups marked ``adam=True``, which take Adam steps
+    (Kingma & Ba 2015, Algorithm 1; betas (0.9, 0.999), eps 1e-8 unless the group says).
+
+    One optimizer, so Detectron2's LR schedulers, gradient clipping and checkpointer
+    handle both kinds of group unchanged.
+    """
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        groups = self.param_groups
+        self.param_groups = [g for g in groups if not g.get("adam")]
+        try:
+            super().step()
+        finally:
+            self.param_groups = groups
+        for group in groups:
+            if group.get("adam"):
+                self._adam_step(group)
+        return loss
+
+    def _adam_step(self, group: dict) -> None:
+        beta1, beta2 = group.get("betas", (0.9, 0.999))
+        eps, lr, decay = group.get("eps", 1e-8), group["lr"], group["weight_decay"]
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            grad = p.grad if not decay else p.grad.add(p, alpha=decay)
+            state = self.state[p]
+            if not state:
+                state["step"] = 0
+                state["exp_avg"] = torch.zeros_like(p)
+                state["exp_avg_sq"] = torch.zeros_like(p)
+            state["step"] += 1
+            state["exp_avg"].mul_(beta1).add_(grad, alpha=1 - beta1)
+            state["exp_avg_sq"].mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+            bias1 = 1 - beta1 ** state["step"]
+            bias2 = 1 - beta2 ** state["step"]
+            denom = (state["exp_avg_sq"] / bias2).sqrt_().add_(eps)
+            p.addcdiv_(state["exp_avg"], denom, value=-lr / bias1)
+
+
 def build_qat_optimizer(cfg: CfgNode, model: nn.Module) -> torch.optim.Optimizer:
     """SGD as Detectron2's ``build_optimizer`` makes it, with the quantizer group."""
-    optimizer = torch.optim.SGD(
+    optimizer = SGDWithAdamGroups(
         build_qat_optimizer_params(cfg, model),
         lr=cfg.SOLVER.BASE_LR,
         momentum=cfg.SOLVER.MOMENTUM,

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import weakref
 
 from detectron2.data import DatasetCatalog
-from detectron2.engine import DefaultTrainer
+from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer, TrainerBase
+from detectron2.engine.defaults import create_ddp_model
 from detectron2.evaluation import COCOEvaluator
 from detectron2.modeling import build_model
+from detectron2.utils import comm
+from detectron2.utils.logger import setup_logger
 
 from qdet.engine.checkpoint import AtomicCheckpointer
 from qdet.engine.hooks import CalibrationHook
@@ -29,6 +33,29 @@ class QDetTrainer(DefaultTrainer):
     parameters in their own optimizer group; calibration before the first step; atomic
     checkpoints; COCO evaluation. AMP (``SOLVER.AMP.ENABLED``) and DDP come from Detectron2.
     """
+
+    def __init__(self, cfg):
+        # DefaultTrainer.__init__, but DDP also on CPU processes (gloo), which take no
+        # device_ids, and the atomic checkpointer from the start.
+        TrainerBase.__init__(self)
+        if not logging.getLogger("detectron2").isEnabledFor(logging.INFO):
+            setup_logger()
+        cfg = DefaultTrainer.auto_scale_workers(cfg, comm.get_world_size())
+        model = self.build_model(cfg)
+        optimizer = self.build_optimizer(cfg, model)
+        data_loader = self.build_train_loader(cfg)
+        on_cpu = model.device.type == "cpu"
+        model = create_ddp_model(
+            model, broadcast_buffers=False, device_ids=None if on_cpu else [comm.get_local_rank()]
+        )
+        trainer_cls = AMPTrainer if cfg.SOLVER.AMP.ENABLED else SimpleTrainer
+        self._trainer = trainer_cls(model, data_loader, optimizer)
+        self.scheduler = self.build_lr_scheduler(cfg, optimizer)
+        self.checkpointer = AtomicCheckpointer(model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
+        self.start_iter = 0
+        self.max_iter = cfg.SOLVER.MAX_ITER
+        self.cfg = cfg
+        self.register_hooks(self.build_hooks())
 
     @classmethod
     def build_model(cls, cfg):

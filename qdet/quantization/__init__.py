@@ -3,6 +3,7 @@
 from qdet.quantization.calibration import calibrate, init_weight_quantizers
 from qdet.quantization.ewgs import update_ewgs_deltas
 from qdet.quantization.export import (
+    deployed_weight_bytes,
     dequantize_weights,
     export_int_weights,
     export_size_bytes,
@@ -30,6 +31,7 @@ from qdet.quantization.surgery import (
 
 __all__ = [
     "DEFAULT_EXCLUDE",
+    "deployed_weight_bytes",
     "QUANTIZERS",
     "EWGSQuantizer",
     "LSQQuantizer",

@@ -122,3 +122,20 @@ def export_size_bytes(exported: dict[str, dict]) -> dict[str, int]:
         else:
             int_bytes += 4 * numel
     return {"int_bytes": int_bytes, "fp32_bytes": fp32_bytes}
+
+
+def deployed_weight_bytes(model: nn.Module) -> int:
+    """Bytes of all the model's parameters as deployed: quantized layers' weights as packed
+    codes plus their decode floats, everything else (FP layers, biases, norms) in FP32.
+    Quantizer parameters are counted through the codes' decode floats only."""
+    exported = export_int_weights(model)
+    packed = export_size_bytes(exported)["int_bytes"]
+    skip = set()
+    for name in exported:
+        layer = model.get_submodule(name)
+        skip.add(id(layer.weight))
+        skip.update(
+            id(p) for q in (layer.weight_quantizer, layer.input_quantizer) for p in q.parameters()
+        )
+    rest = sum(4 * p.numel() for p in model.parameters() if id(p) not in skip)
+    return packed + rest
