@@ -35,6 +35,9 @@ def add_qdet_config(cfg: CN) -> CN:
     cfg.QUANT.OPTIMIZER = "adam"
     cfg.QUANT.BASE_LR = 1e-5
     cfg.QUANT.WEIGHT_DECAY = 0.0
+    # RetinaNet's head convs are shared by the five FPN levels, whose ranges differ: give
+    # each level its own input quantizers (cycled like Detectron2's CycleBatchNormList).
+    cfg.QUANT.HEAD_PER_LEVEL_ACT = False
     # A signed activation quantizer on one backbone output (e.g. "p3"): the teacher stage
     # of QFD trains the FP teacher with its feature quantized there. "" = none.
     cfg.QUANT.FEATURE_TAP = ""

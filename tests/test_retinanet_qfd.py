@@ -91,6 +91,43 @@ def test_quant_retinanet_quantizes_and_trains():
     assert all(torch.isfinite(v) for v in losses.values())
 
 
+def test_per_level_head_quantizers_see_their_own_level():
+    from qdet.quantization.per_level import PerLevelQuantizer
+
+    torch.manual_seed(0)
+    model = build_model(_cfg("QUANT.ENABLED", "True", "QUANT.HEAD_PER_LEVEL_ACT", "True"))
+    first = model.head.cls_subnet[0]
+    assert isinstance(first.input_quantizer, PerLevelQuantizer)
+    assert len(first.input_quantizer.levels) == 5
+    assert not isinstance(model.backbone.fpn_output3.input_quantizer, PerLevelQuantizer)
+    from qdet.quantization import Quantizer, calibrate
+    from qdet.quantization.quantizers import SIGNED_PERCENTILES, _percentile
+
+    batch = _batch()
+    # Level i's quantizer must be calibrated on p(3+i) alone, as the FP model computes it.
+    fp = copy.deepcopy(model).eval()
+    for q in fp.modules():
+        if isinstance(q, Quantizer):
+            q.bits = 32
+    with torch.no_grad():
+        feats = fp.backbone(fp.preprocess_image(batch).tensor)
+    calibrate(model, [batch], num_batches=1)
+
+    for level, name in enumerate(["p3", "p4", "p5", "p6", "p7"]):
+        q = first.input_quantizer.levels[level]
+        assert q.initialized and q.signed
+        assert q.upper.item() == pytest.approx(
+            _percentile(feats[name], SIGNED_PERCENTILES[1]), rel=1e-4
+        )
+    lows = {round(q.lower.item(), 4) for q in first.input_quantizer.levels}
+    assert len(lows) == 5  # different ranges per level
+    model.train()
+    with EventStorage():
+        losses = model(batch)
+    sum(losses.values()).backward()
+    assert all(q.scale.grad is not None for q in first.input_quantizer.levels)
+
+
 def test_fp_checkpoint_loads_into_quantized_model(tmp_path):
     fp = build_model(_cfg())
     DetectionCheckpointer(fp, save_dir=str(tmp_path)).save("fp")

@@ -6,7 +6,8 @@ from detectron2.config import configurable
 from detectron2.modeling import META_ARCH_REGISTRY, RetinaNet
 
 from qdet.config import quantize_kwargs
-from qdet.quantization import UniformQuantizer, quantize_model
+from qdet.quantization import QConv2d, UniformQuantizer, build_quantizer, quantize_model
+from qdet.quantization.per_level import PerLevelQuantizer
 
 
 @META_ARCH_REGISTRY.register()
@@ -17,6 +18,9 @@ class QuantRetinaNet(RetinaNet):
     included, except the stem conv and the class / box predictors. Its parameter names are
     RetinaNet's, so a plain RetinaNet checkpoint loads with only quantizer keys missing.
 
+    ``head_per_level_act`` gives each quantized head conv one input quantizer per FPN
+    level (:class:`qdet.quantization.per_level.PerLevelQuantizer`).
+
     ``feature_tap`` adds ``feature_quantizer``, a signed activation quantizer on that
     backbone output, seen by the head and by a distilling student: QFD's teacher stage.
     A :class:`qdet.distill.Distiller` attached with :meth:`attach_distiller` adds
@@ -25,10 +29,18 @@ class QuantRetinaNet(RetinaNet):
 
     @configurable
     def __init__(
-        self, *, quant: dict | None = None, feature_tap: str = "", feature_bits: int = 8, **kwargs
+        self,
+        *,
+        quant: dict | None = None,
+        head_per_level_act: bool = False,
+        feature_tap: str = "",
+        feature_bits: int = 8,
+        **kwargs,
     ):
         super().__init__(**kwargs)
         self.quantized_layers = quantize_model(self, **quant) if quant else []
+        if quant and head_per_level_act:
+            self._per_level_head_inputs(quant)
         self.feature_tap = feature_tap
         if feature_tap:
             taps = list(self.backbone.output_shape())
@@ -49,9 +61,22 @@ class QuantRetinaNet(RetinaNet):
     def from_config(cls, cfg):
         ret = super().from_config(cfg)
         ret["quant"] = quantize_kwargs(cfg) if cfg.QUANT.ENABLED else None
+        ret["head_per_level_act"] = cfg.QUANT.HEAD_PER_LEVEL_ACT
         ret["feature_tap"] = cfg.QUANT.FEATURE_TAP
         ret["feature_bits"] = cfg.QUANT.FEATURE_BITS
         return ret
+
+    def _per_level_head_inputs(self, quant: dict) -> None:
+        """One input quantizer per FPN level for each quantized conv of the shared head."""
+        levels = len(self.head_in_features)
+        for conv in self.head.modules():
+            if isinstance(conv, QConv2d):
+                conv.input_quantizer = PerLevelQuantizer(
+                    levels,
+                    lambda: build_quantizer(
+                        quant["method"], quant["a_bits"], "activation", signed=quant["act_signed"]
+                    ),
+                )
 
     def _quantize_feature(self, _backbone, _inputs, features):
         features = dict(features)

@@ -37,6 +37,8 @@ def unpack_codes(packed: torch.Tensor, bits: int, shape: torch.Size) -> torch.Te
 
 
 def _quantizer_state(q) -> dict:
+    if hasattr(q, "levels"):  # PerLevelQuantizer: one state per FPN level
+        return {"levels": [_quantizer_state(level) for level in q.levels]}
     return {
         "method": type(q).__name__,
         "bits": q.bits,

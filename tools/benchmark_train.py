@@ -1,0 +1,185 @@
+#!/usr/bin/env python
+"""Training-step time and memory of FP, 4-bit QAT and 4-bit QFD RetinaNet, as ratios to FP.
+
+    .venv/bin/python tools/benchmark_train.py                      # CPU, 2 x 256x320, R50
+    .venv/bin/python tools/benchmark_train.py --device cuda --size 800 1333 --amp
+
+Each variant is Detectron2's RetinaNet (FPN and head with BN, as qdet's COCO configs):
+"fp" the plain model; "qat" the same with every conv but the stem and the predictors
+quantized (W4/A4, calibrated); "qfd" the QAT model plus the frozen FP teacher's forward and
+the QFD loss on p3. One step is forward, backward and an SGD update on a fixed batch with
+random boxes; the variants run round-robin, the median over --repeats after --warmup is
+reported. Memory: on CUDA the allocator's peak during a step above what was allocated
+before it; on CPU (no allocator peak) the bytes autograd saves for the backward, which
+is what grows with QAT. Writes a table and JSON (output/benchmark_train.json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from contextlib import nullcontext
+
+import torch
+from tabulate import tabulate
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from detectron2.config import get_cfg  # noqa: E402
+from detectron2.modeling import build_model  # noqa: E402
+from detectron2.structures import Boxes, Instances  # noqa: E402
+from detectron2.utils.events import EventStorage  # noqa: E402
+
+from qdet.config import add_qdet_config  # noqa: E402
+from qdet.distill import Distiller, QFDLoss  # noqa: E402
+from qdet.quantization import calibrate  # noqa: E402
+
+BASE = os.path.join(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs/Base-QDet-RetinaNet.yaml"
+)
+
+
+def build(depth: int, device: str, quantized: bool, feature_tap: str = ""):
+    cfg = add_qdet_config(get_cfg())
+    cfg.merge_from_file(BASE)
+    cfg.MODEL.DEVICE = device
+    cfg.MODEL.RESNETS.DEPTH = depth
+    if depth < 50:
+        cfg.MODEL.RESNETS.RES2_OUT_CHANNELS = 64
+    cfg.MODEL.FPN.NORM = cfg.MODEL.RETINANET.NORM = "BN"
+    cfg.QUANT.ENABLED = quantized
+    cfg.QUANT.FEATURE_TAP = feature_tap
+    torch.manual_seed(0)
+    return build_model(cfg)
+
+
+def make_batch(n: int, h: int, w: int, device: str) -> list[dict]:
+    g = torch.Generator().manual_seed(0)
+    batch = []
+    for _ in range(n):
+        inst = Instances((h, w))
+        xy = torch.rand(8, 2, generator=g) * torch.tensor([w * 0.7, h * 0.7])
+        wh = 32 + torch.rand(8, 2, generator=g) * 200
+        inst.gt_boxes = Boxes(torch.cat([xy, xy + wh], 1).to(device))
+        inst.gt_classes = torch.randint(0, 80, (8,), generator=g).to(device)
+        batch.append(
+            {
+                "image": torch.randint(0, 255, (3, h, w), generator=g).float(),
+                "instances": inst,
+                "height": h,
+                "width": w,
+            }
+        )
+    return batch
+
+
+def variants(depth: int, device: str, batch: list[dict]) -> dict:
+    fp = build(depth, device, quantized=False)
+    qat = build(depth, device, quantized=True)
+    qat.load_state_dict(fp.state_dict(), strict=False)
+    qfd = build(depth, device, quantized=True)
+    qfd.load_state_dict(fp.state_dict(), strict=False)
+    teacher = build(depth, device, quantized=False, feature_tap="p3")
+    teacher.load_state_dict(fp.state_dict(), strict=False)
+    for model in (qat, qfd, teacher):
+        calibrate(model, [batch], num_batches=1)
+    qfd.attach_distiller(Distiller(teacher, "p3", QFDLoss(), 1.0))
+    return {"fp": fp, "qat": qat, "qfd": qfd}
+
+
+def step(model, optimizer, batch, amp: bool, device: str):
+    ctx = torch.autocast(device, dtype=torch.float16) if amp else nullcontext()
+    with EventStorage(), ctx:
+        losses = model(batch)
+    optimizer.zero_grad(set_to_none=True)
+    sum(losses.values()).backward()
+    optimizer.step()
+
+
+def saved_bytes(model, batch, amp: bool, device: str) -> int:
+    seen = {}
+
+    def pack(t):
+        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    ctx = torch.autocast(device, dtype=torch.float16) if amp else nullcontext()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), EventStorage(), ctx:
+        losses = model(batch)
+    sum(losses.values()).backward()
+    model.zero_grad(set_to_none=True)
+    return sum(seen.values())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    parser.add_argument("--depth", type=int, default=50)
+    parser.add_argument("--size", type=int, nargs=2, default=(256, 320), metavar=("H", "W"))
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--amp", action="store_true", help="float16 autocast (CUDA)")
+    parser.add_argument("--json", default="output/benchmark_train.json")
+    args = parser.parse_args()
+    cuda = args.device == "cuda"
+    batch = make_batch(args.batch, *args.size, args.device)
+    models = variants(args.depth, args.device, batch)
+    opts = {
+        k: torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=1e-4, momentum=0.9)
+        for k, m in models.items()
+    }
+    for m in models.values():
+        m.train()
+    times = {k: [] for k in models}
+    peaks = {k: [] for k in models}
+    for i in range(args.warmup + args.repeats):
+        for name, model in models.items():  # round-robin: drift hits every variant alike
+            if cuda:
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+                before = torch.cuda.memory_allocated()
+            t = time.perf_counter()
+            step(model, opts[name], batch, args.amp, args.device)
+            if cuda:
+                torch.cuda.synchronize()
+                peaks[name].append(torch.cuda.max_memory_allocated() - before)
+            if i >= args.warmup:
+                times[name].append(time.perf_counter() - t)
+        print(f"[bench] round {i + 1}/{args.warmup + args.repeats}", flush=True)
+    rows = []
+    for name, model in models.items():
+        row = {
+            "variant": name,
+            "step s": statistics.median(times[name]),
+            "saved MiB": saved_bytes(model, batch, args.amp, args.device) / 2**20,
+        }
+        if cuda:
+            row["peak MiB"] = max(peaks[name]) / 2**20
+        rows.append(row)
+    for row in rows:
+        for key in ("step s", "saved MiB", "peak MiB"):
+            if key in row:
+                row[f"{key.split()[0]} / fp"] = row[key] / rows[0][key]
+    print(tabulate(rows, headers="keys", tablefmt="github", floatfmt=".3f"))
+    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+    with open(args.json, "w") as f:
+        json.dump(
+            {
+                "args": vars(args),
+                "torch": torch.__version__,
+                "device": torch.cuda.get_device_name() if cuda else "cpu",
+                "threads": torch.get_num_threads(),
+                "rows": rows,
+            },
+            f,
+            indent=2,
+        )
+    print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()
