@@ -6,7 +6,7 @@ Detectron2's registries, the way Detectron2's own projects do.
 
 from qdet import (
     data,  # noqa: F401  (registers qdet_digits_train / qdet_digits_val)
-    modeling,  # noqa: F401  (registers QuantRetinaNet)
+    modeling,  # noqa: F401  (registers QuantRetinaNet, QuantMaskRCNN, ViTDet / Swin backbones)
 )
 from qdet.config import add_qdet_config
 

@@ -5,10 +5,12 @@ from __future__ import annotations
 from detectron2.config import CfgNode as CN
 
 from qdet.quantization.quantizers import QUANTIZERS, check_bits
+from qdet.quantization.surgery import target_patterns
 
 
 def add_qdet_config(cfg: CN) -> CN:
-    """Add the ``QUANT.*`` keys to a Detectron2 config (in place; also returned)."""
+    """Add qdet's keys to a Detectron2 config (in place; also returned): ``QUANT.*``,
+    ``DISTILL.*``, and the transformer backbones' (:func:`add_transformer_config`)."""
     cfg.QUANT = CN()
     # Quantize the model at all. False trains the plain FP model through the same tools.
     cfg.QUANT.ENABLED = False
@@ -19,13 +21,22 @@ def add_qdet_config(cfg: CN) -> CN:
     cfg.QUANT.METHOD = "uniform"
     # Per-output-channel weight quantizers instead of one per tensor.
     cfg.QUANT.PER_CHANNEL = False
+    # Transformer layer groups to quantize, any of "mha" (attn.qkv, attn.proj) and "mlp"
+    # (mlp.fc1, mlp.fc2) of every backbone block (qdet.quantization.QUANT_TARGETS). Empty =
+    # INCLUDE / EXCLUDE alone decide. With targets, only those Linear layers are quantized
+    # (plus INCLUDE): QFD's ViTDet / Swin rule.
+    cfg.QUANT.TARGETS = []
     # Regexes searched in module names. Empty INCLUDE = every Conv2d/Linear; empty EXCLUDE
     # = qdet.quantization.DEFAULT_EXCLUDE (stem conv and final predictors stay FP).
     cfg.QUANT.INCLUDE = []
     cfg.QUANT.EXCLUDE = []
-    # Sign of activation quantizers: "auto" (signed if calibration sees negatives),
+    # Sign of activation quantizers: "auto" (signed if calibration sees negatives; with
+    # TARGETS always signed, the inputs being LayerNorm / attention / GELU outputs),
     # "signed" or "unsigned".
     cfg.QUANT.ACT_SIGNED = "auto"
+    # Autograd keeps quantized layers' fake-quantized inputs and weights for backward as
+    # uint8 codes (qdet.quantization.layers.saved_as_codes): same gradients, less memory.
+    cfg.QUANT.SAVE_CODES = True
     # Training batches used to initialise the quantizers before the first step.
     cfg.QUANT.CALIB_BATCHES = 4
     # Quantizer parameters (l, u, s/alpha) get their own optimizer group
@@ -42,6 +53,8 @@ def add_qdet_config(cfg: CN) -> CN:
     # of QFD trains the FP teacher with its feature quantized there. "" = none.
     cfg.QUANT.FEATURE_TAP = ""
     cfg.QUANT.FEATURE_BITS = 8
+
+    add_transformer_config(cfg)
 
     cfg.DISTILL = CN()
     # Distil from a frozen teacher while training the (quantized) student.
@@ -68,6 +81,56 @@ def add_qdet_config(cfg: CN) -> CN:
     return cfg
 
 
+def add_transformer_config(cfg: CN) -> None:
+    """``MODEL.VIT`` / ``MODEL.SWIN`` (qdet's yacs builders of Detectron2's ViT and Swin) and
+    ``SOLVER.OPTIMIZER`` / ``SOLVER.LAYER_DECAY`` (ViTDet's AdamW recipe). Defaults: ViT-B
+    and Swin-B as in Detectron2's ViTDet project."""
+    cfg.MODEL.VIT = CN()
+    cfg.MODEL.VIT.IMG_SIZE = 1024  # input size the relative position tables are built for
+    cfg.MODEL.VIT.PATCH_SIZE = 16
+    cfg.MODEL.VIT.EMBED_DIM = 768
+    cfg.MODEL.VIT.DEPTH = 12
+    cfg.MODEL.VIT.NUM_HEADS = 12
+    cfg.MODEL.VIT.MLP_RATIO = 4.0
+    cfg.MODEL.VIT.QKV_BIAS = True
+    cfg.MODEL.VIT.DROP_PATH_RATE = 0.1
+    cfg.MODEL.VIT.USE_ABS_POS = True
+    cfg.MODEL.VIT.USE_REL_POS = True
+    cfg.MODEL.VIT.WINDOW_SIZE = 14
+    # Blocks with windowed attention; the others attend globally (ViTDet: 2, 5, 8, 11 global).
+    cfg.MODEL.VIT.WINDOW_BLOCK_INDEXES = [0, 1, 3, 4, 6, 7, 9, 10]
+    cfg.MODEL.VIT.RESIDUAL_BLOCK_INDEXES = []
+    cfg.MODEL.VIT.PRETRAIN_IMG_SIZE = 224  # MAE pretraining size (absolute positions)
+    cfg.MODEL.VIT.PRETRAIN_USE_CLS_TOKEN = True
+    # SimpleFeaturePyramid: scales of the last feature (stride 16) -> p2..p5, then a
+    # max-pooled p6; its norm ("LN" as in ViTDet) and square padding (0 = none).
+    cfg.MODEL.VIT.SCALE_FACTORS = [4.0, 2.0, 1.0, 0.5]
+    cfg.MODEL.VIT.SFP_NORM = "LN"
+    cfg.MODEL.VIT.SQUARE_PAD = 1024
+
+    cfg.MODEL.SWIN = CN()
+    cfg.MODEL.SWIN.PRETRAIN_IMG_SIZE = 224
+    cfg.MODEL.SWIN.PATCH_SIZE = 4
+    cfg.MODEL.SWIN.EMBED_DIM = 128
+    cfg.MODEL.SWIN.DEPTHS = [2, 2, 18, 2]
+    cfg.MODEL.SWIN.NUM_HEADS = [4, 8, 16, 32]
+    cfg.MODEL.SWIN.WINDOW_SIZE = 7
+    cfg.MODEL.SWIN.MLP_RATIO = 4.0
+    cfg.MODEL.SWIN.QKV_BIAS = True
+    cfg.MODEL.SWIN.DROP_PATH_RATE = 0.4
+    cfg.MODEL.SWIN.APE = False  # absolute position embedding
+    cfg.MODEL.SWIN.PATCH_NORM = True
+    cfg.MODEL.SWIN.OUT_INDICES = [0, 1, 2, 3]  # stages output as p0..p3 (strides 4..32)
+    cfg.MODEL.SWIN.FROZEN_STAGES = -1
+    cfg.MODEL.SWIN.SQUARE_PAD = 1024  # the FPN pads inputs to this square (0 = none)
+
+    # "SGD" (Detectron2's default) or "ADAMW" (ViTDet: AdamW, betas 0.9/0.999). Quantizer
+    # parameters keep their QUANT.OPTIMIZER group either way.
+    cfg.SOLVER.OPTIMIZER = "SGD"
+    # ViT layer-wise LR decay (ViTDet: 0.7 for ViT-B); 1.0 = off. ViT backbones only.
+    cfg.SOLVER.LAYER_DECAY = 1.0
+
+
 def quantize_kwargs(cfg: CN) -> dict:
     """``quantize_model`` keyword arguments from ``cfg.QUANT``, checked."""
     q = cfg.QUANT
@@ -81,7 +144,7 @@ def quantize_kwargs(cfg: CN) -> dict:
         "a_bits": check_bits(q.A_BITS),
         "method": q.METHOD,
         "per_channel": q.PER_CHANNEL,
-        "include": list(q.INCLUDE) or None,
+        "include": target_patterns(q.TARGETS, q.INCLUDE),
         "exclude": list(q.EXCLUDE) or None,
         "act_signed": signed[q.ACT_SIGNED],
     }

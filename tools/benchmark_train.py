@@ -3,6 +3,11 @@
 
     .venv/bin/python tools/benchmark_train.py                      # CPU, 2 x 256x320, R50
     .venv/bin/python tools/benchmark_train.py --device cuda --size 800 1333 --amp
+    .venv/bin/python tools/benchmark_train.py --arch vitdet --size 256 256   # ViTDet-B
+    .venv/bin/python tools/benchmark_train.py --arch vitdet --device cuda --size 1024 1024 --amp
+
+``--arch vitdet``: ViTDet-B Mask R-CNN (configs/Base-QDet-ViTDet.yaml), "fp" and "qat"
+(W4/A4 on every MHA and MLP Linear of the ViT; QFD is not used for ViTs in the paper).
 
 Each variant is Detectron2's RetinaNet (FPN and head with BN, as qdet's COCO configs):
 "fp" the plain model; "qat" the same with every conv but the stem and the predictors
@@ -30,16 +35,28 @@ from tabulate import tabulate
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from detectron2.config import get_cfg  # noqa: E402
 from detectron2.modeling import build_model  # noqa: E402
-from detectron2.structures import Boxes, Instances  # noqa: E402
+from detectron2.structures import BitMasks, Boxes, Instances  # noqa: E402
 from detectron2.utils.events import EventStorage  # noqa: E402
 
 from qdet.config import add_qdet_config  # noqa: E402
 from qdet.distill import Distiller, QFDLoss  # noqa: E402
 from qdet.quantization import calibrate  # noqa: E402
 
-BASE = os.path.join(
-    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs/Base-QDet-RetinaNet.yaml"
-)
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BASE = os.path.join(ROOT, "configs/Base-QDet-RetinaNet.yaml")
+VITDET = os.path.join(ROOT, "configs/Base-QDet-ViTDet.yaml")
+
+
+def build_vitdet(device: str, quantized: bool, size: int):
+    cfg = add_qdet_config(get_cfg())
+    cfg.merge_from_file(VITDET)
+    cfg.MODEL.DEVICE = device
+    cfg.MODEL.WEIGHTS = ""
+    cfg.MODEL.VIT.SQUARE_PAD = size
+    cfg.MODEL.VIT.IMG_SIZE = size
+    cfg.QUANT.ENABLED = quantized
+    torch.manual_seed(0)
+    return build_model(cfg)
 
 
 def build(depth: int, device: str, quantized: bool, feature_tap: str = ""):
@@ -56,6 +73,13 @@ def build(depth: int, device: str, quantized: bool, feature_tap: str = ""):
     return build_model(cfg)
 
 
+def _box_mask(box: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    mask = torch.zeros(h, w, dtype=torch.bool)
+    x0, y0, x1, y1 = (int(v) for v in box)
+    mask[y0:y1, x0:x1] = True
+    return mask
+
+
 def make_batch(n: int, h: int, w: int, device: str) -> list[dict]:
     g = torch.Generator().manual_seed(0)
     batch = []
@@ -65,6 +89,9 @@ def make_batch(n: int, h: int, w: int, device: str) -> list[dict]:
         wh = 32 + torch.rand(8, 2, generator=g) * 200
         inst.gt_boxes = Boxes(torch.cat([xy, xy + wh], 1).to(device))
         inst.gt_classes = torch.randint(0, 80, (8,), generator=g).to(device)
+        inst.gt_masks = BitMasks(
+            torch.stack([_box_mask(b, h, w) for b in inst.gt_boxes.tensor.cpu()]).to(device)
+        )
         batch.append(
             {
                 "image": torch.randint(0, 255, (3, h, w), generator=g).float(),
@@ -74,6 +101,14 @@ def make_batch(n: int, h: int, w: int, device: str) -> list[dict]:
             }
         )
     return batch
+
+
+def vitdet_variants(device: str, batch: list[dict], size: int) -> dict:
+    fp = build_vitdet(device, quantized=False, size=size)
+    qat = build_vitdet(device, quantized=True, size=size)
+    qat.load_state_dict(fp.state_dict(), strict=False)
+    calibrate(qat, [batch], num_batches=1)
+    return {"fp": fp, "qat": qat}
 
 
 def variants(depth: int, device: str, batch: list[dict]) -> dict:
@@ -116,6 +151,7 @@ def saved_bytes(model, batch, amp: bool, device: str) -> int:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", default="retinanet", choices=("retinanet", "vitdet"))
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--depth", type=int, default=50)
     parser.add_argument("--size", type=int, nargs=2, default=(256, 320), metavar=("H", "W"))
@@ -127,7 +163,10 @@ def main() -> None:
     args = parser.parse_args()
     cuda = args.device == "cuda"
     batch = make_batch(args.batch, *args.size, args.device)
-    models = variants(args.depth, args.device, batch)
+    if args.arch == "vitdet":
+        models = vitdet_variants(args.device, batch, max(args.size))
+    else:
+        models = variants(args.depth, args.device, batch)
     opts = {
         k: torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=1e-4, momentum=0.9)
         for k, m in models.items()

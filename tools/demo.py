@@ -21,22 +21,18 @@ import time
 
 from tabulate import tabulate
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import train_net  # noqa: E402
-from detectron2.checkpoint import DetectionCheckpointer  # noqa: E402
-from detectron2.modeling import build_model  # noqa: E402
 from detectron2.utils.logger import setup_logger  # noqa: E402
 
-from qdet.engine import QDetTrainer  # noqa: E402
-from qdet.quantization import deployed_weight_bytes  # noqa: E402
+import qdet  # noqa: E402,F401  (registers qdet's datasets and models)
+from qdet.engine.stages import evaluate_final, load_config, train_with_teacher_stage  # noqa: E402
 
 OUT = "output/demo"
 FP = "configs/digits/retinanet_r18_fp.yaml"
-RUNS = (  # (label, config)
-    ("FP teacher", FP),
-    ("4-bit baseline", "configs/digits/retinanet_r18_4bit_baseline.yaml"),
-    ("4-bit QFD", "configs/digits/retinanet_r18_4bit_qfd.yaml"),
+RUNS = (  # (label, output folder, config)
+    ("FP teacher", "fp", FP),
+    ("4-bit baseline", "baseline_4bit", "configs/digits/retinanet_r18_4bit_baseline.yaml"),
+    ("4-bit QFD", "qfd_4bit", "configs/digits/retinanet_r18_4bit_qfd.yaml"),
 )
 
 
@@ -47,23 +43,9 @@ def _config(path: str, name: str, extra: list[str]):
         opts += ["MODEL.WEIGHTS", fp_weights]
     if "qfd" in path:
         opts += ["DISTILL.TEACHER_WEIGHTS", fp_weights]
-    cfg = train_net.load_config(path, opts)
+    cfg = load_config(path, opts)
     cfg.freeze()
     return cfg
-
-
-def _evaluate(cfg) -> dict:
-    model = build_model(cfg)
-    DetectionCheckpointer(model).load(os.path.join(cfg.OUTPUT_DIR, "model_final.pth"))
-    bbox = QDetTrainer.test(cfg, model)["bbox"]
-    bits = f"{cfg.QUANT.W_BITS}/{cfg.QUANT.A_BITS}" if cfg.QUANT.ENABLED else "32/32"
-    return {
-        "W/A": bits,
-        "AP": bbox["AP"],
-        "AP50": bbox["AP50"],
-        "AP75": bbox["AP75"],
-        "weights MiB": deployed_weight_bytes(model) / 2**20,
-    }
 
 
 def main() -> None:
@@ -80,8 +62,7 @@ def main() -> None:
     setup_logger(name="qdet")
     t0 = time.time()
     rows = []
-    for step, (label, path) in enumerate(RUNS, 1):
-        name = ["fp", "baseline_4bit", "qfd_4bit"][step - 1]
+    for step, (label, name, path) in enumerate(RUNS, 1):
         cfg = _config(path, name, args.opts)
         final = os.path.join(cfg.OUTPUT_DIR, "model_final.pth")
         if os.path.isfile(final):
@@ -92,15 +73,8 @@ def main() -> None:
                 f"{time.time() - t0:.0f} s so far) ...",
                 flush=True,
             )
-            if "qfd" in path:
-                print(
-                    "[demo]     teacher stage first: p3 quantized to "
-                    f"{cfg.DISTILL.TEACHER_FEATURE_BITS} bits",
-                    flush=True,
-                )
-                train_net.train(train_net.teacher_stage_config(cfg), resume=False)
-            train_net.train(cfg, resume=False)
-        rows.append({"model": label, **_evaluate(cfg)})
+            train_with_teacher_stage(cfg, log=lambda m: print(f"[demo]     {m}", flush=True))
+        rows.append({"model": label, **evaluate_final(cfg)})
     print(f"\n[demo] COCO box AP on qdet_digits_val ({time.time() - t0:.0f} s in all):")
     print(tabulate(rows, headers="keys", tablefmt="github", floatfmt=".1f"))
 

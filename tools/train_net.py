@@ -15,53 +15,27 @@ output exists; ``--stage teacher`` / ``--stage student`` run one.
 
 from __future__ import annotations
 
-import difflib
 import os
 import sys
 
 from detectron2.checkpoint import DetectionCheckpointer
-from detectron2.config import CfgNode, get_cfg
+from detectron2.config import CfgNode
 from detectron2.engine import default_argument_parser, default_setup, launch
 from detectron2.modeling import build_model
 from detectron2.utils import comm
-from detectron2.utils.env import seed_all_rng
 from detectron2.utils.logger import setup_logger
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import qdet  # noqa: E402,F401  (registers qdet's datasets and models)
-from qdet.config import add_qdet_config  # noqa: E402
-from qdet.distill.distiller import quantized_teacher_weights, teacher_config  # noqa: E402
+from qdet.distill.distiller import quantized_teacher_weights  # noqa: E402
 from qdet.distill.losses import build_distill_loss  # noqa: E402
 from qdet.engine import QDetTrainer  # noqa: E402
-
-
-def _all_keys(cfg: CfgNode, prefix: str = "") -> list[str]:
-    keys = []
-    for k, v in cfg.items():
-        keys += _all_keys(v, f"{prefix}{k}.") if isinstance(v, CfgNode) else [prefix + k]
-    return keys
-
-
-def load_config(config_file: str, opts: list[str]) -> CfgNode:
-    """Detectron2 + qdet config from a YAML file and KEY VALUE overrides, with clear errors."""
-    if not os.path.isfile(config_file):
-        raise FileNotFoundError(f"--config-file {config_file!r} does not exist")
-    cfg = add_qdet_config(get_cfg())
-    try:
-        cfg.merge_from_file(config_file)
-        cfg.merge_from_list(opts)
-    except (KeyError, AssertionError) as e:
-        message = str(e)
-        if "Non-existent" not in message:  # e.g. an odd number of KEY VALUE overrides
-            raise ValueError(f"bad config or overrides: {message}") from e
-        bad = message.split(":")[-1].strip().strip("'\"")
-        near = difflib.get_close_matches(bad, _all_keys(cfg), n=5, cutoff=0.5)
-        raise KeyError(
-            f"unknown config key {bad!r}; did you mean one of {near}? qdet's keys "
-            "are declared in qdet/config.py, Detectron2's in detectron2/config/"
-            "defaults.py"
-        ) from e
-    return cfg
+from qdet.engine.stages import (  # noqa: E402
+    load_config,
+    needs_teacher_stage,
+    teacher_stage_config,
+    train,
+)
 
 
 def setup(args) -> CfgNode:
@@ -74,37 +48,6 @@ def setup(args) -> CfgNode:
     return cfg
 
 
-def teacher_stage_config(cfg: CfgNode) -> CfgNode:
-    """The student's schedule and data, on the teacher's model with its tap quantized."""
-    tcfg = teacher_config(cfg, quantized_feature=True)
-    tcfg.defrost()
-    tcfg.MODEL.WEIGHTS = cfg.DISTILL.TEACHER_WEIGHTS
-    tcfg.DATASETS = cfg.DATASETS.clone()
-    tcfg.DATALOADER = cfg.DATALOADER.clone()
-    tcfg.INPUT = cfg.INPUT.clone()
-    tcfg.SOLVER = cfg.SOLVER.clone()
-    tcfg.defrost()  # the clones of the frozen student config are frozen too
-    iters = cfg.DISTILL.TEACHER_STAGE_ITERS or max(cfg.SOLVER.MAX_ITER // 10, 1)
-    tcfg.SOLVER.MAX_ITER = iters
-    tcfg.SOLVER.STEPS = ()
-    tcfg.SOLVER.WARMUP_ITERS = min(cfg.SOLVER.WARMUP_ITERS, iters // 2)
-    tcfg.SOLVER.CHECKPOINT_PERIOD = min(cfg.SOLVER.CHECKPOINT_PERIOD, iters)
-    tcfg.QUANT.CALIB_BATCHES = cfg.QUANT.CALIB_BATCHES
-    tcfg.TEST.EVAL_PERIOD = 0
-    tcfg.OUTPUT_DIR = os.path.dirname(quantized_teacher_weights(cfg))
-    tcfg.SEED = cfg.SEED
-    tcfg.freeze()
-    return tcfg
-
-
-def train(cfg: CfgNode, resume: bool):
-    # Seeded per run, as default_setup does, so both stages of one process are repeatable.
-    seed_all_rng(None if cfg.SEED < 0 else cfg.SEED + comm.get_rank())
-    trainer = QDetTrainer(cfg)
-    trainer.resume_or_load(resume=resume)
-    return trainer.train()
-
-
 def main(args):
     cfg = setup(args)
     if args.eval_only:
@@ -113,11 +56,10 @@ def main(args):
             cfg.MODEL.WEIGHTS, resume=args.resume
         )
         return QDetTrainer.test(cfg, model)
-    quantized_teacher = (
-        cfg.DISTILL.ENABLED and build_distill_loss(cfg.DISTILL.LOSS).quantized_teacher
-    )
     teacher_missing = not os.path.isfile(quantized_teacher_weights(cfg))
-    if quantized_teacher and (args.stage == "teacher" or (args.stage == "all" and teacher_missing)):
+    if needs_teacher_stage(cfg) and (
+        args.stage == "teacher" or (args.stage == "all" and teacher_missing)
+    ):
         train(teacher_stage_config(cfg), resume=args.resume)
     if args.stage == "teacher":
         return None

@@ -6,12 +6,19 @@ weight or activation tensor, hundreds of times larger than a weight's, so SGD at
 weights' learning rate moves the ranges far in a few steps; Adam's step does not depend on
 the gradient's scale. Decaying l and u would shrink every quantization interval.
 ``QUANT.OPTIMIZER``, ``QUANT.BASE_LR`` and ``QUANT.WEIGHT_DECAY`` set that group.
+
+``SOLVER.OPTIMIZER ADAMW`` (ViTDet's recipe) makes every group, that one included, take
+AdamW steps, with ``SOLVER.LAYER_DECAY`` scaling a ViT block's LR by decay^(depth - i) and
+no weight decay on position embeddings, as Detectron2's ViTDet configs do.
 """
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 from detectron2.config import CfgNode
+from detectron2.modeling.backbone.vit import get_vit_lr_decay_rate
 from detectron2.solver.build import get_default_optimizer_params, maybe_add_gradient_clipping
 from torch import nn
 
@@ -25,6 +32,16 @@ def quantizer_parameters(model: nn.Module) -> list[nn.Parameter]:
 
 def build_qat_optimizer_params(cfg: CfgNode, model: nn.Module) -> list[dict]:
     """Detectron2's default param groups, with quantizer parameters moved to their own."""
+    lr_factor_func, overrides = None, None
+    if cfg.SOLVER.LAYER_DECAY != 1.0:
+        lr_factor_func = partial(
+            get_vit_lr_decay_rate,
+            lr_decay_rate=cfg.SOLVER.LAYER_DECAY,
+            num_layers=cfg.MODEL.VIT.DEPTH,
+        )
+    if cfg.SOLVER.OPTIMIZER == "ADAMW":
+        no_decay = {"weight_decay": 0.0}
+        overrides = {"pos_embed": no_decay, "rel_pos_h": no_decay, "rel_pos_w": no_decay}
     groups = get_default_optimizer_params(
         model,
         base_lr=cfg.SOLVER.BASE_LR,
@@ -32,6 +49,8 @@ def build_qat_optimizer_params(cfg: CfgNode, model: nn.Module) -> list[dict]:
         weight_decay_norm=cfg.SOLVER.WEIGHT_DECAY_NORM,
         bias_lr_factor=cfg.SOLVER.BIAS_LR_FACTOR,
         weight_decay_bias=cfg.SOLVER.WEIGHT_DECAY_BIAS,
+        lr_factor_func=lr_factor_func,
+        overrides=overrides,
     )
     quant_ids = {id(p) for p in quantizer_parameters(model)}
     out = []
@@ -100,7 +119,17 @@ class SGDWithAdamGroups(torch.optim.SGD):
 
 
 def build_qat_optimizer(cfg: CfgNode, model: nn.Module) -> torch.optim.Optimizer:
-    """SGD as Detectron2's ``build_optimizer`` makes it, with the quantizer group."""
+    """SGD as Detectron2's ``build_optimizer`` makes it, with the quantizer group; or AdamW."""
+    if cfg.SOLVER.OPTIMIZER not in ("SGD", "ADAMW"):
+        raise ValueError(f"SOLVER.OPTIMIZER={cfg.SOLVER.OPTIMIZER!r}: use 'SGD' or 'ADAMW'")
+    if cfg.SOLVER.OPTIMIZER == "ADAMW":
+        optimizer = torch.optim.AdamW(
+            build_qat_optimizer_params(cfg, model),
+            lr=cfg.SOLVER.BASE_LR,
+            betas=(0.9, 0.999),
+            weight_decay=cfg.SOLVER.WEIGHT_DECAY,
+        )
+        return maybe_add_gradient_clipping(cfg, optimizer)
     optimizer = SGDWithAdamGroups(
         build_qat_optimizer_params(cfg, model),
         lr=cfg.SOLVER.BASE_LR,

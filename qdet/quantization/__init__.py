@@ -23,16 +23,19 @@ from qdet.quantization.quantizers import (
 )
 from qdet.quantization.surgery import (
     DEFAULT_EXCLUDE,
+    QUANT_TARGETS,
     quantization_table,
     quantize_model,
     quantized_layers,
     select_layers,
+    target_patterns,
 )
 
 __all__ = [
     "DEFAULT_EXCLUDE",
     "deployed_weight_bytes",
     "QUANTIZERS",
+    "QUANT_TARGETS",
     "EWGSQuantizer",
     "LSQQuantizer",
     "QConv2d",
@@ -54,6 +57,7 @@ __all__ = [
     "quantized_layers",
     "select_layers",
     "set_backend",
+    "target_patterns",
     "unpack_codes",
     "update_ewgs_deltas",
 ]

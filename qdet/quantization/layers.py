@@ -8,6 +8,8 @@ an FP checkpoint loads into a quantized model with only those keys missing.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from detectron2.layers import Conv2d
@@ -21,6 +23,73 @@ def _make_quantizers(module, method, w_bits, a_bits, per_channel, act_signed, ou
         method, w_bits, "weight", per_channel=per_channel, num_channels=out_channels
     )
     module.input_quantizer = build_quantizer(method, a_bits, "activation", signed=act_signed)
+
+
+@contextlib.contextmanager
+def saved_as_codes(*pairs: tuple[nn.Module, torch.Tensor]):
+    """Inside, autograd keeps each ``(quantizer, x_q)``'s fake-quantized tensor as uint8 codes.
+
+    The conv / matmul saves its input and weight for backward. Both are ``l + s k / n``
+    for integer codes k in 0..n (n = 2^b - 1 <= 255), so they are stored as k (1 byte, not
+    4) and rebuilt in backward with the forward's arithmetic and the quantizer's
+    parameters of that forward. The quantizers themselves save only their FP inputs,
+    which the FP layer saves too: per layer, QAT keeps about 1.25x what FP keeps instead
+    of 2x (SPEC, "memory blow-up").
+    """
+    codecs = {}
+    for quantizer, x_q in pairs:
+        q = quantizer.last_used
+        if torch.is_grad_enabled() and x_q.requires_grad and q.enabled and not q.per_channel:
+            codecs[(x_q.data_ptr(), x_q.dtype, x_q.numel())] = q.codec()
+    if not codecs:
+        yield
+        return
+    # Compose with any hooks already active (activation checkpointing, offloading, a
+    # benchmark's accounting): autograd applies only the innermost pair.
+    outer = _current_saved_tensors_hooks()
+    outer_pack, outer_unpack = outer if outer else (_identity, _identity)
+
+    def pack(t: torch.Tensor):
+        codec = codecs.get((t.data_ptr(), t.dtype, t.numel()))
+        if codec is None:
+            return outer_pack(t)
+        encode, decode = codec
+        return _Codes(outer_pack(encode(t).to(torch.uint8)), decode, t.dtype, t.shape)
+
+    def unpack(packed):
+        if isinstance(packed, _Codes):
+            codes = outer_unpack(packed.codes)
+            return packed.decode(codes).to(packed.dtype).view(packed.shape)
+        return outer_unpack(packed)
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+        yield
+
+
+class _Codes:
+    __slots__ = ("codes", "decode", "dtype", "shape")
+
+    def __init__(self, codes, decode, dtype, shape):
+        self.codes, self.decode, self.dtype, self.shape = codes, decode, dtype, shape
+
+
+def _identity(t):
+    return t
+
+
+def _current_saved_tensors_hooks():
+    top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+    return top(False) if top is not None else None
+
+
+_nothing = contextlib.nullcontext
+
+
+def _autocast_dtype(x: torch.Tensor) -> torch.dtype:
+    # Under AMP, cast before the op ourselves: the op then saves the very tensor we hold.
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
 
 
 class QConv2d(Conv2d):
@@ -61,16 +130,15 @@ class QConv2d(Conv2d):
         _make_quantizers(q, method, w_bits, a_bits, per_channel, act_signed, conv.out_channels)
         return q.to(conv.weight.device)
 
+    save_codes = True  # see saved_as_codes; False keeps float tensors for backward
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.conv2d(
-            self.input_quantizer(x),
-            self.weight_quantizer(self.weight),
-            self.bias,
-            self.stride,
-            self.padding,
-            self.dilation,
-            self.groups,
-        )
+        dtype = _autocast_dtype(x)
+        x_q = self.input_quantizer(x).to(dtype)
+        w_q = self.weight_quantizer(self.weight).to(dtype)
+        pairs = ((self.input_quantizer, x_q), (self.weight_quantizer, w_q))
+        with saved_as_codes(*pairs) if self.save_codes else _nothing():
+            x = F.conv2d(x_q, w_q, self.bias, self.stride, self.padding, self.dilation, self.groups)
         if self.norm is not None:
             x = self.norm(x)
         if self.activation is not None:
@@ -102,8 +170,15 @@ class QLinear(nn.Linear):
         _make_quantizers(q, method, w_bits, a_bits, per_channel, act_signed, linear.out_features)
         return q.to(linear.weight.device)
 
+    save_codes = True  # see saved_as_codes; False keeps float tensors for backward
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(self.input_quantizer(x), self.weight_quantizer(self.weight), self.bias)
+        dtype = _autocast_dtype(x)
+        x_q = self.input_quantizer(x).to(dtype)
+        w_q = self.weight_quantizer(self.weight).to(dtype)
+        pairs = ((self.input_quantizer, x_q), (self.weight_quantizer, w_q))
+        with saved_as_codes(*pairs) if self.save_codes else _nothing():
+            return F.linear(x_q, w_q, self.bias)
 
 
 QUANTIZED_LAYERS = (QConv2d, QLinear)

@@ -32,6 +32,10 @@ class PerLevelQuantizer(nn.Module):
     def enabled(self) -> bool:
         return self.levels[0].enabled
 
+    @property
+    def last_used(self) -> Quantizer:
+        return self.levels[(self._pos - 1) % len(self.levels)]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.levels[self._pos](x)
         self._pos = (self._pos + 1) % len(self.levels)

@@ -9,6 +9,7 @@ All three share one interface, so a config switch picks among them:
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -181,13 +182,35 @@ class Quantizer(nn.Module):
     def to_codes(self, x: torch.Tensor) -> torch.Tensor:
         """Integer codes k = round(n v_hat) in 0..n (int64), n = 2^b - 1."""
         lower, upper, _, _ = self._affine()
-        lo, hi = self._view(lower, x), self._view(upper, x)
-        return torch.round(self.n_levels * torch.clamp((x - lo) / (hi - lo), 0, 1)).long()
+        return self._encode(x, lower, upper).long()
 
     @torch.no_grad()
     def from_codes(self, codes: torch.Tensor) -> torch.Tensor:
         """The fake-quantized values of ``codes``, with the forward's exact arithmetic."""
         lower, _, scale, mode = self._affine()
+        return self._decode(codes, lower, scale, mode)
+
+    @torch.no_grad()
+    def codec(self) -> tuple[Callable, Callable]:
+        """``(encode, decode)`` frozen at this moment's l, u, scale: for a tensor this
+        quantizer just produced, ``decode(encode(x_q))`` equals ``x_q``."""
+        lower, upper, scale, mode = self._affine()
+        lower, upper, scale = (t.detach().clone() for t in (lower, upper, scale))
+        return (
+            lambda x: self._encode(x, lower, upper),
+            lambda codes: self._decode(codes, lower, scale, mode),
+        )
+
+    @property
+    def last_used(self) -> Quantizer:
+        """The quantizer that served the latest call (see ``PerLevelQuantizer``)."""
+        return self
+
+    def _encode(self, x, lower, upper) -> torch.Tensor:
+        lo, hi = self._view(lower, x), self._view(upper, x)
+        return torch.round(self.n_levels * torch.clamp((x - lo) / (hi - lo), 0, 1))
+
+    def _decode(self, codes, lower, scale, mode) -> torch.Tensor:
         v_tilde = codes.float() / self.n_levels
         s = self._view(scale, codes)
         if mode == MODE_WEIGHT:

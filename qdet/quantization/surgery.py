@@ -33,6 +33,28 @@ DEFAULT_EXCLUDE = (
 )
 
 
+# Transformer layer groups (QFD, "The ViT structure", Table 8): the Linear layers of every
+# block of Detectron2's ViT and Swin. Patch embedding, patch merging and heads are not in.
+QUANT_TARGETS = {
+    "mha": r"(^|\.)blocks\.\d+\.attn\.(qkv|proj)$",
+    "mlp": r"(^|\.)blocks\.\d+\.mlp\.(fc1|fc2)$",
+}
+
+
+def target_patterns(targets: Sequence[str], include: Sequence[str] = ()) -> list[str] | None:
+    """``include`` patterns for transformer ``targets`` (``QUANT.TARGETS``) plus ``include``.
+
+    None (quantize every layer) when both are empty.
+    """
+    unknown = [t for t in targets if t not in QUANT_TARGETS]
+    if unknown:
+        raise ValueError(
+            f"QUANT.TARGETS has unknown target(s) {unknown}: choose from {list(QUANT_TARGETS)}"
+        )
+    patterns = [QUANT_TARGETS[t] for t in dict.fromkeys(targets)] + list(include)
+    return patterns or None
+
+
 def _quantizable(module: nn.Module) -> bool:
     return isinstance(module, (nn.Conv2d, nn.Linear)) and not isinstance(module, QUANTIZED_LAYERS)
 

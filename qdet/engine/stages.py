@@ -1,0 +1,125 @@
+"""One training run as a function: config loading, QFD's two stages, final evaluation.
+
+``tools/train_net.py`` wraps these in Detectron2's launcher; ``tools/demo.py`` and
+``tools/accuracy_study.py`` call them in-process for many runs in a row.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import os
+
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.config import CfgNode, get_cfg
+from detectron2.modeling import build_model
+from detectron2.utils import comm
+from detectron2.utils.env import seed_all_rng
+
+from qdet.config import add_qdet_config
+from qdet.distill.distiller import quantized_teacher_weights, teacher_config
+from qdet.distill.losses import build_distill_loss
+from qdet.engine.trainer import QDetTrainer
+from qdet.quantization import deployed_weight_bytes
+
+
+def _all_keys(cfg: CfgNode, prefix: str = "") -> list[str]:
+    keys = []
+    for k, v in cfg.items():
+        keys += _all_keys(v, f"{prefix}{k}.") if isinstance(v, CfgNode) else [prefix + k]
+    return keys
+
+
+def load_config(config_file: str, opts: list[str]) -> CfgNode:
+    """Detectron2 + qdet config from a YAML file and KEY VALUE overrides, with clear errors."""
+    if not os.path.isfile(config_file):
+        raise FileNotFoundError(f"--config-file {config_file!r} does not exist")
+    cfg = add_qdet_config(get_cfg())
+    try:
+        cfg.merge_from_file(config_file)
+        cfg.merge_from_list(opts)
+    except (KeyError, AssertionError) as e:
+        message = str(e)
+        if "Non-existent" not in message:  # e.g. an odd number of KEY VALUE overrides
+            raise ValueError(f"bad config or overrides: {message}") from e
+        bad = message.split(":")[-1].strip().strip("'\"")
+        near = difflib.get_close_matches(bad, _all_keys(cfg), n=5, cutoff=0.5)
+        raise KeyError(
+            f"unknown config key {bad!r}; did you mean one of {near}? qdet's keys "
+            "are declared in qdet/config.py, Detectron2's in detectron2/config/"
+            "defaults.py"
+        ) from e
+    return cfg
+
+
+def needs_teacher_stage(cfg: CfgNode) -> bool:
+    """Whether the distillation loss wants the feature-quantized teacher (QFD does)."""
+    return cfg.DISTILL.ENABLED and build_distill_loss(cfg.DISTILL.LOSS).quantized_teacher
+
+
+def teacher_stage_config(cfg: CfgNode) -> CfgNode:
+    """The student's schedule and data, on the teacher's model with its tap quantized."""
+    tcfg = teacher_config(cfg, quantized_feature=True)
+    tcfg.defrost()
+    tcfg.MODEL.WEIGHTS = cfg.DISTILL.TEACHER_WEIGHTS
+    tcfg.DATASETS = cfg.DATASETS.clone()
+    tcfg.DATALOADER = cfg.DATALOADER.clone()
+    tcfg.INPUT = cfg.INPUT.clone()
+    tcfg.SOLVER = cfg.SOLVER.clone()
+    tcfg.defrost()  # the clones of the frozen student config are frozen too
+    iters = cfg.DISTILL.TEACHER_STAGE_ITERS or max(cfg.SOLVER.MAX_ITER // 10, 1)
+    tcfg.SOLVER.MAX_ITER = iters
+    tcfg.SOLVER.STEPS = ()
+    tcfg.SOLVER.WARMUP_ITERS = min(cfg.SOLVER.WARMUP_ITERS, iters // 2)
+    tcfg.SOLVER.CHECKPOINT_PERIOD = min(cfg.SOLVER.CHECKPOINT_PERIOD, iters)
+    tcfg.QUANT.CALIB_BATCHES = cfg.QUANT.CALIB_BATCHES
+    tcfg.TEST.EVAL_PERIOD = 0
+    tcfg.OUTPUT_DIR = os.path.dirname(quantized_teacher_weights(cfg))
+    tcfg.SEED = cfg.SEED
+    tcfg.freeze()
+    return tcfg
+
+
+def train(cfg: CfgNode, resume: bool):
+    """Train one stage with ``QDetTrainer`` (resuming from OUTPUT_DIR if asked)."""
+    # Seeded per run, as default_setup does, so both stages of one process are repeatable.
+    seed_all_rng(None if cfg.SEED < 0 else cfg.SEED + comm.get_rank())
+    trainer = QDetTrainer(cfg)
+    trainer.resume_or_load(resume=resume)
+    return trainer.train()
+
+
+def train_with_teacher_stage(cfg: CfgNode, resume: bool = False, log=print) -> None:
+    """QFD's two stages (the teacher stage only when its output is missing), or one stage."""
+    if needs_teacher_stage(cfg) and not os.path.isfile(quantized_teacher_weights(cfg)):
+        log(
+            f"teacher stage: {cfg.DISTILL.TAP} quantized to {cfg.DISTILL.TEACHER_FEATURE_BITS} bits"
+        )
+        train(teacher_stage_config(cfg), resume=resume)
+    train(cfg, resume=resume)
+
+
+def evaluate_final(cfg: CfgNode) -> dict:
+    """COCO box AP (and mask AP, for a model with masks) of ``OUTPUT_DIR/model_final.pth``,
+    cached in ``eval_final.json``."""
+    cache = os.path.join(cfg.OUTPUT_DIR, "eval_final.json")
+    final = os.path.join(cfg.OUTPUT_DIR, "model_final.pth")
+    if os.path.isfile(cache) and os.path.getmtime(cache) >= os.path.getmtime(final):
+        with open(cache) as f:
+            return json.load(f)
+    model = build_model(cfg)
+    DetectionCheckpointer(model).load(final)
+    results = QDetTrainer.test(cfg, model)
+    bbox = results["bbox"]
+    result = {
+        "W/A": f"{cfg.QUANT.W_BITS}/{cfg.QUANT.A_BITS}" if cfg.QUANT.ENABLED else "32/32",
+        "AP": bbox["AP"],
+        "AP50": bbox["AP50"],
+        "AP75": bbox["AP75"],
+        "weights MiB": deployed_weight_bytes(model) / 2**20,
+    }
+    if "segm" in results:
+        result.update({f"mask {k}": results["segm"][k] for k in ("AP", "AP50", "AP75")})
+    with open(cache, "w") as f:
+        json.dump(result, f)
+    return result

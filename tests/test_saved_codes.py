@@ -1,0 +1,110 @@
+"""Quantized layers keep their fake-quantized input and weight for backward as uint8 codes."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from qdet.quantization import quantize_model
+from qdet.quantization.per_level import PerLevelQuantizer
+from qdet.quantization.quantizers import UniformQuantizer
+
+
+def _small_net(method: str) -> nn.Module:
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1),
+        nn.Flatten(),
+        nn.Linear(8 * 6 * 6, 5),
+    )
+    quantize_model(net, 4, 4, exclude=[], method=method)
+    net(torch.randn(2, 3, 6, 6))  # initialise the quantizers
+    return net
+
+
+def _grads(net, x):
+    net.zero_grad()
+    loss = net(x).square().sum()
+    loss.backward()
+    return loss.detach(), [p.grad.clone() for p in net.parameters()]
+
+
+@pytest.mark.parametrize("method", ["uniform", "ewgs", "lsq"])
+def test_codes_give_the_same_loss_and_gradients_as_float_inputs(method):
+    compact = _small_net(method)
+    plain = copy.deepcopy(compact)
+    for layer in plain.modules():
+        if hasattr(layer, "save_codes"):
+            layer.save_codes = False
+    x = torch.randn(2, 3, 6, 6)
+    loss_c, grads_c = _grads(compact, x)
+    loss_p, grads_p = _grads(plain, x)
+    assert torch.equal(loss_c, loss_p)
+    for gc, gp in zip(grads_c, grads_p, strict=True):
+        torch.testing.assert_close(gc, gp, rtol=0, atol=1e-6)
+
+
+def _saved_bytes(net, x) -> tuple[int, list[torch.dtype]]:
+    """Bytes autograd keeps for backward, seen through an outer saved-tensor hook."""
+    seen = {}
+
+    def pack(t):
+        seen[t.untyped_storage().data_ptr()] = (t.untyped_storage().nbytes(), t.dtype)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = net(x).square().sum()
+    loss.backward()
+    return sum(b for b, _ in seen.values()), [d for _, d in seen.values()]
+
+
+def test_inputs_are_saved_as_uint8_and_outer_hooks_still_see_everything():
+    compact = _small_net("uniform")
+    plain = copy.deepcopy(compact)
+    for layer in plain.modules():
+        if hasattr(layer, "save_codes"):
+            layer.save_codes = False
+    x = torch.randn(4, 3, 6, 6)
+    bytes_c, dtypes_c = _saved_bytes(compact, x)
+    bytes_p, dtypes_p = _saved_bytes(plain, x)
+    assert torch.uint8 in dtypes_c and torch.uint8 not in dtypes_p
+    # Three quantized inputs and three weights of 4 bytes per element become 1 byte each.
+    elements = x.numel() + 4 * 8 * 6 * 6 + 4 * 8 * 6 * 6  # inputs of conv, conv, linear
+    elements += 8 * 3 * 9 + 8 * 8 * 9 + 5 * 8 * 6 * 6  # their weights
+    assert bytes_p - bytes_c == 3 * elements
+
+
+def test_decode_uses_the_parameters_of_the_forward_even_if_they_change():
+    q = UniformQuantizer(4, "activation", signed=True)
+    x = torch.randn(64)
+    q.init_from(x)
+    x_q = q(x)
+    encode, decode = q.codec()
+    with torch.no_grad():
+        q.upper.mul_(2)  # after the forward, e.g. the next level of a shared head
+    torch.testing.assert_close(decode(encode(x_q)), x_q, rtol=0, atol=0)
+
+
+def test_per_level_quantizer_reports_the_level_that_served_the_last_call():
+    q = PerLevelQuantizer(3, lambda: UniformQuantizer(4, "activation", signed=True))
+    for i in range(4):
+        q(torch.randn(8) * (i + 1))
+        assert q.last_used is q.levels[i % 3]
+
+
+def test_reference_conv_on_decoded_codes_matches_the_layer():
+    net = _small_net("uniform")
+    conv = net[0]
+    x = torch.randn(2, 3, 6, 6)
+    x_q = conv.input_quantizer(x)
+    encode, decode = conv.input_quantizer.codec()
+    expected = F.conv2d(
+        decode(encode(x_q)), conv.weight_quantizer(conv.weight), conv.bias, padding=1
+    )
+    torch.testing.assert_close(conv(x), expected)

@@ -1,0 +1,222 @@
+"""Quantized ViTDet / Swin Mask R-CNN: exact MHA / MLP selection, training, conversion."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.modeling import build_model
+from detectron2.utils.events import EventStorage
+
+from qdet.distill import Distiller, QFDLoss
+from qdet.engine import build_qat_optimizer
+from qdet.engine.stages import load_config
+from qdet.quantization import QLinear, calibrate
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIGS = {
+    "vit": os.path.join(ROOT, "configs/digits/vitdet_tiny_4bit.yaml"),
+    "swin": os.path.join(ROOT, "configs/digits/swin_tiny_4bit.yaml"),
+}
+SMALL = ["MODEL.WEIGHTS", "", "SOLVER.IMS_PER_BATCH", "2", "INPUT.MIN_SIZE_TRAIN", "(128,)"]
+SMALL += ["INPUT.MAX_SIZE_TRAIN", "160", "INPUT.MIN_SIZE_TEST", "128", "INPUT.MAX_SIZE_TEST"]
+SMALL += ["160", "QUANT.CALIB_BATCHES", "1"]
+
+
+def _model(arch: str, *opts: str):
+    torch.manual_seed(0)
+    return build_model(load_config(CONFIGS[arch], [*SMALL, *opts]))
+
+
+def _block_linears(arch: str, cfg_opts=()) -> dict[str, list[str]]:
+    """Expected names, from the config's depths (not from qdet's patterns)."""
+    cfg = load_config(CONFIGS[arch], [*SMALL, *cfg_opts])
+    if arch == "vit":
+        blocks = [f"backbone.net.blocks.{i}" for i in range(cfg.MODEL.VIT.DEPTH)]
+    else:
+        blocks = [
+            f"backbone.bottom_up.layers.{i}.blocks.{j}"
+            for i, depth in enumerate(cfg.MODEL.SWIN.DEPTHS)
+            for j in range(depth)
+        ]
+    return {
+        "mha": [f"{b}.attn.{n}" for b in blocks for n in ("qkv", "proj")],
+        "mlp": [f"{b}.mlp.{n}" for b in blocks for n in ("fc1", "fc2")],
+    }
+
+
+@pytest.mark.parametrize("arch", ["vit", "swin"])
+@pytest.mark.parametrize("targets", [["mha"], ["mlp"], ["mha", "mlp"]])
+def test_selection_is_exactly_the_targeted_block_linears(arch, targets):
+    model = _model(arch, "QUANT.TARGETS", str(targets))
+    expected = _block_linears(arch)
+    want = sorted(n for t in targets for n in expected[t])
+    got = sorted(n for n, m in model.named_modules() if isinstance(m, QLinear))
+    assert got == want
+    assert sorted(model.quantized_layers) == want
+    # Nothing else: patch embedding, patch merging, pyramid, RPN and ROI heads stay FP.
+    for name, m in model.named_modules():
+        if name not in want:
+            assert not hasattr(m, "weight_quantizer"), name
+    for name in want:
+        layer = model.get_submodule(name)
+        assert layer.input_quantizer.signed is True  # LayerNorm / attention / GELU outputs
+        assert (layer.weight_quantizer.bits, layer.input_quantizer.bits) == (4, 4)
+
+
+def test_unknown_target_is_a_clear_error():
+    with pytest.raises(ValueError, match=r"unknown target.*'attn'.*\['mha', 'mlp'\]"):
+        _model("vit", "QUANT.TARGETS", "['attn']")
+
+
+def _train_net(*args):
+    env = dict(os.environ, QDET_QUANT_BACKEND="eager", PYTHONUNBUFFERED="1")
+    r = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "tools/train_net.py"), *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    return r.stdout + r.stderr
+
+
+@pytest.mark.parametrize("arch", ["vit", "swin"])
+def test_tiny_model_trains_then_eval_only_gives_box_and_mask_ap(arch, tmp_path):
+    from detectron2.data import build_detection_train_loader
+
+    cfg = load_config(CONFIGS[arch], SMALL)
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    loader = iter(build_detection_train_loader(cfg))
+    calibrate(model, [next(loader)], num_batches=1)
+    optimizer = build_qat_optimizer(cfg, model)
+    model.train()
+    layer = model.get_submodule(model.quantized_layers[0])
+    before = layer.weight.detach().clone()
+    for _ in range(2):
+        with EventStorage():
+            losses = model(next(loader))
+        assert {"loss_mask", "loss_cls", "loss_rpn_cls"} <= set(losses)
+        optimizer.zero_grad()
+        sum(losses.values()).backward()
+        assert layer.input_quantizer.upper.grad is not None
+        assert layer.weight_quantizer.scale.grad is not None
+        optimizer.step()
+    assert not torch.equal(before, layer.weight.detach())
+    DetectionCheckpointer(model, save_dir=str(tmp_path)).save("trained")
+    log = _train_net(
+        "--eval-only",
+        "--config-file",
+        CONFIGS[arch],
+        *SMALL,
+        "MODEL.WEIGHTS",
+        str(tmp_path / "trained.pth"),
+        "OUTPUT_DIR",
+        str(tmp_path / "eval"),
+    )
+    assert "copypaste: Task: bbox" in log and "copypaste: Task: segm" in log
+    assert len(re.findall(r"copypaste: AP,AP50,AP75", log)) == 2
+
+
+def _fake_pretrained(arch: str) -> tuple[dict, dict]:
+    """A pretrained-format checkpoint (MAE / official Swin names, extras included) and the
+    backbone tensors it should set, named as in qdet's model."""
+    fp = _model(arch, "QUANT.ENABLED", "False")
+    net, prefix = (
+        (fp.backbone.net, "backbone.net.")
+        if arch == "vit"
+        else (fp.backbone.bottom_up, "backbone.bottom_up.")
+    )
+    g = torch.Generator().manual_seed(1)
+    state = {k: torch.randn(v.shape, generator=g) for k, v in net.state_dict().items()}
+    if arch == "vit":
+        state["cls_token"] = torch.zeros(1, 1, 96)
+        state["norm.weight"] = torch.ones(96)
+        state["decoder_embed.weight"] = torch.zeros(8, 96)
+        state["mask_token"] = torch.zeros(1, 1, 8)
+    else:
+        state = {k: v for k, v in state.items() if not re.match(r"norm\d", k)}
+        state["layers.0.blocks.0.attn_mask"] = torch.zeros(4, 36, 36)
+        state["norm.weight"] = torch.ones(384)
+        state["head.weight"] = torch.zeros(21841, 8)
+    keep = {
+        prefix + k: v
+        for k, v in state.items()
+        if k in net.state_dict() and not k.endswith("relative_position_index")
+    }
+    return {"model": state}, keep
+
+
+@pytest.mark.parametrize("arch", ["vit", "swin"])
+def test_converted_pretrained_checkpoint_loads_into_the_quantized_model(arch, tmp_path):
+    raw, expected = _fake_pretrained(arch)
+    torch.save(raw, tmp_path / "pretrained.pth")
+    subprocess.run(
+        [
+            sys.executable,
+            os.path.join(ROOT, "tools/convert_pretrained_transformer.py"),
+            "--arch",
+            arch,
+            str(tmp_path / "pretrained.pth"),
+            str(tmp_path / "d2.pth"),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    converted = torch.load(tmp_path / "d2.pth", weights_only=True)["model"]
+    assert set(converted) == set(expected)
+    model = _model(arch)  # 4-bit MHA + MLP
+    DetectionCheckpointer(model).load(str(tmp_path / "d2.pth"))
+    state = model.state_dict()
+    for name, tensor in expected.items():
+        assert torch.equal(state[name], tensor), name
+
+
+def test_adamw_layer_decay_scales_each_vit_block():
+    cfg = load_config(CONFIGS["vit"], [*SMALL, "SOLVER.LAYER_DECAY", "0.5"])
+    model = build_model(cfg)
+    optimizer = build_qat_optimizer(cfg, model)
+    assert isinstance(optimizer, torch.optim.AdamW)
+    lr_of = {id(p): g["lr"] for g in optimizer.param_groups for p in g["params"]}
+    depth, base = cfg.MODEL.VIT.DEPTH, cfg.SOLVER.BASE_LR
+    for i in range(depth):
+        w = model.backbone.net.blocks[i].mlp.fc1.weight
+        assert lr_of[id(w)] == pytest.approx(base * 0.5 ** (depth - i))
+    assert lr_of[id(model.backbone.net.patch_embed.proj.weight)] == pytest.approx(
+        base * 0.5 ** (depth + 1)
+    )
+    assert lr_of[id(model.roi_heads.box_predictor.cls_score.weight)] == pytest.approx(base)
+    quant = model.backbone.net.blocks[0].attn.qkv.input_quantizer.upper
+    assert lr_of[id(quant)] == cfg.QUANT.BASE_LR  # the quantizer group keeps its own LR
+
+
+def test_qfd_distills_a_simple_feature_pyramid_level():
+    teacher = _model("vit", "QUANT.ENABLED", "False", "QUANT.FEATURE_TAP", "p3")
+    student = _model("vit")
+    student.load_state_dict(teacher.state_dict(), strict=False)
+    from detectron2.data import build_detection_train_loader
+
+    cfg = load_config(CONFIGS["vit"], SMALL)
+    batch = next(iter(build_detection_train_loader(cfg)))
+    calibrate(student, [batch], num_batches=1)
+    calibrate(teacher, [batch], num_batches=1)
+    student.attach_distiller(Distiller(teacher, "p3", QFDLoss(), 0.5))
+    student.train()
+    with EventStorage():
+        losses = student(batch)
+    images = student.preprocess_image(batch).tensor
+    with torch.no_grad():
+        f_t = teacher.backbone(images)["p3"]
+        f_s = student.backbone(images)["p3"]
+    expected = 0.5 * torch.mean((f_s - f_t) ** 2)
+    torch.testing.assert_close(losses["loss_distill"], expected, rtol=1e-4, atol=1e-6)
+    losses["loss_distill"].backward()
+    assert student.backbone.net.blocks[0].mlp.fc1.weight.grad is not None
