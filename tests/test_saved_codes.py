@@ -14,7 +14,7 @@ from qdet.quantization.per_level import PerLevelQuantizer
 from qdet.quantization.quantizers import UniformQuantizer
 
 
-def _small_net(method: str) -> nn.Module:
+def _small_net(method: str, per_channel: bool = False) -> nn.Module:
     torch.manual_seed(0)
     net = nn.Sequential(
         nn.Conv2d(3, 8, 3, padding=1),
@@ -23,7 +23,7 @@ def _small_net(method: str) -> nn.Module:
         nn.Flatten(),
         nn.Linear(8 * 6 * 6, 5),
     )
-    quantize_model(net, 4, 4, exclude=[], method=method)
+    quantize_model(net, 4, 4, exclude=[], method=method, per_channel=per_channel)
     net(torch.randn(2, 3, 6, 6))  # initialise the quantizers
     return net
 
@@ -35,9 +35,10 @@ def _grads(net, x):
     return loss.detach(), [p.grad.clone() for p in net.parameters()]
 
 
+@pytest.mark.parametrize("per_channel", [False, True])
 @pytest.mark.parametrize("method", ["uniform", "ewgs", "lsq"])
-def test_codes_give_the_same_loss_and_gradients_as_float_inputs(method):
-    compact = _small_net(method)
+def test_codes_give_the_same_loss_and_gradients_as_float_inputs(method, per_channel):
+    compact = _small_net(method, per_channel)
     plain = copy.deepcopy(compact)
     for layer in plain.modules():
         if hasattr(layer, "save_codes"):

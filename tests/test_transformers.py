@@ -220,3 +220,18 @@ def test_qfd_distills_a_simple_feature_pyramid_level():
     torch.testing.assert_close(losses["loss_distill"], expected, rtol=1e-4, atol=1e-6)
     losses["loss_distill"].backward()
     assert student.backbone.net.blocks[0].mlp.fc1.weight.grad is not None
+
+
+def test_every_shipped_config_loads():
+    paths = []
+    for folder in ("configs", "configs/digits"):
+        for name in sorted(os.listdir(os.path.join(ROOT, folder))):
+            if name.endswith(".yaml"):
+                paths.append(os.path.join(ROOT, folder, name))
+    assert len(paths) > 40
+    for path in paths:
+        cfg = load_config(path, [])
+        if cfg.QUANT.ENABLED:
+            from qdet.config import quantize_kwargs
+
+            quantize_kwargs(cfg)  # bits, method and targets are valid

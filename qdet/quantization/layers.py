@@ -39,8 +39,11 @@ def saved_as_codes(*pairs: tuple[nn.Module, torch.Tensor]):
     codecs = {}
     for quantizer, x_q in pairs:
         q = quantizer.last_used
-        if torch.is_grad_enabled() and x_q.requires_grad and q.enabled and not q.per_channel:
-            codecs[(x_q.data_ptr(), x_q.dtype, x_q.numel())] = q.codec()
+        if torch.is_grad_enabled() and x_q.requires_grad and q.enabled:
+            # A per-channel codec broadcasts along dim 0: only the tensor itself, not a
+            # transposed view of it, may be encoded with it.
+            layout = (tuple(x_q.shape), x_q.stride()) if q.per_channel else None
+            codecs[(x_q.data_ptr(), x_q.dtype, x_q.numel())] = (*q.codec(), layout)
     if not codecs:
         yield
         return
@@ -51,9 +54,9 @@ def saved_as_codes(*pairs: tuple[nn.Module, torch.Tensor]):
 
     def pack(t: torch.Tensor):
         codec = codecs.get((t.data_ptr(), t.dtype, t.numel()))
-        if codec is None:
+        if codec is None or (codec[2] is not None and codec[2] != (tuple(t.shape), t.stride())):
             return outer_pack(t)
-        encode, decode = codec
+        encode, decode, _ = codec
         return _Codes(outer_pack(encode(t).to(torch.uint8)), decode, t.dtype, t.shape)
 
     def unpack(packed):
