@@ -28,6 +28,14 @@ def _small_net(method: str, per_channel: bool = False) -> nn.Module:
     return net
 
 
+def _float_saving_copy(net: nn.Module) -> nn.Module:
+    plain = copy.deepcopy(net)
+    for layer in plain.modules():
+        if hasattr(layer, "save_codes"):
+            layer.save_codes = False
+    return plain
+
+
 def _grads(net, x):
     net.zero_grad()
     loss = net(x).square().sum()
@@ -39,10 +47,7 @@ def _grads(net, x):
 @pytest.mark.parametrize("method", ["uniform", "ewgs", "lsq"])
 def test_codes_give_the_same_loss_and_gradients_as_float_inputs(method, per_channel):
     compact = _small_net(method, per_channel)
-    plain = copy.deepcopy(compact)
-    for layer in plain.modules():
-        if hasattr(layer, "save_codes"):
-            layer.save_codes = False
+    plain = _float_saving_copy(compact)
     x = torch.randn(2, 3, 6, 6)
     loss_c, grads_c = _grads(compact, x)
     loss_p, grads_p = _grads(plain, x)
@@ -67,10 +72,7 @@ def _saved_bytes(net, x) -> tuple[int, list[torch.dtype]]:
 
 def test_inputs_are_saved_as_uint8_and_outer_hooks_still_see_everything():
     compact = _small_net("uniform")
-    plain = copy.deepcopy(compact)
-    for layer in plain.modules():
-        if hasattr(layer, "save_codes"):
-            layer.save_codes = False
+    plain = _float_saving_copy(compact)
     x = torch.randn(4, 3, 6, 6)
     bytes_c, dtypes_c = _saved_bytes(compact, x)
     bytes_p, dtypes_p = _saved_bytes(plain, x)

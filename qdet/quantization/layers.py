@@ -85,9 +85,6 @@ def _current_saved_tensors_hooks():
     return top(False) if top is not None else None
 
 
-_nothing = contextlib.nullcontext
-
-
 def _autocast_dtype(x: torch.Tensor) -> torch.dtype:
     # Under AMP, cast before the op ourselves: the op then saves the very tensor we hold.
     if torch.is_autocast_enabled(x.device.type):
@@ -140,7 +137,7 @@ class QConv2d(Conv2d):
         x_q = self.input_quantizer(x).to(dtype)
         w_q = self.weight_quantizer(self.weight).to(dtype)
         pairs = ((self.input_quantizer, x_q), (self.weight_quantizer, w_q))
-        with saved_as_codes(*pairs) if self.save_codes else _nothing():
+        with saved_as_codes(*pairs) if self.save_codes else contextlib.nullcontext():
             x = F.conv2d(x_q, w_q, self.bias, self.stride, self.padding, self.dilation, self.groups)
         if self.norm is not None:
             x = self.norm(x)
@@ -180,7 +177,7 @@ class QLinear(nn.Linear):
         x_q = self.input_quantizer(x).to(dtype)
         w_q = self.weight_quantizer(self.weight).to(dtype)
         pairs = ((self.input_quantizer, x_q), (self.weight_quantizer, w_q))
-        with saved_as_codes(*pairs) if self.save_codes else _nothing():
+        with saved_as_codes(*pairs) if self.save_codes else contextlib.nullcontext():
             return F.linear(x_q, w_q, self.bias)
 
 
