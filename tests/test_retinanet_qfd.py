@@ -14,6 +14,7 @@ from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import get_cfg
 from detectron2.modeling import build_model
 from detectron2.utils.events import EventStorage
+from train_net_cli import run_train_net
 
 from qdet.config import add_qdet_config
 from qdet.distill import Distiller, QFDLoss, build_distill_loss, load_teacher, teacher_config
@@ -243,20 +244,6 @@ def _wide(cfg, quantized_feature):
     return tcfg
 
 
-def _train_net(*args, env_extra=None, check=True):
-    env = dict(os.environ, QDET_QUANT_BACKEND="eager", PYTHONUNBUFFERED="1")
-    env.update(env_extra or {})
-    return subprocess.run(
-        [sys.executable, os.path.join(ROOT, "tools/train_net.py"), *args],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        check=check,
-        timeout=600,
-    )
-
-
 def test_train_net_runs_resumes_and_evaluates(tmp_path):
     out = tmp_path / "fp"
     common = [
@@ -270,17 +257,17 @@ def test_train_net_runs_resumes_and_evaluates(tmp_path):
         "DATASETS.TEST",
         "()",
     ]
-    _train_net(*common, "SOLVER.MAX_ITER", "2")
+    run_train_net(*common, "SOLVER.MAX_ITER", "2")
     assert (out / "model_final.pth").is_file()
     assert (out / "last_checkpoint").read_text() == "model_final.pth"
     assert not list(out.glob("*.tmp-*"))  # atomic writes leave no temporaries
     # Resume with a longer schedule: starts at iteration 2, not 0.
-    r = _train_net("--resume", *common, "SOLVER.MAX_ITER", "4")
+    r = run_train_net("--resume", *common, "SOLVER.MAX_ITER", "4")
     assert "Starting training from iteration 2" in r.stderr + r.stdout
     ckpt = torch.load(out / "model_final.pth", weights_only=False)
     assert ckpt["iteration"] == 3
     # --eval-only prints COCO AP on the embedded val split.
-    r = _train_net(
+    r = run_train_net(
         "--eval-only",
         "--config-file",
         FP_CONFIG,
@@ -294,7 +281,7 @@ def test_train_net_runs_resumes_and_evaluates(tmp_path):
 
 
 def test_train_net_unknown_key_is_clear(tmp_path):
-    r = _train_net("--config-file", FP_CONFIG, "QUANT.W_BIT", "4", check=False)
+    r = run_train_net("--config-file", FP_CONFIG, "QUANT.W_BIT", "4", check=False)
     assert r.returncode != 0
     assert "unknown config key" in r.stderr and "QUANT.W_BITS" in r.stderr
 
@@ -358,7 +345,7 @@ if __name__ == "__main__":
 
 def test_train_net_teacher_stage_then_qfd_student(tmp_path):
     fp_out, out = tmp_path / "fp", tmp_path / "qfd"
-    _train_net(
+    run_train_net(
         "--config-file",
         FP_CONFIG,
         *TINY,
@@ -380,7 +367,7 @@ def test_train_net_teacher_stage_then_qfd_student(tmp_path):
             node = node.setdefault(p, {})
         node[leaf] = value
     tiny_teacher.write_text(yaml.safe_dump(tree))
-    r = _train_net(
+    r = run_train_net(
         "--config-file",
         os.path.join(ROOT, "configs/digits/retinanet_r18_4bit_qfd.yaml"),
         *TINY,

@@ -12,6 +12,7 @@ import torch
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.modeling import build_model
 from detectron2.utils.events import EventStorage
+from train_net_cli import run_train_net
 
 from qdet.distill import Distiller, QFDLoss
 from qdet.engine import build_qat_optimizer
@@ -74,20 +75,6 @@ def test_unknown_target_is_a_clear_error():
         _model("vit", "QUANT.TARGETS", "['attn']")
 
 
-def _train_net(*args):
-    env = dict(os.environ, QDET_QUANT_BACKEND="eager", PYTHONUNBUFFERED="1")
-    r = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "tools/train_net.py"), *args],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert r.returncode == 0, r.stderr[-3000:]
-    return r.stdout + r.stderr
-
-
 @pytest.mark.parametrize("arch", ["vit", "swin"])
 def test_tiny_model_trains_then_eval_only_gives_box_and_mask_ap(arch, tmp_path):
     from detectron2.data import build_detection_train_loader
@@ -112,7 +99,7 @@ def test_tiny_model_trains_then_eval_only_gives_box_and_mask_ap(arch, tmp_path):
         optimizer.step()
     assert not torch.equal(before, layer.weight.detach())
     DetectionCheckpointer(model, save_dir=str(tmp_path)).save("trained")
-    log = _train_net(
+    r = run_train_net(
         "--eval-only",
         "--config-file",
         CONFIGS[arch],
@@ -122,6 +109,7 @@ def test_tiny_model_trains_then_eval_only_gives_box_and_mask_ap(arch, tmp_path):
         "OUTPUT_DIR",
         str(tmp_path / "eval"),
     )
+    log = r.stdout + r.stderr
     assert "copypaste: Task: bbox" in log and "copypaste: Task: segm" in log
     assert len(re.findall(r"copypaste: AP,AP50,AP75", log)) == 2
 
@@ -235,3 +223,43 @@ def test_every_shipped_config_loads():
             from qdet.config import quantize_kwargs
 
             quantize_kwargs(cfg)  # bits, method and targets are valid
+
+
+@pytest.mark.parametrize("arch,blocks", [("vitdet", 4), ("swin", 5)])
+def test_digits_ablation_rows(arch, blocks, tmp_path):
+    """Table 8's digits rows differ only in bits and targets; the fine-tunes (quantized
+    and the FP control) share one schedule and start from the FP row's model."""
+    sys.path.insert(0, os.path.join(ROOT, "tools"))
+    import ablation_transformer as ablation
+
+    plan = (ablation.ROWS[0], ablation.DIGITS_CONTROL, *ablation.ROWS[1:])
+    cfgs = {s: ablation.row_config(arch, s, False, str(tmp_path), []) for _, s in plan}
+    both, fp_model = ["mha", "mlp"], str(tmp_path / arch / "fp" / "model_final.pth")
+    expected = {  # suffix: (quantized, W, A, targets)
+        "fp_finetune": (False, 4, 4, both),
+        "8bit": (True, 8, 8, both),
+        "6bit": (True, 6, 6, both),
+        "4bit": (True, 4, 4, both),
+        "4bit_mha": (True, 4, 4, ["mha"]),
+        "4bit_mlp": (True, 4, 4, ["mlp"]),
+    }
+    assert not cfgs["fp"].QUANT.ENABLED and cfgs["fp"].MODEL.WEIGHTS == ""
+    schedules = set()
+    for suffix, (enabled, w, a, targets) in expected.items():
+        cfg = cfgs[suffix]
+        got = (cfg.QUANT.ENABLED, cfg.QUANT.W_BITS, cfg.QUANT.A_BITS, list(cfg.QUANT.TARGETS))
+        assert got == (enabled, w, a, targets), suffix
+        assert fp_model == cfg.MODEL.WEIGHTS and cfg.OUTPUT_DIR.endswith(suffix)
+        schedules.add((cfg.SOLVER.MAX_ITER, cfg.SOLVER.BASE_LR, cfg.SOLVER.STEPS))
+    assert len(schedules) == 1 and schedules.pop()[0] < cfgs["fp"].SOLVER.MAX_ITER
+
+    # Two Linear layers per block for each target; the shares of MHA and MLP add up.
+    counts = {s: ablation.quantized_share(cfgs[s]) for s in ("fp", "4bit", "4bit_mha", "4bit_mlp")}
+    assert counts["fp"] == (0, 0.0)
+    assert [counts[s][0] for s in ("4bit", "4bit_mha", "4bit_mlp")] == [
+        4 * blocks,
+        2 * blocks,
+        2 * blocks,
+    ]
+    assert counts["4bit_mha"][1] + counts["4bit_mlp"][1] == pytest.approx(counts["4bit"][1])
+    assert 0 < counts["4bit_mha"][1] < counts["4bit_mlp"][1] < 1  # MLP (8d^2) > MHA (4d^2)

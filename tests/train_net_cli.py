@@ -1,0 +1,29 @@
+"""Runs ``tools/train_net.py`` in a subprocess, as a user would, for the end-to-end tests."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_train_net(
+    *args: str, env_extra: dict | None = None, check: bool = True
+) -> subprocess.CompletedProcess:
+    """``train_net.py *args`` from the repo root with the eager quantizer backend; with
+    ``check`` a non-zero exit fails with the end of stderr."""
+    env = dict(os.environ, QDET_QUANT_BACKEND="eager", PYTHONUNBUFFERED="1")
+    env.update(env_extra or {})
+    r = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "tools/train_net.py"), *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    if check:
+        assert r.returncode == 0, r.stderr[-3000:]
+    return r
