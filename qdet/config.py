@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from detectron2.config import CfgNode as CN
 
-from qdet.quantization.quantizers import QUANTIZERS, check_bits
+from qdet.quantization.ewgs import ESTIMATORS
+from qdet.quantization.quantizers import BOUND_GRADIENTS, QUANTIZERS, check_bits
 from qdet.quantization.surgery import target_patterns
 
 
@@ -21,6 +22,28 @@ def add_qdet_config(cfg: CN) -> CN:
     cfg.QUANT.METHOD = "uniform"
     # Per-output-channel weight quantizers instead of one per tensor.
     cfg.QUANT.PER_CHANNEL = False
+    # The clip's gradient at exactly l and u: "exclusive" (torch.clamp's in torch 2.14, the
+    # default) or "inclusive" (as EWGS's runs). It matters for post-ReLU inputs calibrated
+    # with l = min(x) = 0, where about half the elements sit exactly at l: their pull on l
+    # (dL/dl) is counted only when inclusive.
+    cfg.QUANT.BOUND_GRADIENT = "exclusive"
+    # METHOD ewgs: the gradient-scaling factor delta every quantizer starts from. EWGS's
+    # Hessian runs start at 0 (the STE) until the first refresh; its fixed-delta variant
+    # uses 1e-3 with EWGS_USE_HESSIAN False.
+    cfg.QUANT.EWGS_DELTA = 0.0
+    # METHOD ewgs: refresh every quantizer's delta from the Hessian trace during training
+    # (EWGS Eq. 9; qdet.engine.EWGSDeltaHook). False keeps EWGS_DELTA fixed.
+    cfg.QUANT.EWGS_USE_HESSIAN = True
+    # Iterations between refreshes; 0 = once per epoch of the training set
+    # (ceil(images / SOLVER.IMS_PER_BATCH)), as EWGS's training loop does.
+    cfg.QUANT.EWGS_UPDATE_PERIOD = 0
+    # Training batches each refresh averages over (EWGS: 3 on CIFAR, 10 on ImageNet).
+    cfg.QUANT.EWGS_HESSIAN_BATCHES = 3
+    # Hutchinson estimator of the traces: "per_layer" (EWGS's code: one loop per quantizer,
+    # about quantizers x 10 Hessian-vector products a batch) or "joint" (one Rademacher
+    # vector over all quantizers, so one product serves all: unbiased too, noisier, about
+    # quantizers times cheaper). qdet.quantization.ewgs explains both.
+    cfg.QUANT.EWGS_HUTCHINSON = "per_layer"
     # Transformer layer groups to quantize, any of "mha" (attn.qkv, attn.proj) and "mlp"
     # (mlp.fc1, mlp.fc2) of every backbone block (qdet.quantization.QUANT_TARGETS). Empty =
     # INCLUDE / EXCLUDE alone decide. With targets, only those Linear layers are quantized
@@ -139,6 +162,29 @@ def quantize_kwargs(cfg: CN) -> dict:
     signed = {"auto": None, "signed": True, "unsigned": False}
     if q.ACT_SIGNED not in signed:
         raise ValueError(f"QUANT.ACT_SIGNED={q.ACT_SIGNED!r}: use one of {list(signed)}")
+    if q.BOUND_GRADIENT not in BOUND_GRADIENTS:
+        raise ValueError(
+            f"QUANT.BOUND_GRADIENT={q.BOUND_GRADIENT!r}: use one of {list(BOUND_GRADIENTS)}"
+        )
+    if not q.EWGS_DELTA >= 0:
+        raise ValueError(f"QUANT.EWGS_DELTA={q.EWGS_DELTA!r} must be >= 0 (0 is the STE)")
+    if not (isinstance(q.EWGS_UPDATE_PERIOD, int) and q.EWGS_UPDATE_PERIOD >= 0):
+        raise ValueError(
+            f"QUANT.EWGS_UPDATE_PERIOD={q.EWGS_UPDATE_PERIOD!r}: use an integer >= 0 "
+            "(iterations between delta refreshes; 0 = once per epoch)"
+        )
+    if not (isinstance(q.EWGS_HESSIAN_BATCHES, int) and q.EWGS_HESSIAN_BATCHES >= 1):
+        raise ValueError(
+            f"QUANT.EWGS_HESSIAN_BATCHES={q.EWGS_HESSIAN_BATCHES!r}: use an integer >= 1 "
+            "(training batches per delta refresh)"
+        )
+    if q.EWGS_HUTCHINSON not in ESTIMATORS:
+        raise ValueError(
+            f"QUANT.EWGS_HUTCHINSON={q.EWGS_HUTCHINSON!r}: use one of {list(ESTIMATORS)}"
+        )
+    options = {"bound_gradient": q.BOUND_GRADIENT}
+    if q.METHOD == "ewgs":
+        options["delta"] = float(q.EWGS_DELTA)
     return {
         "w_bits": check_bits(q.W_BITS),
         "a_bits": check_bits(q.A_BITS),
@@ -147,4 +193,5 @@ def quantize_kwargs(cfg: CN) -> dict:
         "include": target_patterns(q.TARGETS, q.INCLUDE),
         "exclude": list(q.EXCLUDE) or None,
         "act_signed": signed[q.ACT_SIGNED],
+        "quantizer_options": options,
     }

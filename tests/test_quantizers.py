@@ -62,12 +62,13 @@ def test_one_bit_weights_are_binary():
 
 @pytest.mark.parametrize("bits", ALL_BITS)
 @pytest.mark.parametrize("kind,signed", KINDS)
-def test_gradients_match_autograd_of_plain_formula(bits, kind, signed):
+@pytest.mark.parametrize("bound", ["exclusive", "inclusive"])
+def test_gradients_match_autograd_of_plain_formula(bits, kind, signed, bound):
     torch.manual_seed(100 + bits)
     x = torch.randn(2, 4, 6, 6) * 2
     x[0, 0, 0, :3] = torch.tensor([-0.9, 1.4, 0.0])  # exactly on l, on u, and a ReLU zero
     x.requires_grad_(True)
-    q = UniformQuantizer(bits, kind, signed=signed)
+    q = UniformQuantizer(bits, kind, signed=signed, bound_gradient=bound)
     _set_params(q, -0.9, 1.4, 1.6)
     g = torch.randn(2, 4, 6, 6)
     q(x).backward(g)
@@ -75,12 +76,16 @@ def test_gradients_match_autograd_of_plain_formula(bits, kind, signed):
 
     x2 = x.detach().clone().requires_grad_(True)
     l, u, s = (torch.tensor(v, requires_grad=True) for v in (-0.9, 1.4, 1.6))
-    fake_quant_reference(x2, l, u, s, 2**bits - 1, q.mode).backward(g)
+    inclusive = bound == "inclusive"
+    fake_quant_reference(x2, l, u, s, 2**bits - 1, q.mode, inclusive).backward(g)
     for a, b in zip(ours, [x2.grad, l.grad, u.grad, s.grad]):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
-    # Clip passes gradient only inside (l, u), like torch.clamp's.
-    outside = (x.detach() <= -0.9) | (x.detach() >= 1.4)
+    # Exclusive: no gradient at l or u, like torch.clamp's; inclusive: it passes there.
+    xd = x.detach()
+    outside = (xd < -0.9) | (xd > 1.4)
+    at_bounds = (xd == -0.9) | (xd == 1.4)
     assert torch.all(x.grad[outside] == 0)
+    assert torch.all((x.grad[at_bounds] != 0) == inclusive)
 
 
 def test_bits_32_is_exact_identity():
@@ -214,55 +219,6 @@ def test_backward_saves_only_the_input():
     assert sum(t.numel() for t in saved if t.numel() > 1) >= 2 * x.numel()
 
 
-class _EWGSRound(torch.autograd.Function):
-    """EWGS's discretizer as published: round, backward g (1 + delta sign(g) (x - round x))."""
-
-    @staticmethod
-    def forward(ctx, x, delta):
-        out = torch.round(x)
-        ctx.save_for_backward(x - out)
-        ctx.delta = delta
-        return out
-
-    @staticmethod
-    def backward(ctx, g):
-        (diff,) = ctx.saved_tensors
-        return g * (1 + ctx.delta * torch.sign(g) * diff), None
-
-
-@pytest.mark.parametrize("kind,signed", KINDS)
-def test_ewgs_gradient_scaling_matches_published_discretizer(kind, signed):
-    torch.manual_seed(3)
-    bits, delta = 3, 0.2
-    x = (torch.randn(4, 50) * 1.5).requires_grad_(True)
-    q = EWGSQuantizer(bits, kind, signed=signed)
-    _set_params(q, -1.0, 1.2, 0.8)
-    q.delta.fill_(delta)
-    g = torch.randn(4, 50)
-    q(x).backward(g)
-
-    x2 = x.detach().clone().requires_grad_(True)
-    l, u, s = (torch.tensor(v, requires_grad=True) for v in (-1.0, 1.2, 0.8))
-    n = 2**bits - 1
-    v_tilde = _EWGSRound.apply(n * torch.clamp((x2 - l) / (u - l), 0, 1), delta) / n
-    if kind == "weight":
-        ref = s * 2 * (v_tilde - 0.5)
-    else:
-        ref = l + s * v_tilde if signed else s * v_tilde
-    torch.testing.assert_close(q(x), ref)
-    ref.backward(g)
-    for a, b in zip(
-        [x.grad, q.lower.grad, q.upper.grad, q.scale.grad], [x2.grad, l.grad, u.grad, s.grad]
-    ):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
-    # And it differs from the STE: the scaling is really applied.
-    q.zero_grad()
-    x.grad = None
-    q.delta.fill_(0.0)
-    q(x).backward(g)
-    assert not torch.allclose(x.grad, x2.grad)
-
-
 def _lsq_reference(x, s, qn, qp, grad_scale):
     """LSQ (Esser et al. 2020) written with the paper's grad_scale / round_pass tricks."""
     s_scaled = (s - s * grad_scale).detach() + s * grad_scale
@@ -333,17 +289,24 @@ def test_autocast_bfloat16_forward_backward():
     assert x.grad is not None and torch.isfinite(q.scale.grad)
 
 
-def test_compiled_backend_equals_eager():
+@pytest.mark.parametrize("ewgs", [False, True])
+def test_compiled_backend_equals_eager(ewgs):
+    """The STE with torch.clamp's bounds, and EWGS scaling with the inclusive bounds."""
     pytest.importorskip("torch._inductor")
     torch.manual_seed(0)
     x = torch.randn(2, 4, 9, 11) * 2
+    x[0, 0, 0, :2] = torch.tensor([-1.0, 1.5])  # exactly at l and u
     g = torch.randn_like(x)
     results = {}
     for backend in ("eager", "compile"):
         F.set_backend(backend)
         try:
             xr = x.clone().requires_grad_(True)
-            q = UniformQuantizer(4, "activation", signed=True)
+            if ewgs:
+                q = EWGSQuantizer(4, "activation", signed=True, bound_gradient="inclusive")
+                q.delta.fill_(0.3)
+            else:
+                q = UniformQuantizer(4, "activation", signed=True)
             _set_params(q, -1.0, 1.5, 2.5)
             y = q(xr)
             y.backward(g)

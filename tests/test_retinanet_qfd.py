@@ -3,6 +3,7 @@
 import copy
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -40,6 +41,9 @@ TINY = [
     "INPUT.MAX_SIZE_TEST",
     "128",
 ]
+# Quantized with EWGS, delta 0.5 until the hook's first refresh (one batch, joint).
+EWGS = ["QUANT.ENABLED", "True", "QUANT.METHOD", "ewgs", "QUANT.EWGS_DELTA", "0.5"]
+EWGS += ["QUANT.EWGS_HESSIAN_BATCHES", "1", "QUANT.EWGS_HUTCHINSON", "joint"]
 
 
 def _cfg(*opts):
@@ -280,6 +284,41 @@ def test_train_net_runs_resumes_and_evaluates(tmp_path):
     assert "copypaste: AP,AP50,AP75" in r.stderr + r.stdout
 
 
+def test_train_net_ewgs_hook_refreshes_delta(tmp_path):
+    """QUANT.METHOD ewgs in tools/train_net.py: delta starts at EWGS_DELTA and the hook
+    refreshes it after iteration 2 (period 2); the checkpoint holds what the log reports."""
+    out = tmp_path / "ewgs"
+    r = run_train_net(
+        "--config-file",
+        FP_CONFIG,
+        *TINY,
+        *EWGS,
+        "QUANT.EWGS_UPDATE_PERIOD",
+        "2",
+        "QUANT.CALIB_BATCHES",
+        "1",
+        "SOLVER.MAX_ITER",
+        "3",
+        "DATASETS.TEST",
+        "()",
+        "OUTPUT_DIR",
+        str(out),
+    )
+    log = r.stderr + r.stdout
+    assert "EWGS: delta refreshed every 2 iterations on 1 batches (joint estimator)" in log
+    refreshes = [line for line in log.splitlines() if "EWGS delta refreshed after" in line]
+    assert len(refreshes) == 1 and "after iteration 2 on 1 batches" in refreshes[0]
+    state = torch.load(out / "model_final.pth", weights_only=False)["model"]
+    weight_deltas = [float(v) for k, v in state.items() if k.endswith("weight_quantizer.delta")]
+    refreshed = [d for d in weight_deltas if d != 0.5]  # the others got no gradient
+    assert all(d >= 0 for d in weight_deltas) and len(refreshed) > len(weight_deltas) / 2
+    count, mean = re.search(r"(\d+) weight quantizers mean (\S+)", refreshes[0]).groups()
+    assert int(count) == len(refreshed)
+    assert float(mean) == pytest.approx(sum(refreshed) / len(refreshed), rel=1e-3)
+    metrics = [json.loads(line) for line in (out / "metrics.json").read_text().splitlines()]
+    assert any("ewgs/weight_delta_mean" in m for m in metrics)
+
+
 def test_train_net_unknown_key_is_clear(tmp_path):
     r = run_train_net("--config-file", FP_CONFIG, "QUANT.W_BIT", "4", check=False)
     assert r.returncode != 0
@@ -287,7 +326,9 @@ def test_train_net_unknown_key_is_clear(tmp_path):
 
 
 def test_two_process_training_keeps_ranks_equal(tmp_path):
-    """2 CPU processes through Detectron2's launch (gloo DDP): same weights on both ranks."""
+    """2 CPU processes through Detectron2's launch (gloo DDP): same weights on both ranks,
+    and after EWGS's delta refresh the same deltas; a direct refresh on different data per
+    rank gives every rank the mean of the ranks' own estimates."""
     script = tmp_path / "ddp.py"
     script.write_text(f"""
 import sys, torch
@@ -295,6 +336,7 @@ sys.path.insert(0, {ROOT!r}); sys.path.insert(0, {os.path.join(ROOT, "tools")!r}
 from detectron2.engine import launch
 from detectron2.utils import comm
 import train_net
+from qdet.quantization import EWGSQuantizer, calibrate, quantize_model, update_ewgs_deltas
 
 def main(args):
     cfg = train_net.setup(args)
@@ -304,9 +346,35 @@ def main(args):
     model = trainer.model.module
     flat = torch.cat([p.detach().flatten() for p in model.parameters()])
     flats = comm.all_gather(flat)
+    deltas = torch.stack([m.delta for m in model.modules() if isinstance(m, EWGSQuantizer)])
+    all_deltas = comm.all_gather(deltas)
+    # A refresh straight from update_ewgs_deltas, each rank on its own data.
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(
+        torch.nn.Conv2d(2, 3, 3), torch.nn.ReLU(), torch.nn.Conv2d(3, 2, 3)
+    )
+    quantize_model(net, 4, 4, method="ewgs", exclude=[])
+    x = torch.randn(2, 2, 7, 7, generator=torch.Generator().manual_seed(comm.get_rank()))
+    calibrate(net, [x], 1)
+    loss = lambda b: net(b).pow(2).mean()
+    own = update_ewgs_deltas(net, loss, [x], 1, average_across_ranks=False)
+    for m in net.modules():  # delta is in the backward: start the second estimate alike
+        if isinstance(m, EWGSQuantizer):
+            m.delta.zero_()
+    averaged = update_ewgs_deltas(net, loss, [x], 1)
+    owns, averageds = comm.all_gather(own), comm.all_gather(averaged)
     if comm.is_main_process():
         q = model.head.cls_subnet[0].input_quantizer
         print("RANKS_EQUAL", bool(torch.equal(flats[0], flats[1])), "CALIBRATED", q.initialized)
+        refreshed = bool((deltas != 0.5).any())
+        print("DELTAS_EQUAL", bool(torch.equal(*all_deltas)), "REFRESHED", refreshed)
+        differ = any(abs(owns[0][k] - owns[1][k]) > 1e-3 * owns[0][k] for k in own)
+        mean = all(
+            abs(averageds[r][k] - (owns[0][k] + owns[1][k]) / 2) < 1e-6 * averageds[r][k]
+            for k in own for r in (0, 1)
+        )
+        positive = all(v > 0 for v in own.values())
+        print("OWN_DIFFER", differ, "AVERAGED_IS_MEAN", mean, "POSITIVE", positive)
 
 if __name__ == "__main__":
     args = train_net.build_parser().parse_args(sys.argv[1:])
@@ -320,8 +388,9 @@ if __name__ == "__main__":
             "--config-file",
             FP_CONFIG,
             *TINY,
-            "QUANT.ENABLED",
-            "True",
+            *EWGS,
+            "QUANT.EWGS_UPDATE_PERIOD",
+            "1",
             "SOLVER.MAX_ITER",
             "2",
             "SOLVER.IMS_PER_BATCH",
@@ -341,6 +410,8 @@ if __name__ == "__main__":
     )
     assert r.returncode == 0, r.stderr[-3000:]
     assert "RANKS_EQUAL True CALIBRATED True" in r.stdout
+    assert "DELTAS_EQUAL True REFRESHED True" in r.stdout
+    assert "OWN_DIFFER True AVERAGED_IS_MEAN True POSITIVE True" in r.stdout
 
 
 def test_train_net_teacher_stage_then_qfd_student(tmp_path):

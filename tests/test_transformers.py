@@ -263,3 +263,49 @@ def test_digits_ablation_rows(arch, blocks, tmp_path):
     ]
     assert counts["4bit_mha"][1] + counts["4bit_mlp"][1] == pytest.approx(counts["4bit"][1])
     assert 0 < counts["4bit_mha"][1] < counts["4bit_mlp"][1] < 1  # MLP (8d^2) > MHA (4d^2)
+
+
+def test_roi_align_second_derivative_matches_finite_differences():
+    """Double backward of the patched ROIAlign against torch's numerical gradgradcheck,
+    and the same values and first gradient as torchvision's kernel."""
+    from detectron2.layers import ROIAlign
+
+    from qdet.quantization.second_order import RoIAlignFunction, twice_differentiable
+
+    g = torch.Generator().manual_seed(0)
+    features = torch.randn(2, 3, 7, 9, dtype=torch.float64, generator=g, requires_grad=True)
+    rois = torch.tensor([[0, 0.5, 1.0, 6.0, 5.5], [1, 2.0, 0.3, 8.0, 6.0]], dtype=torch.float64)
+    args = (0.5, 3, 2, 2, True)
+
+    def roi(f):
+        return RoIAlignFunction.apply(f, rois, *args)
+
+    assert torch.autograd.gradcheck(roi, (features,))
+    assert torch.autograd.gradgradcheck(roi, (features,))
+    module = ROIAlign((3, 2), 0.5, 2, aligned=True)
+    plain = module(features, rois)
+    (plain_grad,) = torch.autograd.grad((plain**2).sum(), features)
+    with twice_differentiable(module):
+        patched = module(features, rois)
+    (patched_grad,) = torch.autograd.grad((patched**2).sum(), features)
+    assert torch.equal(plain, patched) and torch.allclose(plain_grad, patched_grad)
+    assert "forward" not in vars(module)  # restored
+
+
+def test_ewgs_delta_refresh_runs_through_mask_rcnn():
+    """ROIAlign has no double backward in torchvision: the refresh must still reach the
+    ViT's quantizers through the box and mask heads."""
+    from detectron2.data import build_detection_train_loader
+
+    from qdet.quantization import update_ewgs_deltas
+
+    cfg = load_config(CONFIGS["vit"], [*SMALL, "QUANT.METHOD", "ewgs"])
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    batch = next(iter(build_detection_train_loader(cfg)))
+    calibrate(model, [batch], num_batches=1)
+    deltas = update_ewgs_deltas(
+        model, lambda b: sum(model(b).values()), [batch], 1, estimator="joint", max_iter=3
+    )
+    assert len(deltas) == 2 * len(model.quantized_layers)
+    assert any(d > 0 for d in deltas.values())

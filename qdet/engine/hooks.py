@@ -1,8 +1,10 @@
-"""Training hooks: quantizer calibration before the first step."""
+"""Training hooks: quantizer calibration before the first step, EWGS's delta refresh."""
 
 from __future__ import annotations
 
 import logging
+import math
+import time
 from itertools import islice
 
 import torch
@@ -10,8 +12,9 @@ from detectron2.engine import HookBase
 from detectron2.utils import comm
 from torch.nn.parallel import DistributedDataParallel
 
-from qdet.quantization import calibrate
-from qdet.quantization.quantizers import Quantizer
+from qdet.quantization import calibrate, update_ewgs_deltas
+from qdet.quantization.ewgs import preserved_rng
+from qdet.quantization.quantizers import EWGSQuantizer, Quantizer
 
 logger = logging.getLogger(__name__)
 
@@ -60,3 +63,102 @@ class CalibrationHook(HookBase):
         batches = islice(iter(self._build_loader()), self._num_batches)
         calibrate(model, batches, num_batches=self._num_batches)
         sync_quantizers_from_main(model)
+
+
+def epoch_iterations(data_loader, images_per_batch: int) -> int:
+    """Iterations in one epoch of ``data_loader``'s dataset at ``images_per_batch`` images a
+    step (all processes together). Detectron2's training loader is infinite; the map-style
+    dataset inside it knows its length."""
+    node = data_loader
+    while node is not None:
+        try:
+            return max(math.ceil(len(node) / images_per_batch), 1)
+        except TypeError:  # an iterable dataset or loader: look inside
+            node = getattr(node, "dataset", None)
+    raise ValueError(
+        "cannot tell the epoch length of this training loader: set QUANT.EWGS_UPDATE_PERIOD "
+        "to the number of iterations between EWGS delta refreshes"
+    )
+
+
+class EWGSDeltaHook(HookBase):
+    """Refreshes every EWGS quantizer's delta (EWGS Eq. 9) from the Hessian trace every
+    ``period`` iterations, on ``num_batches`` training batches.
+
+    As EWGS's loop: delta keeps its initial value (``QUANT.EWGS_DELTA``, 0 = STE) through
+    the first period, then is refreshed at every period boundary (not after the last
+    step). Batches come from a second iterator over the training loader, so the training
+    batches and every random state stay as they would be without the hook. Every process
+    estimates on its own batches and all take the mean (:func:`update_ewgs_deltas`). It
+    runs before the checkpointer, so a checkpoint taken at the same iteration holds the new
+    deltas. Logs one summary line per refresh and TensorBoard scalars ``ewgs/...``.
+    """
+
+    def __init__(
+        self,
+        data_loader,
+        period: int,
+        num_batches: int,
+        estimator: str = "per_layer",
+        logged_layers: int = 3,
+    ):
+        if period < 1:
+            raise ValueError(f"EWGS delta refresh period must be >= 1 iteration, got {period}")
+        self._data_loader = data_loader
+        self._batches = None
+        self.period = period
+        self.num_batches = num_batches
+        self.estimator = estimator
+        self._logged_layers = logged_layers
+
+    def after_step(self):
+        done = self.trainer.iter + 1
+        if done % self.period == 0 and done < self.trainer.max_iter:
+            self.refresh()
+
+    def refresh(self) -> dict[str, float]:
+        model = _unwrap(self.trainer.model)
+        if not any(isinstance(m, EWGSQuantizer) and m.enabled for m in model.modules()):
+            return {}
+        if self._batches is None:
+            with preserved_rng():  # a new loader iterator draws its seed from torch's RNG
+                self._batches = iter(self._data_loader)
+        start = time.perf_counter()
+        deltas = update_ewgs_deltas(
+            model,
+            lambda batch: sum(model(batch).values()),
+            self._batches,
+            self.num_batches,
+            estimator=self.estimator,
+        )
+        self._log(model, deltas, time.perf_counter() - start)
+        return deltas
+
+    def _log(self, model, deltas: dict[str, float], seconds: float) -> None:
+        kinds = {n: m.kind for n, m in model.named_modules() if isinstance(m, EWGSQuantizer)}
+        storage = self.trainer.storage
+        parts = []
+        for kind in ("weight", "activation"):
+            names = [n for n in deltas if kinds[n] == kind]
+            if not names:
+                continue
+            values = [deltas[n] for n in names]
+            mean = sum(values) / len(values)
+            parts.append(
+                f"{len(values)} {kind} quantizers mean {mean:.4g} "
+                f"[min {min(values):.4g}, max {max(values):.4g}]"
+            )
+            storage.put_scalar(f"ewgs/{kind}_delta_mean", mean, smoothing_hint=False)
+            # A few layers through the network: first, middle, last.
+            k = self._logged_layers
+            picks = {names[round(i * (len(names) - 1) / max(k - 1, 1))] for i in range(k)}
+            for name in picks:
+                storage.put_scalar(f"ewgs/{name}", deltas[name], smoothing_hint=False)
+        logger.info(
+            "EWGS delta refreshed after iteration %d on %d batches (%s, %.1f s): %s",
+            self.trainer.iter + 1,
+            self.num_batches,
+            self.estimator,
+            seconds,
+            "; ".join(parts),
+        )

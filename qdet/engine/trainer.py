@@ -15,8 +15,9 @@ from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
 from qdet.engine.checkpoint import AtomicCheckpointer
-from qdet.engine.hooks import CalibrationHook
+from qdet.engine.hooks import CalibrationHook, EWGSDeltaHook, epoch_iterations
 from qdet.engine.optimizer import build_qat_optimizer
+from qdet.quantization.quantizers import EWGSQuantizer
 
 
 def has_compiled_ops() -> bool:
@@ -89,4 +90,20 @@ class QDetTrainer(DefaultTrainer):
         calib = CalibrationHook(
             lambda: self.build_train_loader(self.cfg), self.cfg.QUANT.CALIB_BATCHES
         )
-        return [calib, *hooks]
+        return [calib, *self._ewgs_hooks(), *hooks]
+
+    def _ewgs_hooks(self) -> list:
+        """EWGS's delta refresh, when the model has EWGS quantizers and the Hessian is on."""
+        q = self.cfg.QUANT
+        model = self._trainer.model
+        if not (q.EWGS_USE_HESSIAN and any(isinstance(m, EWGSQuantizer) for m in model.modules())):
+            return []
+        loader = self._trainer.data_loader
+        period = q.EWGS_UPDATE_PERIOD or epoch_iterations(loader, self.cfg.SOLVER.IMS_PER_BATCH)
+        logging.getLogger(__name__).info(
+            "EWGS: delta refreshed every %d iterations on %d batches (%s estimator)",
+            period,
+            q.EWGS_HESSIAN_BATCHES,
+            q.EWGS_HUTCHINSON,
+        )
+        return [EWGSDeltaHook(loader, period, q.EWGS_HESSIAN_BATCHES, q.EWGS_HUTCHINSON)]

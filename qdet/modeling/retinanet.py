@@ -54,7 +54,11 @@ class QuantRetinaNet(QuantizedDetectorMixin, RetinaNet):
                 conv.input_quantizer = PerLevelQuantizer(
                     levels,
                     lambda: build_quantizer(
-                        quant["method"], quant["a_bits"], "activation", signed=quant["act_signed"]
+                        quant["method"],
+                        quant["a_bits"],
+                        "activation",
+                        signed=quant["act_signed"],
+                        **(quant["quantizer_options"] or {}),
                     ),
                 )
 

@@ -9,8 +9,14 @@ For a tensor v, bounds l < u, n = 2^b - 1 and an output map (A, B):
 
 with (A, B) = (2s, -s) for weights (= s * 2 * (v_tilde - 0.5)), (alpha, 0) for unsigned
 activations and (alpha, l) for signed activations. The backward is the straight-through
-estimator (QFD Eq. 5) or, with delta > 0, EWGS's element-wise gradient scaling
-g_in = g_out * (1 + delta * sign(g_out) * (x_n - x_q)) at the rounding.
+estimator (QFD Eq. 5) or, with delta given, EWGS's element-wise gradient scaling at the
+rounding (EWGS Eq. 5, in its official code's units: the discretiser's [0, 1] input and
+output, not codes):
+
+    dL/dv_hat = g * (1 + delta * sign(g) * (v_hat - v_tilde)),   g = dL/dv_tilde
+
+The clip's gradient at exactly t = 0 or t = 1 is a choice (``inclusive``): EWGS's runs
+passed it (the clamp of their PyTorch), torch 2.14's ``torch.clamp`` blocks it.
 
 Why a custom Function: autograd through the plain formula keeps about six full-size
 intermediates alive per quantizer. This one saves only the input and recomputes in the
@@ -51,13 +57,17 @@ def fake_quant_reference(
     scale: torch.Tensor,
     n: int,
     mode: int,
+    inclusive: bool = False,
 ) -> torch.Tensor:
     """The plain autograd composition of QFD Eq. 1-5 (straight-through round).
 
-    This is the definition the fused op is tested against, and the fallback used for
-    double backward.
+    ``inclusive``: the clip passes gradient on [0, 1] (EWGS's runs) instead of (0, 1)
+    (``torch.clamp``). This is the definition the fused op is tested against.
     """
-    v_hat = torch.clamp((x - lower) / (upper - lower), 0, 1)
+    t = (x - lower) / (upper - lower)
+    v_hat = torch.clamp(t, 0, 1)
+    if inclusive:
+        v_hat = torch.where((t >= 0) & (t <= 1), t, v_hat)
     scaled = n * v_hat
     v_tilde = (scaled + (torch.round(scaled) - scaled).detach()) / n
     if mode == MODE_WEIGHT:
@@ -78,26 +88,29 @@ def _forward_body(x, lower, upper, scale, n: int, mode: int):
     return lower + scale * v_tilde
 
 
-def _backward_body(g, x, lower, upper, scale, delta, n: int, mode: int, reduce_dims):
+def _backward_body(
+    g, x, lower, upper, scale, delta, n: int, mode: int, reduce_dims, inclusive: bool
+):
     """Gradients of QFD Eq. 1-5 w.r.t. x, l, u and the scale, from the input alone.
 
-    With d = u - l and m = [0 < t < 1]:
+    With d = u - l and m = [0 < t < 1] ([0 <= t <= 1] when ``inclusive``):
         dt/dx = 1/d,  dt/dl = (t - 1)/d,  dt/du = -t/d,  d out/d v_tilde = A.
-    The mask excludes the bounds, as torch.clamp's gradient does (torch 2.14), so this
-    equals autograd through ``fake_quant_reference`` also on values exactly at l or u
-    (ReLU zeros with l = 0 are such values).
+    The exclusive mask equals torch.clamp's gradient (torch 2.14), so this equals autograd
+    through ``fake_quant_reference`` also on values exactly at l or u (ReLU zeros with
+    l = 0 are such values).
     """
     d = upper - lower
     t = (x - lower) / d
-    inside = (t > 0) & (t < 1)
-    scaled = n * torch.clamp(t, 0, 1)
-    rounded = torch.round(scaled)
-    v_tilde = rounded / n
+    inside = (t >= 0) & (t <= 1) if inclusive else (t > 0) & (t < 1)
+    v_hat = torch.clamp(t, 0, 1)
+    v_tilde = torch.round(n * v_hat) / n
     amp, _ = _output_map(mode, lower, scale)
     g_v = g * amp  # gradient w.r.t. v_tilde (= w.r.t. v_hat under the STE)
     if delta is not None:
-        # EWGS: scale the gradient by how far the value was moved by the rounding.
-        g_v = g_v * (1 + delta * torch.sign(g_v) * (scaled - rounded))
+        # EWGS: scale the gradient by how far the rounding moved the value, in the
+        # discretiser's [0, 1] units. Detached: EWGS's discretiser saves this difference
+        # as a constant, so a second derivative (its Hessian estimate) does not see it.
+        g_v = g_v * (1 + delta * torch.sign(g_v) * (v_hat - v_tilde).detach())
     g_t = torch.where(inside, g_v, torch.zeros_like(g_v)) / d
     grad_x = g_t
     grad_lower = (g_t * (t - 1)).sum(reduce_dims)
@@ -178,9 +191,10 @@ class FakeQuantize(torch.autograd.Function):
     """Uniform fake quantization with a recomputing backward. See the module docstring."""
 
     @staticmethod
-    def forward(ctx, x, lower, upper, scale, n, mode, delta, reduce_dims):
+    def forward(ctx, x, lower, upper, scale, n, mode, delta, reduce_dims, inclusive):
         ctx.save_for_backward(x, lower, upper, scale)
         ctx.n, ctx.mode, ctx.delta, ctx.reduce_dims = n, mode, delta, reduce_dims
+        ctx.inclusive = inclusive
         xf = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
         out = _run("forward", _forward_body, xf, lower, upper, scale, n, mode)
         return out.to(x.dtype)
@@ -190,6 +204,7 @@ class FakeQuantize(torch.autograd.Function):
         x, lower, upper, scale = ctx.saved_tensors
         g32, x32 = g.float(), x.float()
         args = (g32, x32, lower, upper, scale, ctx.delta, ctx.n, ctx.mode, ctx.reduce_dims)
+        args += (ctx.inclusive,)
         if torch.is_grad_enabled():
             # create_graph=True (e.g. EWGS's Hessian estimate): stay differentiable.
             grads = _backward_body(*args)
@@ -206,6 +221,7 @@ class FakeQuantize(torch.autograd.Function):
             None,
             None,
             None,
+            None,
         )
 
 
@@ -218,11 +234,13 @@ def fake_quantize(
     mode: int,
     delta: float | torch.Tensor | None = None,
     per_channel: bool = False,
+    inclusive: bool = False,
 ) -> torch.Tensor:
     """QFD's uniform fake quantization (Eq. 1-5) of ``x``.
 
     ``lower``, ``upper`` and ``scale`` are scalars, or vectors over dim 0 of ``x`` when
-    ``per_channel``. ``delta`` > 0 turns on EWGS gradient scaling (None or 0: the STE).
+    ``per_channel``. ``delta`` turns on EWGS gradient scaling (None or 0: the STE).
+    ``inclusive``: the clip's gradient passes at exactly l and u (see the module docstring).
     """
     n = 2**bits - 1
     # Flatten (to 1-D, or channels x rest) so that one compiled graph serves every shape.
@@ -236,5 +254,5 @@ def fake_quantize(
     if isinstance(delta, (int, float)):
         # A tensor delta (EWGS's buffer) is used as is: comparing it here would sync the GPU.
         delta = None if delta == 0 else torch.tensor(float(delta), device=x.device)
-    out = FakeQuantize.apply(flat, lower, upper, scale, n, mode, delta, reduce_dims)
+    out = FakeQuantize.apply(flat, lower, upper, scale, n, mode, delta, reduce_dims, inclusive)
     return out.view(x.shape)

@@ -18,11 +18,16 @@ from torch import nn
 from qdet.quantization.quantizers import Quantizer, build_quantizer
 
 
-def _make_quantizers(module, method, w_bits, a_bits, per_channel, act_signed, out_channels):
+def _make_quantizers(
+    module, method, w_bits, a_bits, per_channel, act_signed, out_channels, options
+):
+    options = options or {}
     module.weight_quantizer = build_quantizer(
-        method, w_bits, "weight", per_channel=per_channel, num_channels=out_channels
+        method, w_bits, "weight", per_channel=per_channel, num_channels=out_channels, **options
     )
-    module.input_quantizer = build_quantizer(method, a_bits, "activation", signed=act_signed)
+    module.input_quantizer = build_quantizer(
+        method, a_bits, "activation", signed=act_signed, **options
+    )
 
 
 @contextlib.contextmanager
@@ -108,8 +113,10 @@ class QConv2d(Conv2d):
         method: str = "uniform",
         per_channel: bool = False,
         act_signed: bool | None = None,
+        options: dict | None = None,
     ) -> QConv2d:
-        """Wrap ``conv``'s own parameters (shared, not copied) in a quantized layer."""
+        """Wrap ``conv``'s own parameters (shared, not copied) in a quantized layer.
+        ``options``: more quantizer keywords (:func:`qdet.quantization.build_quantizer`)."""
         if conv.padding_mode != "zeros":
             raise ValueError(f"QConv2d supports padding_mode='zeros', got {conv.padding_mode!r}")
         q = cls(
@@ -127,7 +134,9 @@ class QConv2d(Conv2d):
         )
         q.weight, q.bias = conv.weight, conv.bias
         q.train(conv.training)
-        _make_quantizers(q, method, w_bits, a_bits, per_channel, act_signed, conv.out_channels)
+        _make_quantizers(
+            q, method, w_bits, a_bits, per_channel, act_signed, conv.out_channels, options
+        )
         return q.to(conv.weight.device)
 
     save_codes = True  # see saved_as_codes; False keeps float tensors for backward
@@ -161,13 +170,16 @@ class QLinear(nn.Linear):
         method: str = "uniform",
         per_channel: bool = False,
         act_signed: bool | None = None,
+        options: dict | None = None,
     ) -> QLinear:
         q = cls(
             linear.in_features, linear.out_features, bias=linear.bias is not None, device="meta"
         )
         q.weight, q.bias = linear.weight, linear.bias
         q.train(linear.training)
-        _make_quantizers(q, method, w_bits, a_bits, per_channel, act_signed, linear.out_features)
+        _make_quantizers(
+            q, method, w_bits, a_bits, per_channel, act_signed, linear.out_features, options
+        )
         return q.to(linear.weight.device)
 
     save_codes = True  # see saved_as_codes; False keeps float tensors for backward

@@ -24,6 +24,9 @@ from qdet.quantization.functional import (
 
 VALID_BITS = (1, 2, 3, 4, 5, 6, 7, 8, 32)
 KINDS = ("weight", "activation")
+# The clip's gradient at exactly l and u: "exclusive" as torch.clamp (torch 2.14) gives,
+# "inclusive" as EWGS's runs had it (see qdet.quantization.functional).
+BOUND_GRADIENTS = ("exclusive", "inclusive")
 # Low/high percentiles of the calibration batches that set a signed activation's l, u.
 SIGNED_PERCENTILES = (0.1, 99.9)
 # Beyond this many elements, percentiles are estimated on an evenly strided subsample.
@@ -51,6 +54,9 @@ class Quantizer(nn.Module):
     ``signed=None`` (activations only) means "decide at calibration": signed when the
     calibration data has negative values. Post-ReLU inputs then get the unsigned map and
     FPN / LayerNorm / GELU outputs the signed one, without per-architecture rules.
+
+    ``bound_gradient``: whether the clip passes gradient at exactly l and u
+    (:data:`BOUND_GRADIENTS`).
     """
 
     def __init__(
@@ -60,11 +66,15 @@ class Quantizer(nn.Module):
         signed: bool | None = False,
         per_channel: bool = False,
         num_channels: int | None = None,
+        bound_gradient: str = "exclusive",
     ):
         super().__init__()
         self.bits = check_bits(bits)
         if kind not in KINDS:
             raise ValueError(f"kind={kind!r} is not one of {KINDS}")
+        if bound_gradient not in BOUND_GRADIENTS:
+            raise ValueError(f"bound_gradient={bound_gradient!r} is not one of {BOUND_GRADIENTS}")
+        self.bound_gradient = bound_gradient
         if per_channel and kind != "weight":
             raise ValueError("per_channel applies to weights only (per output channel)")
         if kind == "weight" and signed:
@@ -173,6 +183,7 @@ class Quantizer(nn.Module):
             mode,
             delta=self._gradient_delta(),
             per_channel=self.per_channel,
+            inclusive=self.bound_gradient == "inclusive",
         )
 
     def _view(self, p: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -233,6 +244,8 @@ class Quantizer(nn.Module):
         s = f"bits={self.bits}, kind={self.kind}"
         if self.kind == "activation":
             s += f", {sign}"
+        if self.bound_gradient != "exclusive":
+            s += f", bound_gradient={self.bound_gradient}"
         return s + (", per_channel" if self.per_channel else "")
 
 
@@ -253,8 +266,8 @@ class UniformQuantizer(Quantizer):
     a shared detection head is called once per FPN level).
     """
 
-    def __init__(self, bits, kind, signed=False, per_channel=False, num_channels=None):
-        super().__init__(bits, kind, signed, per_channel, num_channels)
+    def __init__(self, bits, kind, signed=False, per_channel=False, num_channels=None, **options):
+        super().__init__(bits, kind, signed, per_channel, num_channels, **options)
         self.lower = nn.Parameter(torch.full(self._param_shape, -1.0))
         self.upper = nn.Parameter(torch.full(self._param_shape, 1.0))
         self.scale = nn.Parameter(torch.full(self._param_shape, 1.0))
@@ -304,17 +317,28 @@ class UniformQuantizer(Quantizer):
 class EWGSQuantizer(UniformQuantizer):
     """The uniform quantizer with EWGS's element-wise gradient scaling (Lee et al. 2021).
 
-    Backward at the rounding: g_in = g_out * (1 + delta * sign(g_out) * (x_n - x_q)),
-    x_n the value before rounding and x_q after (EWGS Eq. 5); delta = 0 is the STE.
-    ``delta`` is a buffer set by :func:`qdet.quantization.ewgs.update_ewgs_deltas`
-    from a Hutchinson estimate of the Hessian trace.
+    Backward at the rounding (EWGS Eq. 5, official code's units):
+    g_in = g_out * (1 + delta * sign(g_out) * (x_in - x_out)), x_in = v_hat and
+    x_out = v_tilde in [0, 1]; delta = 0 is the STE. ``delta`` is a buffer (saved in
+    checkpoints) refreshed during training by
+    :func:`qdet.quantization.ewgs.update_ewgs_deltas` from the Hessian trace (EWGS Eq. 9).
+    It starts at 0, as in EWGS's Hessian runs; a fixed ``delta`` > 0 without refreshes is
+    EWGS's fixed-delta variant (its run script uses 1e-3).
     """
 
     def __init__(
-        self, bits, kind, signed=False, per_channel=False, num_channels=None, delta: float = 1e-3
+        self,
+        bits,
+        kind,
+        signed=False,
+        per_channel=False,
+        num_channels=None,
+        delta: float = 0.0,
+        **options,
     ):
-        super().__init__(bits, kind, signed, per_channel, num_channels)
-        # EWGS's official code starts every layer at 1e-3 before the first Hessian update.
+        super().__init__(bits, kind, signed, per_channel, num_channels, **options)
+        if not delta >= 0:
+            raise ValueError(f"EWGS delta={delta!r} must be >= 0 (0 is the STE)")
         self.register_buffer("delta", torch.tensor(float(delta)))
 
     def _gradient_delta(self):
@@ -339,8 +363,8 @@ class LSQQuantizer(Quantizer):
     which differs from the paper at the clipping edges.)
     """
 
-    def __init__(self, bits, kind, signed=False, per_channel=False, num_channels=None):
-        super().__init__(bits, kind, signed, per_channel, num_channels)
+    def __init__(self, bits, kind, signed=False, per_channel=False, num_channels=None, **options):
+        super().__init__(bits, kind, signed, per_channel, num_channels, **options)
         if kind == "weight" and self.enabled and bits < 2:
             raise ValueError("LSQ needs at least 2 bits for weights; use method='uniform'")
         self.scale = nn.Parameter(torch.full(self._param_shape, 1.0))
@@ -387,8 +411,12 @@ def build_quantizer(
     signed: bool | None = False,
     per_channel: bool = False,
     num_channels: int | None = None,
+    **options,
 ) -> Quantizer:
-    """Make a quantizer by method name (``uniform`` | ``ewgs`` | ``lsq``)."""
+    """Make a quantizer by method name (``uniform`` | ``ewgs`` | ``lsq``).
+
+    ``options``: ``bound_gradient`` (any method), ``delta`` (``ewgs``: the initial delta).
+    """
     if method not in QUANTIZERS:
         raise ValueError(f"unknown quantization method {method!r}: choose from {list(QUANTIZERS)}")
-    return QUANTIZERS[method](bits, kind, signed, per_channel, num_channels)
+    return QUANTIZERS[method](bits, kind, signed, per_channel, num_channels, **options)

@@ -128,6 +128,7 @@ def quantize_model(
     per_channel: bool = False,
     act_signed: bool | None = None,
     verbose: bool = False,
+    quantizer_options: dict | None = None,
 ) -> list[str]:
     """Replace matching ``nn.Conv2d`` / ``nn.Linear`` layers of ``model`` in place.
 
@@ -141,6 +142,8 @@ def quantize_model(
         act_signed: ``None`` decides each input quantizer's sign at calibration (signed if
             the calibration data has negative values); True/False forces it.
         verbose: log a table of the quantized layers.
+        quantizer_options: more quantizer keywords, e.g. ``bound_gradient`` (any method)
+            or ``delta`` (``ewgs``); see :func:`qdet.quantization.build_quantizer`.
 
     Returns:
         The names of the quantized layers, in module order.
@@ -157,7 +160,13 @@ def quantize_model(
             model,
             name,
             qcls.from_float(
-                layer, w_bits, a_bits, method=method, per_channel=per_channel, act_signed=act_signed
+                layer,
+                w_bits,
+                a_bits,
+                method=method,
+                per_channel=per_channel,
+                act_signed=act_signed,
+                options=quantizer_options,
             ),
         )
     if verbose:
