@@ -185,9 +185,14 @@ def quantize_kwargs(cfg: CN) -> dict:
     options = {"bound_gradient": q.BOUND_GRADIENT}
     if q.METHOD == "ewgs":
         options["delta"] = float(q.EWGS_DELTA)
+    for key in ("W_BITS", "A_BITS"):
+        try:
+            check_bits(q[key])
+        except ValueError as e:
+            raise ValueError(f"QUANT.{key}: {e}") from None
     return {
-        "w_bits": check_bits(q.W_BITS),
-        "a_bits": check_bits(q.A_BITS),
+        "w_bits": q.W_BITS,
+        "a_bits": q.A_BITS,
         "method": q.METHOD,
         "per_channel": q.PER_CHANNEL,
         "include": target_patterns(q.TARGETS, q.INCLUDE),

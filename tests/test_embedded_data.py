@@ -16,7 +16,7 @@ SMALL = {"train": 12, "val": 6}
 
 @pytest.fixture(scope="module")
 def small_dataset(tmp_path_factory):
-    return embedded.build_digits_dataset(tmp_path_factory.mktemp("a") / "digits_v1", SMALL)
+    return embedded.build_digits_dataset(tmp_path_factory.mktemp("a") / "digits_v2", SMALL)
 
 
 def _digest(root):
@@ -29,7 +29,7 @@ def _digest(root):
 
 
 def test_build_is_deterministic(small_dataset, tmp_path):
-    again = embedded.build_digits_dataset(tmp_path / "digits_v1", SMALL)
+    again = embedded.build_digits_dataset(tmp_path / "digits_v2", SMALL)
     assert _digest(again) == _digest(small_dataset)
     # A second call finds the dataset and does not rebuild it.
     mtime = (again / "annotations" / "train.json").stat().st_mtime_ns
@@ -75,17 +75,28 @@ def test_masks_of_one_image_do_not_overlap(small_dataset):
         assert np.stack(masks).sum(0).max() == 1  # a later digit cuts the ones below it
 
 
-def test_train_and_val_use_disjoint_digit_samples():
+def test_train_and_val_use_disjoint_digit_samples(small_dataset):
+    from sklearn.datasets import load_digits
+
     pools, images, targets = embedded._digit_pools()
     assert not set(pools["train"]) & set(pools["val"])
     assert len(pools["train"]) + len(pools["val"]) == len(targets) == len(images) == 1797
+    # In the built images: every annotation names its sample, of its own class and pool.
+    used, labels = {}, load_digits().target
+    for split in ("train", "val"):
+        data = json.loads((small_dataset / "annotations" / f"{split}.json").read_text())
+        used[split] = {a["digit_sample"] for a in data["annotations"]}
+        assert used[split] <= set(pools[split].tolist())
+        for a in data["annotations"]:
+            assert labels[a["digit_sample"]] == a["category_id"] - 1
+    assert used["train"] and used["val"] and not used["train"] & used["val"]
 
 
 def test_unwritable_root_is_a_clear_error(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
     with pytest.raises(RuntimeError, match="set QDET_DATASETS"):
-        embedded.build_digits_dataset(blocker / "sub" / "digits_v1", SMALL)
+        embedded.build_digits_dataset(blocker / "sub" / "digits_v2", SMALL)
 
 
 def test_registered_in_detectron2(small_dataset, monkeypatch):
@@ -110,3 +121,10 @@ def test_registered_in_detectron2(small_dataset, monkeypatch):
     assert len(inst) == len(records[0]["annotations"])
     assert tuple(inst.gt_masks.tensor.shape[1:]) == tuple(mapped["image"].shape[1:])
     assert inst.gt_masks.tensor.dtype == torch.bool
+
+
+def test_the_version_is_in_the_path_so_an_old_build_is_not_reused(tmp_path, monkeypatch):
+    monkeypatch.setenv("QDET_DATASETS", str(tmp_path))
+    (tmp_path / "digits_v1" / "annotations").mkdir(parents=True)  # a v1 cache
+    assert embedded.get_digits_root() == tmp_path / "digits_v2"
+    assert embedded.SPLITS == {"train": 4000, "val": 300}

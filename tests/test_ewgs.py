@@ -413,7 +413,7 @@ def test_hook_refreshes_on_period_boundaries_and_leaves_randomness_alone():
         q.delta.fill_(0.5)
     data = [x + i for i in range(6)]
     loader = torch.utils.data.DataLoader(data, batch_size=None, shuffle=True)
-    hook = EWGSDeltaHook(loader, period=2, num_batches=1, estimator="joint")
+    hook = EWGSDeltaHook(lambda: loader, period=2, num_batches=1, estimator="joint")
     storage = EventStorage()
     hook.trainer = SimpleNamespace(model=_LossDict(net), iter=0, max_iter=4, storage=storage)
 

@@ -232,8 +232,8 @@ def test_digits_ablation_rows(arch, blocks, tmp_path):
     sys.path.insert(0, os.path.join(ROOT, "tools"))
     import ablation_transformer as ablation
 
-    plan = (ablation.ROWS[0], ablation.DIGITS_CONTROL, *ablation.ROWS[1:])
-    cfgs = {s: ablation.row_config(arch, s, False, str(tmp_path), []) for _, s in plan}
+    study = ablation.build_study(arch, False, str(tmp_path), [])
+    cfgs = {name: study.config(row, study.seeds[0]) for name, row in study.rows.items()}
     both, fp_model = ["mha", "mlp"], str(tmp_path / arch / "fp" / "model_final.pth")
     expected = {  # suffix: (quantized, W, A, targets)
         "fp_finetune": (False, 4, 4, both),

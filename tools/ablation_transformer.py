@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 import time
 
@@ -34,7 +33,9 @@ from detectron2.modeling import build_model  # noqa: E402
 from detectron2.utils.logger import setup_logger  # noqa: E402
 
 import qdet  # noqa: E402,F401  (registers qdet's datasets, models and backbones)
-from qdet.engine.stages import evaluate_final, load_config, train  # noqa: E402
+from qdet.engine.cli import run_cli  # noqa: E402
+from qdet.engine.stages import train  # noqa: E402
+from qdet.engine.study import Study, StudyRow, spread  # noqa: E402
 from qdet.quantization import Quantizer  # noqa: E402
 from qdet.quantization.layers import QUANTIZED_LAYERS  # noqa: E402
 
@@ -59,26 +60,32 @@ DIGITS_DERIVED = {
 }
 
 
-def row_config(
-    arch: str, suffix: str, coco: bool, out: str, extra: list[str], seed: int | None = None
-):
-    """One row's config; ``seed`` (digits fine-tunes) overrides SEED, in a folder of its own
-    unless it is the YAML's seed."""
-    opts = list(extra)
-    if coco:
-        path = f"configs/{arch}_b_{suffix}.yaml"
-    else:
+def build_study(
+    arch: str,
+    coco: bool,
+    out: str,
+    opts: list[str],
+    seeds: list[int] | None = None,
+    jobs: int = 1,
+) -> Study:
+    """Table 8's rows as a :class:`Study`. Digits: the FP model once (its YAML's SEED), the
+    fine-tunes from it, once per seed of ``seeds`` (default: the YAML's SEED only). COCO:
+    every row from its own YAML as it is."""
+    rows = []
+    plan = ROWS if coco else (ROWS[0], DIGITS_CONTROL, *ROWS[1:])
+    for label, suffix in plan:
+        if coco:
+            rows.append(StudyRow(suffix, label, f"configs/{arch}_b_{suffix}.yaml", per_seed=False))
+            continue
         base, overrides = DIGITS_DERIVED.get(suffix, (suffix, []))
-        path = f"configs/digits/{arch}_tiny_{base}.yaml"
-        opts += overrides
-        if suffix != "fp":
-            opts += ["MODEL.WEIGHTS", os.path.join(out, arch, "fp", "model_final.pth")]
-    cfg = load_config(path, opts)
-    run_dir = suffix if seed in (None, cfg.SEED) else f"{suffix}_seed{seed}"
-    cfg.SEED = cfg.SEED if seed is None else seed
-    cfg.OUTPUT_DIR = os.path.join(out, arch, run_dir)
-    cfg.freeze()
-    return cfg
+        config = f"configs/digits/{arch}_tiny_{base}.yaml"
+        if suffix == "fp":
+            rows.append(StudyRow(suffix, label, config, per_seed=False))
+        else:
+            rows.append(
+                StudyRow(suffix, label, config, tuple(overrides), init="fp", per_seed=bool(seeds))
+            )
+    return Study(rows, seeds or [0], os.path.join(out, arch), opts, tag="ablation", jobs=jobs)
 
 
 def quantized_share(cfg) -> tuple[int, float]:
@@ -94,44 +101,11 @@ def quantized_share(cfg) -> tuple[int, float]:
     return len(layers), sum(weights(m) for m in layers) / total
 
 
-METRICS = ("box AP", "AP50", "AP75", "mask AP", "mask AP50", "mask AP75")
-
-
-def run_row(cfg, args) -> dict:
-    """Trains ``cfg`` unless its final model exists, then its (cached) final evaluation and
-    training time."""
-    final = os.path.join(cfg.OUTPUT_DIR, "model_final.pth")
-    timing = os.path.join(cfg.OUTPUT_DIR, "train_seconds.json")
-    if os.path.isfile(final):
-        print(f"[ablation]   reusing {final}", flush=True)
-    else:
-        print(f"[ablation]   training {cfg.SOLVER.MAX_ITER} it, seed {cfg.SEED}", flush=True)
-        start = time.time()
-        if args.coco and args.num_gpus > 1:
-            launch(train, args.num_gpus, args=(cfg, False))
-        else:
-            train(cfg, resume=False)
-        with open(timing, "w") as f:
-            json.dump({"seconds": time.time() - start, "iters": cfg.SOLVER.MAX_ITER}, f)
-    seconds = float("nan")
-    if os.path.isfile(timing):  # a reused run keeps the time it took when trained
-        with open(timing) as f:
-            seconds = json.load(f)["seconds"]
-    m = evaluate_final(cfg)
-    return {"W/A": m["W/A"], "box AP": m["AP"], "train s": seconds} | {
-        key: m[key] for key in METRICS[1:]
-    }
-
-
-def spread(values: list[float], fmt: str = ".1f") -> str:
-    """``mean`` for one run, ``mean ± sample std`` for several."""
-    if len(values) == 1:
-        return format(values[0], fmt)
-    return f"{format(statistics.mean(values), fmt)} ± {format(statistics.stdev(values), fmt)}"
+METRICS = ("AP", "AP50", "AP75", "mask AP", "mask AP50", "mask AP75")
 
 
 def per_seed(runs: list[dict]) -> str:
-    return ", ".join(f"{r['box AP']:.1f}" for r in runs)
+    return ", ".join(f"{r['AP']:.1f}" for r in runs)
 
 
 def main() -> None:
@@ -153,29 +127,37 @@ def main() -> None:
         help="only these rows (by config suffix); default: all",
     )
     parser.add_argument("--out", default="output/ablation")
+    parser.add_argument(
+        "--jobs", type=int, default=1, help="digits rows trained at once (2 on a 2-core CPU)"
+    )
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE overrides, every row")
+    parser.add_argument("--debug", action="store_true", help="tracebacks for bad input")
     args = parser.parse_args()
+    run_cli(run, args, debug=args.debug)
+
+
+def run(args) -> None:
     setup_logger(name="qdet")
-    plan = ROWS if args.coco else (ROWS[0], DIGITS_CONTROL, *ROWS[1:])
+    if args.coco and args.jobs > 1:
+        raise ValueError("--jobs is for the digits rows; COCO rows use --num-gpus")
+    study = build_study(args.arch, args.coco, args.out, args.opts, args.finetune_seeds, args.jobs)
     if args.rows:  # the digits fine-tunes start from the FP row, so it always runs
-        plan = [(label, s) for label, s in plan if s in args.rows or (s == "fp" and not args.coco)]
-    rows, raw, t0 = [], {}, time.time()
-    for i, (label, suffix) in enumerate(plan, 1):
-        fine_tune = not args.coco and suffix != "fp"
-        runs = []
-        for seed in args.finetune_seeds if fine_tune and args.finetune_seeds else [None]:
-            cfg = row_config(args.arch, suffix, args.coco, args.out, args.opts, seed)
-            print(
-                f"[ablation] {i}/{len(plan)} {label} ({time.time() - t0:.0f} s so far)", flush=True
-            )
-            runs.append(run_row(cfg, args) | {"seed": cfg.SEED})
-        raw[label] = runs
+        wanted = set(args.rows) | (set() if args.coco else {"fp"})
+        study.rows = {n: r for n, r in study.rows.items() if n in wanted}
+    if args.coco and args.num_gpus > 1:
+        study.train_fn = lambda cfg: launch(train, args.num_gpus, args=(cfg, False))
+    t0 = time.time()
+    results = study.run()
+    rows, seeds = [], study.seeds
+    for row in study.rows.values():
+        runs = [results[row.name][s] for s in (seeds if row.per_seed else seeds[:1])]
+        cfg = study.config(row, seeds[0])
         count, share = quantized_share(cfg)
         rows.append(
             {
-                "row": label,
+                "row": row.label,
                 "W/A": runs[0]["W/A"],
-                **{key: spread([r[key] for r in runs]) for key in METRICS},
+                **{("box AP" if k == "AP" else k): spread([r[k] for r in runs]) for k in METRICS},
                 **({"box AP per seed": per_seed(runs)} if args.finetune_seeds else {}),
                 "quantized Linear": count,
                 "backbone params quantized": f"{share:.1%}",
@@ -194,7 +176,7 @@ def main() -> None:
     with open(stem + ".md", "w") as f:
         f.write(header + table + "\n")
     with open(stem + ".json", "w") as f:
-        json.dump({"rows": rows, "runs": raw}, f, indent=1)
+        json.dump({"rows": rows, "runs": results}, f, indent=1)
     print("\n" + header + table)
 
 

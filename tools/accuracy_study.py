@@ -1,13 +1,20 @@
 #!/usr/bin/env python
-"""Accuracy study on the embedded digits data: FP vs 4- and 3-bit, baseline vs QFD, N seeds.
+"""Accuracy study on the embedded digits data: methods x bit widths, paired over seeds.
 
-    tools/accuracy_study.py --seeds 1 2 3 --out output/study
+    tools/accuracy_study.py --seeds 1 2 3 --jobs 2           # every method, W/A 4, 3, 2
+    tools/accuracy_study.py --seeds 1 --bits 4 --methods baseline qfd
 
-Per seed: trains the FP RetinaNet-R18 (configs/digits/retinanet_r18_fp.yaml), runs QFD's
-teacher stage once (shared by the 4- and 3-bit QFD students), then fine-tunes every
-quantized row from that seed's FP model. Writes ``<out>/accuracy.md`` (mean +- sample std
-of COCO box AP over seeds, and each seed's AP) and ``<out>/accuracy.json``. Finished runs
-are reused, so an interrupted study continues where it stopped.
+Per seed: the FP RetinaNet-R18 is trained from scratch (configs/digits/retinanet_r18_fp.yaml);
+every quantized row fine-tunes that seed's FP model with one schedule and sees the same
+batches in the same order (SEED = the seed), and the distillation rows distil from it.
+Methods: the baseline QAT, one row per registered distillation loss (``qfd``, float feature
+KD ``feature_kd``, and any loss registered later), the baseline with
+``QUANT.BOUND_GRADIENT inclusive``, and EWGS (these two at ``--check-bits`` only). Writes
+into ``--out``: ``accuracy.md`` (AP mean ± sample std per method and bit width, the paired
+difference to the baseline with the number of seeds it wins, AP per seed),
+``accuracy.json`` (every run's figures), ``ap_vs_bits.png`` and ``curves.png`` (val AP
+during training of FP, 4-bit baseline and 4-bit QFD on the first seed). Finished runs are
+reused.
 """
 
 from __future__ import annotations
@@ -15,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 import time
 
@@ -25,98 +31,225 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from detectron2.utils.logger import setup_logger  # noqa: E402
 
 import qdet  # noqa: E402,F401  (registers qdet's datasets and models)
-from qdet.engine.stages import evaluate_final, load_config, train_with_teacher_stage  # noqa: E402
+from qdet.distill.losses import LOSS_NAMES  # noqa: E402
+from qdet.engine.cli import run_cli  # noqa: E402
+from qdet.engine.study import (  # noqa: E402
+    Study,
+    StudyRow,
+    mean_std,
+    paired_differences,
+    spread,
+)
 
 DIGITS = "configs/digits/retinanet_r18_"
-ROWS = {  # name: (label, config, extra overrides)
-    "fp": ("FP", DIGITS + "fp.yaml", []),
-    "baseline_4bit": ("4-bit baseline", DIGITS + "4bit_baseline.yaml", []),
-    "baseline_4bit_perlevel": (
-        "4-bit baseline, per-level head act. quantizers",
+# method: (label, config, overrides). Every quantized row is the 4-bit config with its bits
+# overridden, so rows of one bit width differ only in the method.
+METHODS = {
+    "baseline": ("baseline QAT", DIGITS + "4bit_baseline.yaml", ()),
+    "qfd": ("QFD", DIGITS + "4bit_qfd.yaml", ()),
+    "feature_kd": ("float feature KD", DIGITS + "4bit_qfd.yaml", ("DISTILL.LOSS", "feature_kd")),
+    "inclusive": (
+        "baseline, inclusive bound gradient",
         DIGITS + "4bit_baseline.yaml",
-        ["QUANT.HEAD_PER_LEVEL_ACT", "True"],
+        ("QUANT.BOUND_GRADIENT", "inclusive"),
     ),
-    "qfd_4bit": ("4-bit QFD", DIGITS + "4bit_qfd.yaml", []),
-    "baseline_3bit": ("3-bit baseline", DIGITS + "3bit_baseline.yaml", []),
-    "qfd_3bit": ("3-bit QFD", DIGITS + "3bit_qfd.yaml", []),
+    "ewgs": ("EWGS", DIGITS + "4bit_ewgs.yaml", ()),
 }
+for _loss in LOSS_NAMES:  # a distillation loss is a row as soon as it is registered
+    METHODS.setdefault(_loss, (_loss, DIGITS + "4bit_qfd.yaml", ("DISTILL.LOSS", _loss)))
+ONE_WIDTH = ("inclusive", "ewgs")  # single-change checks: run at --check-bits only
+CURVES = ("fp", "baseline_4bit", "qfd_4bit")  # evaluated during training on the first seed
+CURVE_EVALS = 6
 
 
-def run_config(name: str, seed: int, out: str, extra: list[str]):
-    _, path, row_opts = ROWS[name]
-    seed_dir = os.path.join(out, f"seed{seed}")
-    fp_weights = os.path.join(seed_dir, "fp", "model_final.pth")
-    opts = ["OUTPUT_DIR", os.path.join(seed_dir, name), "SEED", str(seed), *row_opts, *extra]
-    if name != "fp":
-        opts += ["MODEL.WEIGHTS", fp_weights]
-    if "qfd" in name:
-        opts += [
-            "DISTILL.TEACHER_WEIGHTS",
-            fp_weights,
-            "DISTILL.QUANTIZED_TEACHER_WEIGHTS",
-            os.path.join(seed_dir, "teacher_stage", "model_final.pth"),
-        ]
-    cfg = load_config(path, opts)
-    cfg.freeze()
-    return cfg
+def method_bits(method: str, bits: list[int], check_bits: list[int]) -> list[int]:
+    return [b for b in bits if b in check_bits] if method in ONE_WIDTH else bits
 
 
-def summarize(results: dict[str, dict[int, dict]]) -> list[dict]:
-    rows = []
-    for name, per_seed in results.items():
-        seeds = sorted(per_seed)
-        row = {"model": ROWS[name][0], "W/A": per_seed[seeds[0]]["W/A"]}
-        for metric in ("AP", "AP50", "AP75"):
-            values = [per_seed[s][metric] for s in seeds]
-            spread = statistics.stdev(values) if len(values) > 1 else 0.0
-            row[metric] = f"{statistics.mean(values):.1f} ± {spread:.1f}"
-        row["AP per seed"] = ", ".join(f"{per_seed[s]['AP']:.1f}" for s in seeds)
-        rows.append(row)
+def study_rows(methods: list[str], bits: list[int], check_bits: list[int]) -> list[StudyRow]:
+    rows = [StudyRow("fp", "FP", DIGITS + "fp.yaml")]
+    for b in bits:
+        for m in methods:
+            if b not in method_bits(m, bits, check_bits):
+                continue
+            label, config, opts = METHODS[m]
+            opts = (*opts, "QUANT.W_BITS", str(b), "QUANT.A_BITS", str(b))
+            rows.append(StudyRow(f"{m}_{b}bit", label, config, opts, f"{b}/{b}", init="fp"))
     return rows
+
+
+def tables(results, methods, bits, seeds) -> str:
+    """AP (mean ± std), paired difference to the baseline, AP per seed: markdown."""
+    fp = [results["fp"][s]["AP"] for s in seeds]
+    ap = [["FP", spread(fp)] + [""] * len(bits)]
+    diff, per_seed = [], [["FP", ", ".join(f"{v:.1f}" for v in fp)]]
+    for m in methods:
+        ap_row, diff_row, seed_row = [METHODS[m][0], ""], [METHODS[m][0]], [METHODS[m][0]]
+        for b in bits:
+            runs = results.get(f"{m}_{b}bit")
+            if runs is None:  # a single-change check not run at this width
+                ap_row.append("")
+                diff_row.append("")
+                seed_row.append("")
+                continue
+            values = [runs[s]["AP"] for s in seeds]
+            ap_row.append(spread(values))
+            seed_row.append(", ".join(f"{v:.1f}" for v in values))
+            if m == "baseline":
+                diff_row.append("(reference)")
+                continue
+            d = paired_differences(results, f"{m}_{b}bit", f"baseline_{b}bit")
+            mean, std = mean_std(list(d.values()))
+            wins = sum(v > 0 for v in d.values())
+            diff_row.append(f"{mean:+.1f} ± {std:.1f} ({wins}/{len(d)} seeds better)")
+        ap.append(ap_row)
+        diff.append(diff_row)
+        per_seed.append(seed_row)
+    heads = [f"W/A {b}/{b}" for b in bits]
+    return "\n\n".join(
+        [
+            "COCO box AP on qdet_digits_val, mean ± sample std over seeds "
+            f"{', '.join(map(str, seeds))}:",
+            tabulate(ap, ["method", "FP 32/32", *heads], tablefmt="github"),
+            "Paired difference to the baseline of the same bit width (same FP model and "
+            "batches per seed), mean ± sample std, and on how many seeds the method is "
+            "higher:",
+            tabulate(diff, ["method", *heads], tablefmt="github"),
+            "Box AP per seed:",
+            tabulate(per_seed, ["method", *(heads if len(bits) else [])], tablefmt="github"),
+        ]
+    )
+
+
+def plot_ap_vs_bits(results, methods, bits, seeds, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    fp_mean, fp_std = mean_std([results["fp"][s]["AP"] for s in seeds])
+    ax.axhline(fp_mean, color="black", linestyle="--", label=f"FP ({fp_mean:.1f})")
+    ax.axhspan(fp_mean - fp_std, fp_mean + fp_std, color="black", alpha=0.08)
+    xs = sorted(bits)
+    for i, m in enumerate(methods):
+        xm = [b for b in xs if f"{m}_{b}bit" in results]
+        stats = [mean_std([results[f"{m}_{b}bit"][s]["AP"] for s in seeds]) for b in xm]
+        offset = (i - (len(methods) - 1) / 2) * 0.06  # keep error bars apart
+        ax.errorbar(
+            [x + offset for x in xm],
+            [v for v, _ in stats],
+            yerr=[e for _, e in stats],
+            marker="o",
+            capsize=3,
+            label=METHODS[m][0],
+        )
+    ax.set_xticks(xs, [f"{b}/{b}" for b in xs])
+    ax.set_xlabel("W/A bits")
+    ax.set_ylabel("box AP (qdet_digits_val)")
+    ax.set_title(f"RetinaNet-R18 on digits, mean ± std over {len(seeds)} seeds")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def ap_curve(run_dir: str) -> tuple[list[int], list[float]]:
+    """(iterations, val box AP) from a run's metrics.json (its periodic evaluations)."""
+    points = []
+    path = os.path.join(run_dir, "metrics.json")
+    if os.path.isfile(path):
+        with open(path) as f:
+            for line in f:
+                m = json.loads(line)
+                if "bbox/AP" in m:
+                    points.append((m["iteration"] + 1, m["bbox/AP"]))
+    return [p[0] for p in points], [p[1] for p in points]
+
+
+def plot_curves(study: Study, seed: int, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
+    for name in CURVES:
+        row = study.rows.get(name)
+        if row is None:
+            continue
+        iters, ap = ap_curve(study.run_dir(row, seed))
+        ax = axes[0] if name == "fp" else axes[1]
+        ax.plot(iters, ap, marker="o", label=f"{row.label} {row.bits}".strip())
+    axes[0].set_title("FP teacher, from scratch")
+    axes[1].set_title("4-bit fine-tunes of it")
+    for ax in axes:
+        ax.set_xlabel("iteration")
+        ax.set_ylabel("val box AP")
+        ax.legend(fontsize=8)
+    fig.suptitle(f"qdet_digits_val AP during training (seed {seed})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
-    parser.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS))
-    parser.add_argument("--out", default="output/study")
-    parser.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE overrides for every run")
-    args = parser.parse_args()
-    if "fp" not in args.rows:
-        args.rows.insert(0, "fp")  # every quantized row starts from its seed's FP model
-    setup_logger(name="qdet")
-    os.makedirs(args.out, exist_ok=True)
-    t0 = time.time()
-    results: dict[str, dict[int, dict]] = {name: {} for name in args.rows}
-    total = len(args.seeds) * len(args.rows)
-    for i, (seed, name) in enumerate(
-        # row-major: every seed of a row finishes before the next row starts
-        ((s, n) for n in args.rows for s in args.seeds),
-        1,
-    ):
-        cfg = run_config(name, seed, args.out, args.opts)
-        final = os.path.join(cfg.OUTPUT_DIR, "model_final.pth")
-        status = "reusing" if os.path.isfile(final) else f"training {cfg.SOLVER.MAX_ITER} it"
-        print(
-            f"[study] {i}/{total} seed {seed} {name}: {status} ({time.time() - t0:.0f} s so far)",
-            flush=True,
-        )
-        if not os.path.isfile(final):
-            train_with_teacher_stage(cfg, log=lambda m: print(f"[study]     {m}", flush=True))
-        results[name][seed] = evaluate_final(cfg)
-        print(f"[study]     AP {results[name][seed]['AP']:.1f}", flush=True)
-    rows = summarize(results)
-    table = tabulate(rows, headers="keys", tablefmt="github")
-    header = (
-        f"COCO box AP on qdet_digits_val, mean ± sample std over seeds {args.seeds} "
-        f"({time.time() - t0:.0f} s for this invocation; `tools/accuracy_study.py "
-        f"--seeds {' '.join(map(str, args.seeds))}`)\n\n"
+    parser.add_argument("--bits", type=int, nargs="+", default=[4, 3, 2])
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument(
+        "--check-bits",
+        type=int,
+        nargs="+",
+        default=[4],
+        help=f"bit widths of the single-change rows ({', '.join(ONE_WIDTH)})",
     )
+    parser.add_argument("--out", default="output/study")
+    parser.add_argument(
+        "--jobs", type=int, default=1, help="runs trained at once (2 on a 2-core CPU)"
+    )
+    parser.add_argument("--debug", action="store_true", help="tracebacks for bad input")
+    parser.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE overrides, every run")
+    args = parser.parse_args()
+    run_cli(run, args, debug=args.debug)
+
+
+def run(args) -> None:
+    setup_logger(name="qdet")
+    methods = ["baseline", *[m for m in args.methods if m != "baseline"]]
+    rows = study_rows(methods, args.bits, args.check_bits)
+    first = args.seeds[0]
+
+    def curve_opts(row: StudyRow, seed: int) -> list[str]:
+        if seed != first or row.name not in CURVES:
+            return []
+        return ["TEST.EVAL_PERIOD", str(max(_max_iter(row, args.opts) // CURVE_EVALS, 1))]
+
+    study = Study(
+        rows, args.seeds, args.out, args.opts, run_opts=curve_opts, tag="study", jobs=args.jobs
+    )
+    start = time.time()
+    results = study.run()
+    os.makedirs(args.out, exist_ok=True)
+    report = tables(results, methods, args.bits, args.seeds)
+    command = "tools/accuracy_study.py " + " ".join(sys.argv[1:])
+    header = f"`{command}` ({time.time() - start:.0f} s for this invocation)\n\n"
     with open(os.path.join(args.out, "accuracy.md"), "w") as f:
-        f.write(header + table + "\n")
+        f.write(header + report + "\n")
     with open(os.path.join(args.out, "accuracy.json"), "w") as f:
         json.dump({n: {str(s): r for s, r in v.items()} for n, v in results.items()}, f, indent=1)
-    print("\n" + header + table)
+    plot_ap_vs_bits(
+        results, methods, args.bits, args.seeds, os.path.join(args.out, "ap_vs_bits.png")
+    )
+    plot_curves(study, first, os.path.join(args.out, "curves.png"))
+    print("\n" + header + report)
+
+
+def _max_iter(row: StudyRow, opts: list[str]) -> int:
+    from qdet.engine.stages import load_config
+
+    return load_config(row.config, [*row.opts, *opts]).SOLVER.MAX_ITER
 
 
 if __name__ == "__main__":

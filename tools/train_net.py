@@ -30,6 +30,8 @@ import qdet  # noqa: E402,F401  (registers qdet's datasets and models)
 from qdet.distill.distiller import quantized_teacher_weights  # noqa: E402
 from qdet.distill.losses import build_distill_loss  # noqa: E402
 from qdet.engine import QDetTrainer  # noqa: E402
+from qdet.engine.checks import check_run_inputs  # noqa: E402
+from qdet.engine.cli import run_cli  # noqa: E402
 from qdet.engine.stages import (  # noqa: E402
     load_config,
     needs_teacher_stage,
@@ -50,6 +52,7 @@ def setup(args) -> CfgNode:
 
 def main(args):
     cfg = setup(args)
+    check_run_inputs(cfg, resume=args.resume, eval_only=args.eval_only)
     if args.eval_only:
         model = build_model(cfg)
         DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
@@ -76,16 +79,23 @@ def build_parser():
         "stage, or both (default; the teacher stage is skipped when its "
         "output exists)",
     )
+    parser.add_argument(
+        "--debug",
+        action="store_true",
+        help="show the full traceback of bad-input errors (also QDET_DEBUG=1)",
+    )
     return parser
 
 
 if __name__ == "__main__":
     args = build_parser().parse_args()
-    launch(
+    run_cli(
+        launch,
         main,
         args.num_gpus,
         num_machines=args.num_machines,
         machine_rank=args.machine_rank,
         dist_url=args.dist_url,
         args=(args,),
+        debug=args.debug,
     )

@@ -19,7 +19,8 @@ from qdet.quantization.quantizers import EWGSQuantizer, Quantizer
 logger = logging.getLogger(__name__)
 
 
-def _unwrap(model):
+def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The model inside a DistributedDataParallel wrapper (or the model)."""
     return model.module if isinstance(model, DistributedDataParallel) else model
 
 
@@ -51,7 +52,7 @@ class CalibrationHook(HookBase):
         self._num_batches = num_batches
 
     def before_train(self):
-        model = _unwrap(self.trainer.model)
+        model = unwrap_model(self.trainer.model)
         pending = [
             m
             for m in model.modules()
@@ -87,8 +88,9 @@ class EWGSDeltaHook(HookBase):
 
     As EWGS's loop: delta keeps its initial value (``QUANT.EWGS_DELTA``, 0 = STE) through
     the first period, then is refreshed at every period boundary (not after the last
-    step). Batches come from a second iterator over the training loader, so the training
-    batches and every random state stay as they would be without the hook. Every process
+    step). Batches come from a loader of its own (``build_loader()``, built at the first
+    refresh), so the training batches and every random state stay as they would be
+    without the hook. Every process
     estimates on its own batches and all take the mean (:func:`update_ewgs_deltas`). It
     runs before the checkpointer, so a checkpoint taken at the same iteration holds the new
     deltas. Logs one summary line per refresh and TensorBoard scalars ``ewgs/...``.
@@ -96,7 +98,7 @@ class EWGSDeltaHook(HookBase):
 
     def __init__(
         self,
-        data_loader,
+        build_loader,
         period: int,
         num_batches: int,
         estimator: str = "per_layer",
@@ -104,7 +106,7 @@ class EWGSDeltaHook(HookBase):
     ):
         if period < 1:
             raise ValueError(f"EWGS delta refresh period must be >= 1 iteration, got {period}")
-        self._data_loader = data_loader
+        self._build_loader = build_loader
         self._batches = None
         self.period = period
         self.num_batches = num_batches
@@ -117,12 +119,12 @@ class EWGSDeltaHook(HookBase):
             self.refresh()
 
     def refresh(self) -> dict[str, float]:
-        model = _unwrap(self.trainer.model)
+        model = unwrap_model(self.trainer.model)
         if not any(isinstance(m, EWGSQuantizer) and m.enabled for m in model.modules()):
             return {}
         if self._batches is None:
             with preserved_rng():  # a new loader iterator draws its seed from torch's RNG
-                self._batches = iter(self._data_loader)
+                self._batches = iter(self._build_loader())
         start = time.perf_counter()
         deltas = update_ewgs_deltas(
             model,

@@ -19,6 +19,8 @@ from detectron2.utils.env import seed_all_rng
 from qdet.config import add_qdet_config
 from qdet.distill.distiller import quantized_teacher_weights, teacher_config
 from qdet.distill.losses import build_distill_loss
+from qdet.engine.checks import check_run_inputs
+from qdet.engine.hooks import unwrap_model
 from qdet.engine.trainer import QDetTrainer
 from qdet.quantization import deployed_weight_bytes
 
@@ -83,10 +85,18 @@ def teacher_stage_config(cfg: CfgNode) -> CfgNode:
 def train(cfg: CfgNode, resume: bool):
     """Train one stage with ``QDetTrainer`` (resuming from OUTPUT_DIR if asked)."""
     # Seeded per run, as default_setup does, so both stages of one process are repeatable.
+    check_run_inputs(cfg, resume=resume)
     seed_all_rng(None if cfg.SEED < 0 else cfg.SEED + comm.get_rank())
     trainer = QDetTrainer(cfg)
     trainer.resume_or_load(resume=resume)
-    return trainer.train()
+    results = trainer.train()
+    # Detectron2's EvalHook evaluates once more after the last step; keep that as the final
+    # model's figures rather than evaluating model_final.pth again.
+    last = getattr(trainer, "_last_eval_results", None)
+    final = os.path.join(cfg.OUTPUT_DIR, "model_final.pth")
+    if comm.is_main_process() and last and "bbox" in last and os.path.isfile(final):
+        _save_final_metrics(cfg, unwrap_model(trainer.model), last)
+    return results
 
 
 def train_with_teacher_stage(cfg: CfgNode, resume: bool = False, log=print) -> None:
@@ -109,7 +119,11 @@ def evaluate_final(cfg: CfgNode) -> dict:
             return json.load(f)
     model = build_model(cfg)
     DetectionCheckpointer(model).load(final)
-    results = QDetTrainer.test(cfg, model)
+    return _save_final_metrics(cfg, model, QDetTrainer.test(cfg, model))
+
+
+def _save_final_metrics(cfg: CfgNode, model, results: dict) -> dict:
+    """The figures the study and the demo tabulate, from Detectron2's test results."""
     bbox = results["bbox"]
     result = {
         "W/A": f"{cfg.QUANT.W_BITS}/{cfg.QUANT.A_BITS}" if cfg.QUANT.ENABLED else "32/32",
@@ -120,6 +134,6 @@ def evaluate_final(cfg: CfgNode) -> dict:
     }
     if "segm" in results:
         result.update({f"mask {k}": results["segm"][k] for k in ("AP", "AP50", "AP75")})
-    with open(cache, "w") as f:
+    with open(os.path.join(cfg.OUTPUT_DIR, "eval_final.json"), "w") as f:
         json.dump(result, f)
     return result

@@ -4,9 +4,18 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 import weakref
 
-from detectron2.data import DatasetCatalog
+import numpy as np
+import torch
+from detectron2.data import (
+    DatasetCatalog,
+    DatasetMapper,
+    build_detection_train_loader,
+    get_detection_dataset_dicts,
+)
+from detectron2.data.samplers import TrainingSampler
 from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer, TrainerBase
 from detectron2.engine.defaults import create_ddp_model
 from detectron2.evaluation import COCOEvaluator
@@ -68,6 +77,25 @@ class QDetTrainer(DefaultTrainer):
         return model
 
     @classmethod
+    def build_train_loader(cls, cfg):
+        """Detectron2's training loader, whose batches are a function of ``cfg.SEED`` alone
+        (when >= 0): the sampler's shuffle is seeded with it and the mapper's augmentations
+        draw from a generator seeded per (SEED, sample position). Runs of one study seed
+        (FP, baseline, QFD, ...) then see the same images in the same order with the same
+        augmentations, whatever else consumed randomness: paired comparisons."""
+        if cfg.SEED < 0:
+            return super().build_train_loader(cfg)
+        dataset = get_detection_dataset_dicts(
+            cfg.DATASETS.TRAIN, filter_empty=cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS
+        )
+        return build_detection_train_loader(
+            cfg,
+            dataset=dataset,
+            mapper=SeededMapper(DatasetMapper(cfg, True), cfg.SEED),
+            sampler=TrainingSampler(len(dataset), seed=cfg.SEED),
+        )
+
+    @classmethod
     def build_optimizer(cls, cfg, model):
         return build_qat_optimizer(cfg, model)
 
@@ -98,12 +126,38 @@ class QDetTrainer(DefaultTrainer):
         model = self._trainer.model
         if not (q.EWGS_USE_HESSIAN and any(isinstance(m, EWGSQuantizer) for m in model.modules())):
             return []
-        loader = self._trainer.data_loader
-        period = q.EWGS_UPDATE_PERIOD or epoch_iterations(loader, self.cfg.SOLVER.IMS_PER_BATCH)
+        images_per_batch = self.cfg.SOLVER.IMS_PER_BATCH
+        period = q.EWGS_UPDATE_PERIOD or epoch_iterations(
+            self._trainer.data_loader, images_per_batch
+        )
         logging.getLogger(__name__).info(
             "EWGS: delta refreshed every %d iterations on %d batches (%s estimator)",
             period,
             q.EWGS_HESSIAN_BATCHES,
             q.EWGS_HUTCHINSON,
         )
-        return [EWGSDeltaHook(loader, period, q.EWGS_HESSIAN_BATCHES, q.EWGS_HUTCHINSON)]
+        build = lambda: self.build_train_loader(self.cfg)  # noqa: E731 - its own mapper
+        return [EWGSDeltaHook(build, period, q.EWGS_HESSIAN_BATCHES, q.EWGS_HUTCHINSON)]
+
+
+class SeededMapper:
+    """Runs ``mapper`` with NumPy's and Python's global generators (which Detectron2's
+    augmentations draw from) seeded with (``seed``, process rank, loader worker, call
+    number), and puts their states back afterwards. Each worker maps its samples in sampler
+    order, so the augmentation of every sample is fixed by the seed."""
+
+    def __init__(self, mapper, seed: int):
+        self.mapper, self.seed, self.calls = mapper, seed, 0
+
+    def __call__(self, dataset_dict):
+        worker = torch.utils.data.get_worker_info()
+        key = [self.seed, comm.get_rank(), worker.id if worker else 0, self.calls]
+        np_state, py_state = np.random.get_state(), random.getstate()
+        np.random.seed(key)
+        random.seed("-".join(map(str, key)))
+        self.calls += 1
+        try:
+            return self.mapper(dataset_dict)
+        finally:
+            np.random.set_state(np_state)
+            random.setstate(py_state)

@@ -1,0 +1,111 @@
+"""What a run needs on disk, checked before any model is built, with errors that say what to do.
+
+Detectron2 finds out late and answers with fvcore's ``AssertionError: Checkpoint ... not
+found!`` or a bare ``FileNotFoundError`` on a COCO json; these checks name the config key,
+the command or environment variable that fixes it, and the expected layout.
+"""
+
+from __future__ import annotations
+
+import difflib
+import glob
+import os
+
+from detectron2.config import CfgNode
+from detectron2.data import DatasetCatalog, MetadataCatalog
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+COCO_LAYOUT = (
+    "coco/annotations/instances_train2017.json, coco/annotations/instances_val2017.json, "
+    "coco/train2017/*.jpg, coco/val2017/*.jpg"
+)
+
+
+def producing_config(checkpoint: str) -> str | None:
+    """The shipped config (relative path) whose training writes ``checkpoint``, if any."""
+    from qdet.engine.stages import load_config
+
+    wanted = os.path.normpath(os.path.abspath(checkpoint))
+    for path in sorted(glob.glob(os.path.join(ROOT, "configs", "**", "*.yaml"), recursive=True)):
+        try:
+            out = load_config(path, []).OUTPUT_DIR
+        except Exception:  # noqa: BLE001 - a config that does not load produces nothing
+            continue
+        for base in (os.getcwd(), ROOT):
+            final = os.path.join(base, out, "model_final.pth")
+            if os.path.normpath(os.path.abspath(final)) == wanted:
+                return os.path.relpath(path, ROOT)
+    return None
+
+
+def missing_checkpoint_message(key: str, checkpoint: str) -> str:
+    """``key`` = the checkpoint does not exist, and how to make it."""
+    message = f"{key}={checkpoint!r} does not exist."
+    source = producing_config(checkpoint)
+    if source:
+        return (
+            f"{message} It is the model that `tools/train_net.py --config-file {source}` "
+            f'trains: run that first, or set {key} "" to start from scratch.'
+        )
+    return (
+        f'{message} Point {key} at a Detectron2 checkpoint, or set it to "" to start from scratch.'
+    )
+
+
+def check_weights(cfg: CfgNode, resume: bool = False) -> None:
+    """MODEL.WEIGHTS exists (unless empty, a URL, or replaced by a resumed checkpoint)."""
+    weights = cfg.MODEL.WEIGHTS
+    if not weights or "://" in weights or os.path.isfile(weights):
+        return
+    if resume and os.path.isfile(os.path.join(cfg.OUTPUT_DIR, "last_checkpoint")):
+        return
+    raise FileNotFoundError(missing_checkpoint_message("MODEL.WEIGHTS", weights))
+
+
+def check_datasets(names) -> None:
+    """Every dataset is registered and, where its metadata names files, they exist."""
+    registered = DatasetCatalog.list()
+    for name in names:
+        if name not in registered:
+            near = difflib.get_close_matches(name, registered, n=5, cutoff=0.4)
+            raise KeyError(
+                f"dataset {name!r} is not registered; did you mean one of {near}? (qdet "
+                "registers qdet_digits_train / qdet_digits_val, Detectron2 coco_2017_*)"
+            )
+        if name.startswith("qdet_digits"):  # built on first use
+            continue
+        meta = MetadataCatalog.get(name)
+        for key in ("json_file", "image_root"):
+            path = getattr(meta, key, None)
+            if path and not os.path.exists(path):
+                where = os.environ.get("DETECTRON2_DATASETS")
+                where = f"it is {where!r}" if where else "it is unset, so ./datasets is used"
+                raise FileNotFoundError(
+                    f"dataset {name!r} needs {path}, which does not exist. Set "
+                    f"DETECTRON2_DATASETS to the folder that holds coco/ ({where}); "
+                    f"expected inside it: {COCO_LAYOUT}"
+                )
+
+
+def check_teacher(cfg: CfgNode) -> None:
+    """DISTILL.TEACHER_WEIGHTS exists when the run will load it (QFD loads it only for its
+    teacher stage, skipped when that stage's output exists)."""
+    from qdet.distill.distiller import quantized_teacher_weights
+    from qdet.distill.losses import build_distill_loss
+
+    weights = cfg.DISTILL.TEACHER_WEIGHTS
+    if not cfg.DISTILL.ENABLED or os.path.isfile(weights):
+        return
+    if build_distill_loss(cfg.DISTILL.LOSS).quantized_teacher and os.path.isfile(
+        quantized_teacher_weights(cfg)
+    ):
+        return
+    raise FileNotFoundError(missing_checkpoint_message("DISTILL.TEACHER_WEIGHTS", weights))
+
+
+def check_run_inputs(cfg: CfgNode, resume: bool = False, eval_only: bool = False) -> None:
+    """Weights, teacher and datasets of a run (``eval_only``: weights and test sets)."""
+    check_weights(cfg, resume)
+    if not eval_only:
+        check_teacher(cfg)
+    check_datasets((() if eval_only else tuple(cfg.DATASETS.TRAIN)) + tuple(cfg.DATASETS.TEST))

@@ -1,0 +1,42 @@
+"""Command-line tools answer the errors a user can fix in one line, and keep tracebacks for
+the rest (and for developers: ``--debug`` or ``QDET_DEBUG=1``)."""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable
+
+_OWN_CODE = tuple(
+    os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), d)
+    + os.sep
+    for d in ("qdet", "tools")
+)
+# Raised by qdet's own checks for bad input: unknown keys, bits, losses, taps, missing files.
+USER_ERRORS = (ValueError, KeyError, FileNotFoundError, RuntimeError)
+
+
+def raised_by_qdet(error: BaseException) -> bool:
+    """Whether ``error`` was raised in qdet's package or tools (not inside a dependency)."""
+    tb = error.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb is not None and tb.tb_frame.f_code.co_filename.startswith(_OWN_CODE)
+
+
+def debug_requested(debug: bool = False) -> bool:
+    return debug or os.environ.get("QDET_DEBUG", "") not in ("", "0")
+
+
+def run_cli(fn: Callable, *args, debug: bool = False, **kwargs):
+    """``fn(*args, **kwargs)``; a bad-input error raised by qdet becomes one line on stderr
+    and exit status 2."""
+    try:
+        return fn(*args, **kwargs)
+    except USER_ERRORS as e:
+        if debug_requested(debug) or not raised_by_qdet(e):
+            raise
+        message = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+        prog = os.path.basename(sys.argv[0]) or "qdet"
+        print(f"{prog}: error: {message} (--debug shows the traceback)", file=sys.stderr)
+        sys.exit(2)

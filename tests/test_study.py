@@ -1,0 +1,148 @@
+"""The study runner: pairing (one teacher file and one data order per seed), reuse,
+ordering, and the accuracy study's paired-difference table."""
+
+import json
+import os
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from qdet.engine import QDetTrainer
+from qdet.engine import study as study_module
+from qdet.engine.study import Study, StudyRow
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "tools"))
+import accuracy_study  # noqa: E402
+
+SMALL = ["SOLVER.IMS_PER_BATCH", "2", "INPUT.MIN_SIZE_TRAIN", "(80, 96, 112)"]  # random scale
+
+
+def _image_ids(cfg, batches=3):
+    loader = iter(QDetTrainer.build_train_loader(cfg))
+    out = []
+    for _ in range(batches):
+        batch = next(loader)
+        out.append([(d["image_id"], d["image"].float().sum().item()) for d in batch])
+    return out
+
+
+def test_rows_of_a_seed_share_the_teacher_file_and_the_batches(tmp_path):
+    rows = accuracy_study.study_rows(["baseline", "qfd", "feature_kd", "ewgs"], [4, 2], [4])
+    assert "ewgs_4bit" in {r.name for r in rows} and "ewgs_2bit" not in {r.name for r in rows}
+    study = Study(rows, [1, 2], str(tmp_path), SMALL)
+    for seed in (1, 2):
+        fp = os.path.join(str(tmp_path), f"seed{seed}", "fp", "model_final.pth")
+        cfgs = {r.name: study.config(r, seed) for r in rows}
+        assert cfgs["fp"].MODEL.WEIGHTS == "" and seed == cfgs["fp"].SEED
+        for name, cfg in cfgs.items():
+            assert seed == cfg.SEED
+            if name != "fp":
+                assert fp == cfg.MODEL.WEIGHTS, name
+            if cfg.DISTILL.ENABLED:
+                assert fp == cfg.DISTILL.TEACHER_WEIGHTS, name
+        # The QFD rows of a seed share a teacher stage only where the stage is the same.
+        stages = {cfgs[n].DISTILL.QUANTIZED_TEACHER_WEIGHTS for n in ("qfd_4bit", "qfd_2bit")}
+        assert len(stages) == 1 and f"seed{seed}" in stages.pop()
+    # Same batches (images, order, augmentation) for every row of a seed, even when the
+    # rows consume other randomness in between; another seed sees other batches.
+    first = {}
+    for i, name in enumerate(("fp", "baseline_4bit", "qfd_2bit")):
+        np.random.rand(i + 1)
+        torch.rand(i + 1)
+        first[name] = _image_ids(study.config(study.rows[name], 1))
+    assert first["fp"] == first["baseline_4bit"] == first["qfd_2bit"]
+    assert _image_ids(study.config(study.rows["fp"], 2)) != first["fp"]
+
+
+def test_study_reuses_runs_and_checks_its_rows(tmp_path, monkeypatch):
+    trained = []
+
+    def fake_train(cfg):
+        trained.append((os.path.basename(cfg.OUTPUT_DIR), cfg.SEED))
+        os.makedirs(cfg.OUTPUT_DIR, exist_ok=True)
+        open(os.path.join(cfg.OUTPUT_DIR, "model_final.pth"), "w").close()
+
+    ap = {"fp": 50.0, "q": 40.0}
+    monkeypatch.setattr(
+        study_module,
+        "evaluate_final",
+        lambda cfg: {"AP": ap[os.path.basename(cfg.OUTPUT_DIR)] + cfg.SEED, "W/A": "x"},
+    )
+    config = os.path.join(ROOT, "configs/digits/retinanet_r18_4bit_baseline.yaml")
+    rows = [
+        StudyRow("fp", "FP", os.path.join(ROOT, "configs/digits/retinanet_r18_fp.yaml")),
+        StudyRow("q", "baseline", config, bits="4/4", init="fp"),
+    ]
+    lines = []
+    study = Study(rows, [1, 2], str(tmp_path), train_fn=fake_train, log=lines.append)
+    results = study.run()
+    assert trained == [("fp", 1), ("fp", 2), ("q", 1), ("q", 2)]  # row-major
+    assert results["q"] == {
+        1: {"AP": 41.0, "W/A": "x", "train s": pytest.approx(0, abs=5)},
+        2: {
+            "AP": 42.0,
+            "W/A": "x",
+            "train s": pytest.approx(0, abs=5),
+        },
+    }
+    assert any("about" in line and "min of training left" in line for line in lines)
+    trained.clear()
+    study.run()
+    assert trained == []  # every run reused
+    with pytest.raises(ValueError, match="listed before 'fp'"):
+        Study(rows[::-1], [1], str(tmp_path)).plan()
+    with pytest.raises(ValueError, match="'nope', which is not a row"):
+        Study([StudyRow("q", "b", config, init="nope")], [1], str(tmp_path))
+
+
+def _fake_train(cfg):
+    """A picklable stand-in for training: writes the final file, notes when it ran."""
+    os.makedirs(cfg.OUTPUT_DIR, exist_ok=True)
+    start = time.time()
+    init = cfg.MODEL.WEIGHTS
+    assert not init or os.path.isfile(init), f"{cfg.OUTPUT_DIR} started before {init} existed"
+    time.sleep(1.5)
+    with open(os.path.join(cfg.OUTPUT_DIR, "ran.json"), "w") as f:
+        json.dump([start, time.time()], f)
+    open(os.path.join(cfg.OUTPUT_DIR, "model_final.pth"), "w").close()
+
+
+def test_parallel_study_waits_for_each_runs_start(tmp_path, monkeypatch):
+    monkeypatch.setattr(study_module, "evaluate_final", lambda cfg: {"AP": 1.0, "W/A": "x"})
+    config = os.path.join(ROOT, "configs/digits/retinanet_r18_4bit_baseline.yaml")
+    rows = [
+        StudyRow("fp", "FP", os.path.join(ROOT, "configs/digits/retinanet_r18_fp.yaml")),
+        StudyRow("q", "baseline", config, bits="4/4", init="fp"),
+        StudyRow("r", "baseline", config, bits="4/4", init="fp"),
+    ]
+    lines = []
+    study = Study(rows, [1, 2], str(tmp_path), train_fn=_fake_train, log=lines.append, jobs=2)
+    results = study.run()  # a worker that starts too early fails its assert, and the study
+    assert {n: sorted(r) for n, r in results.items()} == {"fp": [1, 2], "q": [1, 2], "r": [1, 2]}
+
+    spans = []
+    for row in ("fp", "q", "r"):
+        for seed in (1, 2):
+            with open(os.path.join(str(tmp_path), f"seed{seed}", row, "ran.json")) as f:
+                spans.append(json.load(f))
+    # At most two at once, and two at once at some point (both FP runs start together).
+    running = [sum(a <= t < b for a, b in spans) for t, _ in spans]
+    assert max(running) == 2
+    assert sum("in a worker" in line for line in lines) == 6
+
+
+def test_paired_differences_and_wins_in_the_table():
+    results = {
+        "fp": {1: {"AP": 50.0}, 2: {"AP": 52.0}, 3: {"AP": 51.0}},
+        "baseline_4bit": {1: {"AP": 40.0}, 2: {"AP": 44.0}, 3: {"AP": 42.0}},
+        "qfd_4bit": {1: {"AP": 41.0}, 2: {"AP": 47.0}, 3: {"AP": 41.5}},
+    }
+    text = accuracy_study.tables(results, ["baseline", "qfd"], [4], [1, 2, 3])
+    # Differences per seed: +1, +3, -0.5: mean 1.17, sample std 1.76, better on 2 of 3.
+    assert "+1.2 ± 1.8 (2/3 seeds better)" in text
+    assert "42.0 ± 2.0" in text and "51.0 ± 1.0" in text  # baseline and FP mean ± std
+    assert "41.0, 47.0, 41.5" in text
