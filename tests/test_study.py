@@ -93,6 +93,11 @@ def test_study_reuses_runs_and_checks_its_rows(tmp_path, monkeypatch):
     trained.clear()
     study.run()
     assert trained == []  # every run reused
+    os.remove(os.path.join(str(tmp_path), "seed2", "q", "model_final.pth"))
+    partial = study.run(train=False)  # a report of the finished runs, nothing trained
+    assert trained == [] and sorted(partial["q"]) == [1] and sorted(partial["fp"]) == [1, 2]
+    report = {"fp": partial["fp"], "baseline_4bit": partial["q"]}
+    assert "| 41.0, -" in accuracy_study.tables(report, ["baseline"], [4], [1, 2])
     with pytest.raises(ValueError, match="listed before 'fp'"):
         Study(rows[::-1], [1], str(tmp_path)).plan()
     with pytest.raises(ValueError, match="'nope', which is not a row"):

@@ -78,27 +78,38 @@ def study_rows(methods: list[str], bits: list[int], check_bits: list[int]) -> li
     return rows
 
 
+def _ap(runs: dict, seeds) -> list[float]:
+    """AP of the seeds that finished (all of them, unless a report-only run)."""
+    return [runs[s]["AP"] for s in seeds if s in runs]
+
+
+def _per_seed(runs: dict, seeds) -> str:
+    return ", ".join(f"{runs[s]['AP']:.1f}" if s in runs else "-" for s in seeds)
+
+
 def tables(results, methods, bits, seeds) -> str:
     """AP (mean ± std), paired difference to the baseline, AP per seed: markdown."""
-    fp = [results["fp"][s]["AP"] for s in seeds]
-    ap = [["FP", spread(fp)] + [""] * len(bits)]
-    diff, per_seed = [], [["FP", ", ".join(f"{v:.1f}" for v in fp)]]
+    fp = _ap(results["fp"], seeds)
+    ap = [["FP", spread(fp) if fp else ""] + [""] * len(bits)]
+    diff, per_seed = [], [["FP", _per_seed(results["fp"], seeds)] + [""] * len(bits)]
     for m in methods:
-        ap_row, diff_row, seed_row = [METHODS[m][0], ""], [METHODS[m][0]], [METHODS[m][0]]
+        ap_row, diff_row, seed_row = [METHODS[m][0], ""], [METHODS[m][0]], [METHODS[m][0], ""]
         for b in bits:
             runs = results.get(f"{m}_{b}bit")
-            if runs is None:  # a single-change check not run at this width
+            if not runs:  # a single-change check not run at this width, or none finished
                 ap_row.append("")
                 diff_row.append("")
                 seed_row.append("")
                 continue
-            values = [runs[s]["AP"] for s in seeds]
-            ap_row.append(spread(values))
-            seed_row.append(", ".join(f"{v:.1f}" for v in values))
+            ap_row.append(spread(_ap(runs, seeds)))
+            seed_row.append(_per_seed(runs, seeds))
             if m == "baseline":
                 diff_row.append("(reference)")
                 continue
             d = paired_differences(results, f"{m}_{b}bit", f"baseline_{b}bit")
+            if not d:
+                diff_row.append("")
+                continue
             mean, std = mean_std(list(d.values()))
             wins = sum(v > 0 for v in d.values())
             diff_row.append(f"{mean:+.1f} ± {std:.1f} ({wins}/{len(d)} seeds better)")
@@ -116,7 +127,7 @@ def tables(results, methods, bits, seeds) -> str:
             "higher:",
             tabulate(diff, ["method", *heads], tablefmt="github"),
             "Box AP per seed:",
-            tabulate(per_seed, ["method", *(heads if len(bits) else [])], tablefmt="github"),
+            tabulate(per_seed, ["method", "FP 32/32", *heads], tablefmt="github"),
         ]
     )
 
@@ -128,13 +139,13 @@ def plot_ap_vs_bits(results, methods, bits, seeds, path: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    fp_mean, fp_std = mean_std([results["fp"][s]["AP"] for s in seeds])
+    fp_mean, fp_std = mean_std(_ap(results["fp"], seeds))
     ax.axhline(fp_mean, color="black", linestyle="--", label=f"FP ({fp_mean:.1f})")
     ax.axhspan(fp_mean - fp_std, fp_mean + fp_std, color="black", alpha=0.08)
     xs = sorted(bits)
     for i, m in enumerate(methods):
-        xm = [b for b in xs if f"{m}_{b}bit" in results]
-        stats = [mean_std([results[f"{m}_{b}bit"][s]["AP"] for s in seeds]) for b in xm]
+        xm = [b for b in xs if results.get(f"{m}_{b}bit")]
+        stats = [mean_std(_ap(results[f"{m}_{b}bit"], seeds)) for b in xm]
         offset = (i - (len(methods) - 1) / 2) * 0.06  # keep error bars apart
         ax.errorbar(
             [x + offset for x in xm],
@@ -209,6 +220,9 @@ def main() -> None:
     parser.add_argument(
         "--jobs", type=int, default=1, help="runs trained at once (2 on a 2-core CPU)"
     )
+    parser.add_argument(
+        "--report-only", action="store_true", help="tables and plots of the finished runs only"
+    )
     parser.add_argument("--debug", action="store_true", help="tracebacks for bad input")
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE overrides, every run")
     args = parser.parse_args()
@@ -230,7 +244,7 @@ def run(args) -> None:
         rows, args.seeds, args.out, args.opts, run_opts=curve_opts, tag="study", jobs=args.jobs
     )
     start = time.time()
-    results = study.run()
+    results = study.run(train=not args.report_only)
     os.makedirs(args.out, exist_ok=True)
     report = tables(results, methods, args.bits, args.seeds)
     command = "tools/accuracy_study.py " + " ".join(sys.argv[1:])

@@ -126,11 +126,16 @@ class Study:
             order += [(row, seed) for seed in seeds]
         return order
 
-    def run(self) -> dict[str, dict[int, dict]]:
-        """Train what is missing, evaluate everything (cached); row -> seed -> metrics."""
+    def run(self, train: bool = True) -> dict[str, dict[int, dict]]:
+        """Train what is missing, evaluate everything (cached); row -> seed -> metrics.
+        ``train=False``: only the finished runs (a report while a study is under way)."""
         plan = self.plan()
         configs = [self.config(row, seed) for row, seed in plan]
         pending = [not os.path.isfile(_final(cfg)) for cfg in configs]
+        if not train:
+            plan = [p for p, todo in zip(plan, pending) if not todo]
+            configs = [c for c, todo in zip(configs, pending) if not todo]
+            pending = [False] * len(plan)
         if self.jobs > 1 and sum(pending) > 1:
             self._train_parallel(plan, configs, pending)
         seconds_per_iter: list[float] = []
@@ -159,7 +164,12 @@ class Study:
         from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 
         cpu_threads = torch.get_num_threads()
-        todo = [i for i, p in enumerate(pending) if p]
+        # Seed by seed (a run still waits for its start): the rows of a seed finish close
+        # together, so an interrupted study leaves whole pairs to compare.
+        seed_rank = {seed: k for k, seed in enumerate(self.seeds)}
+        todo = sorted(
+            (i for i, p in enumerate(pending) if p), key=lambda i: (seed_rank[plan[i][1]], i)
+        )
         total_iters = sum(configs[i].SOLVER.MAX_ITER for i in todo)
         done_iters, start, running = 0, time.time(), {}
         context = multiprocessing.get_context("spawn")  # no forked torch thread pools
