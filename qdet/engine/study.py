@@ -204,11 +204,11 @@ class Study:
 
     def _log_progress(self, plan, configs, running, done_iters, total_iters, start) -> None:
         """Where each running run is (its metrics.json), and the ETA from the pace so far."""
-        where = []
+        where, iters = [], done_iters
         for i in running.values():
             at = min(_last_iteration(configs[i].OUTPUT_DIR), configs[i].SOLVER.MAX_ITER)
+            iters += at
             where.append(f"{plan[i][0].name} (seed {plan[i][1]}) {at}/{configs[i].SOLVER.MAX_ITER}")
-        iters = done_iters + self._running_iters(configs, running)
         eta = _eta_parallel(iters, time.time() - start, total_iters)
         self._log(f"training {', '.join(where)} ({eta})")
 
