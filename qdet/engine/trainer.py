@@ -12,6 +12,7 @@ import torch
 from detectron2.data import (
     DatasetCatalog,
     DatasetMapper,
+    build_detection_test_loader,
     build_detection_train_loader,
     get_detection_dataset_dicts,
 )
@@ -41,7 +42,8 @@ def has_compiled_ops() -> bool:
 class QDetTrainer(DefaultTrainer):
     """DefaultTrainer with: the student's teacher attached (``DISTILL.ENABLED``); quantizer
     parameters in their own optimizer group; calibration before the first step; atomic
-    checkpoints; COCO evaluation. AMP (``SOLVER.AMP.ENABLED``) and DDP come from Detectron2.
+    checkpoints; COCO evaluation. AMP (``SOLVER.AMP.ENABLED``) and DDP come from Detectron2
+    on GPUs; on a CPU, AMP is bfloat16 autocast (:class:`CPUAutocastTrainer`).
     """
 
     def __init__(self, cfg):
@@ -58,7 +60,9 @@ class QDetTrainer(DefaultTrainer):
         model = create_ddp_model(
             model, broadcast_buffers=False, device_ids=None if on_cpu else [comm.get_local_rank()]
         )
-        trainer_cls = AMPTrainer if cfg.SOLVER.AMP.ENABLED else SimpleTrainer
+        trainer_cls = SimpleTrainer
+        if cfg.SOLVER.AMP.ENABLED:
+            trainer_cls = CPUAutocastTrainer if on_cpu else AMPTrainer
         self._trainer = trainer_cls(model, data_loader, optimizer)
         self.scheduler = self.build_lr_scheduler(cfg, optimizer)
         self.checkpointer = AtomicCheckpointer(model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
@@ -100,6 +104,10 @@ class QDetTrainer(DefaultTrainer):
         return build_qat_optimizer(cfg, model)
 
     @classmethod
+    def build_test_loader(cls, cfg, dataset_name):
+        return build_detection_test_loader(cfg, dataset_name, batch_size=cfg.TEST.IMS_PER_BATCH)
+
+    @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
         if dataset_name.startswith("qdet_digits"):
             DatasetCatalog.get(dataset_name)  # builds the embedded data if needed
@@ -138,6 +146,20 @@ class QDetTrainer(DefaultTrainer):
         )
         build = lambda: self.build_train_loader(self.cfg)  # noqa: E731 - its own mapper
         return [EWGSDeltaHook(build, period, q.EWGS_HESSIAN_BATCHES, q.EWGS_HUTCHINSON)]
+
+
+class CPUAutocastTrainer(SimpleTrainer):
+    """``SOLVER.AMP.ENABLED`` on a CPU: each step under ``torch.autocast("cpu", bfloat16)``
+    (Detectron2's AMPTrainer is CUDA-only). Convolutions and matmuls run in bfloat16, which
+    oneDNN runs about 1.8x faster than float32 on CPUs with AVX512-BF16 (the digits FP
+    teacher's step); bfloat16 keeps float32's exponent range, so no loss scaling. Parameters,
+    gradients and the optimizer stay float32: autograd returns each gradient in its
+    parameter's dtype. Meant for FP models: a fake-quantized grid rounded to bfloat16 is no
+    longer exact."""
+
+    def run_step(self):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            super().run_step()
 
 
 class SeededMapper:
