@@ -76,6 +76,7 @@ def teacher_stage_config(cfg: CfgNode) -> CfgNode:
     tcfg.SOLVER.CHECKPOINT_PERIOD = min(cfg.SOLVER.CHECKPOINT_PERIOD, iters)
     tcfg.QUANT.CALIB_BATCHES = cfg.QUANT.CALIB_BATCHES
     tcfg.TEST.EVAL_PERIOD = 0
+    tcfg.DATASETS.TEST = ()  # nothing reads its AP: skip Detectron2's after-train evaluation
     tcfg.OUTPUT_DIR = os.path.dirname(quantized_teacher_weights(cfg))
     tcfg.SEED = cfg.SEED
     tcfg.freeze()
