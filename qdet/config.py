@@ -105,7 +105,76 @@ def add_qdet_config(cfg: CN) -> CN:
     # The feature-quantized teacher the student stage loads. "" = the teacher stage's
     # output, OUTPUT_DIR/teacher_stage/model_final.pth.
     cfg.DISTILL.QUANTIZED_TEACHER_WEIGHTS = ""
+    # Several terms at once: loss names, each set up by its node DISTILL.<NAME> below (TAPS,
+    # WEIGHT, CONNECTOR where offered, the loss's options), e.g. ["fa", "logit_mse"]
+    # (FAQD). Empty: one term, the shorthand LOSS on TAP with WEIGHT (options still from
+    # DISTILL.<LOSS>). Taps: qdet.distill.taps (backbone outputs, module paths, "logits",
+    # "residual_branches", globs). The log shows loss_distill_<name> per term.
+    cfg.DISTILL.TERMS = []
+    # No ground-truth losses at all: the student learns from the distillation terms only
+    # (FAQD Eq. 11; AKT). README, "Distillation", says what a detector learns then.
+    cfg.DISTILL.LABEL_FREE = False
+    add_distill_terms_config(cfg)
     return cfg
+
+
+def _term(cfg: CN, name: str, taps: list[str], weight: float, **options) -> None:
+    node = CN()
+    node.TAPS = taps
+    node.WEIGHT = weight
+    for key, value in options.items():
+        node[key] = value
+    cfg.DISTILL[name] = node
+
+
+def add_distill_terms_config(cfg: CN) -> None:
+    """``DISTILL.<LOSS>``: each registered loss's taps, weight and options (defaults: the
+    papers' recipes; option meanings in the loss classes of qdet.distill.losses)."""
+    # QFD (QFD Eq. 7): MSE to the teacher's feature quantized by its teacher stage; one tap.
+    _term(cfg, "QFD", ["p3"], 1.0)
+    # Float feature KD: MSE to the teacher's float feature. CONNECTOR: FAQD's trainable
+    # 1x1 conv + ReLU per tap on the student side (channels may then differ).
+    _term(cfg, "FEATURE_KD", ["p3"], 1.0, CONNECTOR=False)
+    # Feature affinity (FAQD Eq. 6) on every ResNet stage output (module paths: RetinaNet's
+    # named outputs start at res3), weight 0.1 (FAQD).
+    # NORM: "fro2" (the paper) or "l1" (official code); REDUCTION over the batch: "mean" or
+    # "sum" (official code); the teacher map is resized to the student's with ALIGN_CORNERS.
+    _term(
+        cfg,
+        "FA",
+        [f"backbone.bottom_up.res{i}" for i in (2, 3, 4, 5)],
+        0.1,
+        CONNECTOR=False,
+        NORM="fro2",
+        REDUCTION="mean",
+        ALIGN_CORNERS=True,
+        EPS=1e-5,
+    )
+    # Fast FA (FAQD Eq. 14-15): K random projections, a fresh draw every step from its own
+    # generator seeded with SEED. ESTIMATE: what it estimates ("fro2": FA itself).
+    _term(
+        cfg,
+        "FFA",
+        [f"backbone.bottom_up.res{i}" for i in (2, 3, 4, 5)],
+        0.1,
+        CONNECTOR=False,
+        K=15,
+        SEED=0,
+        ESTIMATE="fro2",
+        REDUCTION="mean",
+        ALIGN_CORNERS=True,
+        EPS=1e-5,
+    )
+    # AKT's refined feature distillation (AKT Eq. 6-9) on every residual branch, weight
+    # 1 - alpha = 0.5. REDUCTION: "mean" (the paper) or "official" (1000 x sums).
+    _term(cfg, "RFD", ["residual_branches"], 0.5, TEMPERATURE=8.0, REDUCTION="mean")
+    # Logit KD: KL(softmax(z_T/t) || softmax(z_S/t)) t^2. ACTIVATION "auto": sigmoid for
+    # RetinaNet's focal-loss logits (per anchor and class), softmax for a classifier.
+    _term(cfg, "LOGIT_KD", ["logits"], 1.0, TEMPERATURE=4.0, ACTIVATION="auto")
+    # FAQD's logit MSE.
+    _term(cfg, "LOGIT_MSE", ["logits"], 1.0)
+    # AKT's official logit term (-T^2 H(softmax((z_T - z_S)/T)), T = 20), alpha = 0.5.
+    _term(cfg, "AKT_LOGIT", ["logits"], 0.5, TEMPERATURE=20.0)
 
 
 def add_transformer_config(cfg: CN) -> None:

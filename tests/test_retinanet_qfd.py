@@ -18,7 +18,7 @@ from detectron2.utils.events import EventStorage
 from train_net_cli import run_train_net
 
 from qdet.config import add_qdet_config
-from qdet.distill import Distiller, QFDLoss, build_distill_loss, load_teacher, teacher_config
+from qdet.distill import Distiller, TermSpec, build_distill_loss, load_teacher, teacher_config
 from qdet.quantization import QConv2d, UniformQuantizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -193,8 +193,8 @@ def test_qfd_loss_matches_independent_computation(teacher_checkpoint, monkeypatc
         losses = student(batch)
     ratio = storage.history("distill_ratio").latest()
     det = losses["loss_cls"] + losses["loss_box_reg"]
-    total = det + losses["loss_distill"]
-    assert ratio == pytest.approx((losses["loss_distill"] / total).item(), rel=1e-5)
+    total = det + losses["loss_distill_qfd"]
+    assert ratio == pytest.approx((losses["loss_distill_qfd"] / total).item(), rel=1e-5)
     # Independent: run both backbones by hand, quantize the teacher's p3 with a fresh
     # quantizer holding the checkpoint's parameters, and take the mean squared error.
     images = student.preprocess_image(batch).tensor
@@ -206,8 +206,8 @@ def test_qfd_loss_matches_independent_computation(teacher_checkpoint, monkeypatc
         q = UniformQuantizer(8, "activation", signed=True)
         q.load_state_dict(teacher.feature_quantizer.state_dict())
         expected = F.mse_loss(f_s, q(p3_t)) * cfg.DISTILL.WEIGHT
-    torch.testing.assert_close(losses["loss_distill"].detach(), expected, rtol=1e-5, atol=1e-7)
-    assert losses["loss_distill"].requires_grad
+    torch.testing.assert_close(losses["loss_distill_qfd"].detach(), expected, rtol=1e-5, atol=1e-7)
+    assert losses["loss_distill_qfd"].requires_grad
     sum(losses.values()).backward()
     assert all(p.grad is None for p in teacher.parameters())
 
@@ -228,14 +228,11 @@ def test_distiller_errors(teacher_checkpoint, monkeypatch):
     with pytest.raises(ValueError, match="no trained feature quantizer"):
         load_teacher(cfg, str(teacher_checkpoint / "fp.pth"), quantized_feature=True)
     teacher = load_teacher(cfg, str(teacher_checkpoint / "fp.pth"), quantized_feature=False)
-    with pytest.raises(ValueError, match="not a feature of the teacher.*p3"):
-        Distiller(teacher, "p9", QFDLoss(), 1.0)
+    student = build_model(cfg)
+    with pytest.raises(ValueError, match=r"'p9' is not in the student.*p3"):
+        Distiller(student, teacher, [TermSpec("qfd", ["p9"], 1.0)])
     with pytest.raises(ValueError, match="DISTILL.LOSS='kl'.*feature_kd"):
         build_distill_loss("kl")
-    d = Distiller(teacher, "p3", QFDLoss(), 1.0)
-    images = torch.randn(1, 3, 64, 64)
-    with pytest.raises(ValueError, match="differ in shape"), EventStorage():
-        d(images, {"p3": torch.randn(1, 16, 8, 8)}, {"loss_cls": torch.tensor(1.0)})
     # A teacher config whose model does not match the checkpoint.
     monkeypatch.setattr(distiller_module, "teacher_config", _wide)
     with pytest.raises(ValueError, match="does not match"):
@@ -471,7 +468,7 @@ def test_train_net_teacher_stage_then_qfd_student(tmp_path):
     key = "backbone.fpn_output3.weight"
     assert not torch.equal(torch.as_tensor(teacher[key]), torch.as_tensor(fp[key]))  # fine-tuned
     metrics = [json.loads(line) for line in (out / "metrics.json").read_text().splitlines()]
-    assert metrics[-1]["loss_distill"] > 0 and 0 < metrics[-1]["distill_ratio"] < 1
+    assert metrics[-1]["loss_distill_qfd"] > 0 and 0 < metrics[-1]["distill_ratio"] < 1
     assert "Calibrating" in r.stdout + r.stderr
     student = torch.load(out / "model_final.pth", weights_only=False)["model"]
     assert "backbone.fpn_output3.input_quantizer.lower" in student

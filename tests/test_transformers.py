@@ -14,7 +14,7 @@ from detectron2.modeling import build_model
 from detectron2.utils.events import EventStorage
 from train_net_cli import run_train_net
 
-from qdet.distill import Distiller, QFDLoss
+from qdet.distill import Distiller, TermSpec, term_specs
 from qdet.engine import build_qat_optimizer
 from qdet.engine.stages import load_config
 from qdet.quantization import QLinear, calibrate
@@ -196,7 +196,7 @@ def test_qfd_distills_a_simple_feature_pyramid_level():
     batch = next(iter(build_detection_train_loader(cfg)))
     calibrate(student, [batch], num_batches=1)
     calibrate(teacher, [batch], num_batches=1)
-    student.attach_distiller(Distiller(teacher, "p3", QFDLoss(), 0.5))
+    student.attach_distiller(Distiller(student, teacher, [TermSpec("qfd", ["p3"], 0.5)]))
     student.train()
     with EventStorage():
         losses = student(batch)
@@ -205,8 +205,8 @@ def test_qfd_distills_a_simple_feature_pyramid_level():
         f_t = teacher.backbone(images)["p3"]
         f_s = student.backbone(images)["p3"]
     expected = 0.5 * torch.mean((f_s - f_t) ** 2)
-    torch.testing.assert_close(losses["loss_distill"], expected, rtol=1e-4, atol=1e-6)
-    losses["loss_distill"].backward()
+    torch.testing.assert_close(losses["loss_distill_qfd"], expected, rtol=1e-4, atol=1e-6)
+    losses["loss_distill_qfd"].backward()
     assert student.backbone.net.blocks[0].mlp.fc1.weight.grad is not None
 
 
@@ -223,6 +223,8 @@ def test_every_shipped_config_loads():
             from qdet.config import quantize_kwargs
 
             quantize_kwargs(cfg)  # bits, method and targets are valid
+        if cfg.DISTILL.ENABLED:
+            term_specs(cfg)  # losses, options and weights are valid
 
 
 @pytest.mark.parametrize("arch,blocks", [("vitdet", 4), ("swin", 5)])

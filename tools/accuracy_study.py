@@ -56,7 +56,11 @@ METHODS = {
     "ewgs": ("EWGS", DIGITS + "4bit_ewgs.yaml", ()),
 }
 for _loss in LOSS_NAMES:  # a distillation loss is a row as soon as it is registered
-    METHODS.setdefault(_loss, (_loss, DIGITS + "4bit_qfd.yaml", ("DISTILL.LOSS", _loss)))
+    # One term with its DISTILL.<LOSS> defaults (taps, weight, options) beside the GT losses.
+    METHODS.setdefault(_loss, (_loss, DIGITS + "4bit_qfd.yaml", ("DISTILL.TERMS", f"['{_loss}']")))
+METHODS["faqd"] = ("FAQD (FA + logit MSE)", DIGITS + "4bit_faqd.yaml", ())
+METHODS["label_free"] = ("FAQD label-free", DIGITS + "4bit_faqd_label_free.yaml", ())
+METHODS["akt"] = ("AKT (RFD + logit KD, label-free)", DIGITS + "4bit_akt.yaml", ())
 ONE_WIDTH = ("inclusive", "ewgs")  # single-change checks: run at --check-bits only
 CURVES = ("fp", "baseline_4bit", "qfd_4bit")  # evaluated during training on the first seed
 CURVE_EVALS = 6

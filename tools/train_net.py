@@ -28,7 +28,7 @@ from detectron2.utils.logger import setup_logger
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import qdet  # noqa: E402,F401  (registers qdet's datasets and models)
 from qdet.distill.distiller import quantized_teacher_weights  # noqa: E402
-from qdet.distill.losses import build_distill_loss  # noqa: E402
+from qdet.distill.distiller import term_specs  # noqa: E402
 from qdet.engine import QDetTrainer  # noqa: E402
 from qdet.engine.checks import check_run_inputs  # noqa: E402
 from qdet.engine.cli import run_cli  # noqa: E402
@@ -43,7 +43,7 @@ from qdet.engine.stages import (  # noqa: E402
 def setup(args) -> CfgNode:
     cfg = load_config(args.config_file, args.opts)
     if cfg.DISTILL.ENABLED:
-        build_distill_loss(cfg.DISTILL.LOSS)  # unknown loss names fail before any training
+        term_specs(cfg)  # unknown losses, options and bad weights fail before any training
     cfg.freeze()
     default_setup(cfg, args)
     setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="qdet")

@@ -1,15 +1,52 @@
-"""Distillation: losses (one registry) and the distiller that runs the frozen teacher."""
+"""Distillation: losses (one registry), taps on any layer, and the distiller that runs the
+frozen teacher and adds each configured term to the student's losses."""
 
-from qdet.distill.distiller import Distiller, build_distiller, load_teacher, teacher_config
-from qdet.distill.losses import DISTILL_LOSS_REGISTRY, FeatureKDLoss, QFDLoss, build_distill_loss
+from qdet.distill.affinity import FastFeatureAffinityLoss, FeatureAffinityLoss
+from qdet.distill.attention import RFDLoss
+from qdet.distill.distiller import (
+    Distiller,
+    DistillTerm,
+    TermSpec,
+    build_distiller,
+    load_teacher,
+    teacher_config,
+    term_specs,
+)
+from qdet.distill.loss_base import DistillLoss
+from qdet.distill.losses import (
+    DISTILL_LOSS_REGISTRY,
+    LOSS_NAMES,
+    AKTLogitLoss,
+    FeatureKDLoss,
+    LogitKDLoss,
+    LogitMSELoss,
+    QFDLoss,
+    build_distill_loss,
+)
+from qdet.distill.taps import Tap, TapRecorder, expand_taps, resolve_tap
 
 __all__ = [
     "DISTILL_LOSS_REGISTRY",
+    "LOSS_NAMES",
+    "AKTLogitLoss",
+    "DistillLoss",
+    "DistillTerm",
     "Distiller",
+    "FastFeatureAffinityLoss",
+    "FeatureAffinityLoss",
     "FeatureKDLoss",
+    "LogitKDLoss",
+    "LogitMSELoss",
     "QFDLoss",
+    "RFDLoss",
+    "Tap",
+    "TapRecorder",
+    "TermSpec",
     "build_distill_loss",
     "build_distiller",
+    "expand_taps",
     "load_teacher",
+    "resolve_tap",
     "teacher_config",
+    "term_specs",
 ]

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import math
 import os
+from dataclasses import dataclass, field
 
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
@@ -11,75 +13,212 @@ from detectron2.modeling import build_model
 from detectron2.utils.events import get_event_storage
 from torch import nn
 
-from qdet.distill.losses import build_distill_loss
+from qdet.distill.losses import LOSS_NAMES, build_distill_loss
+from qdet.distill.taps import Tap, TapRecorder, expand_taps, resolve_tap
 
 
-def backbone_taps(model: nn.Module) -> list[str]:
-    """Feature names a tap can name: the backbone's outputs and its bottom-up network's."""
-    names = list(model.backbone.output_shape())
-    bottom_up = getattr(model.backbone, "bottom_up", None)
-    if bottom_up is not None:
-        names += [n for n in bottom_up.output_shape() if n not in names]
-    return names
+@dataclass
+class TermSpec:
+    """One distillation term as configured: a loss on taps, weighted, with its options."""
+
+    loss: str
+    taps: list[str]
+    weight: float
+    connector: bool = False
+    options: dict = field(default_factory=dict)
+
+
+# Keys of a DISTILL.<LOSS> node that belong to the term, not to the loss's options.
+_TERM_KEYS = ("TAPS", "WEIGHT", "CONNECTOR")
+
+
+def term_specs(cfg: CfgNode) -> list[TermSpec]:
+    """The terms of ``cfg.DISTILL``: each name in ``TERMS`` with its ``DISTILL.<NAME>`` node,
+    or, with ``TERMS`` empty, the one-term shorthand ``LOSS`` on ``TAP`` with ``WEIGHT``
+    (and the options of ``DISTILL.<LOSS>``)."""
+    d = cfg.DISTILL
+    names = list(d.TERMS) or [d.LOSS]
+    field_name = "DISTILL.TERMS" if d.TERMS else "DISTILL.LOSS"
+    if len(set(names)) != len(names):
+        raise ValueError(f"DISTILL.TERMS={names} names a loss twice: each loss is one term")
+    specs = []
+    for name in names:
+        if name not in LOSS_NAMES:
+            raise ValueError(
+                f"{field_name}: loss {name!r} is unknown: choose from {sorted(LOSS_NAMES)}"
+            )
+        node = d.get(name.upper(), CfgNode())
+        taps = list(node.TAPS) if d.TERMS else [d.TAP]
+        weight = node.WEIGHT if d.TERMS else d.WEIGHT
+        where = f"DISTILL.{name.upper()}.WEIGHT" if d.TERMS else "DISTILL.WEIGHT"
+        if not (isinstance(weight, int | float) and math.isfinite(weight) and weight >= 0):
+            raise ValueError(f"{where}={weight!r}: a term's weight must be a finite number >= 0")
+        if not taps:
+            raise ValueError(f"DISTILL.{name.upper()}.TAPS is empty: name at least one tap")
+        options = {k.lower(): v for k, v in node.items() if k not in _TERM_KEYS}
+        # Unknown or bad options fail here, before any model is built ("auto" is resolved
+        # against the student by the Distiller).
+        probe = {k: "softmax" if v == "auto" else v for k, v in options.items()}
+        try:
+            build_distill_loss(name, **probe)
+        except ValueError as e:
+            raise ValueError(f"DISTILL.{name.upper()}: {e}") from None
+        specs.append(TermSpec(name, taps, float(weight), bool(node.get("CONNECTOR")), options))
+    return specs
+
+
+def qfd_tap(cfg: CfgNode) -> str | None:
+    """The teacher feature QFD quantizes (its teacher stage), or None without a qfd term."""
+    specs = term_specs(cfg) if cfg.DISTILL.ENABLED else []
+    taps = [t for s in specs if build_distill_loss(s.loss).quantized_teacher for t in s.taps]
+    if len(taps) > 1:
+        raise ValueError(
+            f"the qfd term has taps {taps}: QFD's teacher stage quantizes one teacher "
+            "feature; give it one tap (other taps can use feature_kd)"
+        )
+    return taps[0] if taps else None
+
+
+def tap_channels(model: nn.Module, tap: Tap) -> int:
+    """Channels of a tap's feature, read off the model (connectors are built from it)."""
+    net = model.get_submodule(tap.path) if tap.path else model
+    if isinstance(tap.select, str) and hasattr(net, "output_shape"):
+        return net.output_shape()[tap.select].channels
+    for module in (net, *reversed(list(net.modules()))):
+        for attr in ("out_channels", "out_features"):
+            if isinstance(getattr(module, attr, None), int):
+                return getattr(module, attr)
+    raise ValueError(
+        f"a connector on tap {tap.name!r}: cannot tell its channels from "
+        f"{type(net).__name__}; tap a conv, a block or a backbone output"
+    )
+
+
+class DistillTerm(nn.Module):
+    """``weight * loss([f_s(tap) for tap], [f_t(tap) for tap])``, optionally with FAQD's
+    trainable connector (1x1 conv + ReLU, student side) per tap."""
+
+    def __init__(self, spec: TermSpec, loss: nn.Module, connectors: nn.ModuleList | None):
+        super().__init__()
+        self.name, self.taps, self.weight = spec.loss, list(spec.taps), spec.weight
+        self.loss, self.connectors = loss, connectors
+
+    def forward(self, student: dict, teacher: dict) -> torch.Tensor:
+        f_s = [student[t] for t in self.taps]
+        if self.connectors is not None:
+            f_s = [c(f) for c, f in zip(self.connectors, f_s, strict=True)]
+        f_t = [teacher[t] for t in self.taps]
+        # In float32 even under AMP: affinities and attention KLs are small differences of
+        # near-equal numbers, which bfloat16 / float16 would mostly round away.
+        with torch.autocast(f_s[0].device.type, enabled=False):
+            return self.weight * self.loss([f.float() for f in f_s], [f.float() for f in f_t])
 
 
 class Distiller(nn.Module):
-    """``loss_distill = weight * loss(f_student[tap], f_teacher[tap])``.
+    """The distillation terms of a student, computed against a frozen teacher.
 
     The teacher is held outside the module tree (not in the student's state dict, not in
     its optimizer, not wrapped by DDP), is frozen, and runs in eval mode on the student's
-    normalised input batch. The training log gets ``distill_ratio``, the distillation
-    term's share of the total loss (QFD's detection recipe: about 1/5).
+    normalised input batch, only as far as the taps need (backbone; the head for head taps
+    and ``logits``). Taps are read by forward hooks registered once on both models
+    (:class:`qdet.distill.taps.TapRecorder`); the student's are kept in training forwards
+    only, and handed over every step. Terms' connectors are the distiller's parameters:
+    in the student's checkpoint and optimizer, never in its exported weights.
+
+    Losses: ``loss_distill_<name>`` per term; ``distill_ratio`` in the log is the share of
+    all distillation terms in the total loss (QFD's detection recipe: about 1/5).
     """
 
-    def __init__(self, teacher: nn.Module, tap: str, loss: nn.Module, weight: float):
+    def __init__(self, student: nn.Module, teacher: nn.Module, specs: list[TermSpec]):
         super().__init__()
-        taps = backbone_taps(teacher)
-        if tap not in taps:
-            raise ValueError(
-                f"DISTILL.TAP={tap!r} is not a feature of the teacher: choose from {taps}"
-            )
         teacher.eval().requires_grad_(False)
         object.__setattr__(self, "teacher", teacher)  # deliberately not a submodule
-        self.tap, self.loss, self.weight = tap, loss, weight
-        self._teacher_features = {}
-        teacher.backbone.register_forward_hook(self._keep(self._teacher_features))
-        if hasattr(teacher.backbone, "bottom_up"):
-            teacher.backbone.bottom_up.register_forward_hook(self._keep(self._teacher_features))
+        names = []
+        for spec in specs:
+            taps = expand_taps(student, spec.taps, "student")
+            spec.taps = taps
+            names += [t for t in taps if t not in names]
+        s_taps = [resolve_tap(student, n, "student") for n in names]
+        t_taps = [resolve_tap(teacher, n, "teacher") for n in names]
+        for tap in t_taps:
+            teacher.check_tap_path(tap.path)
+        terms = []
+        for spec in specs:
+            if spec.options.get("activation") == "auto":  # the student's logits say which
+                spec.options["activation"] = getattr(student, "logits_activation", "softmax")
+            loss = build_distill_loss(spec.loss, **spec.options)
+            connectors = None
+            if spec.connector:
+                if getattr(loss, "kind", "feature") != "feature":
+                    raise ValueError(
+                        f"DISTILL.{spec.loss.upper()}.CONNECTOR: connectors are for feature "
+                        "terms (FAQD's 1x1 conv + ReLU), not logits"
+                    )
+                by_name = {t.name: t for t in s_taps}
+                t_by_name = {t.name: t for t in t_taps}
+                connectors = nn.ModuleList(
+                    nn.Sequential(
+                        nn.Conv2d(
+                            tap_channels(student, by_name[n]),
+                            tap_channels(teacher, t_by_name[n]),
+                            1,
+                        ),
+                        nn.ReLU(),
+                    )
+                    for n in spec.taps
+                )
+            terms.append(DistillTerm(spec, loss, connectors))
+        self.terms = nn.ModuleList(terms)
+        self.label_free = False
+        self._student = TapRecorder(student, s_taps, when=lambda: student.training)
+        self._teacher = TapRecorder(teacher, t_taps)
+        self._teacher_paths = sorted({t.path for t in t_taps})
+        self._images = None
+        student.backbone.register_forward_pre_hook(self._keep_images(student))
 
-    @staticmethod
-    def _keep(store):
-        def hook(_module, _inputs, features):
-            store.update(features)
+    def _keep_images(self, student: nn.Module):
+        def hook(_backbone, inputs):
+            if student.training:
+                self._images = inputs[0]
 
         return hook
+
+    @property
+    def tap_names(self) -> list[str]:
+        return list(self._student.taps)
 
     def train(self, mode: bool = True):
         super().train(mode)
         self.teacher.eval()  # the teacher's BN statistics never move
         return self
 
-    def forward(self, images: torch.Tensor, student_features: dict, det_losses: dict) -> dict:
-        if self.tap not in student_features:
-            raise ValueError(
-                f"DISTILL.TAP={self.tap!r} is not a feature of the student: "
-                f"choose from {sorted(student_features)}"
+    @torch.no_grad()
+    def teacher_features(self, images: torch.Tensor) -> dict:
+        """The teacher's taps on ``images``, running only the parts of it they need."""
+        self._teacher.recording = True
+        try:
+            device = next(self.teacher.parameters()).device
+            self.teacher.forward_taps(images.to(device), self._teacher_paths)
+        finally:
+            self._teacher.recording = False
+        return self._teacher.pop()
+
+    def forward(self, gt_losses: dict) -> dict:
+        """This step's terms, from the student's taps kept during its forward."""
+        student, images = self._student.pop(), self._images
+        self._images = None
+        missing = [n for n in self.tap_names if n not in student]
+        if images is None or missing:
+            raise RuntimeError(
+                f"the student's forward did not produce the taps {missing}: taps must lie on "
+                "the training forward path (backbone, head)"
             )
-        self._teacher_features.clear()
-        with torch.no_grad():
-            self.teacher.backbone(images.to(self.teacher.device))
-        f_t = self._teacher_features[self.tap]
-        f_s = student_features[self.tap]
-        if f_s.shape != f_t.shape:
-            raise ValueError(
-                f"student and teacher feature {self.tap!r} differ in shape: "
-                f"{tuple(f_s.shape)} vs {tuple(f_t.shape)}; use a teacher whose "
-                "FPN/backbone has the same channels and strides"
-            )
-        loss = self.weight * self.loss(f_s, f_t.to(f_s.dtype))
-        det = sum(det_losses.values())
-        get_event_storage().put_scalar("distill_ratio", (loss / (loss + det)).item())
-        return {"loss_distill": loss}
+        teacher = self.teacher_features(images)
+        losses = {f"loss_distill_{t.name}": t(student, teacher) for t in self.terms}
+        distill = sum(losses.values())
+        total = distill + sum(gt_losses.values())
+        get_event_storage().put_scalar("distill_ratio", (distill / total).item())
+        return losses
 
 
 def teacher_config(cfg: CfgNode, quantized_feature: bool) -> CfgNode:
@@ -97,7 +236,7 @@ def teacher_config(cfg: CfgNode, quantized_feature: bool) -> CfgNode:
     tcfg.MODEL.DEVICE = cfg.MODEL.DEVICE
     tcfg.DISTILL.ENABLED = False
     if quantized_feature:
-        tcfg.QUANT.FEATURE_TAP = cfg.DISTILL.TAP
+        tcfg.QUANT.FEATURE_TAP = qfd_tap(cfg) or cfg.DISTILL.TAP
         tcfg.QUANT.FEATURE_BITS = cfg.DISTILL.TEACHER_FEATURE_BITS
     return tcfg
 
@@ -148,12 +287,13 @@ class _CheckedCheckpointer(DetectionCheckpointer):
 
 
 def build_distiller(cfg: CfgNode, student: nn.Module) -> Distiller:
-    """The distiller for ``cfg.DISTILL``, its teacher on the student's device."""
-    loss = build_distill_loss(cfg.DISTILL.LOSS)
-    weights = cfg.DISTILL.TEACHER_WEIGHTS
-    if loss.quantized_teacher:
-        weights = quantized_teacher_weights(cfg)
-    teacher = load_teacher(cfg, weights, loss.quantized_teacher).to(student.device)
+    """The distiller for ``cfg.DISTILL`` (:func:`term_specs`), its teacher on the student's
+    device. With a qfd term the teacher is the teacher stage's model, whose QFD tap is
+    quantized for every term (the head then sees the quantized feature too)."""
+    specs = term_specs(cfg)
+    quantized = qfd_tap(cfg) is not None
+    weights = quantized_teacher_weights(cfg) if quantized else cfg.DISTILL.TEACHER_WEIGHTS
+    teacher = load_teacher(cfg, weights, quantized).to(student.device)
     if not (
         torch.equal(teacher.pixel_mean.cpu(), student.pixel_mean.cpu())
         and torch.equal(teacher.pixel_std.cpu(), student.pixel_std.cpu())
@@ -162,7 +302,9 @@ def build_distiller(cfg: CfgNode, student: nn.Module) -> Distiller:
             "teacher and student normalise pixels differently "
             "(MODEL.PIXEL_MEAN / PIXEL_STD): the teacher sees the student's input"
         )
-    return Distiller(teacher, cfg.DISTILL.TAP, loss, cfg.DISTILL.WEIGHT)
+    distiller = Distiller(student, teacher, specs)
+    distiller.label_free = cfg.DISTILL.LABEL_FREE
+    return distiller
 
 
 def quantized_teacher_weights(cfg: CfgNode) -> str:

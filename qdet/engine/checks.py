@@ -90,15 +90,12 @@ def check_datasets(names) -> None:
 def check_teacher(cfg: CfgNode) -> None:
     """DISTILL.TEACHER_WEIGHTS exists when the run will load it (QFD loads it only for its
     teacher stage, skipped when that stage's output exists)."""
-    from qdet.distill.distiller import quantized_teacher_weights
-    from qdet.distill.losses import build_distill_loss
+    from qdet.distill.distiller import qfd_tap, quantized_teacher_weights
 
     weights = cfg.DISTILL.TEACHER_WEIGHTS
     if not cfg.DISTILL.ENABLED or os.path.isfile(weights):
         return
-    if build_distill_loss(cfg.DISTILL.LOSS).quantized_teacher and os.path.isfile(
-        quantized_teacher_weights(cfg)
-    ):
+    if qfd_tap(cfg) is not None and os.path.isfile(quantized_teacher_weights(cfg)):
         return
     raise FileNotFoundError(missing_checkpoint_message("DISTILL.TEACHER_WEIGHTS", weights))
 

@@ -17,8 +17,7 @@ from detectron2.utils import comm
 from detectron2.utils.env import seed_all_rng
 
 from qdet.config import add_qdet_config
-from qdet.distill.distiller import quantized_teacher_weights, teacher_config
-from qdet.distill.losses import build_distill_loss
+from qdet.distill.distiller import qfd_tap, quantized_teacher_weights, teacher_config
 from qdet.engine.checks import check_run_inputs
 from qdet.engine.hooks import unwrap_model
 from qdet.engine.trainer import QDetTrainer
@@ -56,7 +55,7 @@ def load_config(config_file: str, opts: list[str]) -> CfgNode:
 
 def needs_teacher_stage(cfg: CfgNode) -> bool:
     """Whether the distillation loss wants the feature-quantized teacher (QFD does)."""
-    return cfg.DISTILL.ENABLED and build_distill_loss(cfg.DISTILL.LOSS).quantized_teacher
+    return cfg.DISTILL.ENABLED and qfd_tap(cfg) is not None
 
 
 def teacher_stage_config(cfg: CfgNode) -> CfgNode:
@@ -103,9 +102,7 @@ def train(cfg: CfgNode, resume: bool):
 def train_with_teacher_stage(cfg: CfgNode, resume: bool = False, log=print) -> None:
     """QFD's two stages (the teacher stage only when its output is missing), or one stage."""
     if needs_teacher_stage(cfg) and not os.path.isfile(quantized_teacher_weights(cfg)):
-        log(
-            f"teacher stage: {cfg.DISTILL.TAP} quantized to {cfg.DISTILL.TEACHER_FEATURE_BITS} bits"
-        )
+        log(f"teacher stage: {qfd_tap(cfg)} quantized to {cfg.DISTILL.TEACHER_FEATURE_BITS} bits")
         train(teacher_stage_config(cfg), resume=resume)
     train(cfg, resume=resume)
 

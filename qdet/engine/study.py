@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 from detectron2.config import CfgNode
 
-from qdet.distill.distiller import quantized_teacher_weights
+from qdet.distill.distiller import qfd_tap, quantized_teacher_weights
 from qdet.engine.stages import (
     evaluate_final,
     load_config,
@@ -107,7 +107,8 @@ class Study:
                 # QFD's teacher stage depends on the teacher, tap, feature bits, schedule and
                 # seed only: rows that agree on them share it.
                 d = cfg.DISTILL
-                stage = f"teacher_stage_{row.init}_{d.TAP}_{d.TEACHER_FEATURE_BITS}b"
+                tap = qfd_tap(cfg) or d.TAP
+                stage = f"teacher_stage_{row.init}_{tap}_{d.TEACHER_FEATURE_BITS}b"
                 stage += f"_{d.TEACHER_STAGE_ITERS or cfg.SOLVER.MAX_ITER // 10}it"
                 cfg.DISTILL.QUANTIZED_TEACHER_WEIGHTS = os.path.join(
                     os.path.dirname(cfg.OUTPUT_DIR), stage, "model_final.pth"

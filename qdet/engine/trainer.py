@@ -58,7 +58,11 @@ class QDetTrainer(DefaultTrainer):
         data_loader = self.build_train_loader(cfg)
         on_cpu = model.device.type == "cpu"
         model = create_ddp_model(
-            model, broadcast_buffers=False, device_ids=None if on_cpu else [comm.get_local_rank()]
+            model,
+            broadcast_buffers=False,
+            device_ids=None if on_cpu else [comm.get_local_rank()],
+            # Label-free, the heads' parts no term reaches get no gradient.
+            find_unused_parameters=cfg.DISTILL.ENABLED and cfg.DISTILL.LABEL_FREE,
         )
         trainer_cls = SimpleTrainer
         if cfg.SOLVER.AMP.ENABLED:

@@ -7,6 +7,7 @@ import torch
 from detectron2.config import CfgNode
 
 from qdet.config import quantize_kwargs
+from qdet.distill.taps import LOGITS, resolve_tap
 from qdet.quantization import UniformQuantizer, quantize_model
 from qdet.quantization.layers import QUANTIZED_LAYERS
 
@@ -25,11 +26,16 @@ class QuantizedDetectorMixin:
     """Mixed into a Detectron2 meta-architecture (``backbone`` attribute required).
 
     ``quant``: :func:`qdet.quantization.quantize_model` keywords, None for FP.
-    ``feature_tap``: adds ``feature_quantizer``, a signed activation quantizer on that
-    backbone output, seen by the heads and by a distilling student (QFD's teacher stage).
-    A :class:`qdet.distill.Distiller` attached with :meth:`attach_distiller` adds
-    ``loss_distill`` to the training losses (:meth:`distill_losses`).
+    ``feature_tap``: adds ``feature_quantizer``, a signed activation quantizer on that tap's
+    output (a backbone output or a module path, :mod:`qdet.distill.taps`), seen by the rest
+    of the model and by a distilling student (QFD's teacher stage).
+    A :class:`qdet.distill.Distiller` attached with :meth:`attach_distiller` adds its terms
+    to the training losses (:meth:`distill_losses`); with its ``label_free`` set they are
+    the only losses.
     """
+
+    # Top-level modules whose outputs taps may read: a teacher runs only these for them.
+    tap_roots: tuple[str, ...] = ("backbone",)
 
     def setup_quantization(
         self,
@@ -44,42 +50,52 @@ class QuantizedDetectorMixin:
                 layer.save_codes = save_codes
         self.feature_tap = feature_tap
         if feature_tap:
-            taps = list(self.backbone.output_shape())
-            if feature_tap not in taps:
-                raise ValueError(
-                    f"QUANT.FEATURE_TAP={feature_tap!r} is not a backbone output; "
-                    f"choose from {taps}"
-                )
+            try:
+                tap = resolve_tap(self, feature_tap)
+            except ValueError as e:
+                raise ValueError(f"QUANT.FEATURE_TAP: {e}") from None
+            if tap.name == LOGITS:
+                raise ValueError("QUANT.FEATURE_TAP: QFD quantizes a feature, not the logits")
+            self.check_tap_path(tap.path)
             self.feature_quantizer = UniformQuantizer(feature_bits, "activation", signed=True)
-            self.backbone.register_forward_hook(self._quantize_feature)
+            self.get_submodule(tap.path).register_forward_hook(self._quantize_feature(tap))
         self.distiller = None
-        self._features = {}
-        self._images = None
-        for net in (self.backbone, getattr(self.backbone, "bottom_up", None)):
-            if net is not None:
-                net.register_forward_hook(self._keep_features)
 
-    def _quantize_feature(self, _backbone, _inputs, features):
-        features = dict(features)
-        features[self.feature_tap] = self.feature_quantizer(features[self.feature_tap])
-        return features
+    def _quantize_feature(self, tap):
+        def hook(_module, _inputs, output):
+            if tap.select is None:
+                return self.feature_quantizer(output)
+            output = dict(output)
+            output[tap.select] = self.feature_quantizer(output[tap.select])
+            return output
 
-    def _keep_features(self, net, inputs, features):
-        # The distiller reads the student's taps (backbone and bottom-up outputs) and the
-        # normalised input batch from here.
-        if self.training and self.distiller is not None:
-            self._features.update(features)
-            if net is self.backbone:
-                self._images = inputs[0]
+        return hook
+
+    def check_tap_path(self, path: str) -> None:
+        """Refuse a tap whose module does not run in :meth:`forward_taps`."""
+        if path.split(".")[0] not in self.tap_roots:
+            raise ValueError(
+                f"tap module {path!r}: a {type(self).__name__} teacher runs only "
+                f"{list(self.tap_roots)} for distillation; tap inside those"
+            )
+
+    def forward_taps(self, images: torch.Tensor, paths: list[str]) -> None:
+        """Run as much of the model on normalised ``images`` as the tapped ``paths`` need."""
+        self.backbone(images)
 
     def attach_distiller(self, distiller) -> None:
-        """Add ``distiller``'s loss to the training losses (it holds the frozen teacher)."""
+        """Add ``distiller``'s terms to the training losses (it holds the frozen teacher)."""
         self.distiller = distiller
 
+    @property
+    def label_free(self) -> bool:
+        """Training without ground-truth losses (``DISTILL.LABEL_FREE``)."""
+        return self.distiller is not None and self.distiller.label_free
+
     def distill_losses(self, losses: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """``losses`` plus the distiller's term on this step's features (if attached)."""
+        """``losses`` plus the distiller's terms on this step's taps (if attached); only the
+        terms when label-free."""
         if self.distiller is None:
             return losses
-        features, images = self._features, self._images
-        self._features, self._images = {}, None
-        return {**losses, **self.distiller(images, features, losses)}
+        terms = self.distiller(losses)
+        return terms if self.distiller.label_free else {**losses, **terms}

@@ -43,5 +43,10 @@ class QuantMaskRCNN(QuantizedDetectorMixin, GeneralizedRCNN):
         return ret
 
     def forward(self, batched_inputs):
+        if self.training and self.label_free:
+            # No ground-truth losses: only the backbone's taps are distilled (the RPN and
+            # ROI heads need proposals, which come from ground truth in training).
+            self.backbone(self.preprocess_image(batched_inputs).tensor)
+            return self.distill_losses({})
         out = super().forward(batched_inputs)
         return self.distill_losses(out) if self.training else out

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import torch
 from detectron2.config import configurable
 from detectron2.modeling import META_ARCH_REGISTRY, RetinaNet
+from detectron2.modeling.meta_arch.dense_detector import permute_to_N_HWA_K
 
 from qdet.modeling.quantized import QuantizedDetectorMixin, quantized_model_kwargs
 from qdet.quantization import QConv2d, build_quantizer
@@ -62,6 +64,27 @@ class QuantRetinaNet(QuantizedDetectorMixin, RetinaNet):
                     ),
                 )
 
+    # Taps may read the head too: its convs (head.cls_subnet.0, ...) and the class logits.
+    tap_roots = ("backbone", "head")
+    logits_activation = "sigmoid"  # focal loss: one binary classifier per anchor and class
+
+    def logits_tap(self):
+        """``logits``: the head's class logits of all levels as (N, R, K), before sigmoid, in
+        the anchor order of Detectron2's RetinaNet losses."""
+        k = self.num_classes
+
+        def select(head_output):
+            return torch.cat([permute_to_N_HWA_K(x, k) for x in head_output[0]], dim=1)
+
+        return "head", select
+
+    def forward_taps(self, images, paths):
+        features = self.backbone(images)
+        if any(p.split(".")[0] == "head" for p in paths):
+            self.head([features[f] for f in self.head_in_features])
+
     def forward_training(self, images, features, predictions, gt_instances):
+        if self.label_free:  # no ground-truth losses at all (FAQD Eq. 11; AKT)
+            return self.distill_losses({})
         losses = super().forward_training(images, features, predictions, gt_instances)
         return self.distill_losses(losses)

@@ -129,7 +129,8 @@ def export_size_bytes(exported: dict[str, dict]) -> dict[str, int]:
 def deployed_weight_bytes(model: nn.Module) -> int:
     """Bytes of all the model's parameters as deployed: quantized layers' weights as packed
     codes plus their decode floats, everything else (FP layers, biases, norms) in FP32.
-    Quantizer parameters are counted through the codes' decode floats only."""
+    Quantizer parameters are counted through the codes' decode floats only; a distiller's
+    connectors not at all."""
     exported = export_int_weights(model)
     packed = export_size_bytes(exported)["int_bytes"]
     skip = set()
@@ -139,5 +140,8 @@ def deployed_weight_bytes(model: nn.Module) -> int:
         skip.update(
             id(p) for q in (layer.weight_quantizer, layer.input_quantizer) for p in q.parameters()
         )
+    distiller = getattr(model, "distiller", None)  # its connectors train, never deploy
+    if distiller is not None:
+        skip.update(id(p) for p in distiller.parameters())
     rest = sum(4 * p.numel() for p in model.parameters() if id(p) not in skip)
     return packed + rest
