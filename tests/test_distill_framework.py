@@ -176,7 +176,7 @@ def test_connectors_train_and_stay_out_of_export(teacher_checkpoint, tiny_teache
     for k, v in teacher.state_dict().items():
         assert torch.equal(v, before_teacher[k]), k  # bit-identical
     with_connectors = deployed_weight_bytes(student)
-    student.distiller = None
+    student.attach_distiller(None)
     assert deployed_weight_bytes(student) == with_connectors
 
 

@@ -39,7 +39,7 @@ from detectron2.structures import BitMasks, Boxes, Instances  # noqa: E402
 from detectron2.utils.events import EventStorage  # noqa: E402
 
 from qdet.config import add_qdet_config  # noqa: E402
-from qdet.distill import Distiller, QFDLoss  # noqa: E402
+from qdet.distill import Distiller, TermSpec  # noqa: E402
 from qdet.quantization import calibrate  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -121,7 +121,7 @@ def variants(depth: int, device: str, batch: list[dict]) -> dict:
     teacher.load_state_dict(fp.state_dict(), strict=False)
     for model in (qat, qfd, teacher):
         calibrate(model, [batch], num_batches=1)
-    qfd.attach_distiller(Distiller(teacher, "p3", QFDLoss(), 1.0))
+    qfd.attach_distiller(Distiller(qfd, teacher, [TermSpec("qfd", ["p3"], 1.0)]))
     return {"fp": fp, "qat": qat, "qfd": qfd}
 
 

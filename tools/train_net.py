@@ -27,8 +27,10 @@ from detectron2.utils.logger import setup_logger
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import qdet  # noqa: E402,F401  (registers qdet's datasets and models)
-from qdet.distill.distiller import quantized_teacher_weights  # noqa: E402
-from qdet.distill.distiller import term_specs  # noqa: E402
+from qdet.distill.distiller import (
+    quantized_teacher_weights,  # noqa: E402
+    term_specs,  # noqa: E402
+)
 from qdet.engine import QDetTrainer  # noqa: E402
 from qdet.engine.checks import check_run_inputs  # noqa: E402
 from qdet.engine.cli import run_cli  # noqa: E402

@@ -174,7 +174,13 @@ class Distiller(nn.Module):
         self._teacher = TapRecorder(teacher, t_taps)
         self._teacher_paths = sorted({t.path for t in t_taps})
         self._images = None
-        student.backbone.register_forward_pre_hook(self._keep_images(student))
+        self._image_hook = student.backbone.register_forward_pre_hook(self._keep_images(student))
+
+    def remove(self) -> None:
+        """Take the distiller's hooks off both models (``attach_distiller(None)`` does)."""
+        self._student.remove()
+        self._teacher.remove()
+        self._image_hook.remove()
 
     def _keep_images(self, student: nn.Module):
         def hook(_backbone, inputs):

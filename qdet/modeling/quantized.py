@@ -84,7 +84,10 @@ class QuantizedDetectorMixin:
         self.backbone(images)
 
     def attach_distiller(self, distiller) -> None:
-        """Add ``distiller``'s terms to the training losses (it holds the frozen teacher)."""
+        """Add ``distiller``'s terms to the training losses (it holds the frozen teacher);
+        None detaches the current one and its hooks."""
+        if self.distiller is not None and self.distiller is not distiller:
+            self.distiller.remove()
         self.distiller = distiller
 
     @property

@@ -1,0 +1,45 @@
+"""tools/benchmark_distill.py at a tiny size: both parts run and report what they promise."""
+
+import json
+import os
+import sys
+
+from test_retinanet_qfd import _batch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "tools"))
+
+import benchmark_distill as bench  # noqa: E402
+
+
+def test_loss_part_rows_targets_and_skip():
+    args = bench.parse_args(
+        ["--sizes", "4", "8", "--channels", "8", "--reps", "1", "--warmup", "0"]
+        + ["--max-fa-size", "4"]
+    )
+    result = bench.bench_losses("cpu", args, cpu_memory_probe=False)
+    small, large = result["rows"]
+    assert small["fa_ms"] > 0 and small["ffa_ms"] > 0 and small["fa_note"] is None
+    assert small["speedup"] == small["fa_ms"] / small["ffa_ms"]
+    assert "max-fa-size" in large["fa_note"] and large["fa_ms"] is None and large["ffa_ms"] > 0
+    assert large["speedup"] is None and len(large["ffa_all_ms"]) == 1
+    assert {t["target"].split()[0] for t in result["targets"]} == {"FA", "FFA"}
+    assert result["machine"]["torch_threads"] >= 1
+    assert json.loads(json.dumps(result))["rows"][1]["fa_note"] == large["fa_note"]
+
+
+def test_cpu_memory_probe_in_process():
+    mem = bench.probe_cpu_memory("ffa", 8, batch=1, channels=4, k=3)
+    assert mem["peak_bytes"] >= 0 and set(mem) == {"peak_bytes", "baseline_gap_bytes"}
+
+
+def test_step_part_measures_a_b_c():
+    cfg = bench.step_config(bench.DEFAULT_CONFIG, ["SOLVER.IMS_PER_BATCH", "2"], "cpu")
+    batches = [_batch(seed=1), _batch(seed=2)]
+    result = bench.bench_step(cfg, batches, [_batch(seed=0)], warmup=0, steps=2)
+    assert result["terms"] == ["qfd"] and set(result["median_ms"]) == {"a", "b", "c"}
+    assert all(len(v) == 2 for v in result["seconds"].values())
+    m = result["median_ms"]
+    assert result["overhead_pct"] == 100 * (m["b"] - m["a"] - m["c"]) / m["a"]
+    assert result["target"]["ok"] in (True, False) and result["finite_losses"]
+    assert json.loads(json.dumps(result))["paired_overhead_pct"]["median"] is not None
