@@ -61,6 +61,7 @@ def test_options_and_defaults_are_public():
         "reduction": "mean",
         "eps": 1e-5,
         "align_corners": True,
+        "algorithm": "explicit",
     }
     assert build_distill_loss("ffa").options()["k"] == 15
     assert build_distill_loss("rfd").temperature == 8.0
@@ -133,6 +134,17 @@ def test_fa_matches_pairwise_cosine_loops(norm, reduction):
     loss = build_distill_loss("fa", norm=norm, reduction=reduction)
     ref = _fa_reference(s, t, norm, reduction)
     torch.testing.assert_close(loss([s], [t]).item(), ref, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_fa_gram_algorithm_matches_pairwise_cosine_loops(reduction):
+    s = _randn(2, 3, 3, 4, seed=7)
+    t = _randn(2, 5, 6, 8, seed=8)  # different C and a resized teacher
+    loss = build_distill_loss("fa", reduction=reduction, algorithm="gram")
+    ref = _fa_reference(s, t, "fro2", reduction)
+    torch.testing.assert_close(loss([s], [t]).item(), ref, rtol=1e-10, atol=1e-12)
+    with pytest.raises(ValueError, match="algorithm='gram' needs norm='fro2'"):
+        build_distill_loss("fa", norm="l1", algorithm="gram")
 
 
 @pytest.mark.parametrize("align_corners", [True, False])
@@ -352,13 +364,17 @@ def test_shape_mismatches_name_the_tap_both_shapes_and_the_fix():
     ok = torch.randn(2, 4, 6, 6)
     qfd = build_distill_loss("qfd")
     with pytest.raises(
-        ValueError, match=r"tap 1.*\(2, 4, 6, 6\).*\(2, 8, 6, 6\).*QFD.CONNECTOR True"
+        ValueError, match=r"tap 1.*\(2, 4, 6, 6\).*\(2, 8, 6, 6\).*channels match in both"
     ):
         qfd([ok, ok], [ok, torch.randn(2, 8, 6, 6)])
+    with pytest.raises(ValueError, match=r"channels differ.*FEATURE_KD.CONNECTOR True"):
+        build_distill_loss("feature_kd")([ok], [torch.randn(2, 8, 6, 6)])
     with pytest.raises(ValueError, match=r"'feature_kd', tap 0.*spatial sizes differ.*same stride"):
         build_distill_loss("feature_kd")([ok], [torch.randn(2, 4, 3, 3)])
     rfd = build_distill_loss("rfd")
-    with pytest.raises(ValueError, match=r"tap 0.*channels differ \(4 vs 5\).*RFD.CONNECTOR True"):
+    with pytest.raises(
+        ValueError, match=r"tap 0.*channels differ \(4 vs 5\).*channels match in both"
+    ):
         rfd([ok], [torch.randn(2, 5, 6, 6)])
     with pytest.raises(ValueError, match=r"'rfd', tap 0.*spatial sizes must match"):
         rfd([ok], [torch.randn(2, 4, 3, 3)])

@@ -21,7 +21,8 @@
    FA sizes above ``--max-fa-size``, or whose estimated need (4 x B x (HW)^2 fp32 values)
    exceeds the memory available, are skipped with a note. Targets: FA / FFA time >= 50 at
    128 x 128, and the slope of log(memory) in log(HW) between the two largest sizes:
-   about 2 for FA, about 1 for FFA.
+   about 2 for FA, about 1 for FFA. A third column times ``fa`` with ``algorithm="gram"``:
+   the exact FA value from C x C Gram matrices, O(HW C^2).
 2. Step (``--parts step``): the distiller's own cost per training step of the
    ``--config-file`` student (default: 4-bit QFD RetinaNet-R18 on the digits data).
    Teacher checkpoints come from a randomly initialised FP model of the teacher config
@@ -149,7 +150,12 @@ def ratio(a: float | None, b: float | None) -> float | None:
 
 
 def build_loss(name: str, k: int):
-    return FeatureAffinityLoss() if name == "fa" else FastFeatureAffinityLoss(k=k)
+    """ "fa" (explicit HW x HW), "fa_gram" (the same value from C x C Gram matrices), "ffa"."""
+    if name == "fa":
+        return FeatureAffinityLoss()
+    if name == "fa_gram":
+        return FeatureAffinityLoss(algorithm="gram")
+    return FastFeatureAffinityLoss(k=k)
 
 
 def loss_inputs(batch: int, channels: int, size: int, device: str, seed: int = 0):
@@ -266,7 +272,7 @@ def bench_losses(device: str, args, cpu_memory_probe: bool = True) -> dict:
         print(f"  {device} {size}x{size} ...", flush=True)
         s, t = loss_inputs(args.batch, args.channels, size, device)
         skip = fa_skip_reason(size, device, args)
-        losses = {"ffa": build_loss("ffa", args.k)}
+        losses = {"fa_gram": build_loss("fa_gram", args.k), "ffa": build_loss("ffa", args.k)}
         if skip is None:
             losses = {"fa": build_loss("fa", args.k), **losses}
         row: dict = {"size": size, "hw": size * size, "fa_note": skip}
@@ -283,7 +289,7 @@ def bench_losses(device: str, args, cpu_memory_probe: bool = True) -> dict:
             row["fa_note"] = f"out of memory: {str(e).splitlines()[0][:120]}"
             losses.pop("fa")
             times = time_losses(losses, s, t, device, args.warmup, args.reps)
-        for name in ("fa", "ffa"):
+        for name in ("fa", "fa_gram", "ffa"):
             row[f"{name}_ms"] = median_or_none([1e3 * x for x in times.get(name, [])])
             row[f"{name}_all_ms"] = [1e3 * x for x in times.get(name, [])]
             if name not in losses:
@@ -298,6 +304,7 @@ def bench_losses(device: str, args, cpu_memory_probe: bool = True) -> dict:
             row[f"{name}_memory"] = mem
             row[f"{name}_peak_mib"] = mem["peak_bytes"] / MIB if "peak_bytes" in mem else None
         row["speedup"] = ratio(row["fa_ms"], row["ffa_ms"])
+        row["gram_speedup"] = ratio(row["fa_ms"], row["fa_gram_ms"])
         row["memory_ratio"] = ratio(row["fa_peak_mib"], row["ffa_peak_mib"])
         rows.append(row)
         del s, t
@@ -347,11 +354,12 @@ def print_losses(result: dict, args) -> None:
     )
     print(f"peak MiB = {result['memory_method']}")
     headers = ["map", "HW", "FA ms", "FFA ms", "FA/FFA time", "FA MiB", "FFA MiB", "FA/FFA MiB"]
+    headers += ["FA gram ms", "FA/gram time", "gram MiB"]
     table = []
     for r in result["rows"]:
         mem = {
             n: r.get(f"{n}_memory", {}).get("error") or fmt(r[f"{n}_peak_mib"], ".1f")
-            for n in ("fa", "ffa")
+            for n in ("fa", "fa_gram", "ffa")
         }
         table.append(
             [
@@ -363,6 +371,9 @@ def print_losses(result: dict, args) -> None:
                 "n/a" if r["fa_note"] else mem["fa"],
                 mem["ffa"],
                 fmt(r["memory_ratio"], ".1f"),
+                fmt(r["fa_gram_ms"], ".3f"),
+                fmt(r["gram_speedup"], ".1f"),
+                mem["fa_gram"],
             ]
         )
     print(tabulate(table, headers, tablefmt="github", disable_numparse=True))

@@ -54,26 +54,60 @@ class FeatureAffinityLoss(_AffinityLoss):
     "mean" (default) or "sum" (official code); ``eps`` (1e-5); ``align_corners`` of the
     teacher's resize (True, as the official code).
 
-    Taps: the sum of the per-tap terms (FAQD sums its stage terms). Memory O((HW)^2) per
-    image: for large maps use ``ffa``.
+    ``algorithm``: "explicit" (default) forms the HW x HW matrices as the paper does:
+    O((HW)^2 C) time, O((HW)^2) memory per image. "gram" (norm "fro2" only) gives the same
+    value exactly from C x C Gram matrices, since ``||F_T F_T^T - F_S F_S^T||_F^2 =
+    ||F_T^T F_T||^2 + ||F_S^T F_S||^2 - 2 ||F_S^T F_T||^2``: O(HW C^2) time, O(C^2) memory
+    (``tools/benchmark_distill.py``). It subtracts near-equal sums, so it is computed in
+    float64.
+
+    Taps: the sum of the per-tap terms (FAQD sums its stage terms).
     """
 
     name = "fa"
 
-    def __init__(self, *, norm="fro2", reduction="mean", eps=1e-5, align_corners=True, **unknown):
+    def __init__(
+        self,
+        *,
+        norm="fro2",
+        reduction="mean",
+        eps=1e-5,
+        align_corners=True,
+        algorithm="explicit",
+        **unknown,
+    ):
         super().__init__()
         self.reject_unknown(unknown)
         self.check_choice("norm", norm, ("fro2", "l1"))
-        self.norm = norm
+        self.check_choice("algorithm", algorithm, ("explicit", "gram"))
+        if algorithm == "gram" and norm != "fro2":
+            raise ValueError(
+                f"distillation loss 'fa': algorithm='gram' needs norm='fro2' (the L1 norm "
+                f"has no Gram form), got norm={norm!r}"
+            )
+        self.norm, self.algorithm = norm, algorithm
         self._check_common(reduction, eps, align_corners)
 
     def forward(self, students: list[torch.Tensor], teachers: list[torch.Tensor]):
         terms = []
         for f_s, f_t, hw in self.unit_pixel_pairs(students, teachers):
-            diff = f_t @ f_t.transpose(1, 2) - f_s @ f_s.transpose(1, 2)  # B x HW x HW
-            dist = diff.square() if self.norm == "fro2" else diff.abs()
-            terms.append(reduce_batch(dist.sum((1, 2)) / hw**2, self.reduction))
+            if self.algorithm == "gram":
+                per_image = _gram_fro2(f_s.double(), f_t.double()).to(f_s.dtype)
+            else:
+                diff = f_t @ f_t.transpose(1, 2) - f_s @ f_s.transpose(1, 2)  # B x HW x HW
+                dist = diff.square() if self.norm == "fro2" else diff.abs()
+                per_image = dist.sum((1, 2))
+            terms.append(reduce_batch(per_image / hw**2, self.reduction))
         return torch.stack(terms).sum()
+
+
+def _gram_fro2(f_s: torch.Tensor, f_t: torch.Tensor) -> torch.Tensor:
+    """Per image ``||F_T F_T^T - F_S F_S^T||_F^2`` from B x C x C Gram matrices."""
+
+    def sq(a, b):  # ||A^T B||_F^2
+        return (a.transpose(1, 2) @ b).square().sum((1, 2))
+
+    return sq(f_t, f_t) + sq(f_s, f_s) - 2 * sq(f_s, f_t)
 
 
 @DISTILL_LOSS_REGISTRY.register()
