@@ -311,3 +311,28 @@ def test_ewgs_delta_refresh_runs_through_mask_rcnn():
     )
     assert len(deltas) == 2 * len(model.quantized_layers)
     assert any(d > 0 for d in deltas.values())
+
+
+@pytest.mark.parametrize(
+    "arch,tap", [("vit", "backbone.net.blocks.1"), ("swin", "backbone.bottom_up.layers.2.blocks.1")]
+)
+def test_transformer_block_taps_are_channels_first_maps(arch, tap):
+    from qdet.distill.taps import TapRecorder, resolve_tap
+
+    model = _model(arch, "QUANT.ENABLED", "False").eval()
+    recorder = TapRecorder(model, [resolve_tap(model, tap)])
+    recorder.recording = True
+    raw = {}
+    block = model.get_submodule(tap)
+    block.register_forward_hook(
+        lambda m, i, out: raw.update(out=out, hw=(m.H, m.W) if arch == "swin" else None)
+    )
+    with torch.no_grad():
+        model.backbone(torch.randn(1, 3, 128, 128))
+    got = recorder.pop()[tap]
+    if arch == "vit":  # B x H x W x C tokens
+        expected = raw["out"].movedim(-1, 1)
+    else:  # B x HW x C tokens of an H x W window grid
+        h, w = raw["hw"]
+        expected = raw["out"].view(1, h, w, -1).movedim(-1, 1)
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)

@@ -4,7 +4,8 @@ A tap is one of
 - a backbone output: ``p3`` ... ``p7`` of an FPN, ``res2`` ... ``res5`` of its ResNet
   (the backbone's and its bottom-up network's ``output_shape()`` names);
 - a module path in ``model.named_modules()``, e.g. ``backbone.bottom_up.res4.1.conv2``
-  or ``backbone.net.blocks.3``: that module's output;
+  or ``backbone.net.blocks.3``: that module's output (ViT and Swin blocks' tokens as
+  B x C x H x W maps);
 - ``logits``: the head's class logits before any sigmoid/softmax, shaped (N, R, K) for a
   detector's R anchors (RetinaNet: all levels, Detectron2's anchor order) or (N, K) for
   a classifier. Models say where theirs are with a ``logits_tap()`` method.
@@ -133,8 +134,22 @@ def resolve_tap(model: nn.Module, name: str, what: str = "model") -> Tap:
         return Tap(name, outputs[name], name)
     modules = dict(model.named_modules())
     if name and name in modules:
-        return Tap(name, name)
+        return Tap(name, name, _as_nchw(modules[name]))
     raise _unknown(model, name, what)
+
+
+def _as_nchw(module: nn.Module) -> Callable | None:
+    """Transformer blocks keep tokens channels-last; taps hand maps over as B x C x H x W,
+    the layout the feature losses read (ViT blocks: B x H x W x C; Swin blocks: B x HW x C
+    with the block's H and W)."""
+    from detectron2.modeling.backbone.swin import SwinTransformerBlock
+    from detectron2.modeling.backbone.vit import Block
+
+    if isinstance(module, Block):
+        return lambda x: x.permute(0, 3, 1, 2)
+    if isinstance(module, SwinTransformerBlock):
+        return lambda x: x.transpose(1, 2).reshape(x.shape[0], x.shape[2], module.H, module.W)
+    return None
 
 
 class TapRecorder:
