@@ -135,14 +135,14 @@ def add_distill_terms_config(cfg: CN) -> None:
     # Float feature KD: MSE to the teacher's float feature. CONNECTOR: FAQD's trainable
     # 1x1 conv + ReLU per tap on the student side (channels may then differ).
     _term(cfg, "FEATURE_KD", ["p3"], 1.0, CONNECTOR=False)
-    # Feature affinity (FAQD Eq. 6) on every ResNet stage output (module paths: RetinaNet's
-    # named outputs start at res3), weight 0.1 (FAQD).
+    # Feature affinity (FAQD Eq. 6) on the ResNet stage outputs, weight 0.1 (FAQD: every
+    # stage; res2 is left out as Detectron2 freezes it by default, MODEL.BACKBONE.FREEZE_AT).
     # NORM: "fro2" (the paper) or "l1" (official code); REDUCTION over the batch: "mean" or
     # "sum" (official code); the teacher map is resized to the student's with ALIGN_CORNERS.
     _term(
         cfg,
         "FA",
-        [f"backbone.bottom_up.res{i}" for i in (2, 3, 4, 5)],
+        [f"backbone.bottom_up.res{i}" for i in (3, 4, 5)],
         0.1,
         CONNECTOR=False,
         NORM="fro2",
@@ -156,7 +156,7 @@ def add_distill_terms_config(cfg: CN) -> None:
     _term(
         cfg,
         "FFA",
-        [f"backbone.bottom_up.res{i}" for i in (2, 3, 4, 5)],
+        [f"backbone.bottom_up.res{i}" for i in (3, 4, 5)],
         0.1,
         CONNECTOR=False,
         K=15,

@@ -40,6 +40,6 @@ def test_step_part_measures_a_b_c():
     assert result["terms"] == ["qfd"] and set(result["median_ms"]) == {"a", "b", "c"}
     assert all(len(v) == 2 for v in result["seconds"].values())
     m = result["median_ms"]
-    assert result["overhead_pct"] == 100 * (m["b"] - m["a"] - m["c"]) / m["a"]
-    assert result["target"]["ok"] in (True, False) and result["finite_losses"]
+    assert all(v > 0 for v in m.values()) and m["b"] > m["c"]  # b runs the teacher too
+    assert result["target"]["ok"] == (result["overhead_pct"] < 5) and result["finite_losses"]
     assert json.loads(json.dumps(result))["paired_overhead_pct"]["median"] is not None

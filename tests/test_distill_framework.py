@@ -11,12 +11,14 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
+from detectron2.modeling import build_model
 from detectron2.modeling.backbone.resnet import BasicBlock, BasicStem
 from detectron2.utils.events import EventStorage
 from test_retinanet_qfd import (
     FP_CONFIG,
     TINY,
     _batch,
+    _cfg,
     _student_cfg,
     _tiny_teacher_config,
     teacher_checkpoint,  # noqa: F401  (fixture)
@@ -102,6 +104,12 @@ def test_several_terms_read_the_right_features(teacher_checkpoint, tiny_teacher)
     batch = _batch()
     with EventStorage() as storage:
         losses = student(batch)
+    assert student.distiller._student.features == {}  # handed over: nothing kept
+    student.eval()
+    with torch.no_grad():
+        student(batch)
+    assert student.distiller._student.features == {}  # evaluation records nothing
+    student.train()
     terms = {k: v for k, v in losses.items() if k.startswith("loss_distill_")}
     assert sorted(terms) == ["loss_distill_fa", "loss_distill_feature_kd", "loss_distill_logit_mse"]
     total = sum(losses.values())
@@ -156,7 +164,9 @@ def test_connectors_train_and_stay_out_of_export(teacher_checkpoint, tiny_teache
     student = _student(teacher_checkpoint, *cfg_opts)
     teacher = student.distiller.teacher
     connectors = student.distiller.terms[0].connectors
-    assert [c[0].in_channels for c in connectors] == [128, 512]
+    assert sorted(connectors) == ["res3", "res5"]  # keyed by tap, not by position
+    assert [connectors[k][0].in_channels for k in ("res3", "res5")] == [128, 512]
+    first = connectors["res3"][0]
     keys = [k for k in student.state_dict() if k.startswith("distiller.")]
     assert keys and all(".connectors." in k for k in keys)
     cfg = _student_cfg(teacher_checkpoint, *cfg_opts)
@@ -164,15 +174,15 @@ def test_connectors_train_and_stay_out_of_export(teacher_checkpoint, tiny_teache
     in_optimizer = {id(p) for g in optimizer.param_groups for p in g["params"]}
     assert all(id(p) in in_optimizer for p in connectors.parameters())
     before_teacher = {k: v.clone() for k, v in teacher.state_dict().items()}
-    before_connector = connectors[0][0].weight.detach().clone()
+    before_connector = first.weight.detach().clone()
     for _ in range(2):
         with EventStorage():
             losses = student(_batch())
         optimizer.zero_grad()
         sum(losses.values()).backward()
-        assert connectors[0][0].weight.grad.abs().sum() > 0
+        assert first.weight.grad.abs().sum() > 0
         optimizer.step()
-    assert not torch.equal(connectors[0][0].weight, before_connector)
+    assert not torch.equal(first.weight, before_connector)
     for k, v in teacher.state_dict().items():
         assert torch.equal(v, before_teacher[k]), k  # bit-identical
     with_connectors = deployed_weight_bytes(student)
@@ -185,11 +195,11 @@ class _ResNet20(nn.Module):
     blocks, as a classifier offering the distillation protocol: ``backbone``, ``logits``,
     ``forward_taps``, ``check_tap_path``."""
 
-    def __init__(self):
+    def __init__(self, blocks_per_stage: int = 3):
         super().__init__()
         blocks, c = [BasicStem(3, 16, norm="BN")], 16
         for stage, out in enumerate((16, 32, 64)):
-            for i in range(3):
+            for i in range(blocks_per_stage):
                 stride = 2 if stage and i == 0 else 1
                 blocks.append(BasicBlock(c, out, stride=stride, norm="BN"))
                 c = out
@@ -368,3 +378,46 @@ def _yaml_overrides(opts):
     import yaml
 
     return yaml.safe_dump(tree)
+
+
+def test_patterns_pair_one_to_one_and_shared_modules_are_refused(
+    teacher_checkpoint,  # noqa: F811
+    tiny_teacher,
+):
+    with pytest.raises(ValueError, match="matches 9 modules in the student and 6 in the teacher"):
+        Distiller(
+            _ResNet20(),
+            _ResNet20(blocks_per_stage=2),
+            [TermSpec("rfd", ["residual_branches"], 1.0)],
+        )
+    student = _student(
+        teacher_checkpoint,
+        "DISTILL.TERMS",
+        "['feature_kd']",
+        "DISTILL.FEATURE_KD.TAPS",
+        "['head.cls_subnet.0']",
+    )
+    with (
+        pytest.raises(RuntimeError, match=r"'head.cls_subnet.0'.*ran twice.*logits"),
+        EventStorage(),
+    ):
+        student(_batch())
+
+
+@pytest.mark.parametrize("tap", ["backbone.bottom_up.res3.0.conv2", "res4"])
+def test_qfd_feature_quantizer_on_a_module_path_or_a_bottom_up_output(tap):
+    torch.manual_seed(0)
+    model = build_model(_cfg("QUANT.FEATURE_TAP", tap)).eval()
+    with torch.no_grad():
+        model.feature_quantizer.init_from(torch.randn(1000) * 3)
+        seen = {}
+        target = resolve_tap(model, tap)
+        model.get_submodule(target.path).register_forward_hook(
+            lambda m, i, out: seen.update(f=target.read(out).clone())  # before in-place adds
+        )
+        model.backbone(torch.randn(1, 3, 64, 64))
+    # The tap's output is on the 8-bit grid of the signed quantizer: l + k * s / 255.
+    q = model.feature_quantizer
+    k = (seen["f"].unique() - q.lower) / (q.scale / 255)
+    assert len(k) > 16  # a real feature, not a constant
+    torch.testing.assert_close(k, k.round(), rtol=0, atol=1e-2)

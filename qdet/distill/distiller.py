@@ -2,19 +2,28 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import CfgNode, get_cfg
 from detectron2.modeling import build_model
+from detectron2.utils import comm
 from detectron2.utils.events import get_event_storage
 from torch import nn
 
 from qdet.distill.losses import LOSS_NAMES, build_distill_loss
-from qdet.distill.taps import Tap, TapRecorder, expand_taps, resolve_tap
+from qdet.distill.taps import (
+    LOGITS,
+    RESIDUAL_BRANCHES,
+    Tap,
+    TapRecorder,
+    expand_taps,
+    resolve_tap,
+)
 
 
 @dataclass
@@ -27,6 +36,8 @@ class TermSpec:
     connector: bool = False
     options: dict = field(default_factory=dict)
 
+
+logger = logging.getLogger(__name__)
 
 # Keys of a DISTILL.<LOSS> node that belong to the term, not to the loss's options.
 _TERM_KEYS = ("TAPS", "WEIGHT", "CONNECTOR")
@@ -51,14 +62,17 @@ def term_specs(cfg: CfgNode) -> list[TermSpec]:
         taps = list(node.TAPS) if d.TERMS else [d.TAP]
         weight = node.WEIGHT if d.TERMS else d.WEIGHT
         where = f"DISTILL.{name.upper()}.WEIGHT" if d.TERMS else "DISTILL.WEIGHT"
-        if not (isinstance(weight, int | float) and math.isfinite(weight) and weight >= 0):
+        number = isinstance(weight, int | float) and not isinstance(weight, bool)
+        if not (number and math.isfinite(weight) and weight >= 0):
             raise ValueError(f"{where}={weight!r}: a term's weight must be a finite number >= 0")
         if not taps:
             raise ValueError(f"DISTILL.{name.upper()}.TAPS is empty: name at least one tap")
         options = {k.lower(): v for k, v in node.items() if k not in _TERM_KEYS}
         # Unknown or bad options fail here, before any model is built ("auto" is resolved
         # against the student by the Distiller).
-        probe = {k: "softmax" if v == "auto" else v for k, v in options.items()}
+        probe = dict(options)
+        if probe.get("activation") == "auto":
+            probe["activation"] = "softmax"
         try:
             build_distill_loss(name, **probe)
         except ValueError as e:
@@ -70,11 +84,16 @@ def term_specs(cfg: CfgNode) -> list[TermSpec]:
 def qfd_tap(cfg: CfgNode) -> str | None:
     """The teacher feature QFD quantizes (its teacher stage), or None without a qfd term."""
     specs = term_specs(cfg) if cfg.DISTILL.ENABLED else []
-    taps = [t for s in specs if build_distill_loss(s.loss).quantized_teacher for t in s.taps]
+    taps = [t for s in specs if s.loss == "qfd" for t in s.taps]
     if len(taps) > 1:
         raise ValueError(
             f"the qfd term has taps {taps}: QFD's teacher stage quantizes one teacher "
             "feature; give it one tap (other taps can use feature_kd)"
+        )
+    if taps and (taps[0] in (LOGITS, RESIDUAL_BRANCHES) or any(c in taps[0] for c in "*?[")):
+        raise ValueError(
+            f"the qfd term's tap {taps[0]!r}: QFD quantizes one named feature (a backbone "
+            "output such as p3, or a module path), not logits or a pattern"
         )
     return taps[0] if taps else None
 
@@ -94,11 +113,45 @@ def tap_channels(model: nn.Module, tap: Tap) -> int:
     )
 
 
+def matched_taps(student: nn.Module, teacher: nn.Module, taps: list[str]) -> list[tuple[Tap, Tap]]:
+    """(student tap, teacher tap) pairs, in order. Names are the same tap in both models;
+    a pattern is expanded in each model and paired in order (an R18 student's
+    ``residual_branches`` end in conv2, an R50 teacher's in conv3), so it must match as
+    many taps in both. The teacher's taps carry the student's names."""
+    pairs = []
+    for pattern in taps:
+        s_names = expand_taps(student, [pattern], "student")
+        t_names = expand_taps(teacher, [pattern], "teacher")
+        if len(s_names) != len(t_names):
+            raise ValueError(
+                f"tap pattern {pattern!r} matches {len(s_names)} modules in the student "
+                f"and {len(t_names)} in the teacher: taps are paired one to one, so name "
+                f"them (student: {s_names[:4]}..., teacher: {t_names[:4]}...)"
+            )
+        for s_name, t_name in zip(s_names, t_names):
+            s_tap = resolve_tap(student, s_name, "student")
+            t_tap = replace(resolve_tap(teacher, t_name, "teacher"), name=s_tap.name)
+            for model, tap in ((student, s_tap), (teacher, t_tap)):
+                model.check_tap_path(tap.path)
+            if s_tap.name not in {p[0].name for p in pairs}:
+                pairs.append((s_tap, t_tap))
+    return pairs
+
+
+def connector(in_channels: int, out_channels: int) -> nn.Module:
+    """FAQD's connector: a trainable 1x1 conv + ReLU on the student's feature."""
+    return nn.Sequential(nn.Conv2d(in_channels, out_channels, 1), nn.ReLU())
+
+
+def _key(tap: str) -> str:
+    return tap.replace(".", "__")  # module names may not contain dots
+
+
 class DistillTerm(nn.Module):
     """``weight * loss([f_s(tap) for tap], [f_t(tap) for tap])``, optionally with FAQD's
     trainable connector (1x1 conv + ReLU, student side) per tap."""
 
-    def __init__(self, spec: TermSpec, loss: nn.Module, connectors: nn.ModuleList | None):
+    def __init__(self, spec: TermSpec, loss: nn.Module, connectors: nn.ModuleDict | None):
         super().__init__()
         self.name, self.taps, self.weight = spec.loss, list(spec.taps), spec.weight
         self.loss, self.connectors = loss, connectors
@@ -106,7 +159,7 @@ class DistillTerm(nn.Module):
     def forward(self, student: dict, teacher: dict) -> torch.Tensor:
         f_s = [student[t] for t in self.taps]
         if self.connectors is not None:
-            f_s = [c(f) for c, f in zip(self.connectors, f_s, strict=True)]
+            f_s = [self.connectors[_key(t)](f) for t, f in zip(self.taps, f_s, strict=True)]
         f_t = [teacher[t] for t in self.taps]
         # In float32 even under AMP: affinities and attention KLs are small differences of
         # near-equal numbers, which bfloat16 / float16 would mostly round away.
@@ -133,58 +186,65 @@ class Distiller(nn.Module):
         super().__init__()
         teacher.eval().requires_grad_(False)
         object.__setattr__(self, "teacher", teacher)  # deliberately not a submodule
-        names = []
+        s_taps, t_taps, terms = {}, {}, []
         for spec in specs:
-            taps = expand_taps(student, spec.taps, "student")
-            spec.taps = taps
-            names += [t for t in taps if t not in names]
-        s_taps = [resolve_tap(student, n, "student") for n in names]
-        t_taps = [resolve_tap(teacher, n, "teacher") for n in names]
-        for tap in t_taps:
-            teacher.check_tap_path(tap.path)
-        terms = []
-        for spec in specs:
+            pairs = matched_taps(student, teacher, spec.taps)
+            for s_tap, t_tap in pairs:
+                s_taps.setdefault(s_tap.name, s_tap)
+                t_taps.setdefault(s_tap.name, t_tap)
+            spec = replace(spec, taps=[s.name for s, _ in pairs], options=dict(spec.options))
             if spec.options.get("activation") == "auto":  # the student's logits say which
                 spec.options["activation"] = getattr(student, "logits_activation", "softmax")
+            if "seed" in spec.options:  # independent random draws on every process
+                spec.options["seed"] += comm.get_rank()
             loss = build_distill_loss(spec.loss, **spec.options)
             connectors = None
             if spec.connector:
-                if getattr(loss, "kind", "feature") != "feature":
+                if not loss.takes_connector:
                     raise ValueError(
-                        f"DISTILL.{spec.loss.upper()}.CONNECTOR: connectors are for feature "
-                        "terms (FAQD's 1x1 conv + ReLU), not logits"
+                        f"DISTILL.{spec.loss.upper()}: {spec.loss!r} takes no connector "
+                        "(FAQD's 1x1 conv + ReLU is offered for feature_kd, fa and ffa)"
                     )
-                by_name = {t.name: t for t in s_taps}
-                t_by_name = {t.name: t for t in t_taps}
-                connectors = nn.ModuleList(
-                    nn.Sequential(
-                        nn.Conv2d(
-                            tap_channels(student, by_name[n]),
-                            tap_channels(teacher, t_by_name[n]),
-                            1,
-                        ),
-                        nn.ReLU(),
-                    )
-                    for n in spec.taps
+                connectors = nn.ModuleDict(
+                    {
+                        _key(s.name): connector(tap_channels(student, s), tap_channels(teacher, t))
+                        for s, t in pairs
+                    }
                 )
             terms.append(DistillTerm(spec, loss, connectors))
         self.terms = nn.ModuleList(terms)
         self.label_free = False
-        self._student = TapRecorder(student, s_taps, when=lambda: student.training)
-        self._teacher = TapRecorder(teacher, t_taps)
-        self._teacher_paths = sorted({t.path for t in t_taps})
+        # A student's taps are kept in training forwards with autograd on (the ones whose
+        # losses train it): not in evaluation, calibration or no-grad checks.
+        self._student = TapRecorder(
+            student,
+            list(s_taps.values()),
+            when=lambda: student.training and torch.is_grad_enabled(),
+        )
+        # Renamed to the student's names: a pattern may end in differently named modules.
+        self._teacher = TapRecorder(teacher, list(t_taps.values()))
+        self._teacher_paths = sorted({t.path for t in t_taps.values()})
         self._images = None
-        self._image_hook = student.backbone.register_forward_pre_hook(self._keep_images(student))
+        self._hooks = [
+            student.backbone.register_forward_pre_hook(self._keep_images(student)),
+            # Taps hold one forward's outputs: forget any left by a forward that did not
+            # reach the distiller, so a tap seen twice means a module that runs twice.
+            student.register_forward_pre_hook(self._forget_taps),
+        ]
+
+    def _forget_taps(self, _model, _inputs) -> None:
+        self._student.pop()  # returns None: a pre-hook's return value replaces the inputs
 
     def remove(self) -> None:
         """Take the distiller's hooks off both models (``attach_distiller(None)`` does)."""
         self._student.remove()
         self._teacher.remove()
-        self._image_hook.remove()
+        for hook in self._hooks:
+            hook.remove()
 
     def _keep_images(self, student: nn.Module):
         def hook(_backbone, inputs):
-            if student.training:
+            if student.training and torch.is_grad_enabled():
                 self._images = inputs[0]
 
         return hook
@@ -213,8 +273,13 @@ class Distiller(nn.Module):
         """This step's terms, from the student's taps kept during its forward."""
         student, images = self._student.pop(), self._images
         self._images = None
+        if images is None:
+            raise RuntimeError(
+                "the distiller got no input batch: the student's backbone did not run in "
+                "training mode before its losses"
+            )
         missing = [n for n in self.tap_names if n not in student]
-        if images is None or missing:
+        if missing:
             raise RuntimeError(
                 f"the student's forward did not produce the taps {missing}: taps must lie on "
                 "the training forward path (backbone, head)"
@@ -223,7 +288,8 @@ class Distiller(nn.Module):
         losses = {f"loss_distill_{t.name}": t(student, teacher) for t in self.terms}
         distill = sum(losses.values())
         total = distill + sum(gt_losses.values())
-        get_event_storage().put_scalar("distill_ratio", (distill / total).item())
+        ratio = (distill / total).item() if total.item() != 0 else 1.0
+        get_event_storage().put_scalar("distill_ratio", ratio)
         return losses
 
 
@@ -242,7 +308,7 @@ def teacher_config(cfg: CfgNode, quantized_feature: bool) -> CfgNode:
     tcfg.MODEL.DEVICE = cfg.MODEL.DEVICE
     tcfg.DISTILL.ENABLED = False
     if quantized_feature:
-        tcfg.QUANT.FEATURE_TAP = qfd_tap(cfg) or cfg.DISTILL.TAP
+        tcfg.QUANT.FEATURE_TAP = qfd_tap(cfg) or cfg.DISTILL.TAP  # TAP: a bare load_teacher
         tcfg.QUANT.FEATURE_BITS = cfg.DISTILL.TEACHER_FEATURE_BITS
     return tcfg
 
@@ -308,8 +374,14 @@ def build_distiller(cfg: CfgNode, student: nn.Module) -> Distiller:
             "teacher and student normalise pixels differently "
             "(MODEL.PIXEL_MEAN / PIXEL_STD): the teacher sees the student's input"
         )
-    distiller = Distiller(student, teacher, specs)
+    distiller = Distiller(student, teacher, specs).to(student.device)  # connectors too
     distiller.label_free = cfg.DISTILL.LABEL_FREE
+    # With TERMS set, LOSS / TAP / WEIGHT are not read (and the reverse): say what runs.
+    logger.info(
+        "Distillation terms%s: %s",
+        " (label-free)" if distiller.label_free else "",
+        "; ".join(f"{t.name} x {t.weight:g} on {t.taps}" for t in distiller.terms),
+    )
     return distiller
 
 

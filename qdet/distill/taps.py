@@ -41,6 +41,9 @@ class Tap:
     name: str
     path: str  # module path of the hooked module ("" = the model itself)
     select: str | Callable | None = None  # output[key], fn(output) or the output itself
+    # Keep a copy: a module's own output may be changed in place afterwards (a residual
+    # block adds its shortcut to its last conv's output); dict outputs and logits are not.
+    copy: bool = False
 
     def read(self, output):
         if self.select is None:
@@ -134,7 +137,7 @@ def resolve_tap(model: nn.Module, name: str, what: str = "model") -> Tap:
         return Tap(name, outputs[name], name)
     modules = dict(model.named_modules())
     if name and name in modules:
-        return Tap(name, name, _as_nchw(modules[name]))
+        return Tap(name, name, _as_nchw(modules[name]), copy=True)
     raise _unknown(model, name, what)
 
 
@@ -156,9 +159,10 @@ class TapRecorder:
     """Keeps the outputs of ``taps`` of ``model``'s forward passes while :attr:`recording`
     (or while ``when()`` is true).
 
-    One forward hook per tapped module, registered here once. It keeps a copy of each
-    output (with its graph, for a student); :meth:`pop` hands them over and forgets them,
-    so nothing outlives a step.
+    One forward hook per tapped module, registered here once. It keeps each output (a copy
+    for module outputs, see :class:`Tap`; with its graph, for a student); :meth:`pop` hands
+    them over and forgets them, so nothing outlives a step. A module that runs twice in one
+    recorded forward is an error: its tap would be ambiguous.
     """
 
     def __init__(self, model: nn.Module, taps: list[Tap], when: Callable[[], bool] | None = None):
@@ -179,9 +183,14 @@ class TapRecorder:
         def hook(_module, _inputs, output):
             if self.recording or (self._when is not None and self._when()):
                 for tap in taps:
-                    # A copy: the model may change its output in place afterwards (a
-                    # residual block adds its shortcut to its last conv's output).
-                    self.features[tap.name] = _copy(tap.read(output))
+                    if tap.name in self.features:
+                        raise RuntimeError(
+                            f"tap {tap.name!r}: module {tap.path!r} ran twice in one forward "
+                            "(RetinaNet's head convs run once per FPN level); tap a module "
+                            "that runs once, such as a backbone output or 'logits'"
+                        )
+                    feature = tap.read(output)
+                    self.features[tap.name] = feature.clone() if tap.copy else feature
 
         return hook
 
@@ -192,9 +201,3 @@ class TapRecorder:
     def remove(self) -> None:
         for handle in self._handles:
             handle.remove()
-
-
-def _copy(feature):
-    if isinstance(feature, torch.Tensor):
-        return feature.clone()
-    return [_copy(f) for f in feature] if isinstance(feature, list | tuple) else feature

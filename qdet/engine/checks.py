@@ -92,6 +92,11 @@ def check_teacher(cfg: CfgNode) -> None:
     teacher stage, skipped when that stage's output exists)."""
     from qdet.distill.distiller import qfd_tap, quantized_teacher_weights
 
+    if cfg.DISTILL.LABEL_FREE and not cfg.DISTILL.ENABLED:
+        raise ValueError(
+            "DISTILL.LABEL_FREE True needs DISTILL.ENABLED True (and a teacher): without "
+            "distillation a label-free student would have no loss at all"
+        )
     weights = cfg.DISTILL.TEACHER_WEIGHTS
     if not cfg.DISTILL.ENABLED or os.path.isfile(weights):
         return

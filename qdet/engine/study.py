@@ -106,13 +106,13 @@ class Study:
                 cfg.DISTILL.TEACHER_WEIGHTS = init
                 # QFD's teacher stage depends on the teacher, tap, feature bits, schedule and
                 # seed only: rows that agree on them share it.
-                d = cfg.DISTILL
-                tap = qfd_tap(cfg) or d.TAP
-                stage = f"teacher_stage_{row.init}_{tap}_{d.TEACHER_FEATURE_BITS}b"
-                stage += f"_{d.TEACHER_STAGE_ITERS or cfg.SOLVER.MAX_ITER // 10}it"
-                cfg.DISTILL.QUANTIZED_TEACHER_WEIGHTS = os.path.join(
-                    os.path.dirname(cfg.OUTPUT_DIR), stage, "model_final.pth"
-                )
+                d, tap = cfg.DISTILL, qfd_tap(cfg)
+                if tap is not None:
+                    stage = f"teacher_stage_{row.init}_{tap}_{d.TEACHER_FEATURE_BITS}b"
+                    stage += f"_{d.TEACHER_STAGE_ITERS or cfg.SOLVER.MAX_ITER // 10}it"
+                    cfg.DISTILL.QUANTIZED_TEACHER_WEIGHTS = os.path.join(
+                        os.path.dirname(cfg.OUTPUT_DIR), stage, "model_final.pth"
+                    )
         cfg.freeze()
         return cfg
 

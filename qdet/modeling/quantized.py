@@ -63,7 +63,7 @@ class QuantizedDetectorMixin:
 
     def _quantize_feature(self, tap):
         def hook(_module, _inputs, output):
-            if tap.select is None:
+            if not isinstance(tap.select, str):  # a module's tensor (any layout: per-tensor Q)
                 return self.feature_quantizer(output)
             output = dict(output)
             output[tap.select] = self.feature_quantizer(output[tap.select])
