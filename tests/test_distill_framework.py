@@ -50,7 +50,9 @@ def _student(d, *opts, seed=2):
 
 def test_single_term_configs_give_the_previous_loss(teacher_checkpoint, tiny_teacher):  # noqa: F811
     for loss, previous in PREVIOUS.items():
-        student = _student(teacher_checkpoint, "DISTILL.LOSS", loss, "DISTILL.WEIGHT", "0.5")
+        # FREEZE_AT 2: the digits recipe when PREVIOUS was computed.
+        opts = ("DISTILL.LOSS", loss, "DISTILL.WEIGHT", "0.5", "MODEL.BACKBONE.FREEZE_AT", "2")
+        student = _student(teacher_checkpoint, *opts)
         with EventStorage():
             out = student(_batch())
         assert out[f"loss_distill_{loss}"].item() == pytest.approx(previous, rel=1e-4)
