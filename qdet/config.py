@@ -139,33 +139,13 @@ def add_distill_terms_config(cfg: CN) -> None:
     # stage; res2 is left out as Detectron2 freezes it by default, MODEL.BACKBONE.FREEZE_AT).
     # NORM: "fro2" (the paper) or "l1" (official code); REDUCTION over the batch: "mean" or
     # "sum" (official code); the teacher map is resized to the student's with ALIGN_CORNERS.
-    _term(
-        cfg,
-        "FA",
-        [f"backbone.bottom_up.res{i}" for i in (3, 4, 5)],
-        0.1,
-        CONNECTOR=False,
-        NORM="fro2",
-        REDUCTION="mean",
-        ALIGN_CORNERS=True,
-        EPS=1e-5,
-        ALGORITHM="explicit",  # or "gram": the same value from C x C matrices (faster)
-    )
+    stages = [f"backbone.bottom_up.res{i}" for i in (3, 4, 5)]
+    shared = dict(CONNECTOR=False, REDUCTION="mean", ALIGN_CORNERS=True, EPS=1e-5)
+    # ALGORITHM "gram": the same value from C x C matrices (faster on large maps).
+    _term(cfg, "FA", stages, 0.1, NORM="fro2", ALGORITHM="explicit", **shared)
     # Fast FA (FAQD Eq. 14-15): K random projections, a fresh draw every step from its own
     # generator seeded with SEED. ESTIMATE: what it estimates ("fro2": FA itself).
-    _term(
-        cfg,
-        "FFA",
-        [f"backbone.bottom_up.res{i}" for i in (3, 4, 5)],
-        0.1,
-        CONNECTOR=False,
-        K=15,
-        SEED=0,
-        ESTIMATE="fro2",
-        REDUCTION="mean",
-        ALIGN_CORNERS=True,
-        EPS=1e-5,
-    )
+    _term(cfg, "FFA", stages, 0.1, K=15, SEED=0, ESTIMATE="fro2", **shared)
     # AKT's refined feature distillation (AKT Eq. 6-9) on every residual branch, weight
     # 1 - alpha = 0.5. REDUCTION: "mean" (the paper) or "official" (1000 x sums).
     _term(cfg, "RFD", ["residual_branches"], 0.5, TEMPERATURE=8.0, REDUCTION="mean")

@@ -12,24 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qdet.distill.affinity import FastFeatureAffinityLoss, FeatureAffinityLoss
-from qdet.distill.attention import RFDLoss
+from qdet.distill import affinity, attention  # noqa: F401  (registers FA, FFA and RFD)
 from qdet.distill.loss_base import DISTILL_LOSS_REGISTRY, DistillLoss
-
-__all__ = [
-    "DISTILL_LOSS_REGISTRY",
-    "LOSS_NAMES",
-    "AKTLogitLoss",
-    "DistillLoss",
-    "FastFeatureAffinityLoss",
-    "FeatureAffinityLoss",
-    "FeatureKDLoss",
-    "LogitKDLoss",
-    "LogitMSELoss",
-    "QFDLoss",
-    "RFDLoss",
-    "build_distill_loss",
-]
 
 
 class _FeatureMSE(DistillLoss):
