@@ -118,23 +118,36 @@ def add_qdet_config(cfg: CN) -> CN:
     return cfg
 
 
-def _term(cfg: CN, name: str, taps: list[str], weight: float, **options) -> None:
+def add_distill_term_config(cfg: CN, loss: str, taps: list[str], weight: float, **options) -> CN:
+    """Declare ``DISTILL.<LOSS>``, the node of a registered distillation loss: its default
+    ``TAPS`` and ``WEIGHT``, and one key per option of the loss class (its default unless
+    given here, e.g. ``CONNECTOR=False`` where the loss offers one). qdet's losses are
+    declared by :func:`add_distill_terms_config`; a loss registered in
+    ``qdet.distill.DISTILL_LOSS_REGISTRY`` by a user needs this call before its name can be
+    used in ``DISTILL.TERMS`` (README, "Distillation")."""
+    from qdet.distill.losses import registered_losses
+
+    losses, loss = registered_losses(), loss.lower()
+    if loss not in losses:
+        raise ValueError(f"distillation loss {loss!r} is not registered: known {sorted(losses)}")
     node = CN()
-    node.TAPS = taps
+    node.TAPS = list(taps)
     node.WEIGHT = weight
-    for key, value in options.items():
-        node[key] = value
-    cfg.DISTILL[name] = node
+    given = {k.lower(): v for k, v in options.items()}
+    for option, default in {**losses[loss].options(), **given}.items():
+        node[option.upper()] = given.get(option, default)
+    cfg.DISTILL[loss.upper()] = node
+    return node
 
 
 def add_distill_terms_config(cfg: CN) -> None:
     """``DISTILL.<LOSS>``: each registered loss's taps, weight and options (defaults: the
     papers' recipes; option meanings in the loss classes of qdet.distill.losses)."""
     # QFD (QFD Eq. 7): MSE to the teacher's feature quantized by its teacher stage; one tap.
-    _term(cfg, "QFD", ["p3"], 1.0)
+    add_distill_term_config(cfg, "qfd", ["p3"], 1.0)
     # Float feature KD: MSE to the teacher's float feature. CONNECTOR: FAQD's trainable
     # 1x1 conv + ReLU per tap on the student side (channels may then differ).
-    _term(cfg, "FEATURE_KD", ["p3"], 1.0, CONNECTOR=False)
+    add_distill_term_config(cfg, "feature_kd", ["p3"], 1.0, CONNECTOR=False)
     # Feature affinity (FAQD Eq. 6) on the ResNet stage outputs, weight 0.1 (FAQD: every
     # stage; res2 is left out as Detectron2 freezes it by default, MODEL.BACKBONE.FREEZE_AT).
     # NORM: "fro2" (the paper) or "l1" (official code); REDUCTION over the batch: "mean" or
@@ -142,20 +155,22 @@ def add_distill_terms_config(cfg: CN) -> None:
     stages = [f"backbone.bottom_up.res{i}" for i in (3, 4, 5)]
     shared = dict(CONNECTOR=False, REDUCTION="mean", ALIGN_CORNERS=True, EPS=1e-5)
     # ALGORITHM "gram": the same value from C x C matrices (faster on large maps).
-    _term(cfg, "FA", stages, 0.1, NORM="fro2", ALGORITHM="explicit", **shared)
+    add_distill_term_config(cfg, "fa", stages, 0.1, NORM="fro2", ALGORITHM="explicit", **shared)
     # Fast FA (FAQD Eq. 14-15): K random projections, a fresh draw every step from its own
     # generator seeded with SEED. ESTIMATE: what it estimates ("fro2": FA itself).
-    _term(cfg, "FFA", stages, 0.1, K=15, SEED=0, ESTIMATE="fro2", **shared)
+    add_distill_term_config(cfg, "ffa", stages, 0.1, K=15, SEED=0, ESTIMATE="fro2", **shared)
     # AKT's refined feature distillation (AKT Eq. 6-9) on every residual branch, weight
     # 1 - alpha = 0.5. REDUCTION: "mean" (the paper) or "official" (1000 x sums).
-    _term(cfg, "RFD", ["residual_branches"], 0.5, TEMPERATURE=8.0, REDUCTION="mean")
+    add_distill_term_config(
+        cfg, "rfd", ["residual_branches"], 0.5, TEMPERATURE=8.0, REDUCTION="mean"
+    )
     # Logit KD: KL(softmax(z_T/t) || softmax(z_S/t)) t^2. ACTIVATION "auto": sigmoid for
     # RetinaNet's focal-loss logits (per anchor and class), softmax for a classifier.
-    _term(cfg, "LOGIT_KD", ["logits"], 1.0, TEMPERATURE=4.0, ACTIVATION="auto")
+    add_distill_term_config(cfg, "logit_kd", ["logits"], 1.0, TEMPERATURE=4.0, ACTIVATION="auto")
     # FAQD's logit MSE.
-    _term(cfg, "LOGIT_MSE", ["logits"], 1.0)
+    add_distill_term_config(cfg, "logit_mse", ["logits"], 1.0)
     # AKT's official logit term (-T^2 H(softmax((z_T - z_S)/T)), T = 20), alpha = 0.5.
-    _term(cfg, "AKT_LOGIT", ["logits"], 0.5, TEMPERATURE=20.0)
+    add_distill_term_config(cfg, "akt_logit", ["logits"], 0.5, TEMPERATURE=20.0)
 
 
 def add_transformer_config(cfg: CN) -> None:

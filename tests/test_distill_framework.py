@@ -170,7 +170,8 @@ def test_connectors_train_and_stay_out_of_export(teacher_checkpoint, tiny_teache
     assert [connectors[k][0].in_channels for k in ("res3", "res5")] == [128, 512]
     first = connectors["res3"][0]
     keys = [k for k in student.state_dict() if k.startswith("distiller.")]
-    assert keys and all(".connectors." in k for k in keys)
+    # The connectors and FFA's call count (checkpointed, so a resumed run draws on).
+    assert keys and all(".connectors." in k or k.endswith(".loss.calls") for k in keys)
     cfg = _student_cfg(teacher_checkpoint, *cfg_opts)
     optimizer = QDetTrainer.build_optimizer(cfg, student)
     in_optimizer = {id(p) for g in optimizer.param_groups for p in g["params"]}
@@ -185,6 +186,7 @@ def test_connectors_train_and_stay_out_of_export(teacher_checkpoint, tiny_teache
         assert first.weight.grad.abs().sum() > 0
         optimizer.step()
     assert not torch.equal(first.weight, before_connector)
+    assert student.state_dict()["distiller.terms.0.loss.calls"].item() == 2
     for k, v in teacher.state_dict().items():
         assert torch.equal(v, before_teacher[k]), k  # bit-identical
     with_connectors = deployed_weight_bytes(student)

@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
-from qdet.distill.losses import DISTILL_LOSS_REGISTRY, LOSS_NAMES, build_distill_loss
+from qdet.distill.losses import DISTILL_LOSS_REGISTRY, build_distill_loss, registered_losses
 
 D = torch.float64
 
@@ -33,7 +34,7 @@ def _kl(p, q):
 
 
 def test_every_config_name_builds_its_registered_class():
-    assert set(LOSS_NAMES) == {
+    assert set(registered_losses()) == {
         "qfd",
         "feature_kd",
         "fa",
@@ -43,15 +44,62 @@ def test_every_config_name_builds_its_registered_class():
         "logit_mse",
         "akt_logit",
     }
-    for name, cls_name in LOSS_NAMES.items():
+    for name, cls in registered_losses().items():
         loss = build_distill_loss(name)
-        assert type(loss) is DISTILL_LOSS_REGISTRY.get(cls_name)
+        assert type(loss) is cls is DISTILL_LOSS_REGISTRY.get(cls.__name__)
         assert loss.name == name
         assert loss.quantized_teacher is (name == "qfd")
         assert loss.kind == ("logits" if name.startswith(("logit", "akt")) else "feature")
         assert type(loss).__doc__
     for name in ("qfd", "fa", "ffa", "rfd"):
         assert "Eq." in type(build_distill_loss(name)).__doc__
+
+
+def test_a_loss_registered_by_a_user_is_configured_and_built_like_qdets():
+    from detectron2.config import get_cfg
+
+    from qdet.config import add_distill_term_config, add_qdet_config
+    from qdet.distill.distiller import term_specs
+    from qdet.distill.loss_base import DistillLoss
+
+    @DISTILL_LOSS_REGISTRY.register()
+    class ScaledL1Loss(DistillLoss):
+        """scale * mean |f_s - f_t|, summed over taps."""
+
+        name = "scaled_l1"
+
+        def __init__(self, *, scale=2.0, **unknown):
+            super().__init__()
+            self.reject_unknown(unknown)
+            self.scale = scale
+
+        def forward(self, students, teachers):
+            return sum(self.scale * (s - t).abs().mean() for s, t in zip(students, teachers))
+
+    try:
+        assert registered_losses()["scaled_l1"] is ScaledL1Loss
+        cfg = add_qdet_config(get_cfg())
+        cfg.DISTILL.ENABLED, cfg.DISTILL.TERMS = True, ["scaled_l1", "fa"]
+        with pytest.raises(ValueError, match="no config node DISTILL.SCALED_L1.*add_distill_"):
+            term_specs(cfg)
+        add_distill_term_config(cfg, "scaled_l1", ["p4"], 0.25)
+        assert dict(cfg.DISTILL.SCALED_L1) == {"TAPS": ["p4"], "WEIGHT": 0.25, "SCALE": 2.0}
+        cfg.merge_from_list(["DISTILL.SCALED_L1.SCALE", 3.0])  # a YAML's keys now merge
+        spec = term_specs(cfg)[0]
+        assert (spec.loss, spec.taps, spec.weight, spec.options) == (
+            "scaled_l1",
+            ["p4"],
+            0.25,
+            {"scale": 3.0},
+        )
+        s, t = _randn(2, 3, 4, 4, seed=1), _randn(2, 3, 4, 4, seed=2)
+        by_hand = 3.0 * sum(abs(a - b) for a, b in zip(s.flatten().tolist(), t.flatten().tolist()))
+        loss = build_distill_loss("scaled_l1", **spec.options)([s], [t])
+        assert loss.item() == pytest.approx(by_hand / s.numel(), rel=1e-12)
+    finally:
+        DISTILL_LOSS_REGISTRY._obj_map.pop("ScaledL1Loss")  # the registry is global
+    with pytest.raises(ValueError, match="'scaled_l1' is not registered"):
+        add_distill_term_config(add_qdet_config(get_cfg()), "scaled_l1", ["p4"], 1.0)
 
 
 def test_options_and_defaults_are_public():
@@ -170,11 +218,15 @@ def _affinity_difference(s, t, eps=1e-5):
 def test_ffa_is_the_explicit_projection_of_the_affinity_difference():
     s, t = _randn(2, 3, 3, 4, seed=7), _randn(2, 5, 6, 8, seed=8)
     diff, hw, k = _affinity_difference(s, t), 12, 6
-    g = torch.Generator().manual_seed(3)  # the draws the loss makes: B x HW x k per tap
     losses = {
         e: build_distill_loss("ffa", k=k, seed=3, estimate=e) for e in ("fro2", "official_l1")
     }
     for step in range(2):
+        # The draws the loss makes: B x HW x k per tap, from a generator seeded by
+        # NumPy's SeedSequence of (seed, call).
+        g = torch.Generator().manual_seed(
+            int(np.random.SeedSequence([3, step]).generate_state(1)[0])
+        )
         dz = diff @ torch.randn(2, hw, k, generator=g).to(D)
         fro2 = (dz.square().sum((1, 2)) / (k * hw**2)).mean()
         l1 = (dz.abs().sum((1, 2)) / (k * hw**2)).mean()
@@ -205,6 +257,20 @@ def test_ffa_draws_fresh_z_from_its_own_seeded_generator():
     assert not torch.equal(first, second)  # a fresh Z each step
     assert torch.equal(b([s], [t]), first) and torch.equal(b([s], [t]), second)
     assert not torch.equal(build_distill_loss("ffa", seed=6)([s], [t]), first)
+
+
+def test_ffa_resumes_its_draws_from_a_checkpoint():
+    s, t = torch.randn(2, 3, 4, 4), torch.randn(2, 5, 4, 4)
+    uninterrupted = build_distill_loss("ffa", seed=4)
+    values = [uninterrupted([s], [t]) for _ in range(4)]
+    interrupted = build_distill_loss("ffa", seed=4)
+    for _ in range(2):
+        interrupted([s], [t])
+    resumed = build_distill_loss("ffa", seed=4)
+    resumed.load_state_dict(interrupted.state_dict())  # what a checkpoint holds
+    assert int(resumed.calls) == 2
+    assert torch.equal(resumed([s], [t]), values[2]) and torch.equal(resumed([s], [t]), values[3])
+    assert not torch.equal(values[2], values[3])
 
 
 def test_ffa_is_finite_with_an_all_zero_pixel_and_trains_the_student():
@@ -347,6 +413,7 @@ def test_unknown_names_and_options_are_rejected_with_the_valid_ones():
         ("ffa", {"k": 0}, "k=0.*integer >= 1"),
         ("ffa", {"k": 2.5}, "k=2.5.*integer >= 1"),
         ("ffa", {"seed": 1.5}, "seed=1.5.*integer"),
+        ("ffa", {"seed": -1}, r"seed=-1.*\[0, 2\^31\)"),
         ("ffa", {"estimate": "l1"}, "estimate='l1'.*'fro2', 'official_l1'"),
         ("rfd", {"temperature": 0}, "temperature=0.*> 0"),
         ("rfd", {"reduction": "sum"}, "'mean', 'official'"),

@@ -31,7 +31,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from detectron2.utils.logger import setup_logger  # noqa: E402
 
 import qdet  # noqa: E402,F401  (registers qdet's datasets and models)
-from qdet.distill.losses import LOSS_NAMES  # noqa: E402
+from qdet.distill.losses import registered_losses  # noqa: E402
 from qdet.engine.cli import run_cli  # noqa: E402
 from qdet.engine.study import (  # noqa: E402
     Study,
@@ -55,12 +55,26 @@ METHODS = {
     ),
     "ewgs": ("EWGS", DIGITS + "4bit_ewgs.yaml", ()),
 }
-for _loss in LOSS_NAMES:  # a distillation loss is a row as soon as it is registered
-    # One term with its DISTILL.<LOSS> defaults (taps, weight, options) beside the GT losses.
-    METHODS.setdefault(_loss, (_loss, DIGITS + "4bit_qfd.yaml", ("DISTILL.TERMS", f"['{_loss}']")))
+# Weights that make a term about 1/5 of the total loss at the start of the 4-bit fine-tune
+# (det losses about 0.38; each term measured at weight 1 over its first 40 iterations: fa
+# 0.016, ffa 0.017, rfd 1.6e-5, logit_kd 0.15, logit_mse 0.18; README, "Accuracy study").
+# A loss not listed keeps its DISTILL.<LOSS>.WEIGHT.
+STUDY_WEIGHTS = {"fa": 6.0, "ffa": 6.0, "rfd": 6000.0, "logit_kd": 0.6, "logit_mse": 0.5}
+for _loss in registered_losses():  # a distillation loss is a row as soon as it is registered
+    # One term with its DISTILL.<LOSS> taps and options beside the GT losses.
+    _opts: tuple[str, ...] = ("DISTILL.TERMS", f"['{_loss}']")
+    if _loss in STUDY_WEIGHTS:
+        _opts += (f"DISTILL.{_loss.upper()}.WEIGHT", str(STUDY_WEIGHTS[_loss]))
+    METHODS.setdefault(_loss, (_loss, DIGITS + "4bit_qfd.yaml", _opts))
 METHODS["faqd"] = ("FAQD (FA + logit MSE)", DIGITS + "4bit_faqd.yaml", ())
 METHODS["label_free"] = ("FAQD label-free", DIGITS + "4bit_faqd_label_free.yaml", ())
-METHODS["akt"] = ("AKT (RFD + logit KD, label-free)", DIGITS + "4bit_akt.yaml", ())
+# AKT's recipe with the study's weights: both terms matter (at its config's RFD weight of
+# 0.5 the RFD term is 1e-5 of the logit term).
+METHODS["akt"] = (
+    "AKT (RFD + logit KD, label-free)",
+    DIGITS + "4bit_akt.yaml",
+    ("DISTILL.RFD.WEIGHT", str(STUDY_WEIGHTS["rfd"]), "DISTILL.LOGIT_KD.WEIGHT", "0.6"),
+)
 ONE_WIDTH = ("inclusive", "ewgs")  # single-change checks: run at --check-bits only
 CURVES = ("fp", "baseline_4bit", "qfd_4bit")  # evaluated during training on the first seed
 CURVE_EVALS = 6
@@ -222,6 +236,13 @@ def main() -> None:
     )
     parser.add_argument("--out", default="output/study")
     parser.add_argument(
+        "--freeze-at",
+        type=int,
+        default=2,
+        help="MODEL.BACKBONE.FREEZE_AT of every run. 2 (stem and res2 keep their random "
+        "init): the recipe of the tables in README; 0: the digits configs' (not run yet)",
+    )
+    parser.add_argument(
         "--jobs", type=int, default=1, help="runs trained at once (2 on a 2-core CPU)"
     )
     parser.add_argument(
@@ -244,8 +265,9 @@ def run(args) -> None:
             return []
         return ["TEST.EVAL_PERIOD", str(max(_max_iter(row, args.opts) // CURVE_EVALS, 1))]
 
+    opts = ["MODEL.BACKBONE.FREEZE_AT", str(args.freeze_at), *args.opts]
     study = Study(
-        rows, args.seeds, args.out, args.opts, run_opts=curve_opts, tag="study", jobs=args.jobs
+        rows, args.seeds, args.out, opts, run_opts=curve_opts, tag="study", jobs=args.jobs
     )
     start = time.time()
     results = study.run(train=not args.report_only)

@@ -15,19 +15,18 @@ from qdet.distill.distiller import (
 from qdet.distill.loss_base import DistillLoss
 from qdet.distill.losses import (
     DISTILL_LOSS_REGISTRY,
-    LOSS_NAMES,
     AKTLogitLoss,
     FeatureKDLoss,
     LogitKDLoss,
     LogitMSELoss,
     QFDLoss,
     build_distill_loss,
+    registered_losses,
 )
 from qdet.distill.taps import Tap, TapRecorder, expand_taps, resolve_tap
 
 __all__ = [
     "DISTILL_LOSS_REGISTRY",
-    "LOSS_NAMES",
     "AKTLogitLoss",
     "DistillLoss",
     "DistillTerm",
@@ -46,6 +45,7 @@ __all__ = [
     "build_distiller",
     "expand_taps",
     "load_teacher",
+    "registered_losses",
     "resolve_tap",
     "teacher_config",
     "term_specs",

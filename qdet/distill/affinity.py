@@ -4,6 +4,7 @@ student and the teacher may have different channels."""
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -110,6 +111,13 @@ def _gram_fro2(f_s: torch.Tensor, f_t: torch.Tensor) -> torch.Tensor:
     return sq(f_t, f_t) + sq(f_s, f_s) - 2 * sq(f_s, f_t)
 
 
+def call_seed(seed: int, call: int) -> int:
+    """The seed of FFA's draws at ``call``: NumPy's SeedSequence mixes (seed, call) into 32
+    bits (what torch's CPU generator uses), so neighbouring seeds and calls give unrelated
+    streams."""
+    return int(np.random.SeedSequence([seed, call]).generate_state(1)[0])
+
+
 @DISTILL_LOSS_REGISTRY.register()
 class FastFeatureAffinityLoss(_AffinityLoss):
     """Fast feature affinity, FFA (FAQD Eq. 14-15): a random-projection estimate of FA.
@@ -127,11 +135,12 @@ class FastFeatureAffinityLoss(_AffinityLoss):
       official recipe as published.
 
     Z: a fresh B x HW x k draw per tap at every call (one independent Z per image, which
-    lowers the variance of the batch mean), from the loss's own ``torch.Generator``
-    seeded with ``seed`` on the feature's device; the global RNG is never touched. Two
-    losses with the same seed give the same sequence of values. Z is drawn in float32,
-    then cast, so the sequence does not depend on the dtype. Moving the loss to another
-    device restarts the sequence; the generator state is not checkpointed.
+    lowers the variance of the batch mean), from the loss's own ``torch.Generator`` on
+    the feature's device, seeded at call t (counted from 0) by :func:`call_seed`; the
+    global RNG is never touched. Two losses with the same seed give the same sequence of
+    values. The call count is a buffer (``calls``), saved in checkpoints, so a resumed run
+    draws what the uninterrupted one would have. Z is drawn in float32, then cast, so the
+    sequence does not depend on the dtype (CPU and CUDA generators differ).
 
     Options: ``k`` (15), ``seed`` (0), ``estimate`` ("fro2"), ``reduction`` over the
     batch ("mean" | "sum"), ``eps`` (1e-5), ``align_corners`` (True).
@@ -154,29 +163,27 @@ class FastFeatureAffinityLoss(_AffinityLoss):
         super().__init__()
         self.reject_unknown(unknown)
         self.check_positive("k", k, integer=True)
-        if isinstance(seed, bool) or not isinstance(seed, int):
+        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**31:
             raise ValueError(
                 f"distillation loss {self.name!r}: seed={seed!r} is invalid: "
-                "valid values: an integer"
+                "valid values: an integer in [0, 2^31)"
             )
         self.check_choice("estimate", estimate, ("fro2", "official_l1"))
         self.k, self.seed, self.estimate = k, seed, estimate
         self._check_common(reduction, eps, align_corners)
-        self._generator = None
-
-    def generator(self, device: torch.device) -> torch.Generator:
-        if self._generator is None or self._generator.device != device:
-            self._generator = torch.Generator(device).manual_seed(self.seed)
-        return self._generator
+        self.register_buffer("calls", torch.zeros((), dtype=torch.int64))
 
     def forward(self, students: list[torch.Tensor], teachers: list[torch.Tensor]):
-        terms = []
+        terms, gen = [], None
         for f_s, f_t, hw in self.unit_pixel_pairs(students, teachers):
+            if gen is None:  # one generator per call, its taps drawn in turn
+                gen = torch.Generator(f_s.device)
+                gen.manual_seed(call_seed(self.seed, int(self.calls)))
             shape = (f_s.shape[0], hw, self.k)
-            gen = self.generator(f_s.device)
             z = torch.randn(shape, generator=gen, device=f_s.device).to(f_s.dtype)
             dz = f_t @ (f_t.transpose(1, 2) @ z) - f_s @ (f_s.transpose(1, 2) @ z)
             dist = dz.square() if self.estimate == "fro2" else dz.abs()
             per_image = dist.sum((1, 2)) / (self.k * hw**2)
             terms.append(reduce_batch(per_image, self.reduction))
+        self.calls += 1
         return torch.stack(terms).sum()

@@ -15,7 +15,7 @@ from detectron2.utils import comm
 from detectron2.utils.events import get_event_storage
 from torch import nn
 
-from qdet.distill.losses import LOSS_NAMES, build_distill_loss
+from qdet.distill.losses import build_distill_loss, registered_losses
 from qdet.distill.taps import (
     LOGITS,
     RESIDUAL_BRANCHES,
@@ -52,13 +52,19 @@ def term_specs(cfg: CfgNode) -> list[TermSpec]:
     field_name = "DISTILL.TERMS" if d.TERMS else "DISTILL.LOSS"
     if len(set(names)) != len(names):
         raise ValueError(f"DISTILL.TERMS={names} names a loss twice: each loss is one term")
-    specs = []
+    specs, losses = [], registered_losses()
     for name in names:
-        if name not in LOSS_NAMES:
+        if name not in losses:
             raise ValueError(
-                f"{field_name}: loss {name!r} is unknown: choose from {sorted(LOSS_NAMES)}"
+                f"{field_name}: loss {name!r} is unknown: choose from {sorted(losses)}"
             )
-        node = d.get(name.upper(), CfgNode())
+        node = d.get(name.upper())
+        if node is None:  # registered after the config was made
+            raise ValueError(
+                f"{field_name}: loss {name!r} has no config node DISTILL.{name.upper()}: "
+                f"declare it with qdet.config.add_distill_term_config(cfg, {name!r}, taps, "
+                "weight) before merging the YAML"
+            )
         taps = list(node.TAPS) if d.TERMS else [d.TAP]
         weight = node.WEIGHT if d.TERMS else d.WEIGHT
         where = f"DISTILL.{name.upper()}.WEIGHT" if d.TERMS else "DISTILL.WEIGHT"

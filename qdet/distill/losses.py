@@ -166,22 +166,16 @@ class AKTLogitLoss(_LogitLoss):
         return torch.stack(terms).sum()
 
 
-# Config names (DISTILL.LOSS) -> registered classes.
-LOSS_NAMES = {
-    "qfd": "QFDLoss",
-    "feature_kd": "FeatureKDLoss",
-    "fa": "FeatureAffinityLoss",
-    "ffa": "FastFeatureAffinityLoss",
-    "rfd": "RFDLoss",
-    "logit_kd": "LogitKDLoss",
-    "logit_mse": "LogitMSELoss",
-    "akt_logit": "AKTLogitLoss",
-}
+def registered_losses() -> dict[str, type[DistillLoss]]:
+    """Config name (``DISTILL.LOSS``, a term in ``DISTILL.TERMS``) -> loss class, for every
+    class in :data:`DISTILL_LOSS_REGISTRY`, qdet's and any registered later."""
+    return {cls.name: cls for _, cls in sorted(DISTILL_LOSS_REGISTRY)}
 
 
 def build_distill_loss(name: str, **options) -> nn.Module:
     """The loss registered under config name ``name`` (``DISTILL.LOSS``), built with its
     lowercase ``options``; unknown names and options raise ValueError."""
-    if name not in LOSS_NAMES:
-        raise ValueError(f"DISTILL.LOSS={name!r} is unknown: choose from {sorted(LOSS_NAMES)}")
-    return DISTILL_LOSS_REGISTRY.get(LOSS_NAMES[name])(**options)
+    losses = registered_losses()
+    if name not in losses:
+        raise ValueError(f"DISTILL.LOSS={name!r} is unknown: choose from {sorted(losses)}")
+    return losses[name](**options)
