@@ -78,7 +78,7 @@ def test_masks_of_one_image_do_not_overlap(small_dataset):
 def test_train_and_val_use_disjoint_digit_samples(small_dataset):
     from sklearn.datasets import load_digits
 
-    pools, images, targets = embedded._digit_pools()
+    pools, images, targets = embedded.digit_pools()
     assert not set(pools["train"]) & set(pools["val"])
     assert len(pools["train"]) + len(pools["val"]) == len(targets) == len(images) == 1797
     # In the built images: every annotation names its sample, of its own class and pool.

@@ -10,14 +10,17 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def run_train_net(
-    *args: str, env_extra: dict | None = None, check: bool = True
+    *args: str,
+    env_extra: dict | None = None,
+    check: bool = True,
+    script: str = "tools/train_net.py",
 ) -> subprocess.CompletedProcess:
-    """``train_net.py *args`` from the repo root with the eager quantizer backend; with
-    ``check`` a non-zero exit fails with the end of stderr."""
+    """``script *args`` (a train_net.py) from the repo root with the eager quantizer
+    backend; with ``check`` a non-zero exit fails with the end of stderr."""
     env = dict(os.environ, QDET_QUANT_BACKEND="eager", PYTHONUNBUFFERED="1")
     env.update(env_extra or {})
     r = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "tools/train_net.py"), *args],
+        [sys.executable, os.path.join(ROOT, script), *args],
         cwd=ROOT,
         env=env,
         capture_output=True,

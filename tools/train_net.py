@@ -18,24 +18,17 @@ from __future__ import annotations
 import os
 import sys
 
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import CfgNode
-from detectron2.engine import default_argument_parser, default_setup, launch
-from detectron2.modeling import build_model
-from detectron2.utils import comm
-from detectron2.utils.logger import setup_logger
+from detectron2.engine import default_argument_parser
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import qdet  # noqa: E402,F401  (registers qdet's datasets and models)
-from qdet.distill.distiller import (
-    quantized_teacher_weights,  # noqa: E402
-    term_specs,  # noqa: E402
-)
-from qdet.engine import QDetTrainer  # noqa: E402
+from qdet.distill.distiller import quantized_teacher_weights  # noqa: E402
+from qdet.engine import stages  # noqa: E402
 from qdet.engine.checks import check_run_inputs  # noqa: E402
-from qdet.engine.cli import run_cli  # noqa: E402
+from qdet.engine.cli import launch_main  # noqa: E402
 from qdet.engine.stages import (  # noqa: E402
-    load_config,
+    evaluate_checkpoint,
     needs_teacher_stage,
     teacher_stage_config,
     train,
@@ -43,24 +36,14 @@ from qdet.engine.stages import (  # noqa: E402
 
 
 def setup(args) -> CfgNode:
-    cfg = load_config(args.config_file, args.opts)
-    if cfg.DISTILL.ENABLED:
-        term_specs(cfg)  # unknown losses, options and bad weights fail before any training
-    cfg.freeze()
-    default_setup(cfg, args)
-    setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="qdet")
-    return cfg
+    return stages.setup(args)
 
 
 def main(args):
     cfg = setup(args)
     check_run_inputs(cfg, resume=args.resume, eval_only=args.eval_only)
     if args.eval_only:
-        model = build_model(cfg)
-        DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
-            cfg.MODEL.WEIGHTS, resume=args.resume
-        )
-        return QDetTrainer.test(cfg, model)
+        return evaluate_checkpoint(cfg, args.resume)
     teacher_missing = not os.path.isfile(quantized_teacher_weights(cfg))
     if needs_teacher_stage(cfg) and (
         args.stage == "teacher" or (args.stage == "all" and teacher_missing)
@@ -90,14 +73,4 @@ def build_parser():
 
 
 if __name__ == "__main__":
-    args = build_parser().parse_args()
-    run_cli(
-        launch,
-        main,
-        args.num_gpus,
-        num_machines=args.num_machines,
-        machine_rank=args.machine_rank,
-        dist_url=args.dist_url,
-        args=(args,),
-        debug=args.debug,
-    )
+    launch_main(main, build_parser().parse_args())

@@ -48,7 +48,10 @@ def get_digits_root() -> Path:
     return Path(base) / VERSION
 
 
-def _digit_pools() -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
+def digit_pools() -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
+    """({"train", "val"} -> sorted indices into sklearn's digits, disjoint), images (8x8,
+    0-16), labels. The classification crops share the split, so their val digits are
+    never seen in any training image either."""
     from sklearn.datasets import load_digits
 
     digits = load_digits()
@@ -58,7 +61,7 @@ def _digit_pools() -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
     return pools, digits.images, digits.target
 
 
-def _texture(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
+def texture(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
     """A random RGB background in [0, 1]: two colours mixed by a random pattern, plus noise."""
     yy, xx = np.mgrid[0:h, 0:w] / max(h, w)
     kind = rng.integers(4)
@@ -96,7 +99,7 @@ def _iou(a: tuple, b: tuple) -> float:
 def _render(rng, pool, images, targets):
     """One canvas and its instances: (uint8 HxWx3, [(category, bool mask, digit sample)])."""
     h, w = (int(v) for v in rng.integers(CANVAS[0], CANVAS[1] + 1, size=2))
-    canvas = _texture(rng, h, w)
+    canvas = texture(rng, h, w)
     placed, instances = [], []
     for _ in range(rng.integers(DIGITS_PER_IMAGE[0], DIGITS_PER_IMAGE[1] + 1)):
         size = int(rng.integers(DIGIT_SIZE[0], DIGIT_SIZE[1] + 1))
@@ -179,7 +182,7 @@ def build_digits_dataset(root: str | Path, splits: dict[str, int] | None = None)
             "to a writable folder"
         ) from e
     try:
-        pools, images, targets = _digit_pools()
+        pools, images, targets = digit_pools()
         (tmp / "annotations").mkdir()
         for split, count in (splits or SPLITS).items():
             coco = _build_split(tmp, split, count, pools[split], images, targets)

@@ -10,7 +10,7 @@ from collections.abc import Callable
 _OWN_CODE = tuple(
     os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), d)
     + os.sep
-    for d in ("qdet", "tools")
+    for d in ("qdet", "tools", "projects")
 )
 # Raised by qdet's own checks for bad input: unknown keys, bits, losses, taps, missing files.
 USER_ERRORS = (ValueError, KeyError, FileNotFoundError, RuntimeError)
@@ -40,3 +40,20 @@ def run_cli(fn: Callable, *args, debug: bool = False, **kwargs):
         prog = os.path.basename(sys.argv[0]) or "qdet"
         print(f"{prog}: error: {message} (--debug shows the traceback)", file=sys.stderr)
         sys.exit(2)
+
+
+def launch_main(main: Callable, args) -> None:
+    """A ``train_net.py``'s entry: ``main(args)`` on ``args.num_gpus`` processes per machine
+    through Detectron2's launcher, its bad-input errors as one line (:func:`run_cli`)."""
+    from detectron2.engine import launch
+
+    run_cli(
+        launch,
+        main,
+        args.num_gpus,
+        num_machines=args.num_machines,
+        machine_rank=args.machine_rank,
+        dist_url=args.dist_url,
+        args=(args,),
+        debug=getattr(args, "debug", False),
+    )

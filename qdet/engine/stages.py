@@ -9,6 +9,7 @@ from __future__ import annotations
 import difflib
 import json
 import os
+from collections.abc import Callable
 
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import CfgNode, get_cfg
@@ -31,11 +32,16 @@ def _all_keys(cfg: CfgNode, prefix: str = "") -> list[str]:
     return keys
 
 
-def load_config(config_file: str, opts: list[str]) -> CfgNode:
-    """Detectron2 + qdet config from a YAML file and KEY VALUE overrides, with clear errors."""
+def load_config(
+    config_file: str, opts: list[str], add_config: Callable[[CfgNode], object] | None = None
+) -> CfgNode:
+    """Detectron2 + qdet config (+ ``add_config``'s keys, e.g. a project's) from a YAML file
+    and KEY VALUE overrides, with clear errors."""
     if not os.path.isfile(config_file):
         raise FileNotFoundError(f"--config-file {config_file!r} does not exist")
     cfg = add_qdet_config(get_cfg())
+    if add_config is not None:
+        add_config(cfg)
     try:
         cfg.merge_from_file(config_file)
         cfg.merge_from_list(opts)
@@ -50,6 +56,24 @@ def load_config(config_file: str, opts: list[str]) -> CfgNode:
             "are declared in qdet/config.py, Detectron2's in detectron2/config/"
             "defaults.py"
         ) from e
+    return cfg
+
+
+def setup(args, add_config: Callable[[CfgNode], object] | None = None) -> CfgNode:
+    """A ``train_net.py``'s config from its arguments (:func:`load_config`), checked
+    (distillation terms fail before any training), frozen, with Detectron2's run setup
+    (output folder, config dump, seeds) and qdet's logger."""
+    from detectron2.engine import default_setup
+    from detectron2.utils.logger import setup_logger
+
+    from qdet.distill.distiller import term_specs
+
+    cfg = load_config(args.config_file, args.opts, add_config)
+    if cfg.DISTILL.ENABLED:
+        term_specs(cfg)  # unknown losses, options and bad weights fail before any training
+    cfg.freeze()
+    default_setup(cfg, args)
+    setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="qdet")
     return cfg
 
 
@@ -82,12 +106,13 @@ def teacher_stage_config(cfg: CfgNode) -> CfgNode:
     return tcfg
 
 
-def train(cfg: CfgNode, resume: bool):
-    """Train one stage with ``QDetTrainer`` (resuming from OUTPUT_DIR if asked)."""
+def train(cfg: CfgNode, resume: bool, trainer_cls: type[QDetTrainer] = QDetTrainer):
+    """Train one stage with ``trainer_cls`` (resuming from OUTPUT_DIR if asked); returns the
+    evaluation after the last step (Detectron2's test results), if any."""
     # Seeded per run, as default_setup does, so both stages of one process are repeatable.
     check_run_inputs(cfg, resume=resume)
     seed_all_rng(None if cfg.SEED < 0 else cfg.SEED + comm.get_rank())
-    trainer = QDetTrainer(cfg)
+    trainer = trainer_cls(cfg)
     trainer.resume_or_load(resume=resume)
     results = trainer.train()
     # Detectron2's EvalHook evaluates once more after the last step; keep that as the final
@@ -96,7 +121,19 @@ def train(cfg: CfgNode, resume: bool):
     final = os.path.join(cfg.OUTPUT_DIR, "model_final.pth")
     if comm.is_main_process() and last and "bbox" in last and os.path.isfile(final):
         _save_final_metrics(cfg, unwrap_model(trainer.model), last)
-    return results
+    return last or results
+
+
+def evaluate_checkpoint(
+    cfg: CfgNode, resume: bool, trainer_cls: type[QDetTrainer] = QDetTrainer
+) -> dict:
+    """``--eval-only``: MODEL.WEIGHTS (or, resuming, OUTPUT_DIR's last checkpoint) on
+    DATASETS.TEST with ``trainer_cls``'s evaluators."""
+    model = build_model(cfg)
+    DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
+        cfg.MODEL.WEIGHTS, resume=resume
+    )
+    return trainer_cls.test(cfg, model)
 
 
 def train_with_teacher_stage(cfg: CfgNode, resume: bool = False, log=print) -> None:

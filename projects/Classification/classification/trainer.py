@@ -1,0 +1,52 @@
+"""qdet's trainer (quantization, calibration, distillation, EWGS, atomic checkpoints) with
+classification loaders and top-1 evaluation."""
+
+from __future__ import annotations
+
+from detectron2.data import (
+    DatasetCatalog,
+    build_detection_test_loader,
+    build_detection_train_loader,
+)
+from detectron2.data.samplers import TrainingSampler
+
+from qdet.engine import QDetTrainer
+from qdet.engine.trainer import SeededMapper
+
+from .data import ClassificationMapper
+from .evaluation import ClassificationEvaluator
+
+
+def _dataset(names) -> list[dict]:
+    return [d for name in names for d in DatasetCatalog.get(name)]
+
+
+class ClassificationTrainer(QDetTrainer):
+    @classmethod
+    def build_train_loader(cls, cfg):
+        """Batches fixed by ``cfg.SEED`` (>= 0): sampler order and per-sample crops, as
+        qdet's detection loader, so the runs of one study seed are paired."""
+        dataset = _dataset(cfg.DATASETS.TRAIN)
+        mapper = ClassificationMapper.from_config(cfg, True)
+        seed = cfg.SEED if cfg.SEED >= 0 else None
+        return build_detection_train_loader(
+            dataset=dataset,
+            mapper=SeededMapper(mapper, cfg.SEED) if seed is not None else mapper,
+            sampler=TrainingSampler(len(dataset), seed=seed),
+            total_batch_size=cfg.SOLVER.IMS_PER_BATCH,
+            aspect_ratio_grouping=False,
+            num_workers=cfg.DATALOADER.NUM_WORKERS,
+        )
+
+    @classmethod
+    def build_test_loader(cls, cfg, dataset_name):
+        return build_detection_test_loader(
+            dataset=DatasetCatalog.get(dataset_name),
+            mapper=ClassificationMapper.from_config(cfg, False),
+            batch_size=cfg.TEST.IMS_PER_BATCH,
+            num_workers=cfg.DATALOADER.NUM_WORKERS,
+        )
+
+    @classmethod
+    def build_evaluator(cls, cfg, dataset_name, output_folder=None):
+        return ClassificationEvaluator()
