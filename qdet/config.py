@@ -20,6 +20,10 @@ def add_qdet_config(cfg: CN) -> CN:
     cfg.QUANT.A_BITS = 4
     # Quantizer: "uniform" (QFD's, EWGS init, STE), "ewgs" (+ gradient scaling), "lsq".
     cfg.QUANT.METHOD = "uniform"
+    # The activation (input) quantizers' method when it differs from METHOD: "" = METHOD;
+    # "qrelu" = FAQD's quantized ReLU with a learnable resolution (FAQD Eq. 4-5), for
+    # layers fed by ReLUs (a ResNet's convs).
+    cfg.QUANT.ACT_METHOD = ""
     # Per-output-channel weight quantizers instead of one per tensor.
     cfg.QUANT.PER_CHANNEL = False
     # The clip's gradient at exactly l and u: "exclusive" (torch.clamp's in torch 2.14, the
@@ -228,6 +232,11 @@ def quantize_kwargs(cfg: CN) -> dict:
     q = cfg.QUANT
     if q.METHOD not in QUANTIZERS:
         raise ValueError(f"QUANT.METHOD={q.METHOD!r} is unknown: choose from {list(QUANTIZERS)}")
+    if q.ACT_METHOD and q.ACT_METHOD not in QUANTIZERS:
+        raise ValueError(
+            f"QUANT.ACT_METHOD={q.ACT_METHOD!r} is unknown: choose from {list(QUANTIZERS)} "
+            "or '' (= QUANT.METHOD)"
+        )
     signed = {"auto": None, "signed": True, "unsigned": False}
     if q.ACT_SIGNED not in signed:
         raise ValueError(f"QUANT.ACT_SIGNED={q.ACT_SIGNED!r}: use one of {list(signed)}")
@@ -268,4 +277,5 @@ def quantize_kwargs(cfg: CN) -> dict:
         "exclude": list(q.EXCLUDE) or None,
         "act_signed": signed[q.ACT_SIGNED],
         "quantizer_options": options,
+        "act_method": q.ACT_METHOD or None,
     }

@@ -13,6 +13,7 @@ from qdet.quantization.export import (
 )
 from qdet.quantization.functional import fake_quant_reference, fake_quantize, set_backend
 from qdet.quantization.layers import QConv2d, QLinear
+from qdet.quantization.qrelu import QReLUQuantizer  # registers QUANTIZERS['qrelu']
 from qdet.quantization.quantizers import (
     QUANTIZERS,
     EWGSQuantizer,
@@ -39,6 +40,7 @@ __all__ = [
     "EWGSQuantizer",
     "LSQQuantizer",
     "QConv2d",
+    "QReLUQuantizer",
     "QLinear",
     "Quantizer",
     "UniformQuantizer",

@@ -19,14 +19,14 @@ from qdet.quantization.quantizers import Quantizer, build_quantizer
 
 
 def _make_quantizers(
-    module, method, w_bits, a_bits, per_channel, act_signed, out_channels, options
+    module, method, w_bits, a_bits, per_channel, act_signed, out_channels, options, act_method
 ):
     options = options or {}
     module.weight_quantizer = build_quantizer(
         method, w_bits, "weight", per_channel=per_channel, num_channels=out_channels, **options
     )
     module.input_quantizer = build_quantizer(
-        method, a_bits, "activation", signed=act_signed, **options
+        act_method or method, a_bits, "activation", signed=act_signed, **options
     )
 
 
@@ -114,9 +114,11 @@ class QConv2d(Conv2d):
         per_channel: bool = False,
         act_signed: bool | None = None,
         options: dict | None = None,
+        act_method: str | None = None,
     ) -> QConv2d:
         """Wrap ``conv``'s own parameters (shared, not copied) in a quantized layer.
-        ``options``: more quantizer keywords (:func:`qdet.quantization.build_quantizer`)."""
+        ``options``: more quantizer keywords (:func:`qdet.quantization.build_quantizer`);
+        ``act_method``: the input quantizer's method, if not ``method``."""
         if conv.padding_mode != "zeros":
             raise ValueError(f"QConv2d supports padding_mode='zeros', got {conv.padding_mode!r}")
         q = cls(
@@ -135,7 +137,15 @@ class QConv2d(Conv2d):
         q.weight, q.bias = conv.weight, conv.bias
         q.train(conv.training)
         _make_quantizers(
-            q, method, w_bits, a_bits, per_channel, act_signed, conv.out_channels, options
+            q,
+            method,
+            w_bits,
+            a_bits,
+            per_channel,
+            act_signed,
+            conv.out_channels,
+            options,
+            act_method,
         )
         return q.to(conv.weight.device)
 
@@ -171,6 +181,7 @@ class QLinear(nn.Linear):
         per_channel: bool = False,
         act_signed: bool | None = None,
         options: dict | None = None,
+        act_method: str | None = None,
     ) -> QLinear:
         q = cls(
             linear.in_features, linear.out_features, bias=linear.bias is not None, device="meta"
@@ -178,7 +189,15 @@ class QLinear(nn.Linear):
         q.weight, q.bias = linear.weight, linear.bias
         q.train(linear.training)
         _make_quantizers(
-            q, method, w_bits, a_bits, per_channel, act_signed, linear.out_features, options
+            q,
+            method,
+            w_bits,
+            a_bits,
+            per_channel,
+            act_signed,
+            linear.out_features,
+            options,
+            act_method,
         )
         return q.to(linear.weight.device)
 

@@ -129,6 +129,7 @@ def quantize_model(
     act_signed: bool | None = None,
     verbose: bool = False,
     quantizer_options: dict | None = None,
+    act_method: str | None = None,
 ) -> list[str]:
     """Replace matching ``nn.Conv2d`` / ``nn.Linear`` layers of ``model`` in place.
 
@@ -144,14 +145,17 @@ def quantize_model(
         verbose: log a table of the quantized layers.
         quantizer_options: more quantizer keywords, e.g. ``bound_gradient`` (any method)
             or ``delta`` (``ewgs``); see :func:`qdet.quantization.build_quantizer`.
+        act_method: the input (activation) quantizers' method when not ``method``, e.g.
+            ``qrelu`` (FAQD's quantized ReLU, :mod:`qdet.quantization.qrelu`).
 
     Returns:
         The names of the quantized layers, in module order.
     """
     check_bits(w_bits)
     check_bits(a_bits)
-    if method not in QUANTIZERS:
-        raise ValueError(f"unknown quantization method {method!r}: choose from {list(QUANTIZERS)}")
+    for m in (method, act_method or method):
+        if m not in QUANTIZERS:
+            raise ValueError(f"unknown quantization method {m!r}: choose from {list(QUANTIZERS)}")
     names = select_layers(model, include, exclude)
     for name in names:
         layer = model.get_submodule(name)
@@ -167,6 +171,7 @@ def quantize_model(
                 per_channel=per_channel,
                 act_signed=act_signed,
                 options=quantizer_options,
+                act_method=act_method,
             ),
         )
     if verbose:
