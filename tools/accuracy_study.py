@@ -171,6 +171,7 @@ def plot_ap_vs_bits(results, methods, bits, seeds, path: str) -> None:
             yerr=[e for _, e in stats],
             marker="o",
             capsize=3,
+            linestyle="-" if xm == xs else "none",  # no line across a width not run
             label=METHODS[m][0],
         )
     ax.set_xticks(xs, [f"{b}/{b}" for b in xs])
