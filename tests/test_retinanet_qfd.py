@@ -338,11 +338,12 @@ sys.path.insert(0, {ROOT!r}); sys.path.insert(0, {os.path.join(ROOT, "tools")!r}
 from detectron2.engine import launch
 from detectron2.utils import comm
 import train_net
+from qdet.engine import QDetTrainer
 from qdet.quantization import EWGSQuantizer, calibrate, quantize_model, update_ewgs_deltas
 
 def main(args):
     cfg = train_net.setup(args)
-    trainer = train_net.QDetTrainer(cfg)
+    trainer = QDetTrainer(cfg)
     trainer.resume_or_load(resume=False)
     trainer.train()
     model = trainer.model.module
