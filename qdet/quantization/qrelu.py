@@ -70,10 +70,9 @@ class QReLUQuantizer(Quantizer):
         self.alpha = nn.Parameter(torch.tensor(1.0))
 
     def _statistics(self, x):
-        return {"min": x.min().item(), "std": x.std().item() if x.numel() > 1 else 0.0}
+        return {"std": x.std().item() if x.numel() > 1 else 0.0}
 
     def _init_from_statistics(self, stats):
-        self.signed = False
         top = sum(3 * s["std"] for s in stats) / len(stats) / (1 - 2 / torch.pi) ** 0.5
         self.alpha.fill_(max(top, 1e-3) / self.n_levels)
 

@@ -7,6 +7,7 @@ from detectron2.data import (
     DatasetCatalog,
     build_detection_test_loader,
     build_detection_train_loader,
+    get_detection_dataset_dicts,
 )
 from detectron2.data.samplers import TrainingSampler
 
@@ -17,16 +18,12 @@ from .data import ClassificationMapper
 from .evaluation import ClassificationEvaluator
 
 
-def _dataset(names) -> list[dict]:
-    return [d for name in names for d in DatasetCatalog.get(name)]
-
-
 class ClassificationTrainer(QDetTrainer):
     @classmethod
     def build_train_loader(cls, cfg):
         """Batches fixed by ``cfg.SEED`` (>= 0): sampler order and per-sample crops, as
         qdet's detection loader, so the runs of one study seed are paired."""
-        dataset = _dataset(cfg.DATASETS.TRAIN)
+        dataset = get_detection_dataset_dicts(cfg.DATASETS.TRAIN, filter_empty=False)
         mapper = ClassificationMapper.from_config(cfg, True)
         seed = cfg.SEED if cfg.SEED >= 0 else None
         return build_detection_train_loader(
