@@ -119,6 +119,10 @@ def add_qdet_config(cfg: CN) -> CN:
     # (FAQD Eq. 11; AKT). README, "Distillation", says what a detector learns then.
     cfg.DISTILL.LABEL_FREE = False
     add_distill_terms_config(cfg)
+    # Periodic checkpoints kept on disk (model_final.pth aside): the newest N, older ones
+    # deleted as new ones are written; 0 keeps all (Detectron2's behaviour). Studies train
+    # hundreds of runs and keep 1: enough to resume, not gigabytes of history.
+    cfg.SOLVER.CHECKPOINTS_TO_KEEP = 0
     return cfg
 
 

@@ -29,7 +29,9 @@ if [ ! -x "$VENV/bin/python" ]; then
     echo "[setup] creating $VENV"
     "$PYTHON" -m venv $venv_flags "$VENV"
 fi
-PIP="$VENV/bin/python -m pip --disable-pip-version-check -q"
+# No pip cache: torch's CUDA wheels are gigabytes, and a cached second copy has filled a
+# small disk before (CI: "No space left on device").
+PIP="$VENV/bin/python -m pip --disable-pip-version-check --no-cache-dir -q"
 
 if ! "$VENV/bin/python" -c "import torch, torchvision" 2>/dev/null; then
     echo "[setup] installing $TORCH_SPEC (about a minute)"

@@ -262,9 +262,17 @@ def test_train_net_runs_resumes_and_evaluates(tmp_path):
     assert (out / "model_final.pth").is_file()
     assert (out / "last_checkpoint").read_text() == "model_final.pth"
     assert not list(out.glob("*.tmp-*"))  # atomic writes leave no temporaries
-    # Resume with a longer schedule: starts at iteration 2, not 0.
-    r = run_train_net("--resume", *common, "SOLVER.MAX_ITER", "4")
+    # Resume with a longer schedule: starts at iteration 2, not 0. A checkpoint every
+    # iteration, the newest one kept: model_0000002 is deleted when model_0000003 is written
+    # (the first run's model_0000001 is not this run's to delete).
+    keep_one = ["SOLVER.CHECKPOINT_PERIOD", "1", "SOLVER.CHECKPOINTS_TO_KEEP", "1"]
+    r = run_train_net("--resume", *common, "SOLVER.MAX_ITER", "4", *keep_one)
     assert "Starting training from iteration 2" in r.stderr + r.stdout
+    assert sorted(p.name for p in out.glob("model_*.pth")) == [
+        "model_0000001.pth",
+        "model_0000003.pth",
+        "model_final.pth",
+    ]
     ckpt = torch.load(out / "model_final.pth", weights_only=False)
     assert ckpt["iteration"] == 3
     # --eval-only prints COCO AP on the embedded val split.

@@ -94,8 +94,13 @@ class Study:
         return os.path.join(self.out, f"seed{seed}", row.name)
 
     def config(self, row: StudyRow, seed: int) -> CfgNode:
-        """The run's config: the row's YAML and overrides, the study's, then the pairing."""
-        cfg = load_config(row.config, [*row.opts, *self.opts, *self.run_opts(row, seed)])
+        """The run's config: the row's YAML and overrides, the study's, then the pairing.
+        A run keeps its newest periodic checkpoint only (enough to resume; a study of a few
+        hundred runs would otherwise fill gigabytes), unless the opts say otherwise."""
+        keep_one = ["SOLVER.CHECKPOINTS_TO_KEEP", "1"]
+        cfg = load_config(
+            row.config, [*keep_one, *row.opts, *self.opts, *self.run_opts(row, seed)]
+        )
         cfg.OUTPUT_DIR = self.run_dir(row, seed)
         if row.per_seed:
             cfg.SEED = seed

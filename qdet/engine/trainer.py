@@ -19,6 +19,7 @@ from detectron2.data import (
 from detectron2.data.samplers import TrainingSampler
 from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer, TrainerBase
 from detectron2.engine.defaults import create_ddp_model
+from detectron2.engine.hooks import PeriodicCheckpointer
 from detectron2.evaluation import COCOEvaluator
 from detectron2.modeling import build_model
 from detectron2.utils import comm
@@ -127,6 +128,10 @@ class QDetTrainer(DefaultTrainer):
             self._trainer.model, self.cfg.OUTPUT_DIR, trainer=weakref.proxy(self)
         )
         hooks = super().build_hooks()
+        keep = self.cfg.SOLVER.CHECKPOINTS_TO_KEEP
+        for hook in hooks:
+            if isinstance(hook, PeriodicCheckpointer) and keep > 0:
+                hook.max_to_keep = keep  # fvcore's PeriodicCheckpointer deletes the older ones
         calib = CalibrationHook(
             lambda: self.build_train_loader(self.cfg), self.cfg.QUANT.CALIB_BATCHES
         )
