@@ -76,10 +76,13 @@ def add_qdet_config(cfg: CN) -> CN:
     # RetinaNet's head convs are shared by the five FPN levels, whose ranges differ: give
     # each level its own input quantizers (cycled like Detectron2's CycleBatchNormList).
     cfg.QUANT.HEAD_PER_LEVEL_ACT = False
-    # A signed activation quantizer on one backbone output (e.g. "p3"): the teacher stage
-    # of QFD trains the FP teacher with its feature quantized there. "" = none.
+    # An activation quantizer on one tap's output (e.g. "p3"): the teacher stage of QFD
+    # trains the FP teacher with its feature quantized there. "" = none.
     cfg.QUANT.FEATURE_TAP = ""
     cfg.QUANT.FEATURE_BITS = 8
+    # Signed (an FPN level, no ReLU before it) or unsigned (a post-ReLU feature such as a
+    # classifier's pooled feature, QFD Eq. 8) feature quantizer.
+    cfg.QUANT.FEATURE_SIGNED = True
 
     add_transformer_config(cfg)
     # Images per inference batch in evaluation (Detectron2's yacs test loader has 1 built
@@ -101,8 +104,12 @@ def add_qdet_config(cfg: CN) -> CN:
     # Weight lambda of the distillation term. QFD's detection recipe: about 1/5 of the
     # total loss; the log shows the ratio (distill_ratio).
     cfg.DISTILL.WEIGHT = 1.0
-    # Bits of the teacher's feature quantizer (QFD: 8 for detection).
+    # Bits of the teacher's feature quantizer (QFD: 8 for detection; 1, 4 or 8 in its
+    # classification tables).
     cfg.DISTILL.TEACHER_FEATURE_BITS = 8
+    # The teacher's feature quantizer is signed (detection: FPN levels) or unsigned
+    # (classification: the pooled post-ReLU feature).
+    cfg.DISTILL.TEACHER_FEATURE_SIGNED = True
     # Teacher stage: fine-tune the teacher with its feature quantizer for this many
     # iterations (0 = SOLVER.MAX_ITER // 10) at SOLVER.BASE_LR, then freeze it.
     cfg.DISTILL.TEACHER_STAGE_ITERS = 0
@@ -118,6 +125,9 @@ def add_qdet_config(cfg: CN) -> CN:
     # No ground-truth losses at all: the student learns from the distillation terms only
     # (FAQD Eq. 11; AKT). README, "Distillation", says what a detector learns then.
     cfg.DISTILL.LABEL_FREE = False
+    # Weight of the ground-truth losses while distilling: QFD Eq. 8's 1 - lambda (0.5 for
+    # classification), FAQD Eq. 10's gamma (0.3). 1 = the detection losses as they are.
+    cfg.DISTILL.GT_WEIGHT = 1.0
     add_distill_terms_config(cfg)
     # Periodic checkpoints kept on disk (model_final.pth aside): the newest N, older ones
     # deleted as new ones are written; 0 keeps all (Detectron2's behaviour). Studies train
@@ -169,8 +179,9 @@ def add_distill_terms_config(cfg: CN) -> None:
     add_distill_term_config(cfg, "ffa", stages, 0.1, K=15, SEED=0, ESTIMATE="fro2", **shared)
     # AKT's refined feature distillation (AKT Eq. 6-9) on every residual branch, weight
     # 1 - alpha = 0.5. REDUCTION: "mean" (the paper) or "official" (1000 x sums).
+    # ATTENTION: "both", or "spatial" / "channel" alone (AKT Table 4's ablation).
     add_distill_term_config(
-        cfg, "rfd", ["residual_branches"], 0.5, TEMPERATURE=8.0, REDUCTION="mean"
+        cfg, "rfd", ["residual_branches"], 0.5, TEMPERATURE=8.0, REDUCTION="mean", ATTENTION="both"
     )
     # Logit KD: KL(softmax(z_T/t) || softmax(z_S/t)) t^2. ACTIVATION "auto": sigmoid for
     # RetinaNet's focal-loss logits (per anchor and class), softmax for a classifier.

@@ -288,7 +288,7 @@ def test_ffa_is_finite_with_an_all_zero_pixel_and_trains_the_student():
 # ------------------------------------------------------------------------------------ RFD
 
 
-def _rfd_reference(students, teachers, temperature, reduction):
+def _rfd_reference(students, teachers, temperature, reduction, attention="both"):
     taps = []
     for s, t in zip(students, teachers):
         _, c, h, w = s.shape
@@ -312,7 +312,8 @@ def _rfd_reference(students, teachers, temperature, reduction):
                         _softmax([v / temperature for v in a_t]),
                         _softmax([v / temperature for v in a_s]),
                     )
-                    for a_s, a_t in ((sp_s, sp_t), (ch_s, ch_t))
+                    for kind, a_s, a_t in (("spatial", sp_s, sp_t), ("channel", ch_s, ch_t))
+                    if attention in ("both", kind)
                 )
             )
         taps.append(per_image)
@@ -329,6 +330,17 @@ def test_rfd_matches_loops_over_images_and_taps(temperature, reduction):
     loss = build_distill_loss("rfd", temperature=temperature, reduction=reduction)
     ref = _rfd_reference(students, teachers, temperature, reduction)
     torch.testing.assert_close(loss(students, teachers).item(), ref, rtol=1e-9, atol=1e-15)
+
+
+@pytest.mark.parametrize("attention", ["spatial", "channel"])
+def test_rfd_one_attention_alone(attention):
+    """AKT Table 4's ablation: the spatial or the channel KL alone."""
+    students, teachers = [_randn(2, 4, 3, 3, seed=17, scale=2)], [_randn(2, 4, 3, 3, seed=18)]
+    loss = build_distill_loss("rfd", attention=attention)
+    ref = _rfd_reference(students, teachers, 8.0, "mean", attention)
+    torch.testing.assert_close(loss(students, teachers).item(), ref, rtol=1e-9, atol=1e-15)
+    both = _rfd_reference(students, teachers, 8.0, "mean")
+    assert 0 < ref < both
 
 
 def test_rfd_official_is_1000_times_the_sum_over_the_batch():
@@ -417,6 +429,7 @@ def test_unknown_names_and_options_are_rejected_with_the_valid_ones():
         ("ffa", {"estimate": "l1"}, "estimate='l1'.*'fro2', 'official_l1'"),
         ("rfd", {"temperature": 0}, "temperature=0.*> 0"),
         ("rfd", {"reduction": "sum"}, "'mean', 'official'"),
+        ("rfd", {"attention": "pixel"}, "'both', 'spatial', 'channel'"),
         ("logit_kd", {"temperature": -1.0}, "temperature=-1.0.*> 0"),
         ("logit_kd", {"activation": "relu"}, "activation='relu'.*'softmax', 'sigmoid'"),
         ("akt_logit", {"temperature": 0.0}, "temperature=0.0"),

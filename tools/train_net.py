@@ -15,6 +15,7 @@ output exists; ``--stage teacher`` / ``--stage student`` run one.
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 
@@ -23,16 +24,10 @@ from detectron2.engine import default_argument_parser
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import qdet  # noqa: E402,F401  (registers qdet's datasets and models)
-from qdet.distill.distiller import quantized_teacher_weights  # noqa: E402
 from qdet.engine import stages  # noqa: E402
 from qdet.engine.checks import check_run_inputs  # noqa: E402
 from qdet.engine.cli import launch_main  # noqa: E402
-from qdet.engine.stages import (  # noqa: E402
-    evaluate_checkpoint,
-    needs_teacher_stage,
-    teacher_stage_config,
-    train,
-)
+from qdet.engine.stages import STAGES, evaluate_checkpoint, train_stages  # noqa: E402
 
 
 def setup(args) -> CfgNode:
@@ -44,21 +39,14 @@ def main(args):
     check_run_inputs(cfg, resume=args.resume, eval_only=args.eval_only)
     if args.eval_only:
         return evaluate_checkpoint(cfg, args.resume)
-    teacher_missing = not os.path.isfile(quantized_teacher_weights(cfg))
-    if needs_teacher_stage(cfg) and (
-        args.stage == "teacher" or (args.stage == "all" and teacher_missing)
-    ):
-        train(teacher_stage_config(cfg), resume=args.resume)
-    if args.stage == "teacher":
-        return None
-    return train(cfg, resume=args.resume)
+    return train_stages(cfg, args.resume, args.stage, log=logging.getLogger("qdet").info)
 
 
 def build_parser():
     parser = default_argument_parser()
     parser.add_argument(
         "--stage",
-        choices=("all", "teacher", "student"),
+        choices=STAGES,
         default="all",
         help="with DISTILL.LOSS qfd: run the teacher stage, the student "
         "stage, or both (default; the teacher stage is skipped when its "

@@ -43,27 +43,36 @@ class RFDLoss(DistillLoss):
     - "official": ``1000 * sum over taps and images`` (AKT's official code, beta = 1000
       inside; N * B * 1000 times "mean").
 
+    ``attention``: "both" (the method), "spatial" or "channel" (one KL only: AKT Table 4's
+    ablation).
+
     Student and teacher maps need the same C and H x W (the attentions are compared
     element by element).
     """
 
     name = "rfd"
 
-    def __init__(self, *, temperature=8.0, reduction="mean", **unknown):
+    def __init__(self, *, temperature=8.0, reduction="mean", attention="both", **unknown):
         super().__init__()
         self.reject_unknown(unknown)
         self.check_positive("temperature", temperature)
         self.check_choice("reduction", reduction, ("mean", "official"))
+        self.check_choice("attention", attention, ("both", "spatial", "channel"))
         self.temperature, self.reduction = temperature, reduction
+        self.attentions = {
+            "both": (spatial_attention, channel_attention),
+            "spatial": (spatial_attention,),
+            "channel": (channel_attention,),
+        }[attention]
 
     def forward(self, students: list[torch.Tensor], teachers: list[torch.Tensor]):
         terms = []
         for i, (s, t) in enumerate(self.pairs(students, teachers)):
             self.check_maps(i, s, t, same_size=True)
             self.check_channels(i, s, t)
-            per_image = softened_kl(
-                spatial_attention(s), spatial_attention(t), self.temperature
-            ) + softened_kl(channel_attention(s), channel_attention(t), self.temperature)
+            per_image = sum(
+                softened_kl(attend(s), attend(t), self.temperature) for attend in self.attentions
+            )
             terms.append(per_image.mean() if self.reduction == "mean" else per_image.sum())
         terms = torch.stack(terms)
         return terms.mean() if self.reduction == "mean" else OFFICIAL_BETA * terms.sum()

@@ -220,6 +220,7 @@ class Distiller(nn.Module):
             terms.append(DistillTerm(spec, loss, connectors))
         self.terms = nn.ModuleList(terms)
         self.label_free = False
+        self.gt_weight = 1.0  # the ground-truth losses' weight beside the terms
         # A student's taps are kept in training forwards with autograd on (the ones whose
         # losses train it): not in evaluation, calibration or no-grad checks.
         self._student = TapRecorder(
@@ -316,6 +317,7 @@ def teacher_config(cfg: CfgNode, quantized_feature: bool) -> CfgNode:
     if quantized_feature:
         tcfg.QUANT.FEATURE_TAP = qfd_tap(cfg) or cfg.DISTILL.TAP  # TAP: a bare load_teacher
         tcfg.QUANT.FEATURE_BITS = cfg.DISTILL.TEACHER_FEATURE_BITS
+        tcfg.QUANT.FEATURE_SIGNED = cfg.DISTILL.TEACHER_FEATURE_SIGNED
     return tcfg
 
 
@@ -382,10 +384,15 @@ def build_distiller(cfg: CfgNode, student: nn.Module) -> Distiller:
         )
     distiller = Distiller(student, teacher, specs).to(student.device)  # connectors too
     distiller.label_free = cfg.DISTILL.LABEL_FREE
+    distiller.gt_weight = cfg.DISTILL.GT_WEIGHT
     # With TERMS set, LOSS / TAP / WEIGHT are not read (and the reverse): say what runs.
     logger.info(
         "Distillation terms%s: %s",
-        " (label-free)" if distiller.label_free else "",
+        " (label-free)"
+        if distiller.label_free
+        else f" (ground-truth losses x {distiller.gt_weight:g})"
+        if distiller.gt_weight != 1.0
+        else "",
         "; ".join(f"{t.name} x {t.weight:g} on {t.taps}" for t in distiller.terms),
     )
     return distiller

@@ -97,6 +97,11 @@ def check_teacher(cfg: CfgNode) -> None:
             "DISTILL.LABEL_FREE True needs DISTILL.ENABLED True (and a teacher): without "
             "distillation a label-free student would have no loss at all"
         )
+    if not cfg.DISTILL.GT_WEIGHT >= 0:
+        raise ValueError(
+            f"DISTILL.GT_WEIGHT={cfg.DISTILL.GT_WEIGHT!r} must be >= 0 (the ground-truth "
+            "losses' weight; DISTILL.LABEL_FREE True drops them)"
+        )
     weights = cfg.DISTILL.TEACHER_WEIGHTS
     if not cfg.DISTILL.ENABLED or os.path.isfile(weights):
         return

@@ -136,12 +136,33 @@ def evaluate_checkpoint(
     return trainer_cls.test(cfg, model)
 
 
-def train_with_teacher_stage(cfg: CfgNode, resume: bool = False, log=print) -> None:
-    """QFD's two stages (the teacher stage only when its output is missing), or one stage."""
-    if needs_teacher_stage(cfg) and not os.path.isfile(quantized_teacher_weights(cfg)):
+STAGES = ("all", "teacher", "student")
+
+
+def train_stages(
+    cfg: CfgNode,
+    resume: bool = False,
+    stage: str = "all",
+    trainer_cls: type[QDetTrainer] = QDetTrainer,
+    log=print,
+):
+    """QFD's two stages, or the one stage of any other run; returns the student's last
+    evaluation. ``stage`` "all": the teacher stage unless its output exists, then the
+    student; "teacher" / "student": that stage alone (a ``train_net.py``'s ``--stage``)."""
+    if stage not in STAGES:
+        raise ValueError(f"stage {stage!r} is unknown: choose from {list(STAGES)}")
+    teacher_missing = not os.path.isfile(quantized_teacher_weights(cfg))
+    if needs_teacher_stage(cfg) and (stage == "teacher" or (stage == "all" and teacher_missing)):
         log(f"teacher stage: {qfd_tap(cfg)} quantized to {cfg.DISTILL.TEACHER_FEATURE_BITS} bits")
-        train(teacher_stage_config(cfg), resume=resume)
-    train(cfg, resume=resume)
+        train(teacher_stage_config(cfg), resume=resume, trainer_cls=trainer_cls)
+    if stage == "teacher":
+        return None
+    return train(cfg, resume=resume, trainer_cls=trainer_cls)
+
+
+def train_with_teacher_stage(cfg: CfgNode, resume: bool = False, log=print) -> None:
+    """A detector's run as a study trains it: :func:`train_stages`, both stages."""
+    train_stages(cfg, resume, log=log)
 
 
 def evaluate_final(cfg: CfgNode) -> dict:

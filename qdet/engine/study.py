@@ -98,9 +98,7 @@ class Study:
         A run keeps its newest periodic checkpoint only (enough to resume; a study of a few
         hundred runs would otherwise fill gigabytes), unless the opts say otherwise."""
         keep_one = ["SOLVER.CHECKPOINTS_TO_KEEP", "1"]
-        cfg = load_config(
-            row.config, [*keep_one, *row.opts, *self.opts, *self.run_opts(row, seed)]
-        )
+        cfg = load_config(row.config, [*keep_one, *row.opts, *self.opts, *self.run_opts(row, seed)])
         cfg.OUTPUT_DIR = self.run_dir(row, seed)
         if row.per_seed:
             cfg.SEED = seed

@@ -132,9 +132,7 @@ class QDetTrainer(DefaultTrainer):
         for hook in hooks:
             if isinstance(hook, PeriodicCheckpointer) and keep > 0:
                 hook.max_to_keep = keep  # fvcore's PeriodicCheckpointer deletes the older ones
-        calib = CalibrationHook(
-            lambda: self.build_train_loader(self.cfg), self.cfg.QUANT.CALIB_BATCHES
-        )
+        calib = CalibrationHook(self.sample_loader, self.cfg.QUANT.CALIB_BATCHES)
         return [calib, *self._ewgs_hooks(), *hooks]
 
     def _ewgs_hooks(self) -> list:
@@ -153,8 +151,16 @@ class QDetTrainer(DefaultTrainer):
             q.EWGS_HESSIAN_BATCHES,
             q.EWGS_HUTCHINSON,
         )
-        build = lambda: self.build_train_loader(self.cfg)  # noqa: E731 - its own mapper
-        return [EWGSDeltaHook(build, period, q.EWGS_HESSIAN_BATCHES, q.EWGS_HUTCHINSON)]
+        return [
+            EWGSDeltaHook(self.sample_loader, period, q.EWGS_HESSIAN_BATCHES, q.EWGS_HUTCHINSON)
+        ]
+
+    def sample_loader(self):
+        """A new loader of training batches for what only reads them (calibration, EWGS's
+        Hessian): the training loader's batches, with its own mapper. A trainer whose
+        training loader does more than read (the zero-shot generator trains as it draws)
+        returns one that does not."""
+        return self.build_train_loader(self.cfg)
 
 
 class CPUAutocastTrainer(SimpleTrainer):

@@ -19,6 +19,7 @@ def quantized_model_kwargs(cfg: CfgNode) -> dict:
         "save_codes": cfg.QUANT.SAVE_CODES,
         "feature_tap": cfg.QUANT.FEATURE_TAP,
         "feature_bits": cfg.QUANT.FEATURE_BITS,
+        "feature_signed": cfg.QUANT.FEATURE_SIGNED,
     }
 
 
@@ -26,9 +27,10 @@ class QuantizedDetectorMixin:
     """Mixed into a Detectron2 meta-architecture (``backbone`` attribute required).
 
     ``quant``: :func:`qdet.quantization.quantize_model` keywords, None for FP.
-    ``feature_tap``: adds ``feature_quantizer``, a signed activation quantizer on that tap's
-    output (a backbone output or a module path, :mod:`qdet.distill.taps`), seen by the rest
-    of the model and by a distilling student (QFD's teacher stage).
+    ``feature_tap``: adds ``feature_quantizer``, an activation quantizer (signed unless
+    ``feature_signed`` is False) on that tap's output (a backbone output or a module path,
+    :mod:`qdet.distill.taps`), seen by the rest of the model and by a distilling student
+    (QFD's teacher stage).
     A :class:`qdet.distill.Distiller` attached with :meth:`attach_distiller` adds its terms
     to the training losses (:meth:`distill_losses`); with its ``label_free`` set they are
     the only losses.
@@ -43,6 +45,7 @@ class QuantizedDetectorMixin:
         save_codes: bool = True,
         feature_tap: str = "",
         feature_bits: int = 8,
+        feature_signed: bool = True,
     ) -> None:
         self.quantized_layers = quantize_model(self, **quant) if quant else []
         for layer in self.modules():
@@ -57,7 +60,9 @@ class QuantizedDetectorMixin:
             if tap.name == LOGITS:
                 raise ValueError("QUANT.FEATURE_TAP: QFD quantizes a feature, not the logits")
             self.check_tap_path(tap.path)
-            self.feature_quantizer = UniformQuantizer(feature_bits, "activation", signed=True)
+            self.feature_quantizer = UniformQuantizer(
+                feature_bits, "activation", signed=feature_signed
+            )
             self.get_submodule(tap.path).register_forward_hook(self._quantize_feature(tap))
         self.distiller = None
 
@@ -96,9 +101,11 @@ class QuantizedDetectorMixin:
         return self.distiller is not None and self.distiller.label_free
 
     def distill_losses(self, losses: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """``losses`` plus the distiller's terms on this step's taps (if attached); only the
-        terms when label-free."""
+        """``losses`` (times the distiller's ``gt_weight``, ``DISTILL.GT_WEIGHT``) plus the
+        distiller's terms on this step's taps (if attached); only the terms when label-free."""
         if self.distiller is None:
             return losses
+        if self.distiller.gt_weight != 1.0:
+            losses = {k: v * self.distiller.gt_weight for k, v in losses.items()}
         terms = self.distiller(losses)
         return terms if self.distiller.label_free else {**losses, **terms}

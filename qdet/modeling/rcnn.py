@@ -29,10 +29,11 @@ class QuantMaskRCNN(QuantizedDetectorMixin, GeneralizedRCNN):
         save_codes: bool = True,
         feature_tap: str = "",
         feature_bits: int = 8,
+        feature_signed: bool = True,
         **kwargs,
     ):
         super().__init__(**kwargs)
-        self.setup_quantization(quant, save_codes, feature_tap, feature_bits)
+        self.setup_quantization(quant, save_codes, feature_tap, feature_bits, feature_signed)
 
     @classmethod
     def from_config(cls, cfg):

@@ -34,10 +34,11 @@ class QuantRetinaNet(QuantizedDetectorMixin, RetinaNet):
         head_per_level_act: bool = False,
         feature_tap: str = "",
         feature_bits: int = 8,
+        feature_signed: bool = True,
         **kwargs,
     ):
         super().__init__(**kwargs)
-        self.setup_quantization(quant, save_codes, feature_tap, feature_bits)
+        self.setup_quantization(quant, save_codes, feature_tap, feature_bits, feature_signed)
         if quant and head_per_level_act:
             self._per_level_head_inputs(quant)
 

@@ -12,7 +12,8 @@ from .data import (
 )
 from .evaluation import ClassificationEvaluator
 from .modeling import CifarResNet, QuantClassifier, TorchvisionResNet
-from .trainer import ClassificationTrainer
+from .trainer import ClassificationTrainer, ZeroShotTrainer
+from .zeroshot import ConditionalGenerator, ZeroShotData, bn_statistics_loss
 
 register_digit_crops()
 
@@ -21,9 +22,13 @@ __all__ = [
     "ClassificationEvaluator",
     "ClassificationMapper",
     "ClassificationTrainer",
+    "ConditionalGenerator",
     "QuantClassifier",
     "TorchvisionResNet",
+    "ZeroShotData",
+    "ZeroShotTrainer",
     "add_classification_config",
+    "bn_statistics_loss",
     "build_digit_crops",
     "load_digit_crops",
     "register_cifar",

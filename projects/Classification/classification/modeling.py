@@ -5,7 +5,7 @@
 :class:`~qdet.modeling.quantized.QuantizedDetectorMixin`, so ``cfg.QUANT`` quantizes it
 (the stem conv, ``backbone.stem.conv1``, and ``fc`` stay FP: qdet's default exclusions)
 and ``cfg.DISTILL`` distils it (taps: backbone outputs ``res2``...; module paths;
-``logits`` = ``fc``'s output; ``residual_branches``).
+``pool`` = the pooled feature, QFD's; ``logits`` = ``fc``'s output; ``residual_branches``).
 """
 
 from __future__ import annotations
@@ -107,7 +107,7 @@ class QuantClassifier(QuantizedDetectorMixin, nn.Module):
     ``{"loss_cls": cross-entropy}`` plus the distiller's terms (only those when label-free);
     inference returns ``[{"logits": (num_classes,)}]`` per image."""
 
-    tap_roots = ("backbone", "fc")
+    tap_roots = ("backbone", "pool", "fc")
     logits_activation = "softmax"
 
     @configurable
@@ -122,14 +122,17 @@ class QuantClassifier(QuantizedDetectorMixin, nn.Module):
         save_codes: bool = True,
         feature_tap: str = "",
         feature_bits: int = 8,
+        feature_signed: bool = True,
     ):
         super().__init__()
         self.backbone = backbone
         last = backbone.output_shape()[backbone._out_features[-1]]
+        # A module, so the pooled feature is a tap ("pool": QFD's classification feature).
+        self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(1))
         self.fc = nn.Linear(last.channels, num_classes)
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), False)
         self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1), False)
-        self.setup_quantization(quant, save_codes, feature_tap, feature_bits)
+        self.setup_quantization(quant, save_codes, feature_tap, feature_bits, feature_signed)
 
     @classmethod
     def from_config(cls, cfg):
@@ -151,8 +154,7 @@ class QuantClassifier(QuantizedDetectorMixin, nn.Module):
 
     def classify(self, images: torch.Tensor) -> torch.Tensor:
         features = self.backbone(images)
-        pooled = features[self.backbone._out_features[-1]].mean((2, 3))
-        return self.fc(pooled)
+        return self.fc(self.pool(features[self.backbone._out_features[-1]]))
 
     def forward(self, batched_inputs: list[dict]):
         logits = self.classify(self.preprocess_image(batched_inputs))
@@ -168,7 +170,7 @@ class QuantClassifier(QuantizedDetectorMixin, nn.Module):
         return "fc", None
 
     def forward_taps(self, images: torch.Tensor, paths: list[str]) -> None:
-        if any(p.split(".")[0] == "fc" for p in paths):
+        if any(p.split(".")[0] in ("pool", "fc") for p in paths):
             self.classify(images)
         else:
             self.backbone(images)

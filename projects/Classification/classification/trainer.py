@@ -10,12 +10,14 @@ from detectron2.data import (
     get_detection_dataset_dicts,
 )
 from detectron2.data.samplers import TrainingSampler
+from detectron2.utils import comm
 
 from qdet.engine import QDetTrainer
 from qdet.engine.trainer import SeededMapper
 
 from .data import ClassificationMapper
 from .evaluation import ClassificationEvaluator
+from .zeroshot import GeneratedBatches, ZeroShotData, ZeroShotHook
 
 
 class ClassificationTrainer(QDetTrainer):
@@ -47,3 +49,42 @@ class ClassificationTrainer(QDetTrainer):
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
         return ClassificationEvaluator()
+
+
+class ZeroShotTrainer(ClassificationTrainer):
+    """AKT's zero-shot recipe (``ZEROSHOT.ENABLED``): the student's training batches come
+    from a generator trained against the frozen FP teacher (:mod:`.zeroshot`); the real
+    training set is never read (``DATASETS.TRAIN`` may be empty). Needs the teacher
+    (``DISTILL.ENABLED``) and ``DISTILL.LABEL_FREE``: generated images have no labels."""
+
+    def __init__(self, cfg):
+        if not (cfg.DISTILL.ENABLED and cfg.DISTILL.LABEL_FREE):
+            raise ValueError(
+                "ZEROSHOT.ENABLED needs DISTILL.ENABLED True and DISTILL.LABEL_FREE True: "
+                "the student learns from the teacher's outputs on generated images only"
+            )
+        if comm.get_world_size() > 1:
+            raise ValueError("zero-shot training runs in one process (one generator)")
+        self._zeroshot = None
+        super().__init__(cfg)
+        # build_hooks made the checkpointer: the generator is saved and resumed with the model.
+        self.checkpointer.checkpointables["zeroshot_generator"] = self._zeroshot
+
+    def build_model(self, cfg):
+        model = super().build_model(cfg)
+        seed = cfg.SEED if cfg.SEED >= 0 else 0
+        self._zeroshot = ZeroShotData(cfg, model.distiller.teacher, model, seed)
+        return model
+
+    def build_train_loader(self, cfg):
+        return GeneratedBatches(self._zeroshot, train_generator=True)
+
+    def sample_loader(self):
+        return GeneratedBatches(self._zeroshot, train_generator=False)
+
+    def build_hooks(self):
+        z = self.cfg.ZEROSHOT
+        return [
+            ZeroShotHook(self._zeroshot, z.WARMUP_ITERS, z.FREEZE_STUDENT_BN),
+            *super().build_hooks(),
+        ]

@@ -1,0 +1,262 @@
+"""projects/Classification's recipes: QFD's pooled-feature tap, the ground-truth weight,
+FAQD through train_net.py, and AKT's zero-shot path (generator, BN statistics, no real
+training images)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+
+import numpy as np
+import pytest
+import torch
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.config import get_cfg
+from detectron2.layers import FrozenBatchNorm2d
+from detectron2.modeling import build_model
+from torch import nn
+from train_net_cli import ROOT, run_train_net
+
+sys.path.insert(0, os.path.join(ROOT, "projects", "Classification"))
+from classification import (  # noqa: E402
+    ZeroShotTrainer,
+    add_classification_config,
+    bn_statistics_loss,
+    zeroshot,
+)
+from classification import (
+    trainer as trainer_module,
+)
+
+from qdet.config import add_qdet_config  # noqa: E402
+from qdet.distill.distiller import Distiller, TermSpec  # noqa: E402
+from qdet.quantization import UniformQuantizer  # noqa: E402
+
+TRAIN_NET = "projects/Classification/train_net.py"
+CONFIGS = os.path.join(ROOT, "projects", "Classification", "configs")
+FP_CONFIG = os.path.join(CONFIGS, "digits32", "resnet20_fp.yaml")
+
+
+def _cfg(config: str, *opts):
+    cfg = add_classification_config(add_qdet_config(get_cfg()))
+    cfg.merge_from_file(os.path.join(CONFIGS, config))
+    cfg.merge_from_list(list(opts))
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def fp_checkpoint(tmp_path_factory):
+    """An (untrained) FP ResNet-20 checkpoint: a teacher and a starting point."""
+    torch.manual_seed(0)
+    model = build_model(_cfg("digits32/resnet20_fp.yaml"))
+    folder = tmp_path_factory.mktemp("fp")
+    DetectionCheckpointer(model, save_dir=str(folder)).save("model_final")
+    return str(folder / "model_final.pth")
+
+
+def _batch(n=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [
+        {"image": torch.rand(3, 32, 32, generator=g) * 255, "label": int(i % 10)} for i in range(n)
+    ]
+
+
+def test_qfd_pooled_feature_tap_is_unsigned_and_gt_weight_scales_the_cross_entropy():
+    """QFD Eq. 8: the teacher's pooled (post-ReLU) feature quantized unsigned; the student's
+    cross-entropy weighted 1 - lambda beside the distillation term."""
+    teacher = build_model(
+        _cfg(
+            "digits32/resnet20_fp.yaml",
+            "QUANT.FEATURE_TAP", "pool", "QUANT.FEATURE_SIGNED", "False",
+            "QUANT.FEATURE_BITS", "2",
+        )
+    )  # fmt: skip
+    q = teacher.feature_quantizer
+    assert isinstance(q, UniformQuantizer) and not q.signed
+    teacher.eval()
+    with torch.no_grad():
+        q.lower.fill_(0.0), q.upper.fill_(0.3), q.scale.fill_(0.3)
+        q.initialized = True
+        pooled = teacher.pool(teacher.backbone(teacher.preprocess_image(_batch()))["res4"])
+    # 2 bits unsigned on [0, 0.3]: four levels 0, 0.1, 0.2, 0.3.
+    levels = torch.unique((pooled / 0.1).round(decimals=4))
+    assert set(levels.tolist()) <= {0.0, 1.0, 2.0, 3.0} and pooled.min() >= 0
+
+    student = build_model(_cfg("digits32/resnet20_fp.yaml"))
+    student.train()
+    distiller = Distiller(student, teacher, [TermSpec("qfd", ["pool"], 0.5)])
+    distiller.gt_weight = 0.5
+    student.attach_distiller(distiller)
+    seen = {}
+    student.fc.register_forward_hook(lambda m, i, o: seen.setdefault("logits", o))
+    batch = _batch(seed=1)
+    from detectron2.utils.events import EventStorage
+
+    with EventStorage():
+        losses = student(batch)
+    logits = seen["logits"].detach().double()
+    labels = [x["label"] for x in batch]
+    # Cross-entropy written out: mean over images of logsumexp(z) - z_y.
+    ce = sum(
+        math.log(sum(math.exp(v) for v in row)) - row[y] for row, y in zip(logits.tolist(), labels)
+    ) / len(labels)
+    assert losses["loss_cls"].item() == pytest.approx(0.5 * ce, rel=1e-5)
+    assert set(losses) == {"loss_cls", "loss_distill_qfd"}
+
+
+def test_bn_statistics_loss_against_per_channel_loops():
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 2, 1), FrozenBatchNorm2d(2)
+    ).eval()
+    for bn in (model[1], model[4]):
+        bn.running_mean.copy_(torch.randn(bn.num_features))
+        bn.running_var.copy_(torch.rand(bn.num_features) + 0.5)
+    stats = zeroshot.BNStatistics(model)
+    x = torch.randn(5, 3, 6, 6)
+    stats.recording = True
+    model(x)
+    stats.recording = False
+    got = stats.loss()
+    # The inputs of the two BN layers, computed again, and their statistics by loops.
+    inputs = [model[0](x), model[3](model[2](model[1](model[0](x))))]
+    per_layer = []
+    for bn, a in zip((model[1], model[4]), inputs):
+        a = a.detach().numpy()
+        c = a.shape[1]
+        means = [a[:, k].mean() for k in range(c)]
+        variances = [((a[:, k] - a[:, k].mean()) ** 2).mean() for k in range(c)]  # biased
+        rm, rv = bn.running_mean.numpy(), bn.running_var.numpy()
+        per_layer.append(
+            sum((means[k] - rm[k]) ** 2 for k in range(c)) / c
+            + sum((variances[k] - rv[k]) ** 2 for k in range(c)) / c
+        )
+    assert got.item() == pytest.approx(sum(per_layer) / 2, rel=1e-5)
+    model(x)  # not recording: nothing kept
+    assert stats.stats == []
+    stats.remove()
+    assert bn_statistics_loss is zeroshot.bn_statistics_loss
+
+
+def test_adadfq_margin_against_a_direct_computation():
+    g = torch.Generator().manual_seed(3)
+    zt, zs = torch.randn(6, 10, generator=g) * 3, torch.randn(6, 10, generator=g)
+    got = zeroshot.adadfq_margin(zt, zs, lower=0.1, upper=0.8).item()
+    d = (zt - zs).double().numpy()
+    p = np.exp(d - d.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    h = -(p * np.log(p)).sum(1)
+    h = (h - h.min()) / (np.log(10) - h.min())
+    want = np.maximum(0.1 - h, 0).mean() + np.maximum(h - 0.8, 0).mean()
+    assert want > 0 and got == pytest.approx(want, rel=1e-5)
+
+
+def test_generator_makes_normalised_images_of_the_classifiers_size():
+    gen = zeroshot.ConditionalGenerator(num_classes=10, latent_dim=16, image_size=32)
+    x = gen(torch.randn(8, 16), torch.arange(8))
+    assert x.shape == (8, 3, 32, 32)
+    # The last BN (no affine) normalises each channel over the batch.
+    torch.testing.assert_close(x.mean((0, 2, 3)), torch.zeros(3), atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="multiple of 4"):
+        zeroshot.ConditionalGenerator(10, image_size=30)
+
+
+def test_zeroshot_student_trains_without_ever_building_the_real_training_loader(
+    tmp_path, monkeypatch, fp_checkpoint
+):
+    def refuse(*args, **kwargs):
+        raise AssertionError("the zero-shot path built the real training loader")
+
+    monkeypatch.setattr(trainer_module, "build_detection_train_loader", refuse)
+    monkeypatch.setattr(trainer_module, "get_detection_dataset_dicts", refuse)
+    monkeypatch.setattr(trainer_module.ClassificationTrainer, "build_train_loader", refuse)
+    cfg = _cfg(
+        "digits32/akt_table2_resnet20_w4a4_zeroshot.yaml",
+        "DATASETS.TEST", "()",
+        "MODEL.WEIGHTS", fp_checkpoint,
+        "DISTILL.TEACHER_WEIGHTS", fp_checkpoint,
+        "DISTILL.TEACHER_CONFIG", FP_CONFIG,
+        "SOLVER.MAX_ITER", "2", "SOLVER.IMS_PER_BATCH", "8", "SOLVER.WARMUP_ITERS", "0",
+        "ZEROSHOT.WARMUP_ITERS", "2", "QUANT.CALIB_BATCHES", "1",
+        "OUTPUT_DIR", str(tmp_path / "zs"),
+    )  # fmt: skip
+    trainer = ZeroShotTrainer(cfg)
+    generator = trainer._zeroshot.generator
+    before = {k: v.clone() for k, v in generator.state_dict().items()}
+    student_before = trainer.model.backbone.res2[0].conv1.weight.detach().clone()
+    trainer.resume_or_load(resume=False)
+    trainer.train()
+    after = generator.state_dict()
+    assert not torch.equal(before["fc.weight"], after["fc.weight"])  # warm-up + 2 steps
+    assert not torch.equal(student_before, trainer.model.backbone.res2[0].conv1.weight)
+    metrics = [json.loads(line) for line in (tmp_path / "zs" / "metrics.json").open()]
+    assert {"loss_distill_logit_kd", "loss_distill_rfd", "loss_g_ce", "loss_g_bns"} <= set(
+        metrics[-1]
+    )
+    assert "loss_cls" not in metrics[-1]  # label-free
+    state = torch.load(tmp_path / "zs" / "model_final.pth", weights_only=False)
+    assert state["zeroshot_generator"]["warmed_up"] is True
+    torch.testing.assert_close(
+        state["zeroshot_generator"]["generator"]["fc.weight"], after["fc.weight"]
+    )
+
+
+def test_zeroshot_refuses_a_run_with_labels(fp_checkpoint):
+    cfg = _cfg(
+        "digits32/akt_table2_resnet20_w4a4_zeroshot.yaml",
+        "DISTILL.LABEL_FREE", "False", "MODEL.WEIGHTS", fp_checkpoint,
+    )  # fmt: skip
+    with pytest.raises(ValueError, match="LABEL_FREE True"):
+        ZeroShotTrainer(cfg)
+
+
+def test_qfd_recipe_runs_its_teacher_stage_through_the_projects_train_net(tmp_path, fp_checkpoint):
+    out = tmp_path / "qfd"
+    r = run_train_net(
+        "--recipe", "digits32/qfd_table2_resnet20_w4a4",
+        "MODEL.WEIGHTS", fp_checkpoint, "DISTILL.TEACHER_WEIGHTS", fp_checkpoint,
+        "DISTILL.TEACHER_CONFIG", FP_CONFIG,
+        "SOLVER.MAX_ITER", "2", "SOLVER.IMS_PER_BATCH", "8", "SOLVER.WARMUP_ITERS", "0",
+        "DISTILL.TEACHER_STAGE_ITERS", "1", "QUANT.CALIB_BATCHES", "1",
+        "DATASETS.TEST", "()", "OUTPUT_DIR", str(out), script=TRAIN_NET,
+    )  # fmt: skip
+    teacher = torch.load(out / "teacher_stage" / "model_final.pth", weights_only=False)["model"]
+    assert "feature_quantizer.upper" in teacher and float(teacher["feature_quantizer.lower"]) >= 0
+    metrics = [json.loads(line) for line in (out / "metrics.json").open()]
+    assert {"loss_cls", "loss_distill_qfd"} <= set(metrics[-1])
+    assert "ground-truth losses x 0.5" in r.stdout + r.stderr
+
+
+def test_unknown_recipe_lists_the_recipes():
+    r = run_train_net("--recipe", "faqd_cifar", check=False, script=TRAIN_NET)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "'faqd_cifar' is unknown" in r.stderr
+    assert "digits32/faqd_table6_resnet20_w4a4_finetune" in r.stderr
+
+
+def _recipes():
+    sys.path.insert(0, os.path.join(ROOT, "projects", "Classification"))
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "classification_train_net", os.path.join(ROOT, TRAIN_NET)
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.recipes()
+
+
+@pytest.mark.parametrize("name", sorted(_recipes()))
+def test_every_recipe_loads_and_builds_its_model(name):
+    """Every YAML of the project: its keys exist, its distillation terms are valid, and its
+    model builds (on the CPU)."""
+    from qdet.distill.distiller import term_specs
+    from qdet.engine.stages import load_config
+
+    cfg = load_config(_recipes()[name], ["MODEL.DEVICE", "cpu"], add_classification_config)
+    if cfg.DISTILL.ENABLED:
+        assert term_specs(cfg)
+    model = build_model(cfg)
+    assert model.fc.out_features == cfg.MODEL.CLASSIFIER.NUM_CLASSES
