@@ -163,8 +163,9 @@ def test_generator_makes_normalised_images_of_the_classifiers_size():
         zeroshot.ConditionalGenerator(10, image_size=30)
 
 
+@pytest.mark.parametrize("generator_loss", ["gdfq", "adadfq"])
 def test_zeroshot_student_trains_without_ever_building_the_real_training_loader(
-    tmp_path, monkeypatch, fp_checkpoint
+    tmp_path, monkeypatch, fp_checkpoint, generator_loss
 ):
     def refuse(*args, **kwargs):
         raise AssertionError("the zero-shot path built the real training loader")
@@ -180,22 +181,28 @@ def test_zeroshot_student_trains_without_ever_building_the_real_training_loader(
         "DISTILL.TEACHER_CONFIG", FP_CONFIG,
         "SOLVER.MAX_ITER", "2", "SOLVER.IMS_PER_BATCH", "8", "SOLVER.WARMUP_ITERS", "0",
         "ZEROSHOT.WARMUP_ITERS", "2", "QUANT.CALIB_BATCHES", "1",
-        "OUTPUT_DIR", str(tmp_path / "zs"),
+        "ZEROSHOT.LOSS", generator_loss, "OUTPUT_DIR", str(tmp_path / "zs"),
     )  # fmt: skip
     trainer = ZeroShotTrainer(cfg)
     generator = trainer._zeroshot.generator
     before = {k: v.clone() for k, v in generator.state_dict().items()}
     student_before = trainer.model.backbone.res2[0].conv1.weight.detach().clone()
+    bn = trainer.model.backbone.res2[0].conv1.norm
+    bn_before = bn.running_mean.clone()
     trainer.resume_or_load(resume=False)
     trainer.train()
     after = generator.state_dict()
     assert not torch.equal(before["fc.weight"], after["fc.weight"])  # warm-up + 2 steps
     assert not torch.equal(student_before, trainer.model.backbone.res2[0].conv1.weight)
+    # The student's BN statistics stay the FP model's (AKT trains it in eval mode), through
+    # the warm-up (which runs the student for AdaDFQ's terms) and the steps.
+    torch.testing.assert_close(bn.running_mean, bn_before, rtol=0, atol=0)
     metrics = [json.loads(line) for line in (tmp_path / "zs" / "metrics.json").open()]
     assert {"loss_distill_logit_kd", "loss_distill_rfd", "loss_g_ce", "loss_g_bns"} <= set(
         metrics[-1]
     )
     assert "loss_cls" not in metrics[-1]  # label-free
+    assert ("loss_g_margin" in metrics[-1]) == (generator_loss == "adadfq")
     state = torch.load(tmp_path / "zs" / "model_final.pth", weights_only=False)
     assert state["zeroshot_generator"]["warmed_up"] is True
     torch.testing.assert_close(
@@ -260,3 +267,11 @@ def test_every_recipe_loads_and_builds_its_model(name):
         assert term_specs(cfg)
     model = build_model(cfg)
     assert model.fc.out_features == cfg.MODEL.CLASSIFIER.NUM_CLASSES
+
+
+def test_negative_gt_weight_is_refused_by_name():
+    from qdet.engine.checks import check_teacher
+
+    cfg = _cfg("digits32/faqd_table6_resnet20_w4a4_finetune.yaml", "DISTILL.GT_WEIGHT", "-0.3")
+    with pytest.raises(ValueError, match=r"DISTILL.GT_WEIGHT=-0.3 must be >= 0"):
+        check_teacher(cfg)

@@ -152,3 +152,54 @@ def test_paired_differences_and_wins_in_the_table():
     assert "+1.2 ± 1.8 (2/3 seeds better)" in text
     assert "42.0 ± 2.0" in text and "51.0 ± 1.0" in text  # baseline and FP mean ± std
     assert "41.0, 47.0, 41.5" in text
+
+
+def _classification_study():
+    sys.path.insert(0, os.path.join(ROOT, "projects", "Classification"))
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "classification_study", os.path.join(ROOT, "projects", "Classification", "study.py")
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _fake_train_quick(cfg):
+    os.makedirs(cfg.OUTPUT_DIR, exist_ok=True)
+    open(os.path.join(cfg.OUTPUT_DIR, "model_final.pth"), "w").close()
+
+
+def _fake_top1(cfg):
+    """A picklable stand-in for scoring: a top-1 made of the row and the seed."""
+    name = os.path.basename(cfg.OUTPUT_DIR)
+    return {"top1": 90.0 + len(name) + cfg.SEED, "W/A": "x"}
+
+
+def test_classification_study_pairs_its_rows_and_compares_with_their_references(
+    tmp_path, monkeypatch
+):
+    cls_study = _classification_study()
+    rows = cls_study.study_rows(["baseline", "faqd", "zs_logit_kd", "akt"], [4, 2], [3])
+    names = [r.name for r in rows]
+    assert names == ["fp", "baseline_4bit", "baseline_2bit", "faqd_4bit", "faqd_2bit",
+                     "zs_logit_kd_3bit", "akt_3bit"]  # fmt: skip
+    monkeypatch.chdir(ROOT)  # the recipes name their teacher config from the repo root
+    study = Study(
+        rows, [1, 2], str(tmp_path), train_fn=_fake_train_quick,
+        add_config=cls_study.add_classification_config,
+        evaluate_fn=_fake_top1, headline=("top1", "top-1"), log=lambda m: None,
+    )  # fmt: skip
+    fp = os.path.join(str(tmp_path), "seed2", "fp", "model_final.pth")
+    akt = study.config(study.rows["akt_3bit"], 2)
+    assert akt.ZEROSHOT.ENABLED and akt.QUANT.W_BITS == 3 and akt.SEED == 2
+    assert akt.MODEL.WEIGHTS == fp == akt.DISTILL.TEACHER_WEIGHTS
+    results = study.run()
+    text = cls_study.bits_tables(
+        results, {m: cls_study.METHODS[m][0] for m in ("baseline", "akt", "zs_logit_kd")},
+        [4, 3], [1, 2], "top1", "Top-1", cls_study.REFERENCES,
+    )  # fmt: skip
+    # akt_3bit - zs_logit_kd_3bit per seed: len("akt_3bit") - len("zs_logit_kd_3bit") = -8.
+    assert "-8.0 ± 0.0 (0/2 seeds better)" in text and "(reference)" in text
+    assert "or zero-shot, logit KD only, where so marked" in text

@@ -25,21 +25,14 @@ import os
 import sys
 import time
 
-from tabulate import tabulate
-
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from detectron2.utils.logger import setup_logger  # noqa: E402
 
 import qdet  # noqa: E402,F401  (registers qdet's datasets and models)
 from qdet.distill.losses import registered_losses  # noqa: E402
 from qdet.engine.cli import run_cli  # noqa: E402
-from qdet.engine.study import (  # noqa: E402
-    Study,
-    StudyRow,
-    mean_std,
-    paired_differences,
-    spread,
-)
+from qdet.engine.study import Study, StudyRow  # noqa: E402
+from qdet.engine.study_report import bits_tables, plot_vs_bits  # noqa: E402
 
 DIGITS = "configs/digits/retinanet_r18_"
 # method: (label, config, overrides). Every quantized row is the 4-bit config with its bits
@@ -96,92 +89,15 @@ def study_rows(methods: list[str], bits: list[int], check_bits: list[int]) -> li
     return rows
 
 
-def _ap(runs: dict, seeds) -> list[float]:
-    """AP of the seeds that finished (all of them, unless a report-only run)."""
-    return [runs[s]["AP"] for s in seeds if s in runs]
-
-
-def _per_seed(runs: dict, seeds) -> str:
-    return ", ".join(f"{runs[s]['AP']:.1f}" if s in runs else "-" for s in seeds)
-
-
 def tables(results, methods, bits, seeds) -> str:
-    """AP (mean ± std), paired difference to the baseline, AP per seed: markdown."""
-    fp = _ap(results["fp"], seeds)
-    ap = [["FP", spread(fp) if fp else ""] + [""] * len(bits)]
-    diff, per_seed = [], [["FP", _per_seed(results["fp"], seeds)] + [""] * len(bits)]
-    for m in methods:
-        ap_row, diff_row, seed_row = [METHODS[m][0], ""], [METHODS[m][0]], [METHODS[m][0], ""]
-        for b in bits:
-            runs = results.get(f"{m}_{b}bit")
-            if not runs:  # a single-change check not run at this width, or none finished
-                ap_row.append("")
-                diff_row.append("")
-                seed_row.append("")
-                continue
-            ap_row.append(spread(_ap(runs, seeds)))
-            seed_row.append(_per_seed(runs, seeds))
-            if m == "baseline":
-                diff_row.append("(reference)")
-                continue
-            d = paired_differences(results, f"{m}_{b}bit", f"baseline_{b}bit")
-            if not d:
-                diff_row.append("")
-                continue
-            mean, std = mean_std(list(d.values()))
-            wins = sum(v > 0 for v in d.values())
-            diff_row.append(f"{mean:+.1f} ± {std:.1f} ({wins}/{len(d)} seeds better)")
-        ap.append(ap_row)
-        diff.append(diff_row)
-        per_seed.append(seed_row)
-    heads = [f"W/A {b}/{b}" for b in bits]
-    return "\n\n".join(
-        [
-            "COCO box AP on qdet_digits_val, mean ± sample std over seeds "
-            f"{', '.join(map(str, seeds))}:",
-            tabulate(ap, ["method", "FP 32/32", *heads], tablefmt="github"),
-            "Paired difference to the baseline of the same bit width (same FP model and "
-            "batches per seed), mean ± sample std, and on how many seeds the method is "
-            "higher:",
-            tabulate(diff, ["method", *heads], tablefmt="github"),
-            "Box AP per seed:",
-            tabulate(per_seed, ["method", "FP 32/32", *heads], tablefmt="github"),
-        ]
-    )
+    """Box AP (mean ± std), paired difference to the baseline, AP per seed: markdown."""
+    return bits_tables(results, {m: METHODS[m][0] for m in methods}, bits, seeds)
 
 
 def plot_ap_vs_bits(results, methods, bits, seeds, path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    fp_mean, fp_std = mean_std(_ap(results["fp"], seeds))
-    ax.axhline(fp_mean, color="black", linestyle="--", label=f"FP ({fp_mean:.1f})")
-    ax.axhspan(fp_mean - fp_std, fp_mean + fp_std, color="black", alpha=0.08)
-    xs = sorted(bits)
-    for i, m in enumerate(methods):
-        xm = [b for b in xs if results.get(f"{m}_{b}bit")]
-        stats = [mean_std(_ap(results[f"{m}_{b}bit"], seeds)) for b in xm]
-        offset = (i - (len(methods) - 1) / 2) * 0.06  # keep error bars apart
-        ax.errorbar(
-            [x + offset for x in xm],
-            [v for v, _ in stats],
-            yerr=[e for _, e in stats],
-            marker="o",
-            capsize=3,
-            linestyle="-" if xm == xs else "none",  # no line across a width not run
-            label=METHODS[m][0],
-        )
-    ax.set_xticks(xs, [f"{b}/{b}" for b in xs])
-    ax.set_xlabel("W/A bits")
-    ax.set_ylabel("box AP (qdet_digits_val)")
-    ax.set_title(f"RetinaNet-R18 on digits, mean ± std over {len(seeds)} seeds")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    labels = {m: METHODS[m][0] for m in methods}
+    title = f"RetinaNet-R18 on digits, mean ± std over {len(seeds)} seeds"
+    plot_vs_bits(results, labels, bits, seeds, path, title=title)
 
 
 def ap_curve(run_dir: str) -> tuple[list[int], list[float]]:

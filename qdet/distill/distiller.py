@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -223,10 +224,11 @@ class Distiller(nn.Module):
         self.gt_weight = 1.0  # the ground-truth losses' weight beside the terms
         # A student's taps are kept in training forwards with autograd on (the ones whose
         # losses train it): not in evaluation, calibration or no-grad checks.
+        self._paused = False
         self._student = TapRecorder(
             student,
             list(s_taps.values()),
-            when=lambda: student.training and torch.is_grad_enabled(),
+            when=lambda: student.training and torch.is_grad_enabled() and not self._paused,
         )
         # Renamed to the student's names: a pattern may end in differently named modules.
         self._teacher = TapRecorder(teacher, list(t_taps.values()))
@@ -242,6 +244,17 @@ class Distiller(nn.Module):
     def _forget_taps(self, _model, _inputs) -> None:
         self._student.pop()  # returns None: a pre-hook's return value replaces the inputs
 
+    @contextlib.contextmanager
+    def paused(self):
+        """Student forwards inside keep no taps and no images: forwards with autograd on
+        that are not the student's training step (the zero-shot generator's loss runs the
+        student to train the generator)."""
+        self._paused = True
+        try:
+            yield
+        finally:
+            self._paused = False
+
     def remove(self) -> None:
         """Take the distiller's hooks off both models (``attach_distiller(None)`` does)."""
         self._student.remove()
@@ -251,7 +264,7 @@ class Distiller(nn.Module):
 
     def _keep_images(self, student: nn.Module):
         def hook(_backbone, inputs):
-            if student.training and torch.is_grad_enabled():
+            if student.training and torch.is_grad_enabled() and not self._paused:
                 self._images = inputs[0]
 
         return hook

@@ -56,7 +56,13 @@ class Study:
     trains that many runs at once in worker processes sharing the CPU threads (on a small
     CPU, two one-thread runs keep the cores busy through each other's single-threaded
     parts: data loading, model building, calibration, evaluation); a run waits for the run
-    it starts from and for a running run that makes the QFD teacher stage it needs."""
+    it starts from and for a running run that makes the QFD teacher stage it needs.
+
+    Not only detectors: ``add_config`` declares a project's keys (e.g. the classification
+    project's), ``evaluate_fn(cfg)`` gives a finished run's metrics (default: COCO box AP
+    of its ``model_final.pth``, cached) and ``headline`` = (metric key, label) is what the
+    progress lines quote. ``train_fn`` and ``evaluate_fn`` run in workers: module-level
+    functions."""
 
     def __init__(
         self,
@@ -69,6 +75,9 @@ class Study:
         tag: str = "study",
         log: Callable[[str], None] = print,
         jobs: int = 1,
+        add_config: Callable[[CfgNode], object] | None = None,
+        evaluate_fn: Callable[[CfgNode], dict] | None = None,
+        headline: tuple[str, str] = ("AP", "box AP"),
     ):
         self.rows = {r.name: r for r in rows}
         if len(self.rows) != len(rows):
@@ -83,6 +92,9 @@ class Study:
         if jobs < 1:
             raise ValueError(f"jobs={jobs} must be >= 1")
         self.jobs, self.worker_train_fn = jobs, train_fn  # a worker's must pickle
+        self.add_config, self.headline = add_config, headline
+        self.worker_evaluate_fn = evaluate_fn
+        self.evaluate_fn = evaluate_fn or evaluate_final
         self.heartbeat_s = 60.0  # a progress line this often while workers train
 
     def _log(self, message: str) -> None:
@@ -98,7 +110,8 @@ class Study:
         A run keeps its newest periodic checkpoint only (enough to resume; a study of a few
         hundred runs would otherwise fill gigabytes), unless the opts say otherwise."""
         keep_one = ["SOLVER.CHECKPOINTS_TO_KEEP", "1"]
-        cfg = load_config(row.config, [*keep_one, *row.opts, *self.opts, *self.run_opts(row, seed)])
+        opts = [*keep_one, *row.opts, *self.opts, *self.run_opts(row, seed)]
+        cfg = load_config(row.config, opts, self.add_config)
         cfg.OUTPUT_DIR = self.run_dir(row, seed)
         if row.per_seed:
             cfg.SEED = seed
@@ -155,11 +168,12 @@ class Study:
                 seconds_per_iter.append(seconds / max(cfg.SOLVER.MAX_ITER, 1))
             elif not pending[i]:
                 self._log(f"{what}: reusing {_final(cfg)}")
-            metrics = dict(evaluate_final(cfg))
+            metrics = dict(self.evaluate_fn(cfg))
             metrics["train s"] = _load_json(os.path.join(cfg.OUTPUT_DIR, "train_seconds.json"))
             for seed_ in self.seeds if not row.per_seed else [seed]:
                 results[row.name][seed_] = metrics
-            self._log(f"{what}: box AP {metrics['AP']:.1f} ({time.time() - start:.0f} s so far)")
+            key, label = self.headline
+            self._log(f"{what}: {label} {metrics[key]:.1f} ({time.time() - start:.0f} s so far)")
         return results
 
     def _train_parallel(self, plan, configs, pending) -> None:
@@ -194,7 +208,13 @@ class Study:
                         f"{configs[i].SOLVER.MAX_ITER} it in a worker, {threads} thread(s) "
                         f"({eta}); its log: {os.path.join(configs[i].OUTPUT_DIR, 'worker.log')}"
                     )
-                    work = pool.submit(_train_in_worker, configs[i], self.worker_train_fn, threads)
+                    work = pool.submit(
+                        _train_in_worker,
+                        configs[i],
+                        self.worker_train_fn,
+                        self.worker_evaluate_fn,
+                        threads,
+                    )
                     running[work] = i
                 finished, _ = wait(running, self.heartbeat_s, FIRST_COMPLETED)
                 if not finished:
@@ -266,10 +286,14 @@ def _timed(train_fn: Callable[[CfgNode], None], cfg: CfgNode) -> float:
 
 
 def _train_in_worker(
-    cfg: CfgNode, train_fn: Callable[[CfgNode], None] | None, threads: int
+    cfg: CfgNode,
+    train_fn: Callable[[CfgNode], None] | None,
+    evaluate_fn: Callable[[CfgNode], dict] | None,
+    threads: int,
 ) -> None:
-    """One run in a worker process, its output in ``OUTPUT_DIR/worker.log``; the default
-    training is evaluated there too (cached for the study's table)."""
+    """One run in a worker process, its output in ``OUTPUT_DIR/worker.log``; evaluated
+    there too (cached for the study's table) with ``evaluate_fn``, or COCO AP after the
+    default training."""
     import contextlib
 
     torch.set_num_threads(threads)
@@ -280,7 +304,9 @@ def _train_in_worker(
     with log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
         setup_logger(name="qdet")
         _timed(train_fn or train_with_teacher_stage, cfg)
-        if train_fn is None:
+        if evaluate_fn is not None:
+            evaluate_fn(cfg)
+        elif train_fn is None:
             evaluate_final(cfg)
 
 

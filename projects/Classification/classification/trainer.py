@@ -13,6 +13,7 @@ from detectron2.data.samplers import TrainingSampler
 from detectron2.utils import comm
 
 from qdet.engine import QDetTrainer
+from qdet.engine.hooks import CalibrationHook
 from qdet.engine.trainer import SeededMapper
 
 from .data import ClassificationMapper
@@ -84,7 +85,13 @@ class ZeroShotTrainer(ClassificationTrainer):
 
     def build_hooks(self):
         z = self.cfg.ZEROSHOT
-        return [
-            ZeroShotHook(self._zeroshot, z.WARMUP_ITERS, z.FREEZE_STUDENT_BN),
-            *super().build_hooks(),
-        ]
+        hooks = super().build_hooks()
+        calibration = next(h for h in hooks if isinstance(h, CalibrationHook))
+        others = [h for h in hooks if h is not calibration]
+        warmup = ZeroShotHook(self._zeroshot, z.WARMUP_ITERS, z.FREEZE_STUDENT_BN)
+        # The student's quantizers are calibrated on warmed-up images, unless the warm-up
+        # itself runs the student (AdaDFQ's terms): it must not meet uncalibrated
+        # quantizers, which would initialise themselves from the untrained generator.
+        if z.LOSS == "adadfq":
+            return [calibration, warmup, *others]
+        return [warmup, calibration, *others]

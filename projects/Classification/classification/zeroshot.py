@@ -180,7 +180,8 @@ class ZeroShotData:
                 "loss_g_bns": c.BNS_WEIGHT * bns,
             }
         a = c.ADADFQ
-        student_logits = self.student.classify(images)
+        with self.student.distiller.paused():  # not the student's training step
+            student_logits = self.student.classify(images)
         ce_disagree = F.cross_entropy(teacher_logits - student_logits, labels)
         ce_agree = F.cross_entropy(teacher_logits + student_logits, labels)
         return {
@@ -252,10 +253,9 @@ class GeneratedBatches:
 
 
 class ZeroShotHook(HookBase):
-    """Warms the generator up alone before the student's first step (and before
-    calibration, which then sees its images), logs the generator's losses every step, and
-    keeps the student's BN statistics frozen (``ZEROSHOT.FREEZE_STUDENT_BN``, as AKT's code,
-    which trains the student in eval mode)."""
+    """Warms the generator up alone before the student's first step, logs the generator's
+    losses every step, and keeps the student's BN statistics frozen
+    (``ZEROSHOT.FREEZE_STUDENT_BN``, as AKT's code, which trains the student in eval mode)."""
 
     def __init__(self, data: ZeroShotData, warmup_iters: int, freeze_student_bn: bool):
         self.data, self.warmup_iters = data, warmup_iters
@@ -264,6 +264,7 @@ class ZeroShotHook(HookBase):
     def before_train(self):
         if self.data.warmed_up:
             return
+        self.before_step()  # AdaDFQ's terms run the student during the warm-up too
         logger.info("Zero-shot: warming the generator up alone for %d steps", self.warmup_iters)
         for i in range(self.warmup_iters):
             self.data.train_step()

@@ -1,0 +1,130 @@
+"""A study's method x bit-width tables and plot (markdown, PNG), for any metric: the
+detection study's box AP, the classification study's top-1.
+
+Runs are named ``fp`` and ``<method>_<b>bit``; ``results`` is :meth:`Study.run`'s
+(row -> seed -> metrics). Each method is compared, seed by seed, with its reference method
+at the same bit width (default ``baseline``; a method that is a reference says so).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+from tabulate import tabulate
+
+from qdet.engine.study import mean_std, paired_differences, spread
+
+
+def _values(runs: dict, seeds, metric: str) -> list[float]:
+    """The metric of the seeds that finished (all of them, unless a report-only run)."""
+    return [runs[s][metric] for s in seeds if s in runs]
+
+
+def _per_seed(runs: dict, seeds, metric: str) -> str:
+    return ", ".join(f"{runs[s][metric]:.1f}" if s in runs else "-" for s in seeds)
+
+
+def bits_tables(
+    results: dict,
+    labels: Mapping[str, str],
+    bits: Sequence[int],
+    seeds: Sequence[int],
+    metric: str = "AP",
+    what: str = "COCO box AP on qdet_digits_val",
+    references: Mapping[str, str] | None = None,
+) -> str:
+    """``metric`` (mean ± std), paired difference to the reference, per seed: markdown.
+    ``labels``: method -> its name in the tables, in order; ``references``: method -> the
+    method it is compared with (default ``baseline``)."""
+    references = references or {}
+    reference_of = {m: references.get(m, "baseline") for m in labels}
+    fp = _values(results["fp"], seeds, metric) if "fp" in results else []
+    top = [["FP", spread(fp) if fp else ""] + [""] * len(bits)]
+    per_seed = [["FP", _per_seed(results.get("fp", {}), seeds, metric)] + [""] * len(bits)]
+    diff = []
+    for m, label in labels.items():
+        top_row, diff_row, seed_row = [label, ""], [label], [label, ""]
+        for b in bits:
+            runs = results.get(f"{m}_{b}bit")
+            if not runs:  # not run at this width, or none finished
+                top_row.append("")
+                diff_row.append("")
+                seed_row.append("")
+                continue
+            top_row.append(spread(_values(runs, seeds, metric)))
+            seed_row.append(_per_seed(runs, seeds, metric))
+            if m in reference_of.values():
+                diff_row.append("(reference)")
+                continue
+            base = f"{reference_of[m]}_{b}bit"
+            d = paired_differences(results, f"{m}_{b}bit", base, metric) if base in results else {}
+            if not d:
+                diff_row.append("")
+                continue
+            mean, std = mean_std(list(d.values()))
+            wins = sum(v > 0 for v in d.values())
+            diff_row.append(f"{mean:+.1f} ± {std:.1f} ({wins}/{len(d)} seeds better)")
+        top.append(top_row)
+        diff.append(diff_row)
+        per_seed.append(seed_row)
+    heads = [f"W/A {b}/{b}" for b in bits]
+    named = sorted({labels.get(r, r) for m, r in reference_of.items() if r != "baseline"})
+    against = "the baseline" + (f" (or {', '.join(named)}, where so marked)" if named else "")
+    return "\n\n".join(
+        [
+            f"{what}, mean ± sample std over seeds {', '.join(map(str, seeds))}:",
+            tabulate(top, ["method", "FP 32/32", *heads], tablefmt="github"),
+            f"Paired difference to {against} of the same bit width (same FP model and "
+            "batches per seed), mean ± sample std, and on how many seeds the method is "
+            "higher:",
+            tabulate(diff, ["method", *heads], tablefmt="github"),
+            f"{what.split(' on ')[0]} per seed:",
+            tabulate(per_seed, ["method", "FP 32/32", *heads], tablefmt="github"),
+        ]
+    )
+
+
+def plot_vs_bits(
+    results: dict,
+    labels: Mapping[str, str],
+    bits: Sequence[int],
+    seeds: Sequence[int],
+    path: str,
+    metric: str = "AP",
+    ylabel: str = "box AP (qdet_digits_val)",
+    title: str = "",
+) -> None:
+    """``metric`` against W/A bits per method, error bars = sample std over seeds; the FP
+    model's mean as a dashed line with its std as a band. No line across a width not run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    if results.get("fp"):
+        fp_mean, fp_std = mean_std(_values(results["fp"], seeds, metric))
+        ax.axhline(fp_mean, color="black", linestyle="--", label=f"FP ({fp_mean:.1f})")
+        ax.axhspan(fp_mean - fp_std, fp_mean + fp_std, color="black", alpha=0.08)
+    xs = sorted(bits)
+    for i, (m, label) in enumerate(labels.items()):
+        xm = [b for b in xs if results.get(f"{m}_{b}bit")]
+        stats = [mean_std(_values(results[f"{m}_{b}bit"], seeds, metric)) for b in xm]
+        offset = (i - (len(labels) - 1) / 2) * 0.06  # keep error bars apart
+        ax.errorbar(
+            [x + offset for x in xm],
+            [v for v, _ in stats],
+            yerr=[e for _, e in stats],
+            marker="o",
+            capsize=3,
+            linestyle="-" if xm == xs else "none",
+            label=label,
+        )
+    ax.set_xticks(xs, [f"{b}/{b}" for b in xs])
+    ax.set_xlabel("W/A bits")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title or f"mean ± std over {len(seeds)} seeds")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
