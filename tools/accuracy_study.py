@@ -32,7 +32,12 @@ import qdet  # noqa: E402,F401  (registers qdet's datasets and models)
 from qdet.distill.losses import registered_losses  # noqa: E402
 from qdet.engine.cli import run_cli  # noqa: E402
 from qdet.engine.study import Study, StudyRow  # noqa: E402
-from qdet.engine.study_report import bits_tables, plot_vs_bits  # noqa: E402
+from qdet.engine.study_report import (  # noqa: E402
+    add_study_arguments,
+    bits_tables,
+    plot_vs_bits,
+    write_report,
+)
 
 DIGITS = "configs/digits/retinanet_r18_"
 # method: (label, config, overrides). Every quantized row is the 4-bit config with its bits
@@ -141,7 +146,6 @@ def plot_curves(study: Study, seed: int, path: str) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     parser.add_argument("--bits", type=int, nargs="+", default=[4, 3, 2])
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument(
@@ -151,7 +155,6 @@ def main() -> None:
         default=[4],
         help=f"bit widths of the single-change rows ({', '.join(ONE_WIDTH)})",
     )
-    parser.add_argument("--out", default="output/study")
     parser.add_argument(
         "--freeze-at",
         type=int,
@@ -159,14 +162,7 @@ def main() -> None:
         help="MODEL.BACKBONE.FREEZE_AT of every run. 2 (stem and res2 keep their random "
         "init): the recipe of the tables in README; 0: the digits configs' (not run yet)",
     )
-    parser.add_argument(
-        "--jobs", type=int, default=1, help="runs trained at once (2 on a 2-core CPU)"
-    )
-    parser.add_argument(
-        "--report-only", action="store_true", help="tables and plots of the finished runs only"
-    )
-    parser.add_argument("--debug", action="store_true", help="tracebacks for bad input")
-    parser.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE overrides, every run")
+    add_study_arguments(parser, "output/study")
     args = parser.parse_args()
     run_cli(run, args, debug=args.debug)
 
@@ -188,19 +184,13 @@ def run(args) -> None:
     )
     start = time.time()
     results = study.run(train=not args.report_only)
-    os.makedirs(args.out, exist_ok=True)
     report = tables(results, methods, args.bits, args.seeds)
-    command = "tools/accuracy_study.py " + " ".join(sys.argv[1:])
-    header = f"`{command}` ({time.time() - start:.0f} s for this invocation)\n\n"
-    with open(os.path.join(args.out, "accuracy.md"), "w") as f:
-        f.write(header + report + "\n")
-    with open(os.path.join(args.out, "accuracy.json"), "w") as f:
-        json.dump({n: {str(s): r for s, r in v.items()} for n, v in results.items()}, f, indent=1)
+    text = write_report(args.out, "accuracy", time.time() - start, report, results)
     plot_ap_vs_bits(
         results, methods, args.bits, args.seeds, os.path.join(args.out, "ap_vs_bits.png")
     )
     plot_curves(study, first, os.path.join(args.out, "curves.png"))
-    print("\n" + header + report)
+    print("\n" + text)
 
 
 def _max_iter(row: StudyRow, opts: list[str]) -> int:

@@ -18,7 +18,6 @@ compared with zero-shot logit KD alone. Writes ``top1.md``, ``top1.json`` and
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -34,7 +33,12 @@ from tabulate import tabulate  # noqa: E402
 import qdet  # noqa: E402,F401
 from qdet.engine.cli import run_cli  # noqa: E402
 from qdet.engine.study import Study, StudyRow, mean_std  # noqa: E402
-from qdet.engine.study_report import bits_tables, plot_vs_bits  # noqa: E402
+from qdet.engine.study_report import (  # noqa: E402
+    add_study_arguments,
+    bits_tables,
+    plot_vs_bits,
+    write_report,
+)
 
 DIGITS = os.path.relpath(os.path.join(HERE, "configs", "digits32"))
 AKT = os.path.join(DIGITS, "akt_table2_resnet20_w4a4_zeroshot.yaml")
@@ -112,15 +116,10 @@ def seconds_per_epoch(study: Study, results: dict, methods: list[str], bits, see
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     parser.add_argument("--bits", type=int, nargs="+", default=[4, 2])
     parser.add_argument("--zeroshot-bits", type=int, nargs="+", default=[4, 3])
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
-    parser.add_argument("--out", default="output/classification/study")
-    parser.add_argument("--jobs", type=int, default=1, help="runs trained at once")
-    parser.add_argument("--report-only", action="store_true", help="finished runs only")
-    parser.add_argument("--debug", action="store_true", help="tracebacks for bad input")
-    parser.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE overrides, every run")
+    add_study_arguments(parser, "output/classification/study")
     args = parser.parse_args()
     run_cli(run, args, debug=args.debug)
 
@@ -143,24 +142,18 @@ def run(args) -> None:
     )
     start = time.time()
     results = study.run(train=not args.report_only)
-    os.makedirs(args.out, exist_ok=True)
     labels = {m: METHODS[m][0] for m in methods}
     bits = sorted(set(args.bits) | set(args.zeroshot_bits), reverse=True)
     what = "Top-1 (%) on qdet_digits32_val"
     report = bits_tables(results, labels, bits, args.seeds, "top1", what, REFERENCES)
     report += "\n\n" + seconds_per_epoch(study, results, methods, args.bits, args.seeds)
-    command = "projects/Classification/study.py " + " ".join(sys.argv[1:])
-    header = f"`{command}` ({time.time() - start:.0f} s for this invocation)\n\n"
-    with open(os.path.join(args.out, "top1.md"), "w") as f:
-        f.write(header + report + "\n")
-    with open(os.path.join(args.out, "top1.json"), "w") as f:
-        json.dump({n: {str(s): r for s, r in v.items()} for n, v in results.items()}, f, indent=1)
+    text = write_report(args.out, "top1", time.time() - start, report, results)
     title = f"ResNet-20 on the digit crops, mean ± std over {len(args.seeds)} seeds"
     plot_vs_bits(
         results, labels, bits, args.seeds, os.path.join(args.out, "top1_vs_bits.png"),
         metric="top1", ylabel="top-1 % (qdet_digits32_val)", title=title,
     )  # fmt: skip
-    print("\n" + header + report)
+    print("\n" + text)
 
 
 if __name__ == "__main__":

@@ -31,9 +31,9 @@ sys.path.insert(0, HERE)  # the project's package, as in Detectron2's projects
 sys.path.insert(1, os.path.dirname(os.path.dirname(HERE)))  # qdet, from a source checkout
 from classification import (  # noqa: E402  (registers the project's datasets and models)
     ClassificationTrainer,
-    ZeroShotTrainer,
     add_classification_config,
     register_cifar,
+    trainer_class,
 )
 
 import qdet  # noqa: E402,F401  (registers qdet's datasets and models)
@@ -74,11 +74,10 @@ def main(args):
         args.config_file = recipe_config(args.recipe)
     cfg = setup(args)
     check_run_inputs(cfg, resume=args.resume, eval_only=args.eval_only)
-    trainer_cls = ZeroShotTrainer if cfg.ZEROSHOT.ENABLED else ClassificationTrainer
     if args.eval_only:
         return evaluate_checkpoint(cfg, args.resume, ClassificationTrainer)
     log = logging.getLogger("qdet").info
-    results = train_stages(cfg, args.resume, args.stage, trainer_cls, log=log)
+    results = train_stages(cfg, args.resume, args.stage, trainer_class(cfg), log=log)
     if comm.is_main_process() and results:
         with open(os.path.join(cfg.OUTPUT_DIR, "eval_final.json"), "w") as f:
             json.dump(results, f)

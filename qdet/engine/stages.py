@@ -160,11 +160,6 @@ def train_stages(
     return train(cfg, resume=resume, trainer_cls=trainer_cls)
 
 
-def train_with_teacher_stage(cfg: CfgNode, resume: bool = False, log=print) -> None:
-    """A detector's run as a study trains it: :func:`train_stages`, both stages."""
-    train_stages(cfg, resume, log=log)
-
-
 def evaluate_final(cfg: CfgNode) -> dict:
     """COCO box AP (and mask AP, for a model with masks) of ``OUTPUT_DIR/model_final.pth``,
     cached in ``eval_final.json``."""

@@ -26,7 +26,7 @@ from qdet.engine.stages import (
     evaluate_final,
     load_config,
     needs_teacher_stage,
-    train_with_teacher_stage,
+    train_stages,
 )
 
 
@@ -87,14 +87,13 @@ class Study:
                 raise ValueError(f"row {r.name!r} starts from {r.init!r}, which is not a row")
         self.seeds, self.out, self.opts = list(seeds), out, list(opts)
         self.run_opts = run_opts or (lambda row, seed: [])
-        self.train_fn = train_fn or (lambda cfg: train_with_teacher_stage(cfg, log=self._log))
+        self.train_fn = train_fn or (lambda cfg: train_stages(cfg, log=self._log))
         self.tag, self.log = tag, log
         if jobs < 1:
             raise ValueError(f"jobs={jobs} must be >= 1")
         self.jobs, self.worker_train_fn = jobs, train_fn  # a worker's must pickle
         self.add_config, self.headline = add_config, headline
-        self.worker_evaluate_fn = evaluate_fn
-        self.evaluate_fn = evaluate_fn or evaluate_final
+        self.evaluate_fn = evaluate_fn  # None: evaluate_final (COCO AP)
         self.heartbeat_s = 60.0  # a progress line this often while workers train
 
     def _log(self, message: str) -> None:
@@ -168,7 +167,7 @@ class Study:
                 seconds_per_iter.append(seconds / max(cfg.SOLVER.MAX_ITER, 1))
             elif not pending[i]:
                 self._log(f"{what}: reusing {_final(cfg)}")
-            metrics = dict(self.evaluate_fn(cfg))
+            metrics = dict((self.evaluate_fn or evaluate_final)(cfg))
             metrics["train s"] = _load_json(os.path.join(cfg.OUTPUT_DIR, "train_seconds.json"))
             for seed_ in self.seeds if not row.per_seed else [seed]:
                 results[row.name][seed_] = metrics
@@ -212,7 +211,7 @@ class Study:
                         _train_in_worker,
                         configs[i],
                         self.worker_train_fn,
-                        self.worker_evaluate_fn,
+                        self.evaluate_fn,
                         threads,
                     )
                     running[work] = i
@@ -303,7 +302,7 @@ def _train_in_worker(
     log = open(os.path.join(cfg.OUTPUT_DIR, "worker.log"), "w")  # noqa: SIM115
     with log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
         setup_logger(name="qdet")
-        _timed(train_fn or train_with_teacher_stage, cfg)
+        _timed(train_fn or train_stages, cfg)
         if evaluate_fn is not None:
             evaluate_fn(cfg)
         elif train_fn is None:

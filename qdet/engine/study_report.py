@@ -8,6 +8,10 @@ at the same bit width (default ``baseline``; a method that is a reference says s
 
 from __future__ import annotations
 
+import argparse
+import json
+import os
+import sys
 from collections.abc import Mapping, Sequence
 
 from tabulate import tabulate
@@ -44,6 +48,8 @@ def bits_tables(
     diff = []
     for m, label in labels.items():
         top_row, diff_row, seed_row = [label, ""], [label], [label, ""]
+        if reference_of[m] != "baseline" and m not in reference_of.values():
+            diff_row = [f"{label} (vs {labels.get(reference_of[m], reference_of[m])})"]
         for b in bits:
             runs = results.get(f"{m}_{b}bit")
             if not runs:  # not run at this width, or none finished
@@ -128,3 +134,31 @@ def plot_vs_bits(
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def add_study_arguments(parser: argparse.ArgumentParser, out: str) -> None:
+    """What every study tool takes beside its rows: seeds, output folder, parallel runs,
+    report-only, --debug, and KEY VALUE overrides for every run (added last)."""
+    parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
+    parser.add_argument("--out", default=out)
+    parser.add_argument(
+        "--jobs", type=int, default=1, help="runs trained at once (2 on a 2-core CPU)"
+    )
+    parser.add_argument(
+        "--report-only", action="store_true", help="tables and plots of the finished runs only"
+    )
+    parser.add_argument("--debug", action="store_true", help="tracebacks for bad input")
+    parser.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE overrides, every run")
+
+
+def write_report(out: str, stem: str, seconds: float, report: str, results: dict) -> str:
+    """``<stem>.md`` (the command line, its time, ``report``) and ``<stem>.json`` (every
+    run's figures) in ``out``; returns the markdown."""
+    os.makedirs(out, exist_ok=True)
+    command = " ".join([os.path.relpath(sys.argv[0]), *sys.argv[1:]])
+    text = f"`{command}` ({seconds:.0f} s for this invocation)\n\n{report}"
+    with open(os.path.join(out, f"{stem}.md"), "w") as f:
+        f.write(text + "\n")
+    with open(os.path.join(out, f"{stem}.json"), "w") as f:
+        json.dump({n: {str(s): r for s, r in v.items()} for n, v in results.items()}, f, indent=1)
+    return text

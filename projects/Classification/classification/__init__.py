@@ -12,7 +12,7 @@ from .data import (
 )
 from .evaluation import ClassificationEvaluator
 from .modeling import CifarResNet, QuantClassifier, TorchvisionResNet
-from .trainer import ClassificationTrainer, ZeroShotTrainer
+from .trainer import ClassificationTrainer, ZeroShotTrainer, trainer_class
 from .zeroshot import ConditionalGenerator, ZeroShotData, bn_statistics_loss
 
 register_digit_crops()
@@ -33,4 +33,5 @@ __all__ = [
     "load_digit_crops",
     "register_cifar",
     "register_digit_crops",
+    "trainer_class",
 ]

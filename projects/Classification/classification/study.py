@@ -14,14 +14,13 @@ from detectron2.modeling import build_model
 from qdet.engine.stages import train_stages
 
 from .data import register_cifar
-from .trainer import ClassificationTrainer, ZeroShotTrainer
+from .trainer import ClassificationTrainer, trainer_class
 
 
 def train_classifier(cfg: CfgNode) -> None:
     """One run as ``train_net.py`` trains it (the teacher stage first for a qfd term)."""
     register_cifar(cfg)
-    trainer_cls = ZeroShotTrainer if cfg.ZEROSHOT.ENABLED else ClassificationTrainer
-    train_stages(cfg, trainer_cls=trainer_cls, log=lambda message: None)
+    train_stages(cfg, trainer_cls=trainer_class(cfg), log=lambda message: None)
 
 
 def evaluate_classifier(cfg: CfgNode) -> dict:

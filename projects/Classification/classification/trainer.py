@@ -95,3 +95,8 @@ class ZeroShotTrainer(ClassificationTrainer):
         if z.LOSS == "adadfq":
             return [calibration, warmup, *others]
         return [warmup, calibration, *others]
+
+
+def trainer_class(cfg) -> type[ClassificationTrainer]:
+    """The trainer a config runs with: zero-shot (``ZEROSHOT.ENABLED``) or on the real data."""
+    return ZeroShotTrainer if cfg.ZEROSHOT.ENABLED else ClassificationTrainer

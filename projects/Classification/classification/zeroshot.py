@@ -30,7 +30,6 @@ import torch
 import torch.nn.functional as F
 from detectron2.engine import HookBase
 from detectron2.layers import FrozenBatchNorm2d
-from detectron2.utils import comm
 from detectron2.utils.events import get_event_storage
 from torch import nn
 
@@ -154,7 +153,7 @@ class ZeroShotData:
         )
         self.bn = BNStatistics(teacher)
         self.noise = torch.Generator().manual_seed(seed)
-        self.batch_size = cfg.SOLVER.IMS_PER_BATCH // comm.get_world_size()
+        self.batch_size = cfg.SOLVER.IMS_PER_BATCH  # one process (ZeroShotTrainer)
         self.pixel_mean = student.pixel_mean
         self.pixel_std = student.pixel_std
         self.warmed_up = False
