@@ -129,11 +129,60 @@ def add_qdet_config(cfg: CN) -> CN:
     # classification), FAQD Eq. 10's gamma (0.3). 1 = the detection losses as they are.
     cfg.DISTILL.GT_WEIGHT = 1.0
     add_distill_terms_config(cfg)
+    add_zeroshot_config(cfg)
     # Periodic checkpoints kept on disk (model_final.pth aside): the newest N, older ones
     # deleted as new ones are written; 0 keeps all (Detectron2's behaviour). Studies train
     # hundreds of runs and keep 1: enough to resume, not gigabytes of history.
     cfg.SOLVER.CHECKPOINTS_TO_KEEP = 0
     return cfg
+
+
+def add_zeroshot_config(cfg: CN) -> None:
+    """``ZEROSHOT``: data-free quantization (qdet.datafree; a classifier's in
+    projects/Classification). The student trains on a generator's images only, never on
+    DATASETS.TRAIN; needs DISTILL.ENABLED and DISTILL.LABEL_FREE."""
+    cfg.ZEROSHOT = CN()
+    cfg.ZEROSHOT.ENABLED = False
+    cfg.ZEROSHOT.LATENT_DIM = 100  # noise z (GDFQ, AdaDFQ, AKT); per 8x8 pixels for detectors
+    # (H, W) of the generated images. (0, 0): a detector's test size (INPUT.MIN_SIZE_TEST x
+    # MAX_SIZE_TEST, rounded up to the backbone's size divisibility); classifiers: 32 x 32.
+    cfg.ZEROSHOT.IMAGE_SIZE = (0, 0)
+    # eps of the generator's conv BNs (GDFQ's code passes 0.8 where momentum was meant).
+    cfg.ZEROSHOT.BN_EPS = 0.8
+    # The generator's Adam (GDFQ / AdaDFQ: lr 1e-3, betas 0.5, 0.999), constant LR here.
+    cfg.ZEROSHOT.BASE_LR = 1e-3
+    cfg.ZEROSHOT.BETAS = (0.5, 0.999)
+    # Generator steps alone before the student's first (AdaDFQ: 4 epochs x 200 steps).
+    cfg.ZEROSHOT.WARMUP_ITERS = 800
+    # The generator's loss: "gdfq" (the task term + BN statistics) or, for classifiers,
+    # "adadfq" (AKT's official code: + AdaDFQ's disagreement margin and agreement terms).
+    cfg.ZEROSHOT.LOSS = "gdfq"
+    # gdfq's task term: a classifier's CE to the sampled class; a detector's RetinaNet loss
+    # with the sampled layout as ground truth (README, "Data-free quantization of a detector").
+    cfg.ZEROSHOT.TASK_WEIGHT = 1.0
+    cfg.ZEROSHOT.BNS_WEIGHT = 0.1  # gdfq: weight of the BN-statistics loss (GDFQ's 0.1)
+    # Each BN channel's mean and variance errors in units of its running variance (every
+    # layer counts alike), rather than GDFQ's plain MSE (qdet.datafree.bn_statistics_loss).
+    cfg.ZEROSHOT.BNS_NORMALIZE = False
+    cfg.ZEROSHOT.ADADFQ = CN()  # AdaDFQ's CIFAR-10 ResNet-20 settings (classifiers)
+    cfg.ZEROSHOT.ADADFQ.ALPHA_DS = 0.2  # CE of z_T - z_S (disagreement)
+    cfg.ZEROSHOT.ADADFQ.ALPHA_AS = 0.1  # CE of z_T + z_S (agreement)
+    cfg.ZEROSHOT.ADADFQ.LAMBDA_LOW = 0.1  # margin's lower boundary
+    cfg.ZEROSHOT.ADADFQ.LAMBDA_UP = 0.8  # and upper
+    cfg.ZEROSHOT.ADADFQ.BETA = 1.0  # weight of the two CE terms
+    cfg.ZEROSHOT.ADADFQ.GAMMA = 1.0  # weight of the BN-statistics loss
+    # Detectors: the layouts the generator is asked to draw, per image. Objects (min, max),
+    # a box's side sqrt(area) in pixels (log-uniform), its h / w (log-uniform), and the
+    # most a box may overlap those placed before it (IoU).
+    cfg.ZEROSHOT.OBJECTS_PER_IMAGE = (1, 6)
+    cfg.ZEROSHOT.BOX_SIZES = (32.0, 256.0)
+    cfg.ZEROSHOT.BOX_ASPECT_RATIOS = (0.5, 2.0)
+    cfg.ZEROSHOT.MAX_IOU = 0.3
+    cfg.ZEROSHOT.BOX_WEIGHT = 1.0  # detectors: box regression's weight in the task term
+    # Keep the student's BN statistics as the FP model's (AKT's code trains it in eval mode).
+    cfg.ZEROSHOT.FREEZE_STUDENT_BN = True
+    # Generated images drawn into OUTPUT_DIR/generated_images.png after training (0: none).
+    cfg.ZEROSHOT.SHEET_IMAGES = 16
 
 
 def add_distill_term_config(cfg: CN, loss: str, taps: list[str], weight: float, **options) -> CN:

@@ -10,12 +10,11 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
-import yaml
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import get_cfg
 from detectron2.modeling import build_model
 from detectron2.utils.events import EventStorage
-from train_net_cli import run_train_net
+from train_net_cli import run_train_net, write_config_with
 
 from qdet.config import add_qdet_config
 from qdet.distill import Distiller, TermSpec, build_distill_loss, load_teacher, teacher_config
@@ -447,15 +446,7 @@ def test_train_net_teacher_stage_then_qfd_student(tmp_path):
     )
     fp_weights = str(fp_out / "model_final.pth")
     # The teacher config must describe the same (tiny) model as its checkpoint.
-    tiny_teacher = tmp_path / "teacher.yaml"
-    tree = {"_BASE_": FP_CONFIG}
-    for key, value in zip(TINY[::2], TINY[1::2]):
-        *parents, leaf = key.split(".")
-        node = tree
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = value
-    tiny_teacher.write_text(yaml.safe_dump(tree))
+    tiny_teacher = write_config_with(tmp_path / "teacher.yaml", FP_CONFIG, TINY)
     r = run_train_net(
         "--config-file",
         os.path.join(ROOT, "configs/digits/retinanet_r18_4bit_qfd.yaml"),

@@ -30,3 +30,20 @@ def run_train_net(
     if check:
         assert r.returncode == 0, r.stderr[-3000:]
     return r
+
+
+def write_config_with(path, base: str, opts: list[str]) -> str:
+    """A YAML at ``path`` inheriting ``base`` with KEY VALUE ``opts`` set: a config file for
+    what must be one (a teacher's DISTILL.TEACHER_CONFIG describing a tiny test model)."""
+    import yaml
+
+    tree: dict = {"_BASE_": base}
+    for key, value in zip(opts[::2], opts[1::2]):
+        *parents, leaf = key.split(".")
+        node = tree
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    with open(path, "w") as f:
+        yaml.safe_dump(tree, f)
+    return str(path)

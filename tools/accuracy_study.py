@@ -8,7 +8,8 @@ Per seed: the FP RetinaNet-R18 is trained from scratch (configs/digits/retinanet
 every quantized row fine-tunes that seed's FP model with one schedule and sees the same
 batches in the same order (SEED = the seed), and the distillation rows distil from it.
 Methods: the baseline QAT, one row per registered distillation loss (``qfd``, float feature
-KD ``feature_kd``, and any loss registered later), the baseline with
+KD ``feature_kd``, and any loss registered later), FAQD, AKT, the data-free student
+(``datafree``, which never reads a training image) and its two ablations, the baseline with
 ``QUANT.BOUND_GRADIENT inclusive``, and EWGS (these two at ``--check-bits`` only). Writes
 into ``--out``: ``accuracy.md`` (AP mean ± sample std per method and bit width, the paired
 difference to the baseline with the number of seeds it wins, AP per seed),
@@ -73,6 +74,16 @@ METHODS["akt"] = (
     DIGITS + "4bit_akt.yaml",
     ("DISTILL.RFD.WEIGHT", str(STUDY_WEIGHTS["rfd"]), "DISTILL.LOGIT_KD.WEIGHT", "0.6"),
 )
+# Data-free (README, "Data-free quantization of a detector"): no real training image; the
+# two ablations drop one of the generator's terms.
+DATAFREE = DIGITS + "4bit_datafree.yaml"
+METHODS["datafree"] = ("data-free (generator; logit KD + RFD)", DATAFREE, ())
+METHODS["datafree_no_bns"] = (
+    "data-free, no BN-statistics term",
+    DATAFREE,
+    ("ZEROSHOT.BNS_WEIGHT", "0.0"),
+)
+METHODS["datafree_no_task"] = ("data-free, no task term", DATAFREE, ("ZEROSHOT.TASK_WEIGHT", "0.0"))
 ONE_WIDTH = ("inclusive", "ewgs")  # single-change checks: run at --check-bits only
 CURVES = ("fp", "baseline_4bit", "qfd_4bit")  # evaluated during training on the first seed
 CURVE_EVALS = 6

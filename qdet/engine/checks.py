@@ -102,6 +102,13 @@ def check_teacher(cfg: CfgNode) -> None:
             f"DISTILL.GT_WEIGHT={cfg.DISTILL.GT_WEIGHT!r} must be >= 0 (the ground-truth "
             "losses' weight; DISTILL.LABEL_FREE True drops them)"
         )
+    if cfg.ZEROSHOT.ENABLED and qfd_tap(cfg) is not None:
+        raise ValueError(
+            "a zero-shot run (ZEROSHOT.ENABLED) cannot distil with QFD: its teacher stage "
+            "fine-tunes the teacher on real training images. Distil with rfd, fa, "
+            "feature_kd or logit_kd (DISTILL.TERMS), e.g. "
+            "configs/digits/retinanet_r18_4bit_datafree.yaml"
+        )
     weights = cfg.DISTILL.TEACHER_WEIGHTS
     if not cfg.DISTILL.ENABLED or os.path.isfile(weights):
         return

@@ -106,13 +106,24 @@ def teacher_stage_config(cfg: CfgNode) -> CfgNode:
     return tcfg
 
 
-def train(cfg: CfgNode, resume: bool, trainer_cls: type[QDetTrainer] = QDetTrainer):
-    """Train one stage with ``trainer_cls`` (resuming from OUTPUT_DIR if asked); returns the
-    evaluation after the last step (Detectron2's test results), if any."""
+def trainer_class(cfg: CfgNode) -> type[QDetTrainer]:
+    """The trainer a detector's config runs with: data-free (``ZEROSHOT.ENABLED``,
+    :class:`qdet.datafree.detection.DataFreeTrainer`) or on DATASETS.TRAIN."""
+    if cfg.ZEROSHOT.ENABLED:
+        from qdet.datafree.detection import DataFreeTrainer
+
+        return DataFreeTrainer
+    return QDetTrainer
+
+
+def train(cfg: CfgNode, resume: bool, trainer_cls: type[QDetTrainer] | None = None):
+    """Train one stage with ``trainer_cls`` (default :func:`trainer_class`; resuming from
+    OUTPUT_DIR if asked); returns the evaluation after the last step (Detectron2's test
+    results), if any."""
     # Seeded per run, as default_setup does, so both stages of one process are repeatable.
     check_run_inputs(cfg, resume=resume)
     seed_all_rng(None if cfg.SEED < 0 else cfg.SEED + comm.get_rank())
-    trainer = trainer_cls(cfg)
+    trainer = (trainer_cls or trainer_class(cfg))(cfg)
     trainer.resume_or_load(resume=resume)
     results = trainer.train()
     # Detectron2's EvalHook evaluates once more after the last step; keep that as the final
@@ -143,7 +154,7 @@ def train_stages(
     cfg: CfgNode,
     resume: bool = False,
     stage: str = "all",
-    trainer_cls: type[QDetTrainer] = QDetTrainer,
+    trainer_cls: type[QDetTrainer] | None = None,
     log=print,
 ):
     """QFD's two stages, or the one stage of any other run; returns the student's last

@@ -13,7 +13,7 @@ from .data import (
 from .evaluation import ClassificationEvaluator
 from .modeling import CifarResNet, QuantClassifier, TorchvisionResNet
 from .trainer import ClassificationTrainer, ZeroShotTrainer, trainer_class
-from .zeroshot import ConditionalGenerator, ZeroShotData, bn_statistics_loss
+from .zeroshot import ZeroShotData
 
 register_digit_crops()
 
@@ -22,13 +22,11 @@ __all__ = [
     "ClassificationEvaluator",
     "ClassificationMapper",
     "ClassificationTrainer",
-    "ConditionalGenerator",
     "QuantClassifier",
     "TorchvisionResNet",
     "ZeroShotData",
     "ZeroShotTrainer",
     "add_classification_config",
-    "bn_statistics_loss",
     "build_digit_crops",
     "load_digit_crops",
     "register_cifar",
