@@ -203,3 +203,5 @@ def test_classification_study_pairs_its_rows_and_compares_with_their_references(
     # akt_3bit - zs_logit_kd_3bit per seed: len("akt_3bit") - len("zs_logit_kd_3bit") = -8.
     assert "-8.0 ± 0.0 (0/2 seeds better)" in text and "(reference)" in text
     assert "or zero-shot, logit KD only, where so marked" in text
+    # --report-only before a row has finished any seed: no seconds-per-epoch line for it.
+    assert cls_study.seconds_per_epoch(study, {"faqd_2bit": {}}, ["faqd"], [2], [1, 2]) == ""

@@ -105,6 +105,8 @@ def seconds_per_epoch(study: Study, results: dict, methods: list[str], bits, see
             cfg = study.config(study.rows[name], seeds[0])
             epochs = cfg.SOLVER.MAX_ITER * cfg.SOLVER.IMS_PER_BATCH / 20000
             per_epoch = [results[name][s]["train s"] / epochs for s in seeds if s in results[name]]
+            if not per_epoch:  # --report-only before any seed of this row finished
+                continue
             mean, std = mean_std(per_epoch)
             rows.append([METHODS[m][0], f"{b}/{b}", f"{mean:.0f} ± {std:.0f}"])
     if not rows:
