@@ -179,6 +179,10 @@ def add_zeroshot_config(cfg: CN) -> None:
     cfg.ZEROSHOT.BOX_ASPECT_RATIOS = (0.5, 2.0)
     cfg.ZEROSHOT.MAX_IOU = 0.3
     cfg.ZEROSHOT.BOX_WEIGHT = 1.0  # detectors: box regression's weight in the task term
+    # Detectors: the generated pixels' spread per channel (0-255 scale; ImageNet's). The
+    # generator makes unit-variance images, scaled by this / MODEL.PIXEL_STD into the
+    # model's input space (Detectron2's caffe-style PIXEL_STD of 1 would leave them flat).
+    cfg.ZEROSHOT.PIXEL_STD = (58.395, 57.12, 57.375)
     # Keep the student's BN statistics as the FP model's (AKT's code trains it in eval mode).
     cfg.ZEROSHOT.FREEZE_STUDENT_BN = True
     # Generated images drawn into OUTPUT_DIR/generated_images.png after training (0: none).

@@ -249,6 +249,10 @@ def test_datafree_student_trains_on_generated_images_only(tmp_path, monkeypatch,
     h, w = source.image_size
     assert (h, w) == (96, 128)  # the test size, a multiple of the backbone's 32
     assert sheet.shape == (3, h + 4, 3 * (w + 2) + 2)
+    # Drawn as the student gets them (batch-statistics BN): a normalised image's pixels
+    # spread like the data's (PIXEL_STD about 58), not a flat grey with boxes on it.
+    first = sheet[:, 2 : 2 + h, 2 : 2 + w].float()
+    assert first.std() > 40, first.std()
     state = torch.load(out / "model_final.pth", weights_only=False)
     assert state["zeroshot_generator"]["warmed_up"] is True
     # The student's checkpoint is a RetinaNet's: --eval-only's evaluation gives COCO AP on

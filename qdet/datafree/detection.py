@@ -176,6 +176,11 @@ class DetectorGeneratorSource(GeneratorSource):
             )
         self.num_classes = teacher.num_classes
         self.image_size = generated_image_size(cfg, teacher.backbone.size_divisibility)
+        # The generator's images have unit variance per channel; in pixels they spread by
+        # ZEROSHOT.PIXEL_STD, which the model's own normalisation may not divide out
+        # (Detectron2's caffe-style PIXEL_STD is 1: its inputs spread like pixels).
+        spread = torch.tensor(z.PIXEL_STD, dtype=torch.float32).view(-1, 1, 1)
+        self.image_scale = spread.to(student.pixel_std.device) / student.pixel_std
         generator = LayoutGenerator(self.num_classes, z.LATENT_DIM, 3, z.BN_EPS)
         super().__init__(cfg, generator, teacher, student, teacher.backbone, seed)
         names = cfg.DATASETS.TEST[0] if cfg.DATASETS.TEST else None
@@ -194,7 +199,8 @@ class DetectorGeneratorSource(GeneratorSource):
         return noise.to(self.pixel_mean.device), layouts
 
     def generate(self, noise: torch.Tensor, layouts: list[Instances]) -> torch.Tensor:
-        return self.generator(noise, layout_masks(layouts, self.num_classes).to(noise.device))
+        masks = layout_masks(layouts, self.num_classes).to(noise.device)
+        return self.generator(noise, masks) * self.image_scale
 
     def task_losses(self, images: torch.Tensor, layouts: list[Instances], bn_recorded) -> dict:
         with bn_recorded():

@@ -70,7 +70,9 @@ class LayoutGenerator(nn.Module):
     :func:`qdet.datafree.detection.layout_masks`). Three blocks at 1/8, 1/4, 1/2 of the image
     size (128, 128, 64 channels; each sees the layout resized to its scale, as SPADE feeds
     the segmentation map to every scale) with x2 upsampling between them and to full size,
-    then conv to ``channels`` -> tanh -> BN without affine: the normalised input space."""
+    then conv to ``channels`` -> tanh -> BN without affine: images of unit variance per
+    channel (:class:`qdet.datafree.detection.DetectorGeneratorSource` scales them to the
+    detector's input space, ``ZEROSHOT.PIXEL_STD``)."""
 
     def __init__(
         self, num_classes: int, latent_dim: int = 100, channels: int = 3, bn_eps: float = 0.8

@@ -111,7 +111,11 @@ class GeneratorSource:
 
     @torch.no_grad()
     def sample(self) -> tuple[torch.Tensor, object]:
-        """Images of the current generator, no step (calibration, EWGS's Hessian)."""
+        """Images of the current generator, no step (calibration, EWGS's Hessian, the
+        sheet). In training mode, as the student gets them: the generator's BN layers
+        always normalise with the batch's statistics (GDFQ); their running averages are
+        never used, and images made with them come out nearly flat."""
+        self.generator.train()
         noise, conditions = self.draw()
         return self.generate(noise, conditions), conditions
 
@@ -123,7 +127,6 @@ class GeneratorSource:
         """A PNG grid of ``count`` images of the current generator (what the teacher
         "dreams"), each with the condition it was made for; ``rgb``: the model's channel
         order (else BGR, flipped for the PNG)."""
-        self.generator.eval()
         pictures = []
         while len(pictures) < count:
             images, conditions = self.sample()
