@@ -4,6 +4,7 @@ hook that warms it up alone first (AKT Sec. 3.3 on GDFQ / AdaDFQ)."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 
@@ -76,8 +77,17 @@ class GeneratorSource:
         return list(pixels)
 
     # --- shared ---
+    @contextlib.contextmanager
     def bn_recorded(self):
-        return _Recording(self.bn)
+        """Inside, the BN hooks record (nothing when L_BNS is off)."""
+        if self.bn is None:
+            yield
+            return
+        self.bn.recording = True
+        try:
+            yield
+        finally:
+            self.bn.recording = False
 
     def generator_loss(self, images: torch.Tensor, conditions) -> dict:
         """Every loss term of the generator on ``images`` made for ``conditions``:
@@ -150,21 +160,6 @@ class GeneratorSource:
         self.optimizer.load_state_dict(state["optimizer"])
         self.noise.set_state(state["noise"])
         self.warmed_up = bool(state["warmed_up"])
-
-
-class _Recording:
-    """Context: the BN hooks record while inside (nothing when there are none)."""
-
-    def __init__(self, bn: BNStatistics | None):
-        self.bn = bn
-
-    def __enter__(self):
-        if self.bn is not None:
-            self.bn.recording = True
-
-    def __exit__(self, *exc):
-        if self.bn is not None:
-            self.bn.recording = False
 
 
 class GeneratedBatches:
