@@ -50,7 +50,7 @@ if ! "$VENV/bin/python" -c "import detectron2" 2>/dev/null; then
     rm -rf "$tmp"
 fi
 
-echo "[setup] installing qdet and its dependencies (pip install -e .[dev])"
-$PIP install -e ".[dev]"
+echo "[setup] installing qdet and its dependencies (pip install -e .[dev,export])"
+$PIP install -e ".[dev,export]"
 "$VENV/bin/python" -c "import qdet, detectron2, torch; print('[setup] ok: torch', torch.__version__, 'detectron2', detectron2.__version__)"
 echo "$want" > "$STAMP"

@@ -1,0 +1,158 @@
+"""What goes into the ONNX file: a detector's network from normalised pixels to its head.
+
+The graph's input is the batch exactly as Detectron2's ``preprocess_image`` makes it
+(``(image - PIXEL_MEAN) / PIXEL_STD``, padded with zeros to the backbone's size
+divisibility), so both sides see the same tensor and the comparison is exact; the ONNX
+file's metadata carries the mean, std, input format and divisibility a deployment needs.
+
+- RetinaNet (``head`` + ``anchor_generator``): outputs are the head's class logits and box
+  deltas per FPN level. Anchor decoding, score threshold, top-k and NMS stay in Python:
+  Detectron2's own ``forward_inference`` runs on the ONNX outputs
+  (:class:`qdet.export.runtime.OnnxRetinaNet`), so the post-processing is the one the
+  PyTorch model uses, not a re-implementation.
+- Any other Detectron2 model (ViTDet / Swin Mask R-CNN): the backbone (ViT or Swin and its
+  feature pyramid), outputs p2... in the backbone's order; RPN and ROI heads stay in
+  PyTorch.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import warnings
+
+import torch
+from torch import nn
+
+from qdet.export.qdq import onnx_export_mode
+
+logger = logging.getLogger(__name__)
+
+INPUT_NAME = "images"
+OPSET = 17
+
+
+class RetinaNetGraph(nn.Module):
+    """Normalised padded batch -> (logits of each level..., box deltas of each level...)."""
+
+    kind = "retinanet"
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    @property
+    def output_names(self) -> list[str]:
+        levels = self.model.head_in_features
+        return [f"logits_{f}" for f in levels] + [f"deltas_{f}" for f in levels]
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        features = self.model.backbone(images)
+        logits, deltas = self.model.head([features[f] for f in self.model.head_in_features])
+        return (*logits, *deltas)
+
+
+class BackboneGraph(nn.Module):
+    """Normalised padded batch -> the backbone's feature maps, in its output order."""
+
+    kind = "backbone"
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    @property
+    def output_names(self) -> list[str]:
+        return list(self.model.backbone.output_shape())
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        features = self.model.backbone(images)
+        return tuple(features[f] for f in self.output_names)
+
+
+def export_graph(model: nn.Module) -> RetinaNetGraph | BackboneGraph:
+    """The part of ``model`` that goes into ONNX (module docstring)."""
+    if hasattr(model, "head") and hasattr(model, "anchor_generator"):
+        return RetinaNetGraph(model)
+    if hasattr(model, "backbone"):
+        return BackboneGraph(model)
+    raise ValueError(
+        f"{type(model).__name__} has no 'backbone': the ONNX export takes Detectron2 "
+        "detectors (QuantRetinaNet; QuantMaskRCNN exports its backbone)"
+    )
+
+
+def _metadata(model: nn.Module, graph, record, dynamic: bool) -> dict[str, str]:
+    meta = {
+        "producer": "qdet",
+        "graph": graph.kind,
+        "input": f"{INPUT_NAME}: (N, 3, H, W) float32, (image - pixel_mean) / pixel_std, "
+        "zero-padded to size_divisibility",
+        "pixel_mean": model.pixel_mean.flatten().tolist(),
+        "pixel_std": model.pixel_std.flatten().tolist(),
+        "input_format": getattr(model, "input_format", "BGR"),
+        "size_divisibility": model.backbone.size_divisibility,
+        "outputs": graph.output_names,
+        "quantizers": record.quantizers,
+        "dynamic_shapes": dynamic,
+        # In graph order, for the layer-wise check (qdet.export.verify).
+        "qdq_activations": [grid.as_dict() for grid in record.activations],
+        "qdq_weights": [{"path": grid.path, "bits": grid.bits} for grid in record.weights],
+    }
+    if graph.kind == "retinanet":
+        meta["num_classes"] = model.num_classes
+    return {k: v if isinstance(v, str) else json.dumps(v) for k, v in meta.items()}
+
+
+def export_onnx(
+    model: nn.Module,
+    path: str,
+    sample: torch.Tensor,
+    dynamic: bool | None = None,
+    opset: int = OPSET,
+) -> dict:
+    """Write ``model`` (eval mode, quantizers calibrated) to ``path`` as ONNX with QDQ.
+
+    ``sample``: a normalised padded batch to trace with. ``dynamic``: batch, height and
+    width as dynamic axes (default: yes for RetinaNet; a ViT's window partition and
+    position embeddings are traced for the sample's size). A model without quantizers is
+    written as FP32, with a warning. Returns the graph kind, output names and the number
+    of quantizers exported.
+    """
+    import onnx
+
+    graph = export_graph(model).eval()
+    if dynamic is None:
+        dynamic = graph.kind == "retinanet"
+    names = graph.output_names
+    axes = {INPUT_NAME: {0: "batch", 2: "height", 3: "width"}} if dynamic else None
+    if axes:
+        axes.update({n: {0: "batch", 2: f"height_{n}", 3: f"width_{n}"} for n in names})
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp"
+    with onnx_export_mode(model) as record, torch.no_grad(), warnings.catch_warnings():
+        if record.quantizers == 0:
+            logger.warning("%s has no quantized layers: exporting it as FP32", type(model).__name__)
+        # The TorchScript exporter: qdet's QDQ stand-ins are autograd Functions with an
+        # ONNX symbolic, which it maps one to one. It warns that it is deprecated, and
+        # about Python ints in shape arithmetic (Detectron2's padding), traced as intended.
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            graph,
+            (sample,),
+            tmp,
+            dynamo=False,
+            opset_version=opset,
+            input_names=[INPUT_NAME],
+            output_names=names,
+            dynamic_axes=axes,
+            do_constant_folding=True,
+        )
+    proto = onnx.load(tmp)
+    for key, value in _metadata(model, graph, record, dynamic).items():
+        proto.metadata_props.add(key=key, value=value)
+    onnx.checker.check_model(proto)
+    onnx.save(proto, tmp)
+    os.replace(tmp, path)  # never a half-written model under the final name
+    return {"graph": graph.kind, "outputs": names, "quantizers": record.quantizers, "path": path}

@@ -1,0 +1,69 @@
+"""Running an exported model in onnxruntime, and checking it against PyTorch.
+
+:class:`OnnxRetinaNet` is a drop-in for the PyTorch detector at inference (same inputs,
+same ``Instances`` out): the ONNX graph computes the head outputs and Detectron2's own
+RetinaNet post-processing (anchors, top-k, box decoding, NMS, resizing to the original
+image) runs on them. So a COCO evaluation of the ONNX model compares the network alone;
+the post-processing is shared code.
+"""
+
+from __future__ import annotations
+
+import json
+
+import torch
+from detectron2.modeling.postprocessing import detector_postprocess
+from torch import nn
+
+from qdet.export.graphs import INPUT_NAME, export_graph
+
+
+def inference_session(path: str, threads: int = 0):
+    """A CPU onnxruntime session (``threads`` = 0: onnxruntime's default)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+    return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+
+
+def onnx_metadata(session) -> dict:
+    meta = session.get_modelmeta().custom_metadata_map
+    return {
+        k: v if k in ("producer", "graph", "input", "input_format") else json.loads(v)
+        for k, v in meta.items()
+    }
+
+
+class OnnxRetinaNet(nn.Module):
+    """``model``'s inference with the network run by onnxruntime from ``path``.
+
+    ``model`` supplies preprocessing, anchors and post-processing (it is not run)."""
+
+    def __init__(self, model: nn.Module, path: str, threads: int = 0):
+        super().__init__()
+        if export_graph(model).kind != "retinanet":
+            raise ValueError("OnnxRetinaNet runs RetinaNet exports; this model exports a backbone")
+        self.model = model.eval()
+        self.session = inference_session(path, threads)
+
+    def head_outputs(self, images: torch.Tensor) -> list[torch.Tensor]:
+        outs = self.session.run(None, {INPUT_NAME: images.detach().cpu().numpy()})
+        return [torch.from_numpy(o) for o in outs]
+
+    @torch.no_grad()
+    def forward(self, batched_inputs: list[dict]) -> list[dict]:
+        model = self.model
+        images = model.preprocess_image(batched_inputs)
+        outs = self.head_outputs(images.tensor)
+        levels = len(model.head_in_features)
+        logits, deltas = outs[:levels], outs[levels:]
+        # The anchor generator reads only the feature maps' sizes; the logits have them.
+        results = model.forward_inference(images, logits, (logits, deltas))
+        processed = []
+        for result, inputs, size in zip(results, batched_inputs, images.image_sizes):
+            height, width = inputs.get("height", size[0]), inputs.get("width", size[1])
+            processed.append({"instances": detector_postprocess(result, height, width)})
+        return processed

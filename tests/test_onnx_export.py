@@ -1,0 +1,257 @@
+"""ONNX export (QDQ), the onnxruntime check and the packed weight file, on tiny models."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.modeling import build_model
+from onnx import numpy_helper
+from safetensors import safe_open
+
+from qdet.engine.stages import load_config
+from qdet.export import export_onnx, inference_session, read_packed_weights, save_packed_weights
+from qdet.export import verify as verify_export
+from qdet.export.qdq import onnx_export_mode
+from qdet.quantization import (
+    QConv2d,
+    calibrate,
+    dequantize_weights,
+    export_int_weights,
+    unpack_codes,
+)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RETINANET = os.path.join(ROOT, "configs/digits/retinanet_r18_4bit_baseline.yaml")
+VITDET = os.path.join(ROOT, "configs/digits/vitdet_tiny_4bit.yaml")
+TINY = ["MODEL.WEIGHTS", "", "MODEL.RESNETS.DEPTH", "18", "MODEL.FPN.OUT_CHANNELS", "32"]
+TINY += ["MODEL.RETINANET.NUM_CONVS", "1", "INPUT.MIN_SIZE_TEST", "64", "INPUT.MAX_SIZE_TEST", "96"]
+
+
+def _images(n=2, height=64, width=96, seed=0) -> list[dict]:
+    g = torch.Generator().manual_seed(seed)
+    return [
+        {"image": torch.randint(0, 255, (3, height, width), generator=g).float()} for _ in range(n)
+    ]
+
+
+def _quantized_model(config=RETINANET, *opts, seed=0):
+    torch.manual_seed(seed)
+    model = build_model(load_config(config, [*TINY, *opts])).eval()
+    calibrate(model, [_images(seed=seed + 1)], num_batches=1)
+    with torch.no_grad():  # move bounds and scales off their initial values
+        for m in model.modules():
+            if isinstance(m, QConv2d) and m.weight_quantizer.enabled:
+                m.weight_quantizer.scale.mul_(1.05)
+    return model
+
+
+def _export(model, path, batch=None):
+    images = model.preprocess_image(batch or _images()).tensor
+    return export_onnx(model, str(path), images)
+
+
+def _weight_integers(path) -> dict[str, np.ndarray]:
+    """Integer weight constants of the file, by the layer the metadata names."""
+    proto = onnx.load(str(path))
+    constants = {i.name: numpy_helper.to_array(i) for i in proto.graph.initializer}
+    for node in proto.graph.node:
+        if node.op_type == "Constant":
+            constants[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
+    meta = {p.key: p.value for p in proto.metadata_props}
+    layers = [w["path"].rsplit(".", 1)[0] for w in json.loads(meta["qdq_weights"])]
+    dq = [
+        n for n in proto.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in constants
+    ]
+    return {layer: (constants[n.input[0]], constants[n.input[1]]) for layer, n in zip(layers, dq)}
+
+
+CASES = [  # bits, method, per-channel weights, per-level head activations
+    (2, "uniform", False, False),
+    (3, "lsq", True, False),
+    (4, "uniform", True, True),
+    (4, "ewgs", False, False),
+    (8, "uniform", False, False),
+    (8, "lsq", True, False),
+]
+
+
+@pytest.mark.parametrize("bits,method,per_channel,per_level", CASES)
+def test_retinanet_export_matches_pytorch(tmp_path, bits, method, per_channel, per_level):
+    opts = ["QUANT.W_BITS", str(bits), "QUANT.A_BITS", str(bits), "QUANT.METHOD", method]
+    opts += ["QUANT.PER_CHANNEL", str(per_channel), "QUANT.HEAD_PER_LEVEL_ACT", str(per_level)]
+    model = _quantized_model(RETINANET, *opts)
+    info = _export(model, tmp_path / "m.onnx")
+    assert info["graph"] == "retinanet" and info["quantizers"] > 0
+
+    report = verify_export(model, str(tmp_path / "m.onnx"), [_images(seed=5), _images(seed=6)])
+    assert report.ok, report.failures
+    layers = [n for n, m in model.named_modules() if isinstance(m, QConv2d)]
+    assert report.weights_checked == len(layers)
+    assert report.activations_checked >= len(layers)  # a per-level head conv has 5
+    assert report.activation_values > 0
+
+    # Independently of the check: each weight constant, decoded with numpy, is the
+    # PyTorch fake-quantized weight, on a grid of exactly 2^b integers.
+    n = 2**bits - 1
+    for layer, (integers, scale) in _weight_integers(tmp_path / "m.onnx").items():
+        module = model.get_submodule(layer)
+        want = module.weight_quantizer(module.weight).detach().numpy()
+        step = scale.reshape(-1, *[1] * (integers.ndim - 1)) if scale.ndim else scale
+        np.testing.assert_allclose(integers.astype(np.float64) * step, want, rtol=0, atol=1e-6)
+        grid = (
+            np.arange(-(2 ** (bits - 1)), 2 ** (bits - 1))
+            if method == "lsq"
+            else np.arange(-n, n + 1, 2)
+        )
+        assert set(np.unique(integers)) <= set(grid.tolist())
+        assert integers.dtype == (np.int32 if (method != "lsq" and bits == 8) else np.int8)
+    if bits <= 4:  # a large layer fills the grid (LSQ's 8-bit step leaves its tails empty)
+        largest = max(_weight_integers(tmp_path / "m.onnx").values(), key=lambda v: v[0].size)
+        assert np.unique(largest[0]).size == 2**bits
+
+
+def test_activation_qdq_equals_an_independent_fake_quant(tmp_path):
+    """One quantized conv: ONNX's output against QFD Eq. 1-4 written with numpy."""
+    from qdet.quantization import quantize_model
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, bias=False))
+    quantize_model(net, 3, 3, exclude=[])
+    x = torch.randn(2, 3, 8, 8)
+    calibrate(net, [x], num_batches=1)
+    conv = net[0]
+    with torch.no_grad():
+        conv.input_quantizer.lower.fill_(-1.3)  # a signed map with l, u, alpha all apart
+        conv.input_quantizer.upper.fill_(1.7)
+        conv.input_quantizer.scale.fill_(2.9)
+        conv.input_quantizer.signed = True
+    path = str(tmp_path / "conv.onnx")
+    with onnx_export_mode(net), torch.no_grad():
+        torch.onnx.export(net, (x,), path, dynamo=False, opset_version=17, input_names=["x"])
+    got = inference_session(path).run(None, {"x": x.numpy()})[0]
+
+    xs = x.numpy().astype(np.float64)
+    t = np.clip((xs - -1.3) / (1.7 - -1.3), 0, 1)
+    x_q = -1.3 + 2.9 * np.rint(7 * t) / 7
+    w = conv.weight_quantizer(conv.weight).detach().numpy().astype(np.float64)
+    want = torch.nn.functional.conv2d(torch.from_numpy(x_q), torch.from_numpy(w)).numpy()
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-4)
+
+
+def test_vitdet_backbone_export(tmp_path):
+    opts = ["INPUT.MIN_SIZE_TEST", "64", "INPUT.MAX_SIZE_TEST", "64", "QUANT.CALIB_BATCHES", "1"]
+    torch.manual_seed(0)
+    model = build_model(load_config(VITDET, ["MODEL.WEIGHTS", "", *opts])).eval()
+    batch = _images(1, 64, 64)
+    calibrate(model, [batch], num_batches=1)
+    info = _export(model, tmp_path / "vit.onnx", batch)
+    assert info["graph"] == "backbone"
+    assert info["outputs"] == list(model.backbone.output_shape())
+    report = verify_export(model, str(tmp_path / "vit.onnx"), [batch, _images(1, 64, 64, seed=3)])
+    assert report.ok, report.failures
+    assert report.weights_checked > 0 and report.activations_checked > 0
+
+
+def test_packed_weight_file_round_trips_bit_exactly(tmp_path):
+    model = _quantized_model(RETINANET, "QUANT.W_BITS", "3", "QUANT.PER_CHANNEL", "True")
+    path = str(tmp_path / "w.safetensors")
+    sizes = save_packed_weights(model, path)
+    layers, rest = read_packed_weights(path)
+    exported = export_int_weights(model)
+    assert set(layers) == set(exported)
+    for name, entry in layers.items():
+        assert torch.equal(entry["codes"], exported[name]["codes"])
+        shape = torch.Size(entry["shape"])
+        assert int(unpack_codes(entry["codes"], 3, shape).max()) <= 7
+    for name, w in dequantize_weights(layers).items():
+        module = model.get_submodule(name)
+        assert torch.equal(w, module.weight_quantizer(module.weight).detach())
+    state = model.state_dict()
+    for key, value in rest.items():
+        assert torch.equal(value, state[key]), key
+    with safe_open(path, "pt") as f:  # a plain safetensors file: no pickle
+        assert f.metadata()["format"] == "qdet-packed-weights-v1"
+    assert sizes["file_bytes"] < sizes["fp32_bytes"] / 4
+
+
+def test_fp_model_exports_as_fp32_with_a_warning(tmp_path, caplog):
+    torch.manual_seed(0)
+    model = build_model(load_config(RETINANET, [*TINY, "QUANT.ENABLED", "False"])).eval()
+    with caplog.at_level("WARNING"):
+        info = _export(model, tmp_path / "fp.onnx")
+    assert info["quantizers"] == 0
+    assert "no quantized layers" in caplog.text
+    ops = {n.op_type for n in onnx.load(str(tmp_path / "fp.onnx")).graph.node}
+    assert not ops & {"QuantizeLinear", "DequantizeLinear"}
+    report = verify_export(model, str(tmp_path / "fp.onnx"), [_images()])
+    assert report.ok and report.head_max_abs < 1e-3
+
+
+def test_unsupported_quantizer_and_uncalibrated_model_are_refused(tmp_path):
+    model = _quantized_model(RETINANET, "QUANT.ACT_METHOD", "qrelu")
+    with pytest.raises(
+        ValueError, match=r"backbone\..*\.input_quantizer is a QReLUQuantizer.*uniform, ewgs or lsq"
+    ):
+        _export(model, tmp_path / "q.onnx")
+    torch.manual_seed(0)
+    fresh = build_model(load_config(RETINANET, TINY)).eval()
+    with pytest.raises(ValueError, match="never calibrated.*MODEL.WEIGHTS"):
+        _export(fresh, tmp_path / "f.onnx")
+    assert not os.path.exists(tmp_path / "f.onnx")
+
+
+def test_check_fails_on_a_wrong_scale(tmp_path):
+    model = _quantized_model(RETINANET)
+    path = tmp_path / "m.onnx"
+    _export(model, path)
+    proto = onnx.load(str(path))
+    q = next(n for n in proto.graph.node if n.op_type == "QuantizeLinear")
+    for init in proto.graph.initializer:  # double the first activation's step
+        if init.name == q.input[1]:
+            init.CopyFrom(
+                numpy_helper.from_array(
+                    np.asarray(numpy_helper.to_array(init) * 2, np.float32), init.name
+                )
+            )
+    for node in proto.graph.node:
+        if node.op_type == "Constant" and node.output[0] == q.input[1]:
+            t = node.attribute[0].t
+            t.CopyFrom(
+                numpy_helper.from_array(
+                    np.asarray(numpy_helper.to_array(t) * 2, np.float32), t.name
+                )
+            )
+    onnx.save(proto, str(path))
+    report = verify_export(model, str(path), [_images()])
+    assert not report.ok
+    assert any("codes differ" in f for f in report.failures), report.failures
+
+
+def test_export_tool_writes_and_checks(tmp_path):
+    model = _quantized_model(RETINANET)
+    weights = str(tmp_path / "model_final.pth")
+    DetectionCheckpointer(model, save_dir=str(tmp_path)).save("model_final")
+    out = str(tmp_path / "export" / "m.onnx")
+    cmd = [sys.executable, os.path.join(ROOT, "tools/export_onnx.py"), "--config-file", RETINANET]
+    cmd += ["--output", out, "--verify-images", "2", *TINY[2:], "MODEL.WEIGHTS", weights]
+    done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    with open(out.removesuffix(".onnx") + ".export.json") as f:
+        result = json.load(f)
+    assert result["verify"]["failures"] == [] and result["verify"]["images"] == 2
+    assert os.path.isfile(out.removesuffix(".onnx") + ".weights.safetensors")
+    assert "smaller than" in done.stderr + done.stdout
+
+    missing = subprocess.run(
+        [*cmd[:-1], str(tmp_path / "nope.pth")], capture_output=True, text=True, cwd=ROOT
+    )
+    assert missing.returncode == 2
+    assert "MODEL.WEIGHTS" in missing.stderr and "does not exist" in missing.stderr

@@ -1,0 +1,139 @@
+#!/usr/bin/env python
+"""Export a trained qdet detector to ONNX (quantized layers as QDQ) and to the packed
+low-bit weight file, then check the ONNX model in onnxruntime against PyTorch.
+
+    tools/export_onnx.py --config-file configs/digits/retinanet_r18_4bit_qfd.yaml \\
+        --output output/export/qfd_4bit.onnx \\
+        MODEL.WEIGHTS output/digits/retinanet_r18_4bit_qfd/model_final.pth
+
+Writes ``--output`` and, beside it, ``<output>.weights.safetensors`` (``--packed-weights``
+to choose the path), prints the sizes against FP32, and runs the check on
+``--verify-images`` validation images (default 8; 0 skips it): head outputs within the
+stated tolerance and the same detections, or exit status 1. ``--eval`` adds COCO AP of the
+onnxruntime model and of the PyTorch model on the whole of ``DATASETS.TEST[0]``.
+RetinaNet exports through its head (post-processing in Python, Detectron2's own code);
+ViTDet / Swin Mask R-CNN export their backbone. Needs the ``export`` extra.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import logging
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import qdet  # noqa: E402,F401  (registers qdet's datasets and models)
+from qdet.engine.cli import run_cli  # noqa: E402
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--config-file", required=True, metavar="FILE")
+    p.add_argument("--output", required=True, help="the .onnx file to write")
+    p.add_argument(
+        "--packed-weights",
+        default=None,
+        help="the packed weight file (default: <output>.weights.safetensors; 'none' skips)",
+    )
+    p.add_argument("--verify-images", type=int, default=8, help="images to check (0: skip)")
+    p.add_argument("--eval", action="store_true", help="COCO AP of onnxruntime vs PyTorch")
+    p.add_argument("--threads", type=int, default=0, help="onnxruntime threads (0: its default)")
+    p.add_argument("--debug", action="store_true", help="full tracebacks of bad-input errors")
+    p.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides, KEY VALUE ...")
+    return p
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.2f} MiB"
+
+
+def main(args) -> int:
+    import torch
+    from detectron2.checkpoint import DetectionCheckpointer
+    from detectron2.data import build_detection_test_loader
+    from detectron2.modeling import build_model
+    from detectron2.utils.logger import setup_logger
+
+    from qdet.engine.checks import check_datasets, missing_checkpoint_message
+    from qdet.engine.stages import load_config
+    from qdet.export import OnnxRetinaNet, export_onnx, save_packed_weights, verify
+
+    setup_logger(name="qdet")
+    log = logging.getLogger("qdet").info
+    cfg = load_config(args.config_file, args.opts)
+    cfg.defrost()
+    cfg.MODEL.DEVICE = "cpu"  # onnxruntime's CPU provider is the reference
+    cfg.freeze()
+    weights = cfg.MODEL.WEIGHTS
+    if not weights or not os.path.isfile(weights):
+        raise FileNotFoundError(
+            missing_checkpoint_message("MODEL.WEIGHTS", weights)
+            if weights
+            else "MODEL.WEIGHTS is empty: give the trained checkpoint to export "
+            "(MODEL.WEIGHTS path/to/model_final.pth)"
+        )
+    check_datasets(cfg.DATASETS.TEST[:1])
+    model = build_model(cfg).eval()
+    DetectionCheckpointer(model).load(weights)
+    loader = build_detection_test_loader(cfg, cfg.DATASETS.TEST[0])
+    sample = model.preprocess_image(next(iter(loader))).tensor
+
+    info = export_onnx(model, args.output, sample)
+    fp32_ckpt = sum(4 * p.numel() for p in model.state_dict().values() if p.is_floating_point())
+    log(
+        f"wrote {args.output} ({info['graph']} graph, {info['quantizers']} quantizers in QDQ): "
+        f"{_mib(os.path.getsize(args.output))}"
+    )
+    sizes = {"onnx_bytes": os.path.getsize(args.output), "fp32_bytes": fp32_ckpt}
+    packed = args.packed_weights or args.output.removesuffix(".onnx") + ".weights.safetensors"
+    if packed.lower() != "none":
+        written = save_packed_weights(model, packed)
+        sizes["packed_bytes"] = written["file_bytes"]
+        log(
+            f"wrote {packed}: {_mib(written['file_bytes'])}, "
+            f"{written['fp32_bytes'] / written['file_bytes']:.1f}x smaller than the "
+            f"{_mib(written['fp32_bytes'])} of the model in FP32"
+        )
+    result = {"sizes": sizes, **info}
+    status = 0
+    if args.verify_images > 0:
+        batches = itertools.islice(loader, args.verify_images)
+        report = verify(model, args.output, batches, threads=args.threads)
+        result["verify"] = {k: v for k, v in vars(report).items()}
+        log(f"check: {report.summary()}")
+        for warning in report.warnings:
+            logging.getLogger("qdet").warning(warning)
+        if not report.ok:
+            for failure in report.failures:
+                logging.getLogger("qdet").error(f"check failed: {failure}")
+            status = 1
+    if args.eval:
+        if info["graph"] != "retinanet":
+            raise ValueError("--eval evaluates RetinaNet exports; this model exports a backbone")
+        from detectron2.evaluation import COCOEvaluator, inference_on_dataset
+
+        dataset = cfg.DATASETS.TEST[0]
+        aps = {}
+        for name, runner in (
+            ("pytorch", model),
+            ("onnxruntime", OnnxRetinaNet(model, args.output, args.threads)),
+        ):
+            evaluator = COCOEvaluator(dataset, output_dir=None)
+            with torch.no_grad():
+                aps[name] = inference_on_dataset(runner, loader, evaluator)["bbox"]
+        result["eval"] = aps
+        log(
+            f"box AP on {dataset}: PyTorch {aps['pytorch']['AP']:.2f}, "
+            f"onnxruntime {aps['onnxruntime']['AP']:.2f}"
+        )
+    with open(args.output.removesuffix(".onnx") + ".export.json", "w") as f:
+        json.dump(result, f, indent=1, default=str)
+    return status
+
+
+if __name__ == "__main__":
+    parsed = build_parser().parse_args()
+    sys.exit(run_cli(main, parsed, debug=parsed.debug))
