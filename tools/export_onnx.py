@@ -61,6 +61,7 @@ def main(args) -> int:
     from qdet.engine.stages import load_config
     from qdet.export import OnnxRetinaNet, export_onnx, save_packed_weights, verify
 
+    setup_logger()  # Detectron2: inference progress
     setup_logger(name="qdet")
     log = logging.getLogger("qdet").info
     cfg = load_config(args.config_file, args.opts)
