@@ -56,16 +56,12 @@ class WeightGrid:
     path: str = ""
     bits: int = 0
 
-    @property
-    def levels(self) -> int:
-        return int(self.integers.unique().numel())
-
 
 @torch.no_grad()
 def weight_grid(quantizer: Quantizer, weight: torch.Tensor, path: str = "") -> WeightGrid:
     """The integers and scale that reproduce ``quantizer(weight)`` (module docstring)."""
     codes = quantizer.to_codes(weight)
-    lower, _, scale, mode = quantizer._affine()
+    _, _, scale, mode = quantizer._affine()
     n = quantizer.n_levels
     if isinstance(quantizer, LSQQuantizer):
         qn = quantizer.qrange[0]
