@@ -30,7 +30,10 @@ from qdet.quantization import (
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RETINANET = os.path.join(ROOT, "configs/digits/retinanet_r18_4bit_baseline.yaml")
-VITDET = os.path.join(ROOT, "configs/digits/vitdet_tiny_4bit.yaml")
+BACKBONES = {
+    "vitdet": os.path.join(ROOT, "configs/digits/vitdet_tiny_4bit.yaml"),
+    "swin": os.path.join(ROOT, "configs/digits/swin_tiny_4bit.yaml"),
+}
 TINY = ["MODEL.WEIGHTS", "", "MODEL.RESNETS.DEPTH", "18", "MODEL.FPN.OUT_CHANNELS", "32"]
 TINY += ["MODEL.RETINANET.NUM_CONVS", "1", "INPUT.MIN_SIZE_TEST", "64", "INPUT.MAX_SIZE_TEST", "96"]
 
@@ -146,10 +149,11 @@ def test_activation_qdq_equals_an_independent_fake_quant(tmp_path):
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-4)
 
 
-def test_vitdet_backbone_export(tmp_path):
-    opts = ["INPUT.MIN_SIZE_TEST", "64", "INPUT.MAX_SIZE_TEST", "64", "QUANT.CALIB_BATCHES", "1"]
+@pytest.mark.parametrize("arch", sorted(BACKBONES))
+def test_transformer_backbone_export(tmp_path, arch):
+    opts = ["INPUT.MIN_SIZE_TEST", "64", "INPUT.MAX_SIZE_TEST", "64"]
     torch.manual_seed(0)
-    model = build_model(load_config(VITDET, ["MODEL.WEIGHTS", "", *opts])).eval()
+    model = build_model(load_config(BACKBONES[arch], ["MODEL.WEIGHTS", "", *opts])).eval()
     batch = _images(1, 64, 64)
     calibrate(model, [batch], num_batches=1)
     info = _export(model, tmp_path / "vit.onnx", batch)
