@@ -61,19 +61,26 @@ def _export(model, path, batch=None):
     return export_onnx(model, str(path), images)
 
 
-def _weight_integers(path) -> dict[str, np.ndarray]:
-    """Integer weight constants of the file, by the layer the metadata names."""
+def _metadata(path) -> dict[str, str]:
+    return {p.key: p.value for p in onnx.load(str(path)).metadata_props}
+
+
+def _weight_integers(path) -> dict[str, tuple]:
+    """(integers, scale, offset or 0) of each quantized weight of the file, by layer."""
     proto = onnx.load(str(path))
     constants = {i.name: numpy_helper.to_array(i) for i in proto.graph.initializer}
     for node in proto.graph.node:
         if node.op_type == "Constant":
             constants[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
-    meta = {p.key: p.value for p in proto.metadata_props}
-    layers = [w["path"].rsplit(".", 1)[0] for w in json.loads(meta["qdq_weights"])]
+    adds = {n.input[0]: constants.get(n.input[1]) for n in proto.graph.node if n.op_type == "Add"}
+    layers = [w["path"].rsplit(".", 1)[0] for w in json.loads(_metadata(path)["qdq_weights"])]
     dq = [
         n for n in proto.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in constants
     ]
-    return {layer: (constants[n.input[0]], constants[n.input[1]]) for layer, n in zip(layers, dq)}
+    return {
+        layer: (constants[n.input[0]], constants[n.input[1]], adds.get(n.output[0], 0))
+        for layer, n in zip(layers, dq)
+    }
 
 
 CASES = [  # bits, method, per-channel weights, per-level head activations
@@ -100,22 +107,25 @@ def test_retinanet_export_matches_pytorch(tmp_path, bits, method, per_channel, p
     assert report.weights_checked == len(layers)
     assert report.activations_checked >= len(layers)  # a per-level head conv has 5
     assert report.activation_values > 0
+    lowers = [g["lower"] for g in json.loads(_metadata(tmp_path / "m.onnx")["qdq_activations"])]
+    assert min(lowers) < -0.01 and any(abs(lo) < 1e-6 for lo in lowers)  # signed and unsigned
 
     # Independently of the check: each weight constant, decoded with numpy, is the
     # PyTorch fake-quantized weight, on a grid of exactly 2^b integers.
     n = 2**bits - 1
-    for layer, (integers, scale) in _weight_integers(tmp_path / "m.onnx").items():
+    qfd_8bit = method != "lsq" and bits == 8  # codes in uint8, then Add(-s)
+    for layer, (integers, scale, offset) in _weight_integers(tmp_path / "m.onnx").items():
         module = model.get_submodule(layer)
         want = module.weight_quantizer(module.weight).detach().numpy()
         step = scale.reshape(-1, *[1] * (integers.ndim - 1)) if scale.ndim else scale
-        np.testing.assert_allclose(integers.astype(np.float64) * step, want, rtol=0, atol=1e-6)
-        grid = (
-            np.arange(-(2 ** (bits - 1)), 2 ** (bits - 1))
-            if method == "lsq"
-            else np.arange(-n, n + 1, 2)
-        )
+        got = integers.astype(np.float64) * step + offset
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
+        if method == "lsq":
+            grid = np.arange(-(2 ** (bits - 1)), 2 ** (bits - 1))
+        else:
+            grid = np.arange(0, n + 1) if qfd_8bit else np.arange(-n, n + 1, 2)
         assert set(np.unique(integers)) <= set(grid.tolist())
-        assert integers.dtype == (np.int32 if (method != "lsq" and bits == 8) else np.int8)
+        assert integers.dtype == (np.uint8 if qfd_8bit else np.int8)
     if bits <= 4:  # a large layer fills the grid (LSQ's 8-bit step leaves its tails empty)
         largest = max(_weight_integers(tmp_path / "m.onnx").values(), key=lambda v: v[0].size)
         assert np.unique(largest[0]).size == 2**bits
@@ -149,9 +159,10 @@ def test_activation_qdq_equals_an_independent_fake_quant(tmp_path):
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-4)
 
 
-@pytest.mark.parametrize("arch", sorted(BACKBONES))
-def test_transformer_backbone_export(tmp_path, arch):
+@pytest.mark.parametrize("arch,bits", [("vitdet", 2), ("vitdet", 4), ("vitdet", 8), ("swin", 3)])
+def test_transformer_backbone_export(tmp_path, arch, bits):
     opts = ["INPUT.MIN_SIZE_TEST", "64", "INPUT.MAX_SIZE_TEST", "64"]
+    opts += ["QUANT.W_BITS", str(bits), "QUANT.A_BITS", str(bits)]
     torch.manual_seed(0)
     model = build_model(load_config(BACKBONES[arch], ["MODEL.WEIGHTS", "", *opts])).eval()
     batch = _images(1, 64, 64)

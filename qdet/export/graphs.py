@@ -98,7 +98,9 @@ def _metadata(model: nn.Module, graph, record, dynamic: bool) -> dict[str, str]:
         "dynamic_shapes": dynamic,
         # In graph order, for the layer-wise check (qdet.export.verify).
         "qdq_activations": [grid.as_dict() for grid in record.activations],
-        "qdq_weights": [{"path": grid.path, "bits": grid.bits} for grid in record.weights],
+        "qdq_weights": [
+            {"path": g.path, "bits": g.bits, "offset": g.offset is not None} for g in record.weights
+        ],
     }
     if graph.kind == "retinanet":
         meta["num_classes"] = model.num_classes

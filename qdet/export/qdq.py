@@ -7,8 +7,10 @@ special case l = Q_n s, u = Q_p s, A = n s, B = l). In ONNX:
 - Weights are constants, so they are written as integers and one DequantizeLinear:
   QFD's zero-less grid ``s (2k - n) / n`` as the odd integers q = 2k - n (|q| <= n) with
   scale s / n; LSQ's grid ``s (k + Q_n)`` as q = k + Q_n with scale s. The container is
-  int8 (QFD up to 7 bits, LSQ up to 8); QFD's 8-bit grid (odd integers up to 255) needs
-  int32 (DequantizeLinear accepts int32 with zero point 0), which no INT8 kernel runs.
+  int8 (QFD up to 7 bits, LSQ up to 8). QFD's 8-bit grid (odd integers up to 255) fits
+  no int8: it is written as the codes k in uint8 with scale 2s/n, then ``Add(-s)``
+  (onnxruntime's graph optimiser rejects the alternative, an int32 DequantizeLinear,
+  once it moves a Transpose through it).
   Per-channel weights use DequantizeLinear's ``axis`` = 0.
 - Activations: ``Sub(l)`` (the grid's offset, a non-integer zero point in units of the
   step, so it cannot be QuantizeLinear's zero point), ``Clip`` to the top code when
@@ -51,10 +53,11 @@ def _const(g, tensor: torch.Tensor):
 class WeightGrid:
     """A quantized weight as ``integers * scale`` (scale per output channel when 1-D)."""
 
-    integers: torch.Tensor  # int8 or int32, the weight's shape
+    integers: torch.Tensor  # int8 (uint8 with an offset), the weight's shape
     scale: torch.Tensor  # float32, () or (out_channels,)
     path: str = ""
     bits: int = 0
+    offset: torch.Tensor | None = None  # added after DequantizeLinear, as scale's shape
 
 
 @torch.no_grad()
@@ -67,9 +70,13 @@ def weight_grid(quantizer: Quantizer, weight: torch.Tensor, path: str = "") -> W
         qn = quantizer.qrange[0]
         integers, step = codes + qn, scale / n  # scale = (Q_p - Q_n) s
         dtype = torch.int8
-    elif mode == MODE_WEIGHT:
+    elif mode == MODE_WEIGHT and n <= 127:
         integers, step = 2 * codes - n, scale / n
-        dtype = torch.int8 if n <= 127 else torch.int32
+        dtype = torch.int8
+    elif mode == MODE_WEIGHT:  # s (2k - n) / n = (2s / n) k - s
+        offset = (-scale).detach().float().clone()
+        step = (2 * scale / n).detach().float().clone()
+        return WeightGrid(codes.to(torch.uint8), step, path, quantizer.bits, offset)
     else:
         raise ValueError(f"weight quantizer {quantizer} has no integer grid for export")
     return WeightGrid(integers.to(dtype), step.detach().float().clone(), path, quantizer.bits)
@@ -99,6 +106,9 @@ class _DequantizedWeight(torch.autograd.Function):
             _const(g, zero),
             **kwargs,
         )
+        if grid.offset is not None:
+            shape = (-1,) + (1,) * (grid.integers.dim() - 1) if grid.offset.dim() else ()
+            value = g.op("Add", value, _const(g, grid.offset.reshape(shape)))
         if _recording is not None:
             _recording.weight_values[id(grid)] = value
         return value

@@ -100,6 +100,10 @@ def check_weights(model: nn.Module, proto, meta: dict, report: VerifyReport) -> 
             f"{len(expected)} quantized weights"
         )
         return
+    consumers = {}
+    for node in proto.graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
     for node, info in zip(dq, expected):
         layer_path = info["path"].rsplit(".", 1)[0]
         layer = model.get_submodule(layer_path)
@@ -112,6 +116,9 @@ def check_weights(model: nn.Module, proto, meta: dict, report: VerifyReport) -> 
         if scale.ndim == 1:
             scale = scale.reshape(-1, *([1] * (integers.ndim - 1)))
         got = integers.astype(np.float32) * scale
+        if info.get("offset"):  # QFD at 8 bits: (2s / n) k, then Add(-s)
+            add = consumers[node.output[0]][0]
+            got = got + constants[add.input[1]]
         levels = np.unique(integers).size
         if levels > 2 ** info["bits"]:
             report.failures.append(
