@@ -270,3 +270,15 @@ def test_export_tool_writes_and_checks(tmp_path):
     )
     assert missing.returncode == 2
     assert "MODEL.WEIGHTS" in missing.stderr and "does not exist" in missing.stderr
+
+
+def test_per_level_head_quantizers_are_exported_once_each(tmp_path):
+    model = _quantized_model(RETINANET, "QUANT.HEAD_PER_LEVEL_ACT", "True")
+    info = _export(model, tmp_path / "m.onnx")
+    convs = [m for m in model.modules() if isinstance(m, QConv2d)]
+    assert info["quantizers"] == 2 * len(convs)  # a weight and an input quantizer each
+    grids = json.loads(_metadata(tmp_path / "m.onnx")["qdq_activations"])
+    levels = len(model.head_in_features)
+    head_convs = [n for n, m in model.head.named_modules() if isinstance(m, QConv2d)]
+    per_level = {g["path"] for g in grids if ".levels." in g["path"]}
+    assert len(per_level) == levels * len(head_convs)

@@ -260,9 +260,12 @@ def exported_quantizers(model: nn.Module, skip: tuple[str, ...] = ("distiller",)
     under ``skip`` (the distiller's teacher and connectors never run at inference) are
     left out.
     """
-    found = {}
+    found, skip = {}, list(skip)
     for name, module in model.named_modules():
         if any(name == s or name.startswith(s + ".") for s in skip):
+            continue
+        if isinstance(module, PerLevelQuantizer):
+            skip.append(name)  # its levels are exported with it
             continue
         for attr, child in module.named_children():
             if not isinstance(child, (Quantizer, PerLevelQuantizer)):
