@@ -103,7 +103,7 @@ def main(args) -> int:
     if args.verify_images > 0:
         batches = itertools.islice(loader, args.verify_images)
         report = verify(model, args.output, batches, threads=args.threads)
-        result["verify"] = {k: v for k, v in vars(report).items()}
+        result["verify"] = dict(vars(report))
         log(f"check: {report.summary()}")
         for warning in report.warnings:
             logging.getLogger("qdet").warning(warning)

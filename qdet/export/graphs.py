@@ -33,26 +33,6 @@ INPUT_NAME = "images"
 OPSET = 17
 
 
-class RetinaNetGraph(nn.Module):
-    """Normalised padded batch -> (logits of each level..., box deltas of each level...)."""
-
-    kind = "retinanet"
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = model
-
-    @property
-    def output_names(self) -> list[str]:
-        levels = self.model.head_in_features
-        return [f"logits_{f}" for f in levels] + [f"deltas_{f}" for f in levels]
-
-    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        features = self.model.backbone(images)
-        logits, deltas = self.model.head([features[f] for f in self.model.head_in_features])
-        return (*logits, *deltas)
-
-
 class BackboneGraph(nn.Module):
     """Normalised padded batch -> the backbone's feature maps, in its output order."""
 
@@ -69,6 +49,22 @@ class BackboneGraph(nn.Module):
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
         features = self.model.backbone(images)
         return tuple(features[f] for f in self.output_names)
+
+
+class RetinaNetGraph(BackboneGraph):
+    """Normalised padded batch -> (logits of each level..., box deltas of each level...)."""
+
+    kind = "retinanet"
+
+    @property
+    def output_names(self) -> list[str]:
+        levels = self.model.head_in_features
+        return [f"logits_{f}" for f in levels] + [f"deltas_{f}" for f in levels]
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        features = self.model.backbone(images)
+        logits, deltas = self.model.head([features[f] for f in self.model.head_in_features])
+        return (*logits, *deltas)
 
 
 def export_graph(model: nn.Module) -> RetinaNetGraph | BackboneGraph:
