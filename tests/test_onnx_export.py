@@ -159,7 +159,7 @@ def test_activation_qdq_equals_an_independent_fake_quant(tmp_path):
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-4)
 
 
-@pytest.mark.parametrize("arch,bits", [("vitdet", 2), ("vitdet", 4), ("vitdet", 8), ("swin", 3)])
+@pytest.mark.parametrize("arch,bits", [("vitdet", b) for b in (2, 3, 4, 8)] + [("swin", 3)])
 def test_transformer_backbone_export(tmp_path, arch, bits):
     opts = ["INPUT.MIN_SIZE_TEST", "64", "INPUT.MAX_SIZE_TEST", "64"]
     opts += ["QUANT.W_BITS", str(bits), "QUANT.A_BITS", str(bits)]

@@ -38,7 +38,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="the packed weight file (default: <output>.weights.safetensors; 'none' skips)",
     )
-    p.add_argument("--verify-images", type=int, default=8, help="images to check (0: skip)")
+    p.add_argument(
+        "--verify",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="check the file in onnxruntime against PyTorch (on by default; exit 1 on failure)",
+    )
+    p.add_argument("--verify-images", type=int, default=8, help="images the check runs")
     p.add_argument("--eval", action="store_true", help="COCO AP of onnxruntime vs PyTorch")
     p.add_argument("--threads", type=int, default=0, help="onnxruntime threads (0: its default)")
     p.add_argument("--debug", action="store_true", help="full tracebacks of bad-input errors")
@@ -100,7 +106,7 @@ def main(args) -> int:
         )
     result = {"sizes": sizes, **info}
     status = 0
-    if args.verify_images > 0:
+    if args.verify and args.verify_images > 0:
         batches = itertools.islice(loader, args.verify_images)
         report = verify(model, args.output, batches, threads=args.threads)
         result["verify"] = dict(vars(report))
