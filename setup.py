@@ -21,6 +21,8 @@ install_requires = [
     "tensorboard>=2.14",
     "timm>=0.9",
     "scikit-learn>=1.3",  # the embedded dataset pastes sklearn's UCI digits
+    # tools/predict.py's image I/O; tested 4.11.0.86 (4.12 needs numpy 2)
+    "opencv-python-headless>=4.8,<4.12",
     "setuptools<81",  # Detectron2's model_zoo imports pkg_resources
 ]
 

@@ -13,9 +13,10 @@ KD ``feature_kd``, and any loss registered later), FAQD, AKT, the data-free stud
 ``QUANT.BOUND_GRADIENT inclusive``, and EWGS (these two at ``--check-bits`` only). Writes
 into ``--out``: ``accuracy.md`` (AP mean ± sample std per method and bit width, the paired
 difference to the baseline with the number of seeds it wins, AP per seed),
-``accuracy.json`` (every run's figures), ``ap_vs_bits.png`` and ``curves.png`` (val AP
-during training of FP, 4-bit baseline and 4-bit QFD on the first seed). Finished runs are
-reused.
+``accuracy.json`` (every run's figures), ``ap_vs_bits.png``, ``curves.png`` (val AP
+during training of FP, 4-bit baseline and 4-bit QFD on the first seed) and
+``detections.png`` (those three models' detections on three val images, side by side).
+Finished runs are reused.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from detectron2.utils.logger import setup_logger  # noqa: E402
 import qdet  # noqa: E402,F401  (registers qdet's datasets and models)
 from qdet.distill.losses import registered_losses  # noqa: E402
 from qdet.engine.cli import run_cli  # noqa: E402
+from qdet.engine.predict import write_study_sheet  # noqa: E402
 from qdet.engine.study import Study, StudyRow  # noqa: E402
 from qdet.engine.study_report import (  # noqa: E402
     add_study_arguments,
@@ -201,6 +203,7 @@ def run(args) -> None:
         results, methods, args.bits, args.seeds, os.path.join(args.out, "ap_vs_bits.png")
     )
     plot_curves(study, first, os.path.join(args.out, "curves.png"))
+    write_study_sheet(study, CURVES, first, os.path.join(args.out, "detections.png"))
     print("\n" + text)
 
 

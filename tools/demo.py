@@ -6,7 +6,9 @@ Rows (configs/digits/demo_*.yaml, outputs under output/demo/, one seed, short sc
   2. 4-bit QAT baseline and 4-bit QFD student, fine-tuned from it (QFD runs its teacher
      stage first: the teacher fine-tuned with an 8-bit quantizer on its p3 feature);
   3. the same at the lower bit width where the accuracy study's methods differ most;
-then COCO AP on qdet_digits_val for all: a table, and a bar chart (output/demo/demo.png).
+then COCO AP on qdet_digits_val for all: a table, a bar chart (output/demo/demo.png) and
+the detections of FP, 4-bit baseline and 4-bit QFD on three val images side by side
+(output/demo/detections.png).
 The fine-tunes train two at a time (qdet.engine.Study); a progress line with an ETA comes
 at every start and every minute.
 
@@ -29,11 +31,13 @@ from detectron2.utils.logger import setup_logger  # noqa: E402
 
 import qdet  # noqa: E402,F401  (registers qdet's datasets and models)
 from qdet.engine.cli import run_cli  # noqa: E402
+from qdet.engine.predict import write_study_sheet  # noqa: E402
 from qdet.engine.study import Study, StudyRow  # noqa: E402
 
 OUT = "output/demo"
 DEMO = "configs/digits/demo_"
 LOW_BITS = 2  # where the study's methods differ most (README, "Accuracy study")
+SHEET = ("fp", "baseline_4bit", "qfd_4bit")  # the models drawn side by side
 
 
 def demo_rows() -> list[StudyRow]:
@@ -109,8 +113,11 @@ def run(args) -> None:
             }
         )
     plot(rows, os.path.join(OUT, "demo.png"))
+    sheet = write_study_sheet(study, SHEET, 1, os.path.join(OUT, "detections.png"))
     print(f"\n[demo] COCO box AP on qdet_digits_val ({time.time() - start:.0f} s in all):")
     print(tabulate(rows, headers="keys", tablefmt="github", floatfmt=".1f"))
+    if sheet:
+        print(f"[demo] Detections on three val images, {' | '.join(SHEET)}: {sheet}")
     print(
         f"[demo] Plot: {OUT}/demo.png. One seed of a short schedule: AP differences of a few "
         "points between these rows are within run-to-run noise, not results; the 3-seed "

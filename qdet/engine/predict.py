@@ -1,0 +1,274 @@
+"""Looking at what a model detects: image inputs, Detectron2's predictor and Visualizer, panels
+side by side (``tools/predict.py``, and the sheets the demo and the study write).
+
+A panel is one model's detections drawn on one image by Detectron2's ``Visualizer``, at the
+image's own size (times ``scale``), with the model named in its top-left corner when it is
+compared with others. Images are read and written with opencv (BGR), as Detectron2's
+``demo/demo.py`` does.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from detectron2.config import CfgNode
+from detectron2.engine import DefaultPredictor
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+
+
+def list_images(inputs: Sequence[str]) -> list[str]:
+    """Image files from ``inputs``: files, folders (their images, sorted) and glob patterns.
+
+    A path that does not exist, a folder without images and a pattern that matches nothing
+    are errors that name the input."""
+    files: list[str] = []
+    for item in inputs:
+        if os.path.isdir(item):
+            found = sorted(
+                os.path.join(item, f)
+                for f in os.listdir(item)
+                if f.lower().endswith(IMAGE_EXTENSIONS)
+            )
+            if not found:
+                raise FileNotFoundError(
+                    f"--input {item!r} is a folder without images ({', '.join(IMAGE_EXTENSIONS)})"
+                )
+            files += found
+        elif os.path.isfile(item):
+            files.append(item)
+        elif glob.has_magic(item):
+            found = sorted(f for f in glob.glob(item) if os.path.isfile(f))
+            if not found:
+                raise FileNotFoundError(f"--input {item!r} matches no file")
+            files += found
+        else:
+            raise FileNotFoundError(f"--input {item!r}: no such file or folder")
+    if not files:
+        raise ValueError("no input images: give --input files, folders or glob patterns")
+    return files
+
+
+def split_config_overrides(inputs: list[str], opts: list[str]) -> tuple[list[str], list[str]]:
+    """``--input a.jpg MODEL.WEIGHTS m.pth``: argparse hands the overrides to ``--input``;
+    give back the inputs before the first config key (``A.B`` in capitals, not a file) and
+    the overrides from there on."""
+    for i, item in enumerate(inputs):
+        if re.fullmatch(r"[A-Z][A-Z0-9_]*(\.[A-Z0-9_]+)+", item) and not os.path.exists(item):
+            return inputs[:i], [*inputs[i:], *opts]
+    return inputs, opts
+
+
+def read_image(path: str) -> np.ndarray:
+    """The image at ``path`` as BGR uint8 (opencv), or an error naming the file."""
+    import cv2
+
+    image = cv2.imread(path, cv2.IMREAD_COLOR)
+    if image is None:
+        raise ValueError(f"cannot read {path!r} as an image (opencv could not decode it)")
+    return image
+
+
+def output_names(files: Sequence[str]) -> list[str]:
+    """One output file name per input: its base name, prefixed by its folder's name where
+    two inputs share a base name."""
+    names = [os.path.basename(f) for f in files]
+    clashes = {n for n in names if names.count(n) > 1}
+    return [
+        f"{os.path.basename(os.path.dirname(os.path.abspath(f)))}_{n}" if n in clashes else n
+        for f, n in zip(files, names)
+    ]
+
+
+def model_title(cfg: CfgNode, name: str) -> str:
+    """``name`` with the model's bit widths, e.g. ``retinanet_r18_4bit_qfd  W4/A4``."""
+    if not cfg.QUANT.ENABLED:
+        return f"{name}  FP32"
+    return f"{name}  W{cfg.QUANT.W_BITS}/A{cfg.QUANT.A_BITS}"
+
+
+@dataclass
+class PanelModel:
+    """A predictor (Detectron2's, or one whose network onnxruntime runs) and its title."""
+
+    predictor: DefaultPredictor
+    title: str
+
+
+def build_panel_model(
+    cfg: CfgNode,
+    title: str,
+    confidence_threshold: float = 0.5,
+    onnx: str | None = None,
+) -> PanelModel:
+    """Detectron2's ``DefaultPredictor`` for ``cfg`` (its resize, input format, checkpoint);
+    with ``onnx``, the network runs in onnxruntime from that file and ``cfg``'s model only
+    pre- and post-processes (``qdet.export.OnnxRetinaNet``), so its weights are optional."""
+    from qdet.engine.checks import missing_checkpoint_message
+
+    cfg = cfg.clone()
+    cfg.defrost()
+    # What Detectron2's demo sets: every head's test threshold.
+    cfg.MODEL.RETINANET.SCORE_THRESH_TEST = confidence_threshold
+    cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST = confidence_threshold
+    weights = cfg.MODEL.WEIGHTS
+    if weights and not os.path.isfile(weights) and "://" not in weights:
+        raise FileNotFoundError(missing_checkpoint_message("MODEL.WEIGHTS", weights))
+    if not weights and onnx is None:
+        raise ValueError(
+            "MODEL.WEIGHTS is empty: give the trained checkpoint to run "
+            "(MODEL.WEIGHTS path/to/model_final.pth)"
+        )
+    if onnx is not None and not os.path.isfile(onnx):
+        raise FileNotFoundError(
+            f"--onnx {onnx!r} does not exist; tools/export_onnx.py writes it "
+            "(README, 'Export: ONNX for onnxruntime')"
+        )
+    cfg.freeze()
+    predictor = DefaultPredictor(cfg)
+    if onnx is not None:
+        from qdet.export import OnnxRetinaNet
+
+        predictor.model = OnnxRetinaNet(predictor.model, onnx)
+    return PanelModel(predictor, title)
+
+
+def draw_detections(
+    model: PanelModel,
+    image_bgr: np.ndarray,
+    confidence_threshold: float = 0.5,
+    scale: float = 1.0,
+    titled: bool = False,
+) -> np.ndarray:
+    """``model``'s detections (boxes, and masks where it predicts them) with a score of
+    at least ``confidence_threshold``, drawn by Detectron2's ``Visualizer``: BGR uint8."""
+    from detectron2.data import MetadataCatalog
+    from detectron2.utils.visualizer import Visualizer
+
+    instances = model.predictor(image_bgr)["instances"].to("cpu")
+    instances = instances[instances.scores >= confidence_threshold]
+    cfg = model.predictor.cfg
+    metadata = MetadataCatalog.get(cfg.DATASETS.TEST[0] if cfg.DATASETS.TEST else "__unused")
+    classes = instances.pred_classes.tolist()
+    names = metadata.get("thing_classes")
+    labels = [
+        f"{names[c] if names else c} {100 * s:.0f}%" for c, s in zip(classes, instances.scores)
+    ]
+    visualizer = Visualizer(image_bgr[:, :, ::-1], metadata, scale=scale)
+    drawn = visualizer.overlay_instances(
+        boxes=instances.pred_boxes if instances.has("pred_boxes") else None,
+        masks=instances.pred_masks.numpy() if instances.has("pred_masks") else None,
+        labels=labels,
+        assigned_colors=[class_color(metadata, c) for c in classes],
+        alpha=0.4,
+    )
+    panel = np.ascontiguousarray(drawn.get_image()[:, :, ::-1])
+    return put_title(panel, model.title) if titled else panel
+
+
+def class_color(metadata, category: int) -> np.ndarray:
+    """The dataset's colour of ``category`` (``thing_colors``), else Detectron2's colormap:
+    one colour per class rather than per detection (Visualizer's default, random), so
+    panels side by side read alike. RGB in [0, 1]."""
+    from detectron2.utils.colormap import colormap
+
+    colors = metadata.get("thing_colors")
+    if colors:
+        return np.asarray(colors[category % len(colors)], dtype=float) / 255
+    palette = colormap(rgb=True, maximum=1)
+    return palette[category % len(palette)]
+
+
+def put_title(panel: np.ndarray, title: str) -> np.ndarray:
+    """``title`` in white on a dark band across the panel's top, shrunk to fit its width."""
+    import cv2
+
+    font, thickness = cv2.FONT_HERSHEY_SIMPLEX, 1
+    height, width = panel.shape[:2]
+    size = max(0.3, min(0.8, height / 400))
+    while size > 0.3 and cv2.getTextSize(title, font, size, thickness)[0][0] > width - 8:
+        size -= 0.05
+    (text_w, text_h), baseline = cv2.getTextSize(title, font, size, thickness)
+    band = text_h + baseline + 6
+    out = panel.copy()
+    out[:band] = (0.35 * out[:band]).astype(np.uint8)
+    cv2.putText(out, title, (4, band - baseline - 3), font, size, (255, 255, 255), thickness)
+    return out
+
+
+def side_by_side(panels: Sequence[np.ndarray]) -> np.ndarray:
+    """Panels of one height, left to right."""
+    heights = {p.shape[0] for p in panels}
+    if len(heights) != 1:
+        raise ValueError(f"panels of different heights {sorted(heights)} cannot sit side by side")
+    return np.concatenate(list(panels), axis=1)
+
+
+def comparison_sheet(
+    models: Sequence[PanelModel],
+    images: Sequence[np.ndarray],
+    confidence_threshold: float = 0.5,
+    scale: float = 1.0,
+) -> np.ndarray:
+    """A grid: one row per image, one titled column per model (BGR uint8). Images of
+    different sizes are padded with black to the widest and tallest."""
+    rows = [
+        side_by_side(
+            [draw_detections(m, im, confidence_threshold, scale, titled=True) for m in models]
+        )
+        for im in images
+    ]
+    height = max(r.shape[0] for r in rows)
+    width = max(r.shape[1] for r in rows)
+    padded = [np.pad(r, ((0, height - r.shape[0]), (0, width - r.shape[1]), (0, 0))) for r in rows]
+    return np.concatenate(padded, axis=0)
+
+
+def write_val_sheet(
+    models: Sequence[PanelModel],
+    dataset: str,
+    path: str,
+    num_images: int = 3,
+    confidence_threshold: float = 0.5,
+    scale: float = 2.0,
+) -> str:
+    """The first ``num_images`` images of ``dataset`` through every model, one row each:
+    the sheet the demo and the accuracy study write (FP, 4-bit baseline, 4-bit QFD)."""
+    import cv2
+    from detectron2.data import DatasetCatalog
+
+    files = [d["file_name"] for d in DatasetCatalog.get(dataset)[:num_images]]
+    sheet = comparison_sheet(models, [read_image(f) for f in files], confidence_threshold, scale)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    if not cv2.imwrite(path, sheet):
+        raise ValueError(f"opencv could not write {path!r} (a .png or .jpg name is needed)")
+    return path
+
+
+def write_study_sheet(
+    study, names: Sequence[str], seed: int, path: str, num_images: int = 3
+) -> str | None:
+    """:func:`write_val_sheet` of a study's finished runs ``names`` for ``seed`` (e.g. FP,
+    4-bit baseline, 4-bit QFD), each panel titled with its row's label and bits; None when
+    fewer than two of them have finished."""
+    models = []
+    for name in names:
+        row = study.rows.get(name)
+        if row is None:
+            continue
+        cfg = study.config(row, seed).clone()
+        final = os.path.join(cfg.OUTPUT_DIR, "model_final.pth")
+        if not os.path.isfile(final):
+            continue
+        cfg.defrost()
+        cfg.MODEL.WEIGHTS = final
+        cfg.freeze()
+        models.append(build_panel_model(cfg, f"{row.label} {row.bits}".strip()))
+    if len(models) < 2:
+        return None
+    return write_val_sheet(models, models[0].predictor.cfg.DATASETS.TEST[0], path, num_images)

@@ -1,0 +1,148 @@
+"""tools/predict.py (drawn detections, --compare, --onnx) and tools/inspect_quantizers.py."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.modeling import build_model
+
+from qdet.engine.predict import build_panel_model, list_images, read_image
+from qdet.engine.stages import load_config
+from qdet.quantization import QConv2d, calibrate
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+HEIGHT, WIDTH = 64, 96
+
+
+def _tool(name: str):
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "tools", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A tiny calibrated 4-bit RetinaNet: its YAML, its checkpoint, and two input images
+    (one a file, one inside a folder)."""
+    root = tmp_path_factory.mktemp("predict")
+    base = os.path.join(ROOT, "configs/digits/retinanet_r18_4bit_baseline.yaml")
+    config = root / "tiny.yaml"
+    config.write_text(
+        f'_BASE_: "{base}"\n'
+        "MODEL:\n  WEIGHTS: ''\n  RESNETS: {DEPTH: 18}\n  FPN: {OUT_CHANNELS: 32}\n"
+        "  RETINANET: {NUM_CONVS: 1}\n"
+        f"INPUT: {{MIN_SIZE_TEST: {HEIGHT}, MAX_SIZE_TEST: {WIDTH}}}\n"
+        "TEST: {DETECTIONS_PER_IMAGE: 1}\n"  # one box per image: where it is drawn is known
+    )
+    torch.manual_seed(0)
+    model = build_model(load_config(str(config), [])).eval()
+    g = torch.Generator().manual_seed(1)
+    batch = [{"image": torch.randint(0, 255, (3, HEIGHT, WIDTH), generator=g).float()}]
+    calibrate(model, [batch], num_batches=1)
+    DetectionCheckpointer(model, save_dir=str(root)).save("model_final")
+    rng = np.random.default_rng(2)
+    (root / "folder").mkdir()
+    images = [str(root / "a.png"), str(root / "folder" / "b.png")]
+    for path in images:
+        cv2.imwrite(path, rng.integers(0, 255, (HEIGHT, WIDTH, 3), dtype=np.uint8))
+    return {"config": str(config), "weights": str(root / "model_final.pth"), "images": images}
+
+
+def _predict(argv: list[str]) -> list[str]:
+    tool = _tool("predict")
+    return tool.main(tool.build_parser().parse_args(argv))
+
+
+def test_predict_draws_the_detections_at_the_input_size(tiny, tmp_path):
+    out = tmp_path / "out"
+    argv = ["--config-file", tiny["config"], "--input", tiny["images"][0]]
+    argv += [os.path.dirname(tiny["images"][1]), "--output", str(out)]
+    argv += ["--confidence-threshold", "0", "MODEL.WEIGHTS", tiny["weights"]]
+    written = _predict(argv)
+    assert sorted(os.path.basename(p) for p in written) == ["a.png", "b.png"]
+
+    cfg = load_config(tiny["config"], ["MODEL.WEIGHTS", tiny["weights"]])
+    predictor = build_panel_model(cfg, "tiny", confidence_threshold=0.0).predictor
+    for image_path, out_path in zip(tiny["images"], sorted(written)):
+        image, drawn = read_image(image_path), read_image(out_path)
+        assert drawn.shape == image.shape
+        changed = np.abs(drawn.astype(int) - image.astype(int)).max(axis=2) > 0
+        # The one detection's outline, from the predictor run here, is where pixels changed.
+        x0, y0, x1, y1 = predictor(image)["instances"].pred_boxes.tensor[0].round().int().tolist()
+        x0, y0 = max(x0, 0), max(y0, 0)
+        x1, y1 = min(x1, WIDTH - 1), min(y1, HEIGHT - 1)
+        outline = np.zeros_like(changed)
+        outline[[y0, y1], x0 : x1 + 1] = True
+        outline[y0 : y1 + 1, [x0, x1]] = True
+        assert changed[outline].mean() > 0.8
+        assert changed.mean() < 0.8  # a box and its label, not the whole image
+
+
+def test_predict_compare_and_onnx_write_panels_side_by_side(tiny, tmp_path):
+    from qdet.export import export_onnx
+
+    cfg = load_config(tiny["config"], ["MODEL.WEIGHTS", tiny["weights"]])
+    model = build_model(cfg).eval()
+    DetectionCheckpointer(model).load(tiny["weights"])
+    image = torch.zeros(3, HEIGHT, WIDTH)
+    onnx_path = str(tmp_path / "tiny.onnx")
+    export_onnx(model, onnx_path, model.preprocess_image([{"image": image}]).tensor)
+
+    argv = ["--config-file", tiny["config"], "--input", tiny["images"][0], "--output"]
+    argv += [str(tmp_path / "out"), "--onnx", onnx_path, "--confidence-threshold", "0"]
+    argv += ["--compare", tiny["config"], tiny["weights"]]
+    (written,) = _predict(argv)  # the ONNX model left, PyTorch right; MODEL.WEIGHTS optional
+    assert read_image(written).shape == (HEIGHT, 2 * WIDTH, 3)
+
+
+def test_bad_inputs_are_clear_errors(tiny, tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.png.*no such file"):
+        list_images([str(tmp_path / "nope.png")])
+    with pytest.raises(FileNotFoundError, match="matches no file"):
+        list_images([str(tmp_path / "*.jpg")])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="folder without images"):
+        list_images([str(tmp_path / "empty")])
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not an image")
+    with pytest.raises(ValueError, match="cannot read .*broken.png"):
+        read_image(str(broken))
+    with pytest.raises(FileNotFoundError, match="MODEL.WEIGHTS.*does not exist"):
+        argv = ["--config-file", tiny["config"], "--input", tiny["images"][0], "--output"]
+        _predict([*argv, str(tmp_path / "o"), "MODEL.WEIGHTS", str(tmp_path / "none.pth")])
+
+
+def test_inspect_quantizers_writes_the_ranges_plot_and_json(tiny, tmp_path):
+    tool = _tool("inspect_quantizers")
+    argv = ["--config-file", tiny["config"], "--output", str(tmp_path), "--input"]
+    argv += [*tiny["images"], "MODEL.WEIGHTS", tiny["weights"]]
+    tool.main(tool.build_parser().parse_args(argv))
+    with open(tmp_path / "ranges.png", "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    with open(tmp_path / "ranges.json") as f:
+        records = json.load(f)["quantizers"]
+
+    model = build_model(load_config(tiny["config"], [])).eval()
+    DetectionCheckpointer(model).load(tiny["weights"])
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, QConv2d)}
+    assert len(records) == 2 * len(layers)  # each layer's input and weight quantizer
+    assert all(r["lower"] < r["upper"] and 0 <= r["clipped"] <= 1 for r in records)
+    assert all(r["calls"] > 0 for r in records)
+    # One weight quantizer's clipped share, counted directly from its parameters.
+    name, layer = next(iter(layers.items()))
+    q = layer.weight_quantizer
+    w = layer.weight.detach().numpy()
+    lo, hi = q.lower.item(), q.upper.item()
+    half = (hi - lo) / (2 * (2**q.bits - 1))
+    want = float(np.mean((w < lo - half) | (w > hi + half)))
+    (got,) = [r for r in records if r["name"] == f"{name}.weight_quantizer"]
+    assert got["clipped"] == pytest.approx(want, abs=1e-12)
+    assert got["step"] == pytest.approx(2 * q.scale.item() / (2**q.bits - 1), rel=1e-6)

@@ -1,0 +1,125 @@
+#!/usr/bin/env python
+"""Plot each quantizer's learned range and the share of values it clips, layer by layer.
+
+    tools/inspect_quantizers.py --config-file configs/digits/retinanet_r18_4bit_qfd.yaml \
+        --output output/ranges MODEL.WEIGHTS output/digits/retinanet_r18_4bit_qfd/model_final.pth
+
+Runs the model on a calibration batch (the first --num-images images of DATASETS.TEST[0],
+or --input files, folders or globs) and writes ranges.png (per quantizer in network order:
+[l, u], the output step, % of values clipped below l and above u; activations and weights
+side by side) and ranges.json (the same figures), and prints the quantizers that clip most.
+A layer whose input is clipped heavily is saturating: its range may be too narrow for the
+data (or the data unlike the training set's).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import qdet  # noqa: E402,F401  (registers qdet's datasets and models)
+from qdet.engine.cli import run_cli  # noqa: E402
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--config-file", required=True, metavar="FILE")
+    p.add_argument("--output", required=True, help="folder for ranges.png and ranges.json")
+    p.add_argument("--input", nargs="+", default=None, help="images (default: the test set)")
+    p.add_argument("--num-images", type=int, default=8, help="images in the calibration batch")
+    p.add_argument("--top", type=int, default=5, help="quantizers listed as clipping most")
+    p.add_argument("--debug", action="store_true", help="full tracebacks of bad-input errors")
+    p.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides, KEY VALUE ...")
+    return p
+
+
+def _image_batches(cfg, files: list[str]):
+    """Each image as a batch of one, resized as Detectron2's predictor resizes it."""
+    import detectron2.data.transforms as T
+    import torch
+
+    from qdet.engine.predict import read_image
+
+    resize = T.ResizeShortestEdge(
+        [cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MIN_SIZE_TEST], cfg.INPUT.MAX_SIZE_TEST
+    )
+    for path in files:
+        image = read_image(path)  # BGR
+        if cfg.INPUT.FORMAT == "RGB":
+            image = image[:, :, ::-1]
+        height, width = image.shape[:2]
+        resized = resize.get_transform(image).apply_image(image)
+        tensor = torch.as_tensor(resized.astype("float32").transpose(2, 0, 1))
+        yield [{"image": tensor, "height": height, "width": width}]
+
+
+def main(args) -> dict:
+    import itertools
+
+    from detectron2.checkpoint import DetectionCheckpointer
+    from detectron2.data import build_detection_test_loader
+    from detectron2.modeling import build_model
+    from detectron2.utils.logger import setup_logger
+    from tabulate import tabulate
+
+    from qdet.engine.checks import check_datasets, missing_checkpoint_message
+    from qdet.engine.predict import list_images, split_config_overrides
+    from qdet.engine.stages import load_config
+    from qdet.quantization.ranges import plot_ranges, quantizer_ranges
+
+    setup_logger(name="qdet")
+    if args.num_images < 1:
+        raise ValueError(f"--num-images {args.num_images} must be at least 1")
+    inputs, opts = split_config_overrides(args.input or [], args.opts)
+    files = list_images(inputs)[: args.num_images] if inputs else None
+    cfg = load_config(args.config_file, opts)
+    weights = cfg.MODEL.WEIGHTS
+    if not weights:
+        raise ValueError(
+            "MODEL.WEIGHTS is empty: give the trained checkpoint whose ranges to plot "
+            "(MODEL.WEIGHTS path/to/model_final.pth)"
+        )
+    if not os.path.isfile(weights):
+        raise FileNotFoundError(missing_checkpoint_message("MODEL.WEIGHTS", weights))
+    model = build_model(cfg).eval()
+    DetectionCheckpointer(model).load(weights)
+    if files is None:
+        check_datasets(cfg.DATASETS.TEST[:1])
+        loader = build_detection_test_loader(cfg, cfg.DATASETS.TEST[0])
+        batches, source = itertools.islice(loader, args.num_images), cfg.DATASETS.TEST[0]
+    else:
+        batches, source = _image_batches(cfg, files), f"{len(files)} input image(s)"
+    records = quantizer_ranges(model, batches)
+
+    os.makedirs(args.output, exist_ok=True)
+    name = os.path.splitext(os.path.basename(args.config_file))[0]
+    plot_path = os.path.join(args.output, "ranges.png")
+    plot_ranges(records, plot_path, title=f"{name}: quantizer ranges on {source}")
+    result = {"config": args.config_file, "weights": weights, "images": source}
+    result["quantizers"] = records
+    json_path = os.path.join(args.output, "ranges.json")
+    with open(json_path + ".tmp", "w") as f:
+        json.dump(result, f, indent=1)
+    os.replace(json_path + ".tmp", json_path)
+
+    worst = sorted(records, key=lambda r: -r["clipped"])[: args.top]
+    table = [
+        [r["name"], r["kind"], r["bits"], f"{r['lower']:.3g}", f"{r['upper']:.3g}",
+         f"{r['step']:.3g}", f"{100 * r['clipped_below']:.2f}", f"{100 * r['clipped_above']:.2f}"]
+        for r in worst
+    ]  # fmt: skip
+    headers = ["quantizer", "kind", "bits", "l", "u", "step", "% below l", "% above u"]
+    log = logging.getLogger("qdet").info
+    log(f"the {len(worst)} quantizers clipping most, of {len(records)}:")
+    log("\n" + tabulate(table, headers))
+    log(f"wrote {plot_path} and {json_path}")
+    return result
+
+
+if __name__ == "__main__":
+    parsed = build_parser().parse_args()
+    run_cli(main, parsed, debug=parsed.debug)

@@ -1,0 +1,103 @@
+#!/usr/bin/env python
+"""Run a qdet model on your images and draw its detections (Detectron2's demo/demo.py, for qdet).
+
+    tools/predict.py --config-file configs/digits/retinanet_r18_4bit_qfd.yaml \
+        --input a.jpg photos/ "more/*.png" --output out/ MODEL.WEIGHTS model_final.pth
+
+Any qdet config (RetinaNet, ViTDet / Swin Mask R-CNN, quantized or FP). Each input is
+written to --output under its own name, with the detections scoring at least
+--confidence-threshold drawn by Detectron2's Visualizer, at the input's size.
+--compare OTHER.yaml OTHER.pth (repeatable) runs the same images through more models and
+writes the panels side by side, each titled with its model and bit widths (e.g. the FP
+teacher left, the 4-bit student right). --onnx model.onnx runs the first model's network
+in onnxruntime from an exported file (tools/export_onnx.py); its config still supplies the
+pre- and post-processing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import qdet  # noqa: E402,F401  (registers qdet's datasets and models)
+from qdet.engine.cli import run_cli  # noqa: E402
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--config-file", required=True, metavar="FILE")
+    p.add_argument(
+        "--input", required=True, nargs="+", help="image files, folders or quoted glob patterns"
+    )
+    p.add_argument("--output", required=True, help="folder for the drawn images")
+    p.add_argument("--confidence-threshold", type=float, default=0.5)
+    p.add_argument(
+        "--compare",
+        nargs=2,
+        action="append",
+        default=[],
+        metavar=("CONFIG", "WEIGHTS"),
+        help="another model for the same images, drawn to the right (repeatable)",
+    )
+    p.add_argument("--onnx", default=None, help="run the first model's network from this ONNX file")
+    p.add_argument("--scale", type=float, default=1.0, help="drawing scale (1: the input's size)")
+    p.add_argument("--debug", action="store_true", help="full tracebacks of bad-input errors")
+    p.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides, KEY VALUE ...")
+    return p
+
+
+def _name(path: str) -> str:
+    return os.path.splitext(os.path.basename(path))[0]
+
+
+def main(args) -> list[str]:
+    import cv2
+    import tqdm
+    from detectron2.utils.logger import setup_logger
+
+    from qdet.engine.predict import (
+        build_panel_model,
+        draw_detections,
+        list_images,
+        model_title,
+        output_names,
+        read_image,
+        side_by_side,
+        split_config_overrides,
+    )
+    from qdet.engine.stages import load_config
+
+    setup_logger(name="qdet")
+    inputs, opts = split_config_overrides(args.input, args.opts)
+    files = list_images(inputs)  # bad inputs fail before any model is built
+    threshold = args.confidence_threshold
+    if not 0.0 <= threshold <= 1.0:
+        raise ValueError(f"--confidence-threshold {threshold} must lie in [0, 1]")
+    cfg = load_config(args.config_file, opts)
+    first = _name(args.onnx) + " (onnxruntime)" if args.onnx else _name(args.config_file)
+    models = [build_panel_model(cfg, model_title(cfg, first), threshold, args.onnx)]
+    device = cfg.MODEL.DEVICE
+    for config_file, weights in args.compare:
+        other = load_config(config_file, ["MODEL.WEIGHTS", weights, "MODEL.DEVICE", device])
+        models.append(build_panel_model(other, model_title(other, _name(config_file)), threshold))
+
+    os.makedirs(args.output, exist_ok=True)
+    written = []
+    compare = len(models) > 1
+    for path, name in tqdm.tqdm(list(zip(files, output_names(files))), desc="predict"):
+        image = read_image(path)
+        panels = [draw_detections(m, image, threshold, args.scale, titled=compare) for m in models]
+        out = os.path.join(args.output, name)
+        if not cv2.imwrite(out, side_by_side(panels)):
+            raise ValueError(f"opencv could not write {out!r}")
+        written.append(out)
+    logging.getLogger("qdet").info(f"wrote {len(written)} image(s) to {args.output}")
+    return written
+
+
+if __name__ == "__main__":
+    parsed = build_parser().parse_args()
+    run_cli(main, parsed, debug=parsed.debug)
