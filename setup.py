@@ -39,5 +39,8 @@ setup(
         # tools/export_onnx.py, qdet.export; tested: onnx 1.23.2, onnxruntime 1.32.0,
         # safetensors 0.8.0 (ml_dtypes 0.5.4: 0.6 needs numpy 2)
         "export": ["onnx>=1.16", "onnxruntime>=1.18", "safetensors>=0.4", "ml_dtypes<0.6"],
+        # peers in tools/benchmark_quantizer.py and benchmark_train.py (optional there);
+        # tested: brevitas 0.13.4
+        "bench": ["brevitas>=0.13"],
     },
 )

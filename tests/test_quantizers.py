@@ -316,3 +316,25 @@ def test_compiled_backend_equals_eager(ewgs):
     for a, b in zip(results["eager"], results["compile"]):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-4)
     assert torch.equal(results["eager"][0], results["compile"][0])
+
+
+def test_compiled_op_does_not_recompile_per_input_size():
+    """Detector inputs change size every batch: after the first, no new compiled graph."""
+    pytest.importorskip("torch._inductor")
+    from torch._dynamo.utils import counters
+
+    q = UniformQuantizer(4, "activation", signed=True)
+    _set_params(q, -1.0, 1.5, 2.5)
+    # H == W first (dynamo's duck sizing would tie them), then sizes that break every
+    # relation between the dims; all above 4096 elements (inductor's small-size variant).
+    sizes = [(2, 8, 17, 17), (2, 8, 20, 24), (2, 8, 24, 20), (1, 8, 30, 30), (2, 16, 18, 26)]
+    F.set_backend("compile")
+    try:
+        graphs = []
+        for shape in sizes:
+            x = torch.randn(shape, requires_grad=True)
+            q(x).sum().backward()
+            graphs.append(counters["stats"]["unique_graphs"])
+    finally:
+        F.set_backend("eager")
+    assert graphs[1:] == [graphs[0]] * (len(sizes) - 1), graphs

@@ -29,6 +29,7 @@ import json
 import os
 import platform
 import statistics
+import sys
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -40,12 +41,16 @@ from torch._dynamo.utils import counters
 from qdet.quantization import fake_quant_reference, fake_quantize
 from qdet.quantization.functional import MODE_SIGNED, MODE_UNSIGNED, MODE_WEIGHT, set_backend
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_peers import BREVITAS_NOTE, BrevitasConv, brevitas_version  # noqa: E402
+
 IMPLS = ("ours (compiled)", "ours (eager)", "plain", "fused")
 COLUMNS = (
     "case|impl|time ms|time / fused|time / plain|saved MiB|saved / plain|peak MiB|peak / plain"
 )
 RATIOS = (("time ms", "fused"), ("time ms", "plain"), ("saved MiB", "plain"), ("peak MiB", "plain"))
 TIME_TARGET, MEMORY_TARGET = 1.5, 0.5  # ours vs fused time, ours vs plain memory
+LAYER_TARGET = 1.05  # one quantized conv (compiled, code saving) vs the FP conv
 
 
 def cases(device: str) -> list[dict]:
@@ -178,12 +183,148 @@ def targets(rows: list[dict], device: str) -> list[dict]:
     return out
 
 
+LAYER_SHAPE = (2, 256, 50, 84)  # a post-ReLU RetinaNet-R50 res3/p3-sized input
+LAYERS = (
+    "FP conv",
+    "qdet compiled, code saving",
+    "qdet compiled, float saving",
+    "qdet eager, code saving",
+    "qdet eager, float saving",
+    "brevitas",
+    "torch.ao fused LSQ",
+)
+
+
+def make_layers(device: str, bits: int, x: torch.Tensor) -> dict:
+    """One 3x3 conv 256 -> 256 as FP, qdet's QConv2d (calibrated on ``x``; two backends x
+    two saving modes), Brevitas (when installed) and torch.ao's fused learnable
+    fake-quant on input and weight."""
+    from detectron2.layers import Conv2d
+
+    from qdet.quantization import QConv2d, calibrate
+
+    torch.manual_seed(0)
+    fp = Conv2d(256, 256, 3, padding=1, bias=False).to(device)
+    layers = {"FP conv": fp}
+    for backend in ("compiled", "eager"):
+        for codes in (True, False):
+            q = QConv2d.from_float(fp, bits, bits, act_signed=False)
+            calibrate(q, [x], num_batches=1)
+            q.save_codes = codes
+            layers[f"qdet {backend}, {'code' if codes else 'float'} saving"] = q
+    if brevitas_version():
+        layers["brevitas"] = BrevitasConv(fp, bits, signed_input=False).to(device)
+    q_in, q_w = 2**bits - 1, 2 ** (bits - 1)
+    a_scale = (x.max() / q_in).item()
+    w_scale = (3 * fp.weight.std() / q_w).item()
+    ao = {
+        "a": (torch.tensor([a_scale], device=device), torch.tensor([0.0], device=device)),
+        "w": (torch.tensor([w_scale], device=device), torch.tensor([0.0], device=device)),
+    }
+    for t in (*ao["a"], *ao["w"]):
+        t.requires_grad_(True)
+
+    def torch_ao(inp):
+        xq = torch._fake_quantize_learnable_per_tensor_affine(inp, *ao["a"], 0, q_in, 1.0)
+        wq = torch._fake_quantize_learnable_per_tensor_affine(
+            fp.weight, *ao["w"], -q_w, q_w - 1, 1.0
+        )
+        return torch.nn.functional.conv2d(xq, wq, padding=1)
+
+    layers["torch.ao fused LSQ"] = torch_ao
+    return layers
+
+
+def layer_step(name: str, layer, x: torch.Tensor, grad: torch.Tensor) -> float:
+    xr = x.clone().requires_grad_(True)
+    if name.startswith("qdet"):
+        set_backend("compile" if "compiled" in name else "eager")
+    start = time.perf_counter()
+    layer(xr).backward(grad)
+    if x.is_cuda:
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def layer_saved_mib(name: str, layer, x: torch.Tensor, grad: torch.Tensor) -> float:
+    """MiB autograd saves for the layer's backward (unique storages), after any packing
+    the layer does (qdet's code saving hands uint8 codes to the outer hook)."""
+    saved: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        layer_step(name, layer, x, grad)
+    return sum(saved.values()) / 2**20
+
+
+def bench_layer(device: str, bits: int, warmup: int, repeats: int) -> list[dict]:
+    """One quantized conv, forward + backward, against the FP conv and the peers."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(LAYER_SHAPE, generator=g).relu().to(device)
+    grad = torch.randn(LAYER_SHAPE, generator=g).to(device)
+    layers = make_layers(device, bits, x)
+    times: dict[str, list[float]] = {name: [] for name in layers}
+    for i in range(warmup + repeats):
+        for name, layer in layers.items():  # round-robin
+            t = layer_step(name, layer, x, grad)
+            if i >= warmup:
+                times[name].append(t)
+    set_backend("auto")
+    rows = []
+    for name in LAYERS:
+        if name not in layers:
+            rows.append({"layer": name, "note": BREVITAS_NOTE})
+            continue
+        rows.append(
+            {
+                "layer": name,
+                "time ms": 1e3 * statistics.median(times[name]),
+                "all ms": [1e3 * t for t in times[name]],
+                "saved MiB": layer_saved_mib(name, layers[name], x, grad),
+            }
+        )
+    for r in rows:
+        if "time ms" in r:
+            r["time / FP"] = r["time ms"] / rows[0]["time ms"]
+            r["saved / FP"] = r["saved MiB"] / rows[0]["saved MiB"]
+    return rows
+
+
+def layer_targets(rows: list[dict]) -> list[dict]:
+    """qdet's default layer (compiled, code saving) <= 1.05x the FP conv, and faster than
+    Brevitas's (when it ran)."""
+    by_name = {r["layer"]: r for r in rows}
+    ours = by_name["qdet compiled, code saving"]
+    out = [
+        dict(
+            case="one layer",
+            target=f"qdet (compiled, code saving) time / FP <= {LAYER_TARGET}",
+            value=ours["time / FP"],
+            ok=ours["time / FP"] <= LAYER_TARGET,
+        )
+    ]
+    if "time ms" in by_name["brevitas"]:
+        ratio = ours["time ms"] / by_name["brevitas"]["time ms"]
+        target = "qdet / brevitas time < 1"
+        out.append(dict(case="one layer", target=target, value=ratio, ok=ratio < 1))
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", choices=("cpu", "cuda", "all"), default="all")
     p.add_argument("--repeats", type=int, help="timed steps per case (default 10 CPU, 50 CUDA)")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation)")
     p.add_argument("--bits", type=int, default=4)
+    p.add_argument(
+        "--section",
+        choices=("all", "ops", "layer"),
+        default="all",
+        help="the quantizer op alone, one quantized conv layer, or both",
+    )
     p.add_argument("--json", default="output/benchmark_quantizer.json")
     args = p.parse_args()
     devices = ["cpu", "cuda"] if args.device == "all" else [args.device]
@@ -192,26 +333,38 @@ def main() -> None:
         devices.remove("cuda")
     result = dict(torch=torch.__version__, cpu_count=os.cpu_count(), devices={})
     result.update(threads=torch.get_num_threads(), bits=args.bits, warmup=args.warmup)
+    result.update(brevitas=brevitas_version())
     for device in devices:
         repeats = args.repeats or (10 if device == "cpu" else 50)
         name = torch.cuda.get_device_name() if device == "cuda" else platform.machine()
         print(f"== {device} ({name}): {args.warmup} warm-up + {repeats} timed steps per case")
-        rows = []
-        for case in cases(device):
-            print(f"  {case['name']} ...", flush=True)
-            rows += bench_case(case, device, args.bits, args.warmup, repeats)
+        rows, checks = [], []
+        if args.section in ("all", "ops"):
+            for case in cases(device):
+                print(f"  {case['name']} ...", flush=True)
+                rows += bench_case(case, device, args.bits, args.warmup, repeats)
+            cols = [c for c in COLUMNS.split("|") if device == "cuda" or not c.startswith("peak")]
+            table = [[r.get(c) for c in cols] for r in rows]
+            print("\nsaved MiB = bytes saved for backward (unique storages, input included)")
+            print(tabulate(table, cols, tablefmt="github", floatfmt=".2f", missingval="n/a"))
+            checks = targets(rows, device)
+        layer_rows = []
+        if args.section in ("all", "layer"):
+            shape = "x".join(map(str, LAYER_SHAPE))
+            print(f"\n  one layer: 3x3 conv 256->256 on {shape}, W/A {args.bits} ...", flush=True)
+            layer_rows = bench_layer(device, args.bits, args.warmup, repeats)
+            cols = ["layer", "time ms", "time / FP", "saved MiB", "saved / FP", "note"]
+            table = [[r.get(c) for c in cols] for r in layer_rows]
+            print(tabulate(table, cols, tablefmt="github", floatfmt=".2f", missingval=""))
+            checks += layer_targets(layer_rows)
         graphs = counters["stats"]["unique_graphs"]
-        print(f"  (torch.compile has built {graphs} graphs so far)")
-        cols = [c for c in COLUMNS.split("|") if device == "cuda" or not c.startswith("peak")]
-        table = [[r.get(c) for c in cols] for r in rows]
-        print("\nsaved MiB = bytes saved for backward (unique storages, input included)")
-        print(tabulate(table, cols, tablefmt="github", floatfmt=".2f", missingval="n/a"))
-        checks = targets(rows, device)
-        print(f"\ntargets ({device}, ours (compiled)):")
+        print(f"\n(torch.compile has built {graphs} graphs in this run)")
+        print(f"targets ({device}):")
         for c in checks:
             value = "n/a" if c["value"] is None else f"{c['value']:.2f}"
             print(f"  {'PASS' if c['ok'] else 'FAIL'}  {c['case']}: {c['target']} (is {value})")
         result["devices"][device] = dict(
+            layer=layer_rows,
             name=name,
             repeats=repeats,
             cases=cases(device),

@@ -12,11 +12,15 @@
 Each variant is Detectron2's RetinaNet (FPN and head with BN, as qdet's COCO configs):
 "fp" the plain model; "qat" the same with every conv but the stem and the predictors
 quantized (W4/A4, calibrated); "qfd" the QAT model plus the frozen FP teacher's forward and
-the QFD loss on p3. One step is forward, backward and an SGD update on a fixed batch with
-random boxes; the variants run round-robin, the median over --repeats after --warmup is
-reported. Memory: on CUDA the allocator's peak during a step above what was allocated
-before it; on CPU (no allocator peak) the bytes autograd saves for the backward, which
-is what grows with QAT. Writes a table and JSON (output/benchmark_train.json).
+the QFD loss on p3; "brevitas" the FP model with the same convs as Brevitas W4/A4 layers
+(tools/bench_peers.py; skipped with a note when brevitas is not installed). One step is
+forward, backward and an SGD update on a fixed batch with random boxes; the variants run
+round-robin, the median over --repeats after --warmup is reported. Memory: on CUDA the
+allocator's peak during a step above what was allocated before it; on CPU (no allocator
+peak) the bytes autograd saves for the backward, which is what grows with QAT. After the
+timing, --recompile-steps qat steps at a new input size each count the torch.compile
+graphs built (0: no recompilation per image size). Writes a table and JSON
+(output/benchmark_train.json).
 """
 
 from __future__ import annotations
@@ -41,6 +45,9 @@ from detectron2.utils.events import EventStorage  # noqa: E402
 from qdet.config import add_qdet_config  # noqa: E402
 from qdet.distill import Distiller, TermSpec  # noqa: E402
 from qdet.quantization import calibrate  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_peers import BREVITAS_NOTE, brevitas_version, swap_to_brevitas  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BASE = os.path.join(ROOT, "configs/Base-QDet-RetinaNet.yaml")
@@ -122,7 +129,31 @@ def variants(depth: int, device: str, batch: list[dict]) -> dict:
     for model in (qat, qfd, teacher):
         calibrate(model, [batch], num_batches=1)
     qfd.attach_distiller(Distiller(qfd, teacher, [TermSpec("qfd", ["p3"], 1.0)]))
-    return {"fp": fp, "qat": qat, "qfd": qfd}
+    models = {"fp": fp, "qat": qat, "qfd": qfd}
+    if brevitas_version():
+        brevitas = build(depth, device, quantized=False)
+        brevitas.load_state_dict(fp.state_dict())
+        swapped = swap_to_brevitas(brevitas, qat, bits=4)
+        print(f"[bench] brevitas {brevitas_version()}: {swapped} convs swapped (qdet's layers)")
+        models["brevitas"] = brevitas.to(device)
+    else:
+        print(f"[bench] {BREVITAS_NOTE}")
+    return models
+
+
+def recompiles_over_sizes(model, optimizer, size: tuple[int, int], device: str, steps: int):
+    """torch.compile graphs built during ``steps`` training steps whose input size changes
+    every step (detector batches do): 0 means the quantizer's compiled op does not
+    recompile per image size."""
+    from torch._dynamo.utils import counters
+
+    h, w = size
+    before = counters["stats"]["unique_graphs"]
+    for i in range(steps):
+        dh, dw = (37 * i) % 97 - 48, (53 * i) % 131 - 65  # sizes within about +-25%
+        batch = make_batch(2, max(64, h + dh), max(64, w + dw), device)
+        step(model, optimizer, batch, False, device)
+    return counters["stats"]["unique_graphs"] - before
 
 
 def step(model, optimizer, batch, amp: bool, device: str):
@@ -159,6 +190,12 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--amp", action="store_true", help="float16 autocast (CUDA)")
+    parser.add_argument(
+        "--recompile-steps",
+        type=int,
+        default=20,
+        help="qat steps at varying input sizes after timing, counting torch.compile graphs",
+    )
     parser.add_argument("--json", default="output/benchmark_train.json")
     args = parser.parse_args()
     cuda = args.device == "cuda"
@@ -204,6 +241,15 @@ def main() -> None:
             if key in row:
                 row[f"{key.split()[0]} / fp"] = row[key] / rows[0][key]
     print(tabulate(rows, headers="keys", tablefmt="github", floatfmt=".3f"))
+    recompiles = None
+    if args.recompile_steps and "qat" in models:
+        recompiles = recompiles_over_sizes(
+            models["qat"], opts["qat"], args.size, args.device, args.recompile_steps
+        )
+        print(
+            f"torch.compile graphs built over {args.recompile_steps} more qat steps at a new "
+            f"input size each: {recompiles}"
+        )
     os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
     with open(args.json, "w") as f:
         json.dump(
@@ -212,6 +258,8 @@ def main() -> None:
                 "torch": torch.__version__,
                 "device": torch.cuda.get_device_name() if cuda else "cpu",
                 "threads": torch.get_num_threads(),
+                "brevitas": brevitas_version(),
+                "recompiles_over_sizes": recompiles,
                 "rows": rows,
             },
             f,

@@ -159,6 +159,11 @@ def _run(name: str, fn: Callable, *args):
     compiled = _body(name, fn)
     if compiled is fn:
         return fn(*args)
+    # The flattened input is a view of the layer's tensor; given the view, dynamo guards on
+    # its base's sizes and strides (e.g. H == W of that feature map) and recompiles when a
+    # new image size breaks them. A detached alias has no base. Only called where no
+    # autograd graph is built (inside the Function's forward, or a first-order backward).
+    args = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args)
     try:
         with torch._dynamo.config.patch(recompile_limit=_RECOMPILE_LIMIT):
             return compiled(*args)
