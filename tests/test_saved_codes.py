@@ -9,7 +9,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from qdet.quantization import functional as QF
 from qdet.quantization import quantize_model
+from qdet.quantization.functional import MODE_SIGNED, MODE_UNSIGNED, MODE_WEIGHT
 from qdet.quantization.per_level import PerLevelQuantizer
 from qdet.quantization.quantizers import UniformQuantizer
 
@@ -70,8 +72,10 @@ def _saved_bytes(net, x) -> tuple[int, list[torch.dtype]]:
     return sum(b for b, _ in seen.values()), [d for _, d in seen.values()]
 
 
-def test_inputs_are_saved_as_uint8_and_outer_hooks_still_see_everything():
-    compact = _small_net("uniform")
+@pytest.mark.parametrize("per_channel", [False, True])
+@pytest.mark.parametrize("method", ["uniform", "ewgs", "lsq"])
+def test_inputs_are_saved_as_uint8_and_outer_hooks_still_see_everything(method, per_channel):
+    compact = _small_net(method, per_channel)
     plain = _float_saving_copy(compact)
     x = torch.randn(4, 3, 6, 6)
     bytes_c, dtypes_c = _saved_bytes(compact, x)
@@ -111,3 +115,65 @@ def test_reference_conv_on_decoded_codes_matches_the_layer():
         decode(encode(x_q)), conv.weight_quantizer(conv.weight), conv.bias, padding=1
     )
     torch.testing.assert_close(conv(x), expected)
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+@pytest.mark.parametrize("method", ["uniform", "ewgs", "lsq"])
+def test_codes_come_from_the_quantizers_own_pass(method, per_channel, monkeypatch):
+    """Saving costs no extra pass: the layer never re-encodes its fake-quantized tensors."""
+    net = _small_net(method, per_channel)
+    encoded = []
+    for q in net.modules():
+        if isinstance(q, UniformQuantizer) or type(q).__name__ == "LSQQuantizer":
+            monkeypatch.setattr(q, "_encode", lambda *a, _e=encoded: _e.append(1))
+    loss = net(torch.randn(2, 3, 6, 6)).square().sum()
+    loss.backward()
+    assert encoded == []
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+@pytest.mark.parametrize("method", ["uniform", "ewgs", "lsq"])
+def test_codes_equal_float_saving_under_bfloat16_autocast(method, per_channel):
+    compact = _small_net(method, per_channel)
+    plain = _float_saving_copy(compact)
+    x = torch.randn(2, 3, 6, 6)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss_c, grads_c = _grads(compact, x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss_p, grads_p = _grads(plain, x)
+    assert torch.equal(loss_c, loss_p)
+    for gc, gp in zip(grads_c, grads_p, strict=True):
+        assert torch.equal(gc, gp)
+    bytes_c, dtypes_c = _saved_bytes(compact, x)
+    assert torch.uint8 in dtypes_c
+
+
+@pytest.mark.parametrize("backend", ["eager", "compile"])
+@pytest.mark.parametrize("mode", [MODE_WEIGHT, MODE_UNSIGNED, MODE_SIGNED])
+def test_fused_codes_and_their_decoding_are_exact(backend, mode):
+    """The codes from the forward pass are round(n clip((x - l) / (u - l), 0, 1)) (numpy,
+    written here), and decoding them gives the forward's output bit for bit."""
+    if backend == "compile":
+        pytest.importorskip("torch._inductor")
+    np = pytest.importorskip("numpy")
+    torch.manual_seed(0)
+    x = torch.randn(3, 5, 17, 19) * 2
+    lower, upper = torch.tensor([-1.2, 0.5, -0.7]), torch.tensor([1.4, 2.0, 0.9])
+    scale = torch.tensor([1.3, 1.1, 2.2])
+    QF.set_backend(backend)
+    try:
+        for per_channel in (False, True):
+            lo, hi, s = (p if per_channel else p[0] for p in (lower, upper, scale))
+            out, codes = QF.fake_quantize(
+                x, lo, hi, s, 3, mode, per_channel=per_channel, return_codes=True
+            )
+            shape = (-1, 1, 1, 1) if per_channel else ()
+            lo_np, hi_np = lo.reshape(shape).numpy(), hi.reshape(shape).numpy()
+            want = np.rint(7 * np.clip((x.numpy() - lo_np) / (hi_np - lo_np), 0, 1))
+            assert codes.dtype == torch.uint8
+            np.testing.assert_array_equal(codes.numpy(), want)
+            plain = QF.fake_quantize(x, lo, hi, s, 3, mode, per_channel=per_channel)
+            assert torch.equal(out, plain)
+            assert torch.equal(QF.decode_codes(codes, lo, s, 3, mode, per_channel), out)
+    finally:
+        QF.set_backend("eager")

@@ -88,6 +88,25 @@ def _forward_body(x, lower, upper, scale, n: int, mode: int):
     return lower + scale * v_tilde
 
 
+def _forward_codes_body(x, lower, upper, scale, n: int, mode: int):
+    """``_forward_body``'s values and, from the same pass, the codes k = round(n v_hat)
+    (uint8): what a layer that saves its input as codes keeps for backward."""
+    v_hat = torch.clamp((x - lower) / (upper - lower), 0, 1)
+    codes = torch.round(n * v_hat)
+    return _decode_body(codes, lower, scale, n, mode), codes.to(torch.uint8)
+
+
+def _decode_body(codes, lower, scale, n: int, mode: int):
+    """The fake-quantized values of codes k (any dtype holding the integers), with the
+    forward's arithmetic: the same expression as ``_forward_body`` after its round."""
+    v_tilde = codes.float() / n
+    if mode == MODE_WEIGHT:
+        return scale * 2 * (v_tilde - 0.5)
+    if mode == MODE_UNSIGNED:
+        return scale * v_tilde
+    return lower + scale * v_tilde
+
+
 def _backward_body(
     g, x, lower, upper, scale, delta, n: int, mode: int, reduce_dims, inclusive: bool
 ):
@@ -196,16 +215,20 @@ class FakeQuantize(torch.autograd.Function):
     """Uniform fake quantization with a recomputing backward. See the module docstring."""
 
     @staticmethod
-    def forward(ctx, x, lower, upper, scale, n, mode, delta, reduce_dims, inclusive):
+    def forward(ctx, x, lower, upper, scale, n, mode, delta, reduce_dims, inclusive, codes):
         ctx.save_for_backward(x, lower, upper, scale)
         ctx.n, ctx.mode, ctx.delta, ctx.reduce_dims = n, mode, delta, reduce_dims
         ctx.inclusive = inclusive
         xf = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
-        out = _run("forward", _forward_body, xf, lower, upper, scale, n, mode)
-        return out.to(x.dtype)
+        if not codes:
+            out = _run("forward", _forward_body, xf, lower, upper, scale, n, mode)
+            return out.to(x.dtype)
+        out, k = _run("forward_codes", _forward_codes_body, xf, lower, upper, scale, n, mode)
+        ctx.mark_non_differentiable(k)
+        return out.to(x.dtype), k
 
     @staticmethod
-    def backward(ctx, g):
+    def backward(ctx, g, _g_codes=None):
         x, lower, upper, scale = ctx.saved_tensors
         g32, x32 = g.float(), x.float()
         args = (g32, x32, lower, upper, scale, ctx.delta, ctx.n, ctx.mode, ctx.reduce_dims)
@@ -227,6 +250,7 @@ class FakeQuantize(torch.autograd.Function):
             None,
             None,
             None,
+            None,
         )
 
 
@@ -240,12 +264,15 @@ def fake_quantize(
     delta: float | torch.Tensor | None = None,
     per_channel: bool = False,
     inclusive: bool = False,
-) -> torch.Tensor:
+    return_codes: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """QFD's uniform fake quantization (Eq. 1-5) of ``x``.
 
     ``lower``, ``upper`` and ``scale`` are scalars, or vectors over dim 0 of ``x`` when
     ``per_channel``. ``delta`` turns on EWGS gradient scaling (None or 0: the STE).
     ``inclusive``: the clip's gradient passes at exactly l and u (see the module docstring).
+    ``return_codes``: also the integer codes k = round(n v_hat) as uint8 (bits <= 8), from
+    the same pass; :func:`decode_codes` turns them back into the output bit for bit.
     """
     n = 2**bits - 1
     # Flatten (to 1-D, or channels x rest) so that one compiled graph serves every shape.
@@ -259,5 +286,29 @@ def fake_quantize(
     if isinstance(delta, (int, float)):
         # A tensor delta (EWGS's buffer) is used as is: comparing it here would sync the GPU.
         delta = None if delta == 0 else torch.tensor(float(delta), device=x.device)
-    out = FakeQuantize.apply(flat, lower, upper, scale, n, mode, delta, reduce_dims, inclusive)
-    return out.view(x.shape)
+    args = (flat, lower, upper, scale, n, mode, delta, reduce_dims, inclusive)
+    if not return_codes:
+        return FakeQuantize.apply(*args, False).view(x.shape)
+    if n > 255:
+        raise ValueError(f"uint8 codes hold at most 8 bits; got {bits}")
+    out, codes = FakeQuantize.apply(*args, True)
+    return out.view(x.shape), codes.view(x.shape)
+
+
+def decode_codes(
+    codes: torch.Tensor,
+    lower: torch.Tensor,
+    scale: torch.Tensor,
+    bits: int,
+    mode: int,
+    per_channel: bool = False,
+) -> torch.Tensor:
+    """The float32 values of ``fake_quantize``'s codes: one fused pass (compiled like the
+    forward, flattened the same way, so the arithmetic is the forward's)."""
+    n = 2**bits - 1
+    if per_channel:
+        flat = codes.reshape(codes.shape[0], -1)
+        lower, scale = lower.view(-1, 1), scale.view(-1, 1)
+    else:
+        flat = codes.reshape(-1)
+    return _run("decode", _decode_body, flat, lower, scale, n, mode).view(codes.shape)

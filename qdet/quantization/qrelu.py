@@ -76,8 +76,9 @@ class QReLUQuantizer(Quantizer):
         top = sum(3 * s["std"] for s in stats) / len(stats) / (1 - 2 / torch.pi) ** 0.5
         self.alpha.fill_(max(top, 1e-3) / self.n_levels)
 
-    def _fake_quant(self, x):
-        return _QReLU.apply(x, self.alpha.abs() + 1e-8, self.bits)
+    def _fake_quant(self, x, with_codes: bool = False):
+        out = _QReLU.apply(x, self.alpha.abs() + 1e-8, self.bits)
+        return (out, None) if with_codes else out  # no fused codes: the layer encodes
 
     def _affine(self):
         top = self.n_levels * (self.alpha.abs() + 1e-8)

@@ -8,8 +8,10 @@ All three share one interface, so a config switch picks among them:
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import nn
@@ -19,6 +21,7 @@ from qdet.quantization.functional import (
     MODE_UNSIGNED,
     MODE_WEIGHT,
     ScaleGradient,
+    decode_codes,
     fake_quantize,
 )
 
@@ -46,6 +49,27 @@ def _percentile(x: torch.Tensor, q: float) -> float:
     if flat.numel() > _PERCENTILE_SAMPLES:
         flat = flat[:: flat.numel() // _PERCENTILE_SAMPLES + 1]
     return torch.quantile(flat, q / 100.0).item()
+
+
+_code_capture = threading.local()
+
+
+@contextlib.contextmanager
+def capturing_codes() -> Iterator[dict]:
+    """Inside, every quantizer call also produces its output's integer codes in the same
+    fused pass, collected as ``{(data_ptr, numel) of the output: uint8 codes}`` (see
+    :func:`qdet.quantization.layers.saved_as_codes`). Quantizers without a fused code
+    path (the quantized ReLU) add nothing."""
+    outer = getattr(_code_capture, "sink", None)
+    _code_capture.sink = sink = {}
+    try:
+        yield sink
+    finally:
+        _code_capture.sink = outer
+
+
+def output_key(t: torch.Tensor) -> tuple[int, int]:
+    return t.data_ptr(), t.numel()
 
 
 class Quantizer(nn.Module):
@@ -172,7 +196,8 @@ class Quantizer(nn.Module):
         """EWGS's gradient-scaling factor, None for the straight-through estimator."""
         return None
 
-    def _fake_quant(self, x: torch.Tensor) -> torch.Tensor:
+    def _fake_quant(self, x: torch.Tensor, with_codes: bool = False):
+        """The fake-quantized ``x``; with ``with_codes``, (it, its uint8 codes or None)."""
         lower, upper, scale, mode = self._affine()
         return fake_quantize(
             x,
@@ -184,6 +209,7 @@ class Quantizer(nn.Module):
             delta=self._gradient_delta(),
             per_channel=self.per_channel,
             inclusive=self.bound_gradient == "inclusive",
+            return_codes=with_codes,
         )
 
     def _view(self, p: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -222,13 +248,7 @@ class Quantizer(nn.Module):
         return torch.round(self.n_levels * torch.clamp((x - lo) / (hi - lo), 0, 1))
 
     def _decode(self, codes, lower, scale, mode) -> torch.Tensor:
-        v_tilde = codes.float() / self.n_levels
-        s = self._view(scale, codes)
-        if mode == MODE_WEIGHT:
-            return s * 2 * (v_tilde - 0.5)
-        if mode == MODE_UNSIGNED:
-            return s * v_tilde
-        return self._view(lower, codes) + s * v_tilde
+        return decode_codes(codes, lower, scale, self.bits, mode, self.per_channel)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.enabled:
@@ -237,7 +257,13 @@ class Quantizer(nn.Module):
             # No calibration was run: initialise from the first tensor seen (EWGS does
             # the same on its first training batch).
             self.init_from(x)
-        return self._fake_quant(x)
+        sink = getattr(_code_capture, "sink", None)
+        if sink is None:
+            return self._fake_quant(x)
+        out, codes = self._fake_quant(x, with_codes=True)
+        if codes is not None:
+            sink[output_key(out)] = codes
+        return out
 
     def extra_repr(self) -> str:
         sign = {True: "signed", False: "unsigned", None: "auto-sign"}[self.signed]
@@ -385,9 +411,9 @@ class LSQQuantizer(Quantizer):
         self._resize(tuple(mean_abs.shape))
         self.scale.copy_((2 * mean_abs / math.sqrt(self.qrange[1])).clamp_min(1e-8))
 
-    def _fake_quant(self, x):
+    def _fake_quant(self, x, with_codes: bool = False):
         self._numel = x[0].numel() if self.per_channel else x.numel()
-        return super()._fake_quant(x)
+        return super()._fake_quant(x, with_codes)
 
     def _affine(self):
         qn, qp = self.qrange
