@@ -63,7 +63,7 @@ def main(args) -> int:
     from detectron2.modeling import build_model
     from detectron2.utils.logger import setup_logger
 
-    from qdet.engine.checks import check_datasets, missing_checkpoint_message
+    from qdet.engine.checks import check_datasets, require_trained_weights
     from qdet.engine.stages import load_config
     from qdet.export import OnnxRetinaNet, export_onnx, save_packed_weights, verify
 
@@ -74,14 +74,8 @@ def main(args) -> int:
     cfg.defrost()
     cfg.MODEL.DEVICE = "cpu"  # onnxruntime's CPU provider is the reference
     cfg.freeze()
+    require_trained_weights(cfg, "to export")
     weights = cfg.MODEL.WEIGHTS
-    if not weights or not os.path.isfile(weights):
-        raise FileNotFoundError(
-            missing_checkpoint_message("MODEL.WEIGHTS", weights)
-            if weights
-            else "MODEL.WEIGHTS is empty: give the trained checkpoint to export "
-            "(MODEL.WEIGHTS path/to/model_final.pth)"
-        )
     check_datasets(cfg.DATASETS.TEST[:1])
     model = build_model(cfg).eval()
     DetectionCheckpointer(model).load(weights)

@@ -66,7 +66,7 @@ def main(args) -> dict:
     from detectron2.utils.logger import setup_logger
     from tabulate import tabulate
 
-    from qdet.engine.checks import check_datasets, missing_checkpoint_message
+    from qdet.engine.checks import check_datasets, require_trained_weights
     from qdet.engine.predict import list_images, split_config_overrides
     from qdet.engine.stages import load_config
     from qdet.quantization.ranges import plot_ranges, quantizer_ranges
@@ -77,14 +77,8 @@ def main(args) -> dict:
     inputs, opts = split_config_overrides(args.input or [], args.opts)
     files = list_images(inputs)[: args.num_images] if inputs else None
     cfg = load_config(args.config_file, opts)
+    require_trained_weights(cfg, "whose ranges to plot")
     weights = cfg.MODEL.WEIGHTS
-    if not weights:
-        raise ValueError(
-            "MODEL.WEIGHTS is empty: give the trained checkpoint whose ranges to plot "
-            "(MODEL.WEIGHTS path/to/model_final.pth)"
-        )
-    if not os.path.isfile(weights):
-        raise FileNotFoundError(missing_checkpoint_message("MODEL.WEIGHTS", weights))
     model = build_model(cfg).eval()
     DetectionCheckpointer(model).load(weights)
     if files is None:

@@ -62,6 +62,20 @@ def check_weights(cfg: CfgNode, resume: bool = False) -> None:
     raise FileNotFoundError(missing_checkpoint_message("MODEL.WEIGHTS", weights))
 
 
+def require_trained_weights(cfg: CfgNode, purpose: str) -> None:
+    """MODEL.WEIGHTS names a checkpoint that exists (or a URL): the tools that use a trained
+    model (export, predict, quantizer ranges). ``purpose`` ends the empty-key message,
+    e.g. "to export"."""
+    weights = cfg.MODEL.WEIGHTS
+    if not weights:
+        raise ValueError(
+            f"MODEL.WEIGHTS is empty: give the trained checkpoint {purpose} "
+            "(MODEL.WEIGHTS path/to/model_final.pth)"
+        )
+    if "://" not in weights and not os.path.isfile(weights):
+        raise FileNotFoundError(missing_checkpoint_message("MODEL.WEIGHTS", weights))
+
+
 def check_datasets(names) -> None:
     """Every dataset is registered and, where its metadata names files, they exist."""
     registered = DatasetCatalog.list()

@@ -109,21 +109,15 @@ def build_panel_model(
     """Detectron2's ``DefaultPredictor`` for ``cfg`` (its resize, input format, checkpoint);
     with ``onnx``, the network runs in onnxruntime from that file and ``cfg``'s model only
     pre- and post-processes (``qdet.export.OnnxRetinaNet``), so its weights are optional."""
-    from qdet.engine.checks import missing_checkpoint_message
+    from qdet.engine.checks import require_trained_weights
 
     cfg = cfg.clone()
     cfg.defrost()
     # What Detectron2's demo sets: every head's test threshold.
     cfg.MODEL.RETINANET.SCORE_THRESH_TEST = confidence_threshold
     cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST = confidence_threshold
-    weights = cfg.MODEL.WEIGHTS
-    if weights and not os.path.isfile(weights) and "://" not in weights:
-        raise FileNotFoundError(missing_checkpoint_message("MODEL.WEIGHTS", weights))
-    if not weights and onnx is None:
-        raise ValueError(
-            "MODEL.WEIGHTS is empty: give the trained checkpoint to run "
-            "(MODEL.WEIGHTS path/to/model_final.pth)"
-        )
+    if onnx is None or cfg.MODEL.WEIGHTS:
+        require_trained_weights(cfg, "to run")
     if onnx is not None and not os.path.isfile(onnx):
         raise FileNotFoundError(
             f"--onnx {onnx!r} does not exist; tools/export_onnx.py writes it "

@@ -20,11 +20,6 @@ from qdet.quantization.functional import MODE_WEIGHT
 from qdet.quantization.quantizers import Quantizer
 
 
-def _per_element(p: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """A per-channel parameter (one value per output channel) viewed to broadcast over x."""
-    return p.view(-1, *([1] * (x.dim() - 1))) if p.numel() > 1 else p
-
-
 @torch.no_grad()
 def quantizer_ranges(model: nn.Module, batches: Iterable) -> list[dict]:
     """Run ``model`` on ``batches`` and return one record per quantizer: name, kind, bits,
@@ -53,8 +48,8 @@ def quantizer_ranges(model: nn.Module, batches: Iterable) -> list[dict]:
             half = (upper - lower) / (2 * module.n_levels)
             counts[name] += torch.tensor(
                 [
-                    (x < _per_element(lower - half, x)).sum().item(),
-                    (x > _per_element(upper + half, x)).sum().item(),
+                    (x < module._view(lower - half, x)).sum().item(),
+                    (x > module._view(upper + half, x)).sum().item(),
                     x.numel(),
                     1,
                 ],
