@@ -86,6 +86,13 @@ METHODS["datafree_no_bns"] = (
     ("ZEROSHOT.BNS_WEIGHT", "0.0"),
 )
 METHODS["datafree_no_task"] = ("data-free, no task term", DATAFREE, ("ZEROSHOT.TASK_WEIGHT", "0.0"))
+# The control for both: the generator's weights stay at their random init (Adam at lr 0;
+# its BN layers still normalise each batch), so the student sees untrained noise images.
+METHODS["datafree_untrained"] = (
+    "data-free, generator never trained",
+    DATAFREE,
+    ("ZEROSHOT.BASE_LR", "0.0"),
+)
 ONE_WIDTH = ("inclusive", "ewgs")  # single-change checks: run at --check-bits only
 CURVES = ("fp", "baseline_4bit", "qfd_4bit")  # evaluated during training on the first seed
 CURVE_EVALS = 6
