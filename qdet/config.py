@@ -61,8 +61,9 @@ def add_qdet_config(cfg: CN) -> CN:
     # TARGETS always signed, the inputs being LayerNorm / attention / GELU outputs),
     # "signed" or "unsigned".
     cfg.QUANT.ACT_SIGNED = "auto"
-    # Autograd keeps quantized layers' fake-quantized inputs and weights for backward as
-    # uint8 codes (qdet.quantization.layers.saved_as_codes): same gradients, less memory.
+    # Autograd keeps quantized layers' fake-quantized inputs for backward as uint8 codes
+    # and their weights not at all (rebuilt from the parameter; qdet.quantization.saved):
+    # same gradients, less memory.
     cfg.QUANT.SAVE_CODES = True
     # Training batches used to initialise the quantizers before the first step.
     cfg.QUANT.CALIB_BATCHES = 4

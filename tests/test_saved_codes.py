@@ -14,6 +14,7 @@ from qdet.quantization import quantize_model
 from qdet.quantization.functional import MODE_SIGNED, MODE_UNSIGNED, MODE_WEIGHT
 from qdet.quantization.per_level import PerLevelQuantizer
 from qdet.quantization.quantizers import UniformQuantizer
+from qdet.quantization.saved import reuse_quantized_weights_within
 
 
 def _small_net(method: str, per_channel: bool = False) -> nn.Module:
@@ -74,17 +75,21 @@ def _saved_bytes(net, x) -> tuple[int, list[torch.dtype]]:
 
 @pytest.mark.parametrize("per_channel", [False, True])
 @pytest.mark.parametrize("method", ["uniform", "ewgs", "lsq"])
-def test_inputs_are_saved_as_uint8_and_outer_hooks_still_see_everything(method, per_channel):
+def test_inputs_are_saved_as_uint8_weights_not_at_all_and_outer_hooks_see_everything(
+    method, per_channel
+):
     compact = _small_net(method, per_channel)
     plain = _float_saving_copy(compact)
     x = torch.randn(4, 3, 6, 6)
     bytes_c, dtypes_c = _saved_bytes(compact, x)
     bytes_p, dtypes_p = _saved_bytes(plain, x)
     assert torch.uint8 in dtypes_c and torch.uint8 not in dtypes_p
-    # Three quantized inputs and three weights of 4 bytes per element become 1 byte each.
-    elements = x.numel() + 4 * 8 * 6 * 6 + 4 * 8 * 6 * 6  # inputs of conv, conv, linear
-    elements += 8 * 3 * 9 + 8 * 8 * 9 + 5 * 8 * 6 * 6  # their weights
-    assert bytes_p - bytes_c == 3 * elements
+    # Three quantized inputs of 4 bytes per element become 1 byte each; the three
+    # fake-quantized weights (4 bytes each) are not kept at all (rebuilt from the parameter,
+    # which both nets keep: the weight quantizer saves it).
+    inputs = x.numel() + 4 * 8 * 6 * 6 + 4 * 8 * 6 * 6  # of conv, conv, linear
+    weights = 8 * 3 * 9 + 8 * 8 * 9 + 5 * 8 * 6 * 6
+    assert bytes_p - bytes_c == 3 * inputs + 4 * weights
 
 
 def test_decode_uses_the_parameters_of_the_forward_even_if_they_change():
@@ -96,6 +101,17 @@ def test_decode_uses_the_parameters_of_the_forward_even_if_they_change():
     with torch.no_grad():
         q.upper.mul_(2)  # after the forward, e.g. the next level of a shared head
     torch.testing.assert_close(decode(encode(x_q)), x_q, rtol=0, atol=0)
+
+
+def test_weight_changed_in_place_before_backward_is_an_error():
+    """The fake-quantized weight is rebuilt from the parameter in backward, so a step taken
+    between forward and backward would silently change the gradient; it raises instead."""
+    net = _small_net("uniform")
+    loss = net(torch.randn(2, 3, 6, 6)).square().sum()
+    with torch.no_grad():
+        net[4].weight.add_(1.0)
+    with pytest.raises(RuntimeError, match="modified in place between forward and backward"):
+        loss.backward()
 
 
 def test_per_level_quantizer_reports_the_level_that_served_the_last_call():
@@ -177,3 +193,63 @@ def test_fused_codes_and_their_decoding_are_exact(backend, mode):
             assert torch.equal(QF.decode_codes(codes, lo, s, 3, mode, per_channel), out)
     finally:
         QF.set_backend("eager")
+
+
+class _SharedHead(nn.Module):
+    """Two quantized convs run on every level, as RetinaNet's head."""
+
+    def __init__(self):
+        super().__init__()
+        self.subnet = nn.Sequential(
+            nn.Conv2d(4, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1)
+        )
+        quantize_model(self, 4, 4, exclude=[])
+
+    def forward(self, levels):
+        return [self.subnet(x) for x in levels]
+
+
+def _head_pair():
+    torch.manual_seed(0)
+    plain = _SharedHead()
+    plain([torch.randn(2, 4, 8, 8)])  # initialise the quantizers
+    reusing = copy.deepcopy(plain)
+    reuse_quantized_weights_within(reusing)
+    return plain, reusing
+
+
+def _head_grads(head, levels):
+    head.zero_grad()
+    loss = sum(y.square().sum() for y in head(levels))
+    loss.backward()
+    return loss.detach(), [p.grad.clone() for p in head.parameters()]
+
+
+def test_a_layer_run_per_level_quantizes_its_weight_once_with_the_same_gradients():
+    plain, reusing = _head_pair()
+    calls = []
+    for conv in reusing.subnet[0], reusing.subnet[2]:
+        conv.weight_quantizer.register_forward_hook(lambda *_: calls.append(1))
+    levels = [torch.randn(2, 4, s, s) for s in (8, 4, 2)]
+    loss_p, grads_p = _head_grads(plain, levels)
+    loss_r, grads_r = _head_grads(reusing, levels)
+    assert len(calls) == 2  # two convs, three levels: once per conv
+    assert torch.equal(loss_p, loss_r)
+    for gp, gr in zip(grads_p, grads_r, strict=True):
+        torch.testing.assert_close(gr, gp, rtol=1e-6, atol=1e-7)
+
+
+def test_weight_reuse_ends_with_the_call_and_follows_parameter_changes():
+    _, head = _head_pair()
+    levels = [torch.randn(2, 4, 8, 8), torch.randn(2, 4, 4, 4)]
+    # Two backward passes without a step between (gradient accumulation): the second call
+    # must not reuse the first call's quantized weight, whose graph was freed.
+    _head_grads(head, levels)
+    loss_1, _ = _head_grads(head, levels)
+    with torch.no_grad():
+        head.subnet[0].weight.mul_(2)
+    loss_2, _ = _head_grads(head, levels)
+    with torch.no_grad():
+        head.subnet[0].weight.div_(2)
+    loss_3, _ = _head_grads(head, levels)
+    assert not torch.equal(loss_1, loss_2) and torch.equal(loss_1, loss_3)

@@ -10,6 +10,7 @@ from detectron2.modeling.meta_arch.dense_detector import permute_to_N_HWA_K
 from qdet.modeling.quantized import QuantizedDetectorMixin, quantized_model_kwargs
 from qdet.quantization import QConv2d, build_quantizer
 from qdet.quantization.per_level import PerLevelQuantizer
+from qdet.quantization.saved import reuse_quantized_weights_within
 
 
 @META_ARCH_REGISTRY.register()
@@ -41,6 +42,9 @@ class QuantRetinaNet(QuantizedDetectorMixin, RetinaNet):
         self.setup_quantization(quant, save_codes, feature_tap, feature_bits, feature_signed)
         if quant and head_per_level_act:
             self._per_level_head_inputs(quant)
+        if quant:
+            # The head runs every conv once per FPN level: quantize its weights once.
+            reuse_quantized_weights_within(self.head)
 
     @classmethod
     def from_config(cls, cfg):

@@ -28,6 +28,8 @@ fall back to eager PyTorch elsewhere. ``QDET_QUANT_BACKEND`` = ``auto`` | ``comp
 
 from __future__ import annotations
 
+import contextlib
+import inspect
 import logging
 import os
 from collections.abc import Callable
@@ -159,18 +161,22 @@ def get_backend() -> str:
     return _BACKEND
 
 
-def _body(name: str, fn: Callable) -> Callable:
-    if _BACKEND == "eager":
-        return fn
-    if name not in _compiled:
-        _compiled[name] = torch.compile(fn, dynamic=True)
-    return _compiled[name] or fn
-
-
 # Graph variants: 3 output maps x (per tensor | per channel) x (STE | EWGS) x devices x
 # the n = 1 special case. Inputs are flattened first, so shapes add no variants; past
 # dynamo's default of 8 it would silently stop compiling.
 _RECOMPILE_LIMIT = 64
+# Newer torch takes the limit per compiled function (2.14 does); older torch only has the global
+# config, patched around each call (a context that costs about as much as the call).
+_PER_FUNCTION_LIMIT = "recompile_limit" in inspect.signature(torch.compile).parameters
+
+
+def _body(name: str, fn: Callable) -> Callable:
+    if _BACKEND == "eager":
+        return fn
+    if name not in _compiled:
+        limit = {"recompile_limit": _RECOMPILE_LIMIT} if _PER_FUNCTION_LIMIT else {}
+        _compiled[name] = torch.compile(fn, dynamic=True, **limit)
+    return _compiled[name] or fn
 
 
 def _run(name: str, fn: Callable, *args):
@@ -183,8 +189,13 @@ def _run(name: str, fn: Callable, *args):
     # new image size breaks them. A detached alias has no base. Only called where no
     # autograd graph is built (inside the Function's forward, or a first-order backward).
     args = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args)
+    limit = (
+        contextlib.nullcontext()
+        if _PER_FUNCTION_LIMIT
+        else torch._dynamo.config.patch(recompile_limit=_RECOMPILE_LIMIT)
+    )
     try:
-        with torch._dynamo.config.patch(recompile_limit=_RECOMPILE_LIMIT):
+        with limit:
             return compiled(*args)
     except Exception as e:  # noqa: BLE001 - any compiler failure means "use eager"
         if _BACKEND == "compile":

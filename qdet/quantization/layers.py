@@ -16,6 +16,7 @@ from detectron2.layers import Conv2d
 from torch import nn
 
 from qdet.quantization.quantizers import Quantizer, build_quantizer, capturing_codes, output_key
+from qdet.quantization.saved import SavedActivation, quantized_weight, saving_compactly
 
 
 def _make_quantizers(
@@ -30,95 +31,22 @@ def _make_quantizers(
     )
 
 
-@contextlib.contextmanager
-def saved_as_codes(*pairs: tuple):
-    """Inside, autograd keeps each ``(quantizer, x_q[, codes])``'s fake-quantized tensor as
-    uint8 codes.
-
-    The conv / matmul saves its input and weight for backward. Both are ``l + s k / n``
-    for integer codes k in 0..n (n = 2^b - 1 <= 255), so they are stored as k (1 byte, not
-    4) and rebuilt in backward in one fused pass with the forward's arithmetic and the
-    quantizer's parameters of that forward. ``codes``, when given, are the codes the
-    quantizer produced in its own forward pass (:func:`capturing_codes`), so saving costs
-    no extra pass; without them the codes are computed from ``x_q`` when it is saved.
-    The quantizers themselves save only their FP inputs, which the FP layer saves too:
-    per layer, QAT keeps about 1.25x what FP keeps instead of 2x (SPEC, "memory blow-up").
-    """
-    codecs = {}
-    for quantizer, x_q, *given in pairs:
-        q = quantizer.last_used
-        if torch.is_grad_enabled() and x_q.requires_grad and q.enabled and x_q.is_contiguous():
-            codes = given[0] if given else None
-            codecs[(x_q.data_ptr(), x_q.dtype, x_q.numel())] = (x_q, *q.codec(), codes)
-    if not codecs:
-        yield
-        return
-    # Compose with any hooks already active (activation checkpointing, offloading, a
-    # benchmark's accounting): autograd applies only the innermost pair.
-    outer = _current_saved_tensors_hooks()
-    outer_pack, outer_unpack = outer if outer else (_identity, _identity)
-
-    def pack(t: torch.Tensor):
-        codec = codecs.get((t.data_ptr(), t.dtype, t.numel()))
-        if codec is None:
-            return outer_pack(t)
-        x_q, encode, decode, codes = codec
-        if codes is None:
-            codes = encode(x_q).to(torch.uint8)
-        # The op may save a view of x_q (F.linear: the transposed weight). Codes and
-        # decoding stay in x_q's layout (a per-channel step runs along x_q's dim 0); the
-        # view is taken again after decoding.
-        same = t.shape == x_q.shape and t.stride() == x_q.stride()
-        view = None if same else (tuple(t.shape), t.stride())
-        return _Codes(outer_pack(codes.view(x_q.shape)), decode, t.dtype, view)
-
-    def unpack(packed):
-        if isinstance(packed, _Codes):
-            values = packed.decode(outer_unpack(packed.codes)).to(packed.dtype)
-            return values if packed.view is None else values.as_strided(*packed.view)
-        return outer_unpack(packed)
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
-        yield
-
-
 def quantized_operands(layer: nn.Module, x: torch.Tensor):
     """``(x_q, w_q, context)``: the layer's fake-quantized input and weight (cast to the
     autocast dtype, so the op saves the very tensors held here) and the context to run
-    its op in: :func:`saved_as_codes` with the codes the quantizers made in their own
-    pass when the layer saves codes and autograd records, else a no-op."""
+    its op in: when the layer saves codes and autograd records,
+    :func:`qdet.quantization.saved.saving_compactly` (the input as the codes its quantizer
+    made in its own pass, the weight rebuilt from the parameter), else a no-op."""
     dtype = _autocast_dtype(x)
-    wanted = layer.save_codes and torch.is_grad_enabled()
-    with capturing_codes() if wanted else contextlib.nullcontext() as sink:
+    saving = layer.save_codes and torch.is_grad_enabled()
+    with capturing_codes() if saving else contextlib.nullcontext() as sink:
         x_f = layer.input_quantizer(x)
-        w_f = layer.weight_quantizer(layer.weight)
-    x_q, w_q = x_f.to(dtype), w_f.to(dtype)
-    if not wanted:
+    x_q = x_f.to(dtype)
+    w_q, weight_record = quantized_weight(layer, dtype, saving)
+    if not saving:
         return x_q, w_q, contextlib.nullcontext()
-    pairs = (
-        (layer.input_quantizer, x_q, sink.get(output_key(x_f))),
-        (layer.weight_quantizer, w_q, sink.get(output_key(w_f))),
-    )
-    return x_q, w_q, saved_as_codes(*pairs)
-
-
-class _Codes:
-    """A saved tensor as codes: ``decode(codes).to(dtype)``, then ``as_strided(*view)``
-    when the op saved a view of the quantized tensor."""
-
-    __slots__ = ("codes", "decode", "dtype", "view")
-
-    def __init__(self, codes, decode, dtype, view):
-        self.codes, self.decode, self.dtype, self.view = codes, decode, dtype, view
-
-
-def _identity(t):
-    return t
-
-
-def _current_saved_tensors_hooks():
-    top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
-    return top(False) if top is not None else None
+    input_record = SavedActivation(layer.input_quantizer, x_q, sink.get(output_key(x_f)))
+    return x_q, w_q, saving_compactly([input_record, weight_record])
 
 
 def _autocast_dtype(x: torch.Tensor) -> torch.dtype:
@@ -180,7 +108,7 @@ class QConv2d(Conv2d):
         )
         return q.to(conv.weight.device)
 
-    save_codes = True  # see saved_as_codes; False keeps float tensors for backward
+    save_codes = True  # see qdet.quantization.saved; False keeps float tensors for backward
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x_q, w_q, saving = quantized_operands(self, x)
@@ -229,7 +157,7 @@ class QLinear(nn.Linear):
         )
         return q.to(linear.weight.device)
 
-    save_codes = True  # see saved_as_codes; False keeps float tensors for backward
+    save_codes = True  # see qdet.quantization.saved; False keeps float tensors for backward
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x_q, w_q, saving = quantized_operands(self, x)

@@ -58,8 +58,8 @@ _code_capture = threading.local()
 def capturing_codes() -> Iterator[dict]:
     """Inside, every quantizer call also produces its output's integer codes in the same
     fused pass, collected as ``{(data_ptr, numel) of the output: uint8 codes}`` (see
-    :func:`qdet.quantization.layers.saved_as_codes`). Quantizers without a fused code
-    path (the quantized ReLU) add nothing."""
+    :mod:`qdet.quantization.saved`). Quantizers without a fused code path
+    (the quantized ReLU) add nothing."""
     outer = getattr(_code_capture, "sink", None)
     _code_capture.sink = sink = {}
     try:
@@ -237,6 +237,22 @@ class Quantizer(nn.Module):
             lambda x: self._encode(x, lower, upper),
             lambda codes: self._decode(codes, lower, scale, mode),
         )
+
+    @torch.no_grad()
+    def frozen_map(self) -> Callable[[torch.Tensor], torch.Tensor]:
+        """``x -> fake-quantized x`` (no autograd) frozen at this moment's l, u, scale: for
+        the tensor this quantizer was just given, it returns its output again, bit for bit
+        (the same op and arithmetic)."""
+        lower, upper, scale, mode = self._affine()
+        lower, upper, scale = (t.detach().clone() for t in (lower, upper, scale))
+
+        def fake_quantized(x: torch.Tensor) -> torch.Tensor:
+            with torch.no_grad():
+                return fake_quantize(
+                    x, lower, upper, scale, self.bits, mode, None, self.per_channel
+                )
+
+        return fake_quantized
 
     @property
     def last_used(self) -> Quantizer:
