@@ -95,6 +95,23 @@ def test_quant_retinanet_quantizes_and_trains():
     assert all(torch.isfinite(v) for v in losses.values())
 
 
+@pytest.mark.parametrize("freeze_with_weights", [False, True])
+def test_quantizers_of_frozen_stages_train_unless_frozen_with_their_weights(freeze_with_weights):
+    torch.manual_seed(0)
+    cfg = _cfg("QUANT.ENABLED", "True", "MODEL.BACKBONE.FREEZE_AT", "2")
+    cfg.QUANT.FREEZE_WITH_WEIGHTS = freeze_with_weights
+    model = build_model(cfg)
+    model.train()
+    with EventStorage(0):
+        losses = model(_batch())
+    sum(losses.values()).backward()
+    res2, res3 = model.backbone.bottom_up.res2[0].conv1, model.backbone.bottom_up.res3[0].conv1
+    assert not res2.weight.requires_grad and res3.input_quantizer.upper.grad is not None
+    for p in (res2.input_quantizer.upper, res2.weight_quantizer.scale):
+        assert p.requires_grad != freeze_with_weights
+        assert (p.grad is None) == freeze_with_weights
+
+
 def test_per_level_head_quantizers_see_their_own_level():
     from qdet.quantization.per_level import PerLevelQuantizer
 

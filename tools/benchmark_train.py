@@ -11,7 +11,9 @@
 
 Each variant is Detectron2's RetinaNet (FPN and head with BN, as qdet's COCO configs):
 "fp" the plain model; "qat" the same with every conv but the stem and the predictors
-quantized (W4/A4, calibrated); "qfd" the QAT model plus the frozen FP teacher's forward and
+quantized (W4/A4, calibrated); "qat_freeze_with_weights" with QUANT.FREEZE_WITH_WEIGHTS
+(res2's quantizers frozen with its weights, FREEZE_AT 2, so backward stops at res3 as
+FP's does); "qfd" the QAT model plus the frozen FP teacher's forward and
 the QFD loss on p3; "brevitas" the FP model with the same convs as Brevitas W4/A4 layers
 (tools/bench_peers.py; skipped with a note when brevitas is not installed). One step is
 forward, backward and an SGD update on a fixed batch with random boxes; the variants run
@@ -66,7 +68,7 @@ def build_vitdet(device: str, quantized: bool, size: int):
     return build_model(cfg)
 
 
-def build(depth: int, device: str, quantized: bool, feature_tap: str = ""):
+def build(depth: int, device: str, quantized: bool, feature_tap: str = "", **quant_keys):
     cfg = add_qdet_config(get_cfg())
     cfg.merge_from_file(BASE)
     cfg.MODEL.DEVICE = device
@@ -76,6 +78,8 @@ def build(depth: int, device: str, quantized: bool, feature_tap: str = ""):
     cfg.MODEL.FPN.NORM = cfg.MODEL.RETINANET.NORM = "BN"
     cfg.QUANT.ENABLED = quantized
     cfg.QUANT.FEATURE_TAP = feature_tap
+    for key, value in quant_keys.items():
+        cfg.QUANT[key] = value
     torch.manual_seed(0)
     return build_model(cfg)
 
@@ -122,14 +126,16 @@ def variants(depth: int, device: str, batch: list[dict]) -> dict:
     fp = build(depth, device, quantized=False)
     qat = build(depth, device, quantized=True)
     qat.load_state_dict(fp.state_dict(), strict=False)
+    qat_frozen = build(depth, device, quantized=True, FREEZE_WITH_WEIGHTS=True)
+    qat_frozen.load_state_dict(fp.state_dict(), strict=False)
     qfd = build(depth, device, quantized=True)
     qfd.load_state_dict(fp.state_dict(), strict=False)
     teacher = build(depth, device, quantized=False, feature_tap="p3")
     teacher.load_state_dict(fp.state_dict(), strict=False)
-    for model in (qat, qfd, teacher):
+    for model in (qat, qat_frozen, qfd, teacher):
         calibrate(model, [batch], num_batches=1)
     qfd.attach_distiller(Distiller(qfd, teacher, [TermSpec("qfd", ["p3"], 1.0)]))
-    models = {"fp": fp, "qat": qat, "qfd": qfd}
+    models = {"fp": fp, "qat": qat, "qat_freeze_with_weights": qat_frozen, "qfd": qfd}
     if brevitas_version():
         brevitas = build(depth, device, quantized=False)
         brevitas.load_state_dict(fp.state_dict())

@@ -17,6 +17,7 @@ def quantized_model_kwargs(cfg: CfgNode) -> dict:
     return {
         "quant": quantize_kwargs(cfg) if cfg.QUANT.ENABLED else None,
         "save_codes": cfg.QUANT.SAVE_CODES,
+        "freeze_with_weights": cfg.QUANT.FREEZE_WITH_WEIGHTS,
         "feature_tap": cfg.QUANT.FEATURE_TAP,
         "feature_bits": cfg.QUANT.FEATURE_BITS,
         "feature_signed": cfg.QUANT.FEATURE_SIGNED,
@@ -31,6 +32,8 @@ class QuantizedDetectorMixin:
     ``feature_signed`` is False) on that tap's output (a backbone output or a module path,
     :mod:`qdet.distill.taps`), seen by the rest of the model and by a distilling student
     (QFD's teacher stage).
+    ``freeze_with_weights`` (``QUANT.FREEZE_WITH_WEIGHTS``): a quantized layer whose weight
+    is frozen (``MODEL.BACKBONE.FREEZE_AT``) keeps its quantizers at their calibration too.
     A :class:`qdet.distill.Distiller` attached with :meth:`attach_distiller` adds its terms
     to the training losses (:meth:`distill_losses`); with its ``label_free`` set they are
     the only losses.
@@ -46,11 +49,15 @@ class QuantizedDetectorMixin:
         feature_tap: str = "",
         feature_bits: int = 8,
         feature_signed: bool = True,
+        freeze_with_weights: bool = False,
     ) -> None:
         self.quantized_layers = quantize_model(self, **quant) if quant else []
         for layer in self.modules():
             if isinstance(layer, QUANTIZED_LAYERS):
                 layer.save_codes = save_codes
+                if freeze_with_weights and not layer.weight.requires_grad:
+                    for quantizer in (layer.weight_quantizer, layer.input_quantizer):
+                        quantizer.requires_grad_(False)
         self.feature_tap = feature_tap
         if feature_tap:
             try:

@@ -30,10 +30,13 @@ class QuantMaskRCNN(QuantizedDetectorMixin, GeneralizedRCNN):
         feature_tap: str = "",
         feature_bits: int = 8,
         feature_signed: bool = True,
+        freeze_with_weights: bool = False,
         **kwargs,
     ):
         super().__init__(**kwargs)
-        self.setup_quantization(quant, save_codes, feature_tap, feature_bits, feature_signed)
+        self.setup_quantization(
+            quant, save_codes, feature_tap, feature_bits, feature_signed, freeze_with_weights
+        )
 
     @classmethod
     def from_config(cls, cfg):

@@ -36,10 +36,13 @@ class QuantRetinaNet(QuantizedDetectorMixin, RetinaNet):
         feature_tap: str = "",
         feature_bits: int = 8,
         feature_signed: bool = True,
+        freeze_with_weights: bool = False,
         **kwargs,
     ):
         super().__init__(**kwargs)
-        self.setup_quantization(quant, save_codes, feature_tap, feature_bits, feature_signed)
+        self.setup_quantization(
+            quant, save_codes, feature_tap, feature_bits, feature_signed, freeze_with_weights
+        )
         if quant and head_per_level_act:
             self._per_level_head_inputs(quant)
         if quant:
