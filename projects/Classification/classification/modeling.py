@@ -123,6 +123,7 @@ class QuantClassifier(QuantizedDetectorMixin, nn.Module):
         feature_tap: str = "",
         feature_bits: int = 8,
         feature_signed: bool = True,
+        freeze_with_weights: bool = False,
     ):
         super().__init__()
         self.backbone = backbone
@@ -132,7 +133,9 @@ class QuantClassifier(QuantizedDetectorMixin, nn.Module):
         self.fc = nn.Linear(last.channels, num_classes)
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), False)
         self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1), False)
-        self.setup_quantization(quant, save_codes, feature_tap, feature_bits, feature_signed)
+        self.setup_quantization(
+            quant, save_codes, feature_tap, feature_bits, feature_signed, freeze_with_weights
+        )
 
     @classmethod
     def from_config(cls, cfg):
