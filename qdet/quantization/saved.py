@@ -83,14 +83,6 @@ def saving_compactly(records: list) -> Iterator[None]:
         yield
 
 
-def saved_as_codes(*pairs: tuple, weights: tuple = ()):
-    """:func:`saving_compactly` for ``(quantizer, x_q[, codes])`` activations and
-    ``(quantizer, w_q, weight)`` weights."""
-    records = [SavedActivation(q, x_q, given[0] if given else None) for q, x_q, *given in pairs]
-    records += [SavedWeight(q, w_q, w) for q, w_q, w in weights]
-    return saving_compactly(records)
-
-
 # -- one weight quantization per call of a module that reuses its layers ----------------
 _reuse = threading.local()
 
