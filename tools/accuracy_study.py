@@ -55,6 +55,13 @@ METHODS = {
         ("QUANT.BOUND_GRADIENT", "inclusive"),
     ),
     "ewgs": ("EWGS", DIGITS + "4bit_ewgs.yaml", ()),
+    # The speed option of README's "Training speed and memory": quantizers of frozen
+    # layers (FREEZE_AT) stay at calibration, so backward stops where FP's does.
+    "freeze_quantizers": (
+        "baseline, frozen layers' quantizers frozen",
+        DIGITS + "4bit_baseline.yaml",
+        ("QUANT.FREEZE_WITH_WEIGHTS", "True"),
+    ),
 }
 # Weights that make a term about 1/5 of the total loss at the start of the 4-bit fine-tune
 # (det losses about 0.38; each term measured at weight 1 over its first 40 iterations: fa
@@ -93,7 +100,11 @@ METHODS["datafree_untrained"] = (
     DATAFREE,
     ("ZEROSHOT.BASE_LR", "0.0"),
 )
-ONE_WIDTH = ("inclusive", "ewgs")  # single-change checks: run at --check-bits only
+ONE_WIDTH = (
+    "inclusive",
+    "ewgs",
+    "freeze_quantizers",
+)  # single-change checks: run at --check-bits only
 CURVES = ("fp", "baseline_4bit", "qfd_4bit")  # evaluated during training on the first seed
 CURVE_EVALS = 6
 
