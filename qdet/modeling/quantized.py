@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from detectron2.config import CfgNode
 
@@ -12,20 +14,38 @@ from qdet.quantization import UniformQuantizer, quantize_model
 from qdet.quantization.layers import QUANTIZED_LAYERS
 
 
+@dataclass
+class QuantizationSettings:
+    """What ``cfg.QUANT`` asks of a meta-architecture: one keyword for every model class,
+    so a new setting is added here and in :meth:`from_config` only."""
+
+    quant: dict | None = None  # quantize_model keywords; None: the model stays FP
+    save_codes: bool = True  # QUANT.SAVE_CODES
+    freeze_with_weights: bool = False  # QUANT.FREEZE_WITH_WEIGHTS
+    feature_tap: str = ""  # QUANT.FEATURE_TAP (QFD's teacher stage)
+    feature_bits: int = 8  # QUANT.FEATURE_BITS
+    feature_signed: bool = True  # QUANT.FEATURE_SIGNED
+
+    @classmethod
+    def from_config(cls, cfg: CfgNode) -> QuantizationSettings:
+        return cls(
+            quant=quantize_kwargs(cfg) if cfg.QUANT.ENABLED else None,
+            save_codes=cfg.QUANT.SAVE_CODES,
+            freeze_with_weights=cfg.QUANT.FREEZE_WITH_WEIGHTS,
+            feature_tap=cfg.QUANT.FEATURE_TAP,
+            feature_bits=cfg.QUANT.FEATURE_BITS,
+            feature_signed=cfg.QUANT.FEATURE_SIGNED,
+        )
+
+
 def quantized_model_kwargs(cfg: CfgNode) -> dict:
-    """The ``from_config`` keywords of :class:`QuantizedDetectorMixin`."""
-    return {
-        "quant": quantize_kwargs(cfg) if cfg.QUANT.ENABLED else None,
-        "save_codes": cfg.QUANT.SAVE_CODES,
-        "freeze_with_weights": cfg.QUANT.FREEZE_WITH_WEIGHTS,
-        "feature_tap": cfg.QUANT.FEATURE_TAP,
-        "feature_bits": cfg.QUANT.FEATURE_BITS,
-        "feature_signed": cfg.QUANT.FEATURE_SIGNED,
-    }
+    """The ``from_config`` keywords of a :class:`QuantizedDetectorMixin` model."""
+    return {"quantization": QuantizationSettings.from_config(cfg)}
 
 
 class QuantizedDetectorMixin:
-    """Mixed into a Detectron2 meta-architecture (``backbone`` attribute required).
+    """Mixed into a Detectron2 meta-architecture (``backbone`` attribute required), set up
+    by :meth:`setup_quantization` from a :class:`QuantizationSettings`:
 
     ``quant``: :func:`qdet.quantization.quantize_model` keywords, None for FP.
     ``feature_tap``: adds ``feature_quantizer``, an activation quantizer (signed unless
@@ -42,20 +62,14 @@ class QuantizedDetectorMixin:
     # Top-level modules whose outputs taps may read: a teacher runs only these for them.
     tap_roots: tuple[str, ...] = ("backbone",)
 
-    def setup_quantization(
-        self,
-        quant: dict | None,
-        save_codes: bool = True,
-        feature_tap: str = "",
-        feature_bits: int = 8,
-        feature_signed: bool = True,
-        freeze_with_weights: bool = False,
-    ) -> None:
+    def setup_quantization(self, settings: QuantizationSettings | None) -> None:
+        settings = settings or QuantizationSettings()
+        quant, feature_tap = settings.quant, settings.feature_tap
         self.quantized_layers = quantize_model(self, **quant) if quant else []
         for layer in self.modules():
             if isinstance(layer, QUANTIZED_LAYERS):
-                layer.save_codes = save_codes
-                if freeze_with_weights and not layer.weight.requires_grad:
+                layer.save_codes = settings.save_codes
+                if settings.freeze_with_weights and not layer.weight.requires_grad:
                     for quantizer in (layer.weight_quantizer, layer.input_quantizer):
                         quantizer.requires_grad_(False)
         self.feature_tap = feature_tap
@@ -68,7 +82,7 @@ class QuantizedDetectorMixin:
                 raise ValueError("QUANT.FEATURE_TAP: QFD quantizes a feature, not the logits")
             self.check_tap_path(tap.path)
             self.feature_quantizer = UniformQuantizer(
-                feature_bits, "activation", signed=feature_signed
+                settings.feature_bits, "activation", signed=settings.feature_signed
             )
             self.get_submodule(tap.path).register_forward_hook(self._quantize_feature(tap))
         self.distiller = None

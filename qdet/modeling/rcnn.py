@@ -6,7 +6,11 @@ from __future__ import annotations
 from detectron2.config import configurable
 from detectron2.modeling import META_ARCH_REGISTRY, GeneralizedRCNN
 
-from qdet.modeling.quantized import QuantizedDetectorMixin, quantized_model_kwargs
+from qdet.modeling.quantized import (
+    QuantizationSettings,
+    QuantizedDetectorMixin,
+    quantized_model_kwargs,
+)
 
 
 @META_ARCH_REGISTRY.register()
@@ -25,25 +29,19 @@ class QuantMaskRCNN(QuantizedDetectorMixin, GeneralizedRCNN):
     def __init__(
         self,
         *,
-        quant: dict | None = None,
-        save_codes: bool = True,
-        feature_tap: str = "",
-        feature_bits: int = 8,
-        feature_signed: bool = True,
-        freeze_with_weights: bool = False,
+        quantization: QuantizationSettings | None = None,
         **kwargs,
     ):
         super().__init__(**kwargs)
-        self.setup_quantization(
-            quant, save_codes, feature_tap, feature_bits, feature_signed, freeze_with_weights
-        )
+        self.setup_quantization(quantization)
 
     @classmethod
     def from_config(cls, cfg):
         ret = super().from_config(cfg)
         ret.update(quantized_model_kwargs(cfg))
-        if ret["quant"] and cfg.QUANT.TARGETS and cfg.QUANT.ACT_SIGNED == "auto":
-            ret["quant"]["act_signed"] = True
+        quant = ret["quantization"].quant
+        if quant and cfg.QUANT.TARGETS and cfg.QUANT.ACT_SIGNED == "auto":
+            quant["act_signed"] = True
         return ret
 
     def forward(self, batched_inputs):

@@ -7,7 +7,11 @@ from detectron2.config import configurable
 from detectron2.modeling import META_ARCH_REGISTRY, RetinaNet
 from detectron2.modeling.meta_arch.dense_detector import permute_to_N_HWA_K
 
-from qdet.modeling.quantized import QuantizedDetectorMixin, quantized_model_kwargs
+from qdet.modeling.quantized import (
+    QuantizationSettings,
+    QuantizedDetectorMixin,
+    quantized_model_kwargs,
+)
 from qdet.quantization import QConv2d, build_quantizer
 from qdet.quantization.per_level import PerLevelQuantizer
 from qdet.quantization.saved import reuse_quantized_weights_within
@@ -30,19 +34,13 @@ class QuantRetinaNet(QuantizedDetectorMixin, RetinaNet):
     def __init__(
         self,
         *,
-        quant: dict | None = None,
-        save_codes: bool = True,
+        quantization: QuantizationSettings | None = None,
         head_per_level_act: bool = False,
-        feature_tap: str = "",
-        feature_bits: int = 8,
-        feature_signed: bool = True,
-        freeze_with_weights: bool = False,
         **kwargs,
     ):
         super().__init__(**kwargs)
-        self.setup_quantization(
-            quant, save_codes, feature_tap, feature_bits, feature_signed, freeze_with_weights
-        )
+        self.setup_quantization(quantization)
+        quant = quantization.quant if quantization else None
         if quant and head_per_level_act:
             self._per_level_head_inputs(quant)
         if quant:

@@ -20,7 +20,11 @@ from detectron2.modeling import META_ARCH_REGISTRY, Backbone
 from detectron2.modeling.backbone.resnet import BasicBlock
 from torch import nn
 
-from qdet.modeling.quantized import QuantizedDetectorMixin, quantized_model_kwargs
+from qdet.modeling.quantized import (
+    QuantizationSettings,
+    QuantizedDetectorMixin,
+    quantized_model_kwargs,
+)
 
 CIFAR_BLOCKS = {"resnet20": 3, "resnet56": 9, "resnet110": 18}  # blocks per stage (6n + 2)
 ARCHS = (*CIFAR_BLOCKS, "resnet18")
@@ -118,12 +122,7 @@ class QuantClassifier(QuantizedDetectorMixin, nn.Module):
         num_classes: int,
         pixel_mean: list[float],
         pixel_std: list[float],
-        quant: dict | None = None,
-        save_codes: bool = True,
-        feature_tap: str = "",
-        feature_bits: int = 8,
-        feature_signed: bool = True,
-        freeze_with_weights: bool = False,
+        quantization: QuantizationSettings | None = None,
     ):
         super().__init__()
         self.backbone = backbone
@@ -133,9 +132,7 @@ class QuantClassifier(QuantizedDetectorMixin, nn.Module):
         self.fc = nn.Linear(last.channels, num_classes)
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), False)
         self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1), False)
-        self.setup_quantization(
-            quant, save_codes, feature_tap, feature_bits, feature_signed, freeze_with_weights
-        )
+        self.setup_quantization(quantization)
 
     @classmethod
     def from_config(cls, cfg):
