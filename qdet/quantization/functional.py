@@ -286,14 +286,7 @@ def fake_quantize(
     the same pass; :func:`decode_codes` turns them back into the output bit for bit.
     """
     n = 2**bits - 1
-    # Flatten (to 1-D, or channels x rest) so that one compiled graph serves every shape.
-    if per_channel:
-        flat = x.reshape(x.shape[0], -1)
-        lower, upper, scale = (p.view(-1, 1) for p in (lower, upper, scale))
-        reduce_dims = (1,)
-    else:
-        flat = x.reshape(-1)
-        reduce_dims = (0,)
+    flat, (lower, upper, scale), reduce_dims = _flattened(x, (lower, upper, scale), per_channel)
     if isinstance(delta, (int, float)):
         # A tensor delta (EWGS's buffer) is used as is: comparing it here would sync the GPU.
         delta = None if delta == 0 else torch.tensor(float(delta), device=x.device)
@@ -306,6 +299,32 @@ def fake_quantize(
     return out.view(x.shape), codes.view(x.shape)
 
 
+def _flattened(x: torch.Tensor, params: tuple, per_channel: bool):
+    """``x`` as 1-D (or channels x rest), the parameters shaped to broadcast over it, and
+    the dims a parameter's gradient sums over: one compiled graph then serves every shape."""
+    if per_channel:
+        return x.reshape(x.shape[0], -1), tuple(p.view(-1, 1) for p in params), (1,)
+    return x.reshape(-1), params, (0,)
+
+
+def fake_quantize_values(
+    x: torch.Tensor,
+    lower: torch.Tensor,
+    upper: torch.Tensor,
+    scale: torch.Tensor,
+    bits: int,
+    mode: int,
+    per_channel: bool = False,
+) -> torch.Tensor:
+    """``fake_quantize``'s values without autograd (no graph, nothing saved): the same
+    compiled forward on the same flattened layout, so bit for bit its output. What a
+    layer's backward rebuilds its fake-quantized weight with."""
+    flat, (lower, upper, scale), _ = _flattened(x, (lower, upper, scale), per_channel)
+    flat = flat.float() if flat.dtype in (torch.float16, torch.bfloat16) else flat
+    out = _run("forward", _forward_body, flat, lower, upper, scale, 2**bits - 1, mode)
+    return out.to(x.dtype).view(x.shape)
+
+
 def decode_codes(
     codes: torch.Tensor,
     lower: torch.Tensor,
@@ -316,10 +335,5 @@ def decode_codes(
 ) -> torch.Tensor:
     """The float32 values of ``fake_quantize``'s codes: one fused pass (compiled like the
     forward, flattened the same way, so the arithmetic is the forward's)."""
-    n = 2**bits - 1
-    if per_channel:
-        flat = codes.reshape(codes.shape[0], -1)
-        lower, scale = lower.view(-1, 1), scale.view(-1, 1)
-    else:
-        flat = codes.reshape(-1)
-    return _run("decode", _decode_body, flat, lower, scale, n, mode).view(codes.shape)
+    flat, (lower, scale), _ = _flattened(codes, (lower, scale), per_channel)
+    return _run("decode", _decode_body, flat, lower, scale, 2**bits - 1, mode).view(codes.shape)

@@ -23,6 +23,7 @@ from qdet.quantization.functional import (
     ScaleGradient,
     decode_codes,
     fake_quantize,
+    fake_quantize_values,
 )
 
 VALID_BITS = (1, 2, 3, 4, 5, 6, 7, 8, 32)
@@ -247,10 +248,7 @@ class Quantizer(nn.Module):
         lower, upper, scale = (t.detach().clone() for t in (lower, upper, scale))
 
         def fake_quantized(x: torch.Tensor) -> torch.Tensor:
-            with torch.no_grad():
-                return fake_quantize(
-                    x, lower, upper, scale, self.bits, mode, None, self.per_channel
-                )
+            return fake_quantize_values(x, lower, upper, scale, self.bits, mode, self.per_channel)
 
         return fake_quantized
 
