@@ -168,7 +168,8 @@ def test_codes_equal_float_saving_under_bfloat16_autocast(method, per_channel):
 @pytest.mark.parametrize("mode", [MODE_WEIGHT, MODE_UNSIGNED, MODE_SIGNED])
 def test_fused_codes_and_their_decoding_are_exact(backend, mode):
     """The codes from the forward pass are round(n clip((x - l) / (u - l), 0, 1)) (numpy,
-    written here), and decoding them gives the forward's output bit for bit."""
+    written here), and decoding them, or fake-quantizing again without autograd, gives the
+    forward's output bit for bit."""
     if backend == "compile":
         pytest.importorskip("torch._inductor")
     np = pytest.importorskip("numpy")
@@ -191,6 +192,14 @@ def test_fused_codes_and_their_decoding_are_exact(backend, mode):
             plain = QF.fake_quantize(x, lo, hi, s, 3, mode, per_channel=per_channel)
             assert torch.equal(out, plain)
             assert torch.equal(QF.decode_codes(codes, lo, s, 3, mode, per_channel), out)
+            # The weight rebuild of backward: no autograd, the same values bit for bit.
+            rebuilt = QF.fake_quantize_values(x, lo, hi, s, 3, mode, per_channel)
+            assert not rebuilt.requires_grad and torch.equal(rebuilt, out)
+            half = x.bfloat16().requires_grad_()
+            want_half = QF.fake_quantize(half, lo, hi, s, 3, mode, per_channel=per_channel)
+            got_half = QF.fake_quantize_values(half, lo, hi, s, 3, mode, per_channel)
+            assert got_half.dtype == torch.bfloat16 and not got_half.requires_grad
+            assert torch.equal(got_half, want_half.detach())
     finally:
         QF.set_backend("eager")
 

@@ -319,10 +319,11 @@ def fake_quantize_values(
     """``fake_quantize``'s values without autograd (no graph, nothing saved): the same
     compiled forward on the same flattened layout, so bit for bit its output. What a
     layer's backward rebuilds its fake-quantized weight with."""
-    flat, (lower, upper, scale), _ = _flattened(x, (lower, upper, scale), per_channel)
-    flat = flat.float() if flat.dtype in (torch.float16, torch.bfloat16) else flat
-    out = _run("forward", _forward_body, flat, lower, upper, scale, 2**bits - 1, mode)
-    return out.to(x.dtype).view(x.shape)
+    with torch.no_grad():
+        flat, (lower, upper, scale), _ = _flattened(x, (lower, upper, scale), per_channel)
+        flat = flat.float() if flat.dtype in (torch.float16, torch.bfloat16) else flat
+        out = _run("forward", _forward_body, flat, lower, upper, scale, 2**bits - 1, mode)
+        return out.to(x.dtype).view(x.shape)
 
 
 def decode_codes(
