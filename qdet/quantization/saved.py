@@ -111,14 +111,17 @@ def quantized_weight(layer: nn.Module, dtype: torch.dtype, saving: bool):
     stack = getattr(_reuse, "stack", None)
     cache = stack[-1] if stack else None
     quantizer = layer.weight_quantizer
+    state = _state(layer, dtype, saving) if cache is not None else None
     if cache is not None and layer in cache:
-        state, w_q, record = cache[layer]
-        if state == _state(layer, dtype, saving):
+        cached_state, w_q, record = cache[layer]
+        if cached_state == state:
             return w_q, record
     w_q = quantizer(layer.weight).to(dtype)
     record = SavedWeight(quantizer, w_q, layer.weight) if saving else None
     if cache is not None:
-        cache[layer] = (_state(layer, dtype, saving), w_q, record)
+        # The state checked before the call: if the call changed a parameter (calibration
+        # on first use), the next call quantizes again rather than reuse.
+        cache[layer] = (state, w_q, record)
     return w_q, record
 
 
