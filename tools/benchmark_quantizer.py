@@ -12,8 +12,11 @@ Per case it reports the median wall time over ``--repeats`` steps, after ``--war
 untimed steps (the compiled backend compiles on its first calls), with the implementations
 run round-robin so drift hits all alike; the bytes autograd saves for backward (unique
 storages, the input included when it is saved); on CUDA also the allocator's peak during
-the step above what was allocated before it (inputs excluded). Then two targets: ours
-(compiled) time <= 1.5x fused, and ours (compiled) memory <= 0.5x plain. Every number goes
+the step above what was allocated before it (inputs excluded). A plain copy of the same
+tensor runs in the same rounds: "GB/s" is a step's least traffic (5 passes over the
+tensor: x in, y out; gradient and x in, x's gradient out) over its time, against the
+copy's 2 passes. Then the targets: ours (compiled) time <= 1.5x fused, and ours
+(compiled) memory <= 0.5x plain; on CUDA also ours >= 0.7x the copy's bandwidth. Every number goes
 to ``--json`` too, with each implementation's largest difference from plain (y and x.grad);
 the fused kernel uses LSQ's grid (2^b levels, rounded zero point) and masks gradients by the
 rounded value, so it is a speed and memory reference, not a numerical one.
@@ -45,9 +48,15 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_peers import BREVITAS_NOTE, BrevitasConv, brevitas_version  # noqa: E402
 
 IMPLS = ("ours (compiled)", "ours (eager)", "plain", "fused")
+COPY = "copy (reference)"
 COLUMNS = (
-    "case|impl|time ms|time / fused|time / plain|saved MiB|saved / plain|peak MiB|peak / plain"
+    "case|impl|time ms|time / fused|time / plain|GB/s|GB/s / copy|saved MiB|saved / plain|"
+    "peak MiB|peak / plain"
 )
+# Bandwidth: a quantizer step must at least read x and write y (forward), read the output
+# gradient and x and write x's gradient (backward): 5 passes over the tensor; a copy 2.
+STEP_PASSES, COPY_PASSES = 5, 2
+BANDWIDTH_TARGET = 0.7  # ours (compiled) GB/s over the copy's, on CUDA
 RATIOS = (("time ms", "fused"), ("time ms", "plain"), ("saved MiB", "plain"), ("peak MiB", "plain"))
 TIME_TARGET, MEMORY_TARGET = 1.5, 0.5  # ours vs fused time, ours vs plain memory
 LAYER_TARGET = 1.05  # one quantized conv (compiled, code saving) vs the FP conv
@@ -114,6 +123,16 @@ def step(impl: str, inp: dict, bits: int, case: dict, on_start=lambda: None):
     return time.perf_counter() - start, y.detach(), x.grad
 
 
+def copy_step(inp: dict) -> float:
+    """One plain copy of the input, the bandwidth this device reaches on the tensor."""
+    sync = torch.cuda.synchronize if inp["x"].is_cuda else (lambda: None)
+    sync()
+    start = time.perf_counter()
+    inp["x"].clone()
+    sync()
+    return time.perf_counter() - start
+
+
 def memory(impl: str, inp: dict, bits: int, case: dict) -> tuple[dict, tuple]:
     """MiB saved for backward (each storage once) and, on CUDA, the step's peak."""
     saved: dict[int, int] = {}
@@ -139,14 +158,14 @@ def memory(impl: str, inp: dict, bits: int, case: dict) -> tuple[dict, tuple]:
 
 def bench_case(case: dict, device: str, bits: int, warmup: int, repeats: int) -> list[dict]:
     inp = make_inputs(case, bits, device)
-    times: dict[str, list[float]] = {impl: [] for impl in IMPLS}
+    times: dict[str, list[float]] = {impl: [] for impl in (*IMPLS, COPY)}
     errors: dict[str, str] = {}
     for i in range(warmup + repeats):
-        for impl in IMPLS:  # round-robin, so drift affects every implementation alike
+        for impl in (*IMPLS, COPY):  # round-robin, so drift affects every implementation alike
             if impl in errors:
                 continue
             try:
-                t = step(impl, inp, bits, case)[0]
+                t = copy_step(inp) if impl == COPY else step(impl, inp, bits, case)[0]
             except Exception as e:  # noqa: BLE001 - e.g. a kernel without fp16 support
                 errors[impl] = f"{type(e).__name__}: {e}".splitlines()[0][:200]
                 print(f"    {impl} failed: {errors[impl]}")
@@ -160,8 +179,16 @@ def bench_case(case: dict, device: str, bits: int, warmup: int, repeats: int) ->
             ts = [1e3 * t for t in times[impl]]
             mem, outputs[impl] = memory(impl, inp, bits, case)
             rows[impl].update({"time ms": statistics.median(ts), "all ms": ts, **mem})
+    tensor_gb = inp["x"].numel() * inp["x"].element_size() / 1e9
+    copy_ms = statistics.median(times[COPY]) * 1e3
+    rows[COPY] = {"case": case["name"], "impl": COPY, "time ms": copy_ms, "error": None}
+    rows[COPY]["GB/s"] = COPY_PASSES * tensor_gb / (copy_ms / 1e3)
+    for r in rows.values():
+        if r["impl"] != COPY and r.get("time ms"):
+            r["GB/s"] = STEP_PASSES * tensor_gb / (r["time ms"] / 1e3)
+            r["GB/s / copy"] = r["GB/s"] / rows[COPY]["GB/s"]
     for impl, r in rows.items():
-        for col, ref in RATIOS:  # e.g. "time / fused": time ms over fused's time ms
+        for col, ref in RATIOS if impl != COPY else ():  # "time / fused": over fused's
             a, b = r.get(col), rows[ref].get(col)
             r[f"{col.split()[0]} / {ref}"] = a / b if a is not None and b else None
         if impl in outputs and "plain" in outputs:  # how far the results are from plain's
@@ -173,13 +200,17 @@ def bench_case(case: dict, device: str, bits: int, warmup: int, repeats: int) ->
 
 
 def targets(rows: list[dict], device: str) -> list[dict]:
-    checks = [("time / fused", TIME_TARGET), ("saved / plain", MEMORY_TARGET)]
-    checks += [("peak / plain", MEMORY_TARGET)] if device == "cuda" else []
+    checks = [("time / fused", "<=", TIME_TARGET), ("saved / plain", "<=", MEMORY_TARGET)]
+    if device == "cuda":
+        checks += [("peak / plain", "<=", MEMORY_TARGET)]
+        checks += [("GB/s / copy", ">=", BANDWIDTH_TARGET)]
     out = []
     for r in (r for r in rows if r["impl"] == "ours (compiled)"):
-        for ratio, limit in checks:
-            ok = r[ratio] is not None and r[ratio] <= limit
-            out.append(dict(case=r["case"], target=f"{ratio} <= {limit}", value=r[ratio], ok=ok))
+        for ratio, op, limit in checks:
+            value = r.get(ratio)
+            ok = value is not None and (value <= limit if op == "<=" else value >= limit)
+            target = f"{ratio} {op} {limit}"
+            out.append(dict(case=r["case"], target=target, value=value, ok=ok))
     return out
 
 
