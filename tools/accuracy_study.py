@@ -55,8 +55,8 @@ METHODS = {
         ("QUANT.BOUND_GRADIENT", "inclusive"),
     ),
     "ewgs": ("EWGS", DIGITS + "4bit_ewgs.yaml", ()),
-    # The speed option of README's "Training speed and memory": quantizers of frozen
-    # layers (FREEZE_AT) stay at calibration, so backward stops where FP's does.
+    # qdet's default since the study of this row (README, "Training speed and memory"):
+    # quantizers of frozen layers (FREEZE_AT) stay at calibration.
     "freeze_quantizers": (
         "baseline, frozen layers' quantizers frozen",
         DIGITS + "4bit_baseline.yaml",
@@ -113,6 +113,11 @@ def method_bits(method: str, bits: list[int], check_bits: list[int]) -> list[int
     return [b for b in bits if b in check_bits] if method in ONE_WIDTH else bits
 
 
+# The recipe of README's tables, before a row's own overrides: the quantizers of layers
+# FREEZE_AT freezes train (QUANT.FREEZE_WITH_WEIGHTS was False by default then).
+RECIPE = ("QUANT.FREEZE_WITH_WEIGHTS", "False")
+
+
 def study_rows(methods: list[str], bits: list[int], check_bits: list[int]) -> list[StudyRow]:
     rows = [StudyRow("fp", "FP", DIGITS + "fp.yaml")]
     for b in bits:
@@ -120,7 +125,7 @@ def study_rows(methods: list[str], bits: list[int], check_bits: list[int]) -> li
             if b not in method_bits(m, bits, check_bits):
                 continue
             label, config, opts = METHODS[m]
-            opts = (*opts, "QUANT.W_BITS", str(b), "QUANT.A_BITS", str(b))
+            opts = (*RECIPE, *opts, "QUANT.W_BITS", str(b), "QUANT.A_BITS", str(b))
             rows.append(StudyRow(f"{m}_{b}bit", label, config, opts, f"{b}/{b}", init="fp"))
     return rows
 

@@ -11,9 +11,10 @@
 
 Each variant is Detectron2's RetinaNet (FPN and head with BN, as qdet's COCO configs):
 "fp" the plain model; "qat" the same with every conv but the stem and the predictors
-quantized (W4/A4, calibrated); "qat_freeze_with_weights" with QUANT.FREEZE_WITH_WEIGHTS
-(res2's quantizers frozen with its weights, FREEZE_AT 2, so backward stops at res3 as
-FP's does); "qfd" the QAT model plus the frozen FP teacher's forward and
+quantized (W4/A4, calibrated; res2's quantizers frozen with its weights, FREEZE_AT 2 and
+QUANT.FREEZE_WITH_WEIGHTS, so backward stops at res3 as FP's does);
+"qat_frozen_layers_quantizers_train" with QUANT.FREEZE_WITH_WEIGHTS False (res2's
+quantizers train); "qfd" the QAT model plus the frozen FP teacher's forward and
 the QFD loss on p3; "brevitas" the FP model with the same convs as Brevitas W4/A4 layers
 (tools/bench_peers.py; skipped with a note when brevitas is not installed). One step is
 forward, backward and an SGD update on a fixed batch with random boxes; the variants run
@@ -126,16 +127,16 @@ def variants(depth: int, device: str, batch: list[dict]) -> dict:
     fp = build(depth, device, quantized=False)
     qat = build(depth, device, quantized=True)
     qat.load_state_dict(fp.state_dict(), strict=False)
-    qat_frozen = build(depth, device, quantized=True, FREEZE_WITH_WEIGHTS=True)
-    qat_frozen.load_state_dict(fp.state_dict(), strict=False)
+    qat_res2 = build(depth, device, quantized=True, FREEZE_WITH_WEIGHTS=False)
+    qat_res2.load_state_dict(fp.state_dict(), strict=False)
     qfd = build(depth, device, quantized=True)
     qfd.load_state_dict(fp.state_dict(), strict=False)
     teacher = build(depth, device, quantized=False, feature_tap="p3")
     teacher.load_state_dict(fp.state_dict(), strict=False)
-    for model in (qat, qat_frozen, qfd, teacher):
+    for model in (qat, qat_res2, qfd, teacher):
         calibrate(model, [batch], num_batches=1)
     qfd.attach_distiller(Distiller(qfd, teacher, [TermSpec("qfd", ["p3"], 1.0)]))
-    models = {"fp": fp, "qat": qat, "qat_freeze_with_weights": qat_frozen, "qfd": qfd}
+    models = {"fp": fp, "qat": qat, "qat_frozen_layers_quantizers_train": qat_res2, "qfd": qfd}
     if brevitas_version():
         brevitas = build(depth, device, quantized=False)
         brevitas.load_state_dict(fp.state_dict())
