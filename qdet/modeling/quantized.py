@@ -21,7 +21,7 @@ class QuantizationSettings:
 
     quant: dict | None = None  # quantize_model keywords; None: the model stays FP
     save_codes: bool = True  # QUANT.SAVE_CODES
-    freeze_with_weights: bool = False  # QUANT.FREEZE_WITH_WEIGHTS
+    freeze_with_weights: bool = True  # QUANT.FREEZE_WITH_WEIGHTS
     feature_tap: str = ""  # QUANT.FEATURE_TAP (QFD's teacher stage)
     feature_bits: int = 8  # QUANT.FEATURE_BITS
     feature_signed: bool = True  # QUANT.FEATURE_SIGNED
