@@ -100,11 +100,8 @@ METHODS["datafree_untrained"] = (
     DATAFREE,
     ("ZEROSHOT.BASE_LR", "0.0"),
 )
-ONE_WIDTH = (
-    "inclusive",
-    "ewgs",
-    "freeze_quantizers",
-)  # single-change checks: run at --check-bits only
+# Single-change checks: run at --check-bits only.
+ONE_WIDTH = ("inclusive", "ewgs", "freeze_quantizers")
 CURVES = ("fp", "baseline_4bit", "qfd_4bit")  # evaluated during training on the first seed
 CURVE_EVALS = 6
 
