@@ -227,6 +227,9 @@ class FakeQuantize(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, lower, upper, scale, n, mode, delta, reduce_dims, inclusive, codes):
+        # The codes output never gets a gradient: without this, autograd would hand the
+        # backward a zero-filled tensor of the activation's size for it on every call.
+        ctx.set_materialize_grads(False)
         ctx.save_for_backward(x, lower, upper, scale)
         ctx.n, ctx.mode, ctx.delta, ctx.reduce_dims = n, mode, delta, reduce_dims
         ctx.inclusive = inclusive
@@ -240,6 +243,8 @@ class FakeQuantize(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g, _g_codes=None):
+        if g is None:  # the output was not used by the loss
+            return (None,) * 10
         x, lower, upper, scale = ctx.saved_tensors
         g32, x32 = g.float(), x.float()
         args = (g32, x32, lower, upper, scale, ctx.delta, ctx.n, ctx.mode, ctx.reduce_dims)
