@@ -41,8 +41,15 @@ import torch
 from tabulate import tabulate
 from torch._dynamo.utils import counters
 
-from qdet.quantization import fake_quant_reference, fake_quantize
-from qdet.quantization.functional import MODE_SIGNED, MODE_UNSIGNED, MODE_WEIGHT, set_backend
+# This checkout's qdet, not whichever one is installed (as tools/benchmark_train.py).
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from qdet.quantization import fake_quant_reference, fake_quantize  # noqa: E402
+from qdet.quantization.functional import (  # noqa: E402
+    MODE_SIGNED,
+    MODE_UNSIGNED,
+    MODE_WEIGHT,
+    set_backend,
+)
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_peers import BREVITAS_NOTE, BrevitasConv, brevitas_version  # noqa: E402
