@@ -222,6 +222,17 @@ class ScaleGradient(torch.autograd.Function):
         return g * ctx.factor, None
 
 
+def _in_float32(x: torch.Tensor) -> torch.Tensor:
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
+def _fake_quantized(x, lower, upper, scale, n: int, mode: int) -> torch.Tensor:
+    """The compiled forward's values of a flattened ``x``, in ``x``'s dtype: what
+    :class:`FakeQuantize` returns and :func:`fake_quantize_values` rebuilds, one code path
+    so the two agree bit for bit."""
+    return _run("forward", _forward_body, _in_float32(x), lower, upper, scale, n, mode).to(x.dtype)
+
+
 class FakeQuantize(torch.autograd.Function):
     """Uniform fake quantization with a recomputing backward. See the module docstring."""
 
@@ -233,10 +244,9 @@ class FakeQuantize(torch.autograd.Function):
         ctx.save_for_backward(x, lower, upper, scale)
         ctx.n, ctx.mode, ctx.delta, ctx.reduce_dims = n, mode, delta, reduce_dims
         ctx.inclusive = inclusive
-        xf = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
         if not codes:
-            out = _run("forward", _forward_body, xf, lower, upper, scale, n, mode)
-            return out.to(x.dtype)
+            return _fake_quantized(x, lower, upper, scale, n, mode)
+        xf = _in_float32(x)
         out, k = _run("forward_codes", _forward_codes_body, xf, lower, upper, scale, n, mode)
         ctx.mark_non_differentiable(k)
         return out.to(x.dtype), k
@@ -326,9 +336,7 @@ def fake_quantize_values(
     layer's backward rebuilds its fake-quantized weight with."""
     with torch.no_grad():
         flat, (lower, upper, scale), _ = _flattened(x, (lower, upper, scale), per_channel)
-        flat = flat.float() if flat.dtype in (torch.float16, torch.bfloat16) else flat
-        out = _run("forward", _forward_body, flat, lower, upper, scale, 2**bits - 1, mode)
-        return out.to(x.dtype).view(x.shape)
+        return _fake_quantized(flat, lower, upper, scale, 2**bits - 1, mode).view(x.shape)
 
 
 def decode_codes(
