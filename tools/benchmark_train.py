@@ -22,7 +22,9 @@ round-robin, the median over --repeats after --warmup is reported. Memory: on CU
 allocator's peak during a step above what was allocated before it; on CPU (no allocator
 peak) the bytes autograd saves for the backward, which is what grows with QAT. After the
 timing, --recompile-steps qat steps at a new input size each count the torch.compile
-graphs built (0: no recompilation per image size). Writes a table and JSON
+graphs built (0: no recompilation per image size). "page faults / step" (minor faults,
+median) shows how much of a step went to fresh pages from the OS; --steady-malloc pins
+glibc's malloc thresholds so that none does. Writes a table and JSON
 (output/benchmark_train.json).
 """
 
@@ -31,6 +33,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import statistics
 import sys
 import time
@@ -187,6 +190,23 @@ def saved_bytes(model, batch, amp: bool, device: str) -> int:
     return sum(seen.values())
 
 
+def steady_malloc() -> None:
+    """Pin glibc's trim and mmap thresholds (normally adaptive): freed memory stays in
+    the process, so a step reuses pages instead of faulting in fresh ones. Applies to
+    every variant alike; in a one-process round-robin, the adaptive thresholds make a
+    variant pay faults for the heap the previous variant grew and freed."""
+    import ctypes
+
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError) as e:
+        raise SystemExit(f"--steady-malloc needs glibc's mallopt ({e}); run without it") from e
+    m_trim_threshold, m_mmap_threshold = -1, -3  # glibc's malloc.h
+    for option in (m_trim_threshold, m_mmap_threshold):
+        if mallopt(option, 1 << 30) != 1:
+            raise SystemExit("--steady-malloc: glibc refused mallopt; run without it")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", default="retinanet", choices=("retinanet", "vitdet"))
@@ -204,7 +224,15 @@ def main() -> None:
         help="qat steps at varying input sizes after timing, counting torch.compile graphs",
     )
     parser.add_argument("--json", default="output/benchmark_train.json")
+    parser.add_argument(
+        "--steady-malloc",
+        action="store_true",
+        help="glibc: never hand freed heap back to the OS (mallopt), so no variant pays page "
+        "faults for the heap another variant's larger peak left behind",
+    )
     args = parser.parse_args()
+    if args.steady_malloc:
+        steady_malloc()
     cuda = args.device == "cuda"
     batch = make_batch(args.batch, *args.size, args.device)
     if args.arch == "vitdet":
@@ -219,12 +247,14 @@ def main() -> None:
         m.train()
     times = {k: [] for k in models}
     peaks = {k: [] for k in models}
+    faults = {k: [] for k in models}
     for i in range(args.warmup + args.repeats):
         for name, model in models.items():  # round-robin: drift hits every variant alike
             if cuda:
                 torch.cuda.synchronize()
                 torch.cuda.reset_peak_memory_stats()
                 before = torch.cuda.memory_allocated()
+            minflt = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
             t = time.perf_counter()
             step(model, opts[name], batch, args.amp, args.device)
             if cuda:
@@ -232,6 +262,7 @@ def main() -> None:
                 peaks[name].append(torch.cuda.max_memory_allocated() - before)
             if i >= args.warmup:
                 times[name].append(time.perf_counter() - t)
+                faults[name].append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - minflt)
         print(f"[bench] round {i + 1}/{args.warmup + args.repeats}", flush=True)
     rows = []
     for name, model in models.items():
@@ -239,6 +270,7 @@ def main() -> None:
             "variant": name,
             "step s": statistics.median(times[name]),
             "saved MiB": saved_bytes(model, batch, args.amp, args.device) / 2**20,
+            "page faults / step": statistics.median(faults[name]),
         }
         if cuda:
             row["peak MiB"] = max(peaks[name]) / 2**20
