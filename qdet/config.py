@@ -67,7 +67,7 @@ def add_qdet_config(cfg: CN) -> CN:
     cfg.QUANT.SAVE_CODES = True
     # Quantizers of a layer whose weight is frozen (the stages MODEL.BACKBONE.FREEZE_AT
     # freezes) stay at their calibration too: a frozen layer trains nothing, and backward
-    # stops where the FP model's does (R50 at 256x320 on CPU: QAT step 1.14-1.18x FP,
+    # stops where the FP model's does (R50 at 256x320 on CPU: QAT step 1.11-1.18x FP,
     # 1.21-1.24x with False). 4-bit AP unchanged within noise over 3 seeds (README,
     # "Training speed and memory"). False trains them like the others (the accuracy
     # study's recipe).
