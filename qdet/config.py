@@ -7,6 +7,7 @@ from detectron2.config import CfgNode as CN
 from qdet.quantization.ewgs import ESTIMATORS
 from qdet.quantization.quantizers import BOUND_GRADIENTS, QUANTIZERS, check_bits
 from qdet.quantization.surgery import target_patterns
+from qdet.quantization.targets import check_target_bits, get_target
 
 
 def add_qdet_config(cfg: CN) -> CN:
@@ -91,6 +92,29 @@ def add_qdet_config(cfg: CN) -> CN:
     # Signed (an FPN level, no ReLU before it) or unsigned (a post-ReLU feature such as a
     # classifier's pooled feature, QFD Eq. 8) feature quantizer.
     cfg.QUANT.FEATURE_SIGNED = True
+    # The runtime QAT trains for (qdet.quantization.targets; not QUANT.TARGETS, the
+    # transformer layer groups). "" = qdet's simulation: the papers' quantizers, norms and
+    # residual adds in float (every config before targets, and the papers' rows).
+    # "onnxruntime": what its CPU provider runs in integer kernels (QLinearConv,
+    # QLinearAdd): BN folded into int8 weights per output channel, int32 bias at
+    # s_x s_w[c], activation grids with integer zero points (signed grids' l nudged onto
+    # the grid, alpha tied to u - l), every tensor between quantized convs quantized once
+    # by its producer (residual outputs, shortcuts, FPN laterals and sums;
+    # qdet.modeling.deployable), 1-8 bit weights and activations (below 8 bits a uint8
+    # Clip of the codes). 8-bit weights take the narrow int8 grid [-127, 127] (QFD's
+    # zero-less 8-bit grid has odd integers up to 255, which fit no int8). "tensorrt":
+    # symmetric int8 (zero point 0), W8A8 only; not run here. README, "Deployment".
+    cfg.QUANT.TARGET = ""
+    # Under a target: the layers qdet otherwise keeps in float (DEFAULT_EXCLUDE: the stem
+    # conv, the class / box predictors) as W8A8 integer ops, their inputs and the
+    # predictors' outputs (min / max calibrated) quantized at 8 bits, as onnxruntime's own
+    # quantizer does; the file then has no float conv. 32: they stay float (QFD's rule),
+    # the head's last conv output quantized at 8 bits for them.
+    cfg.QUANT.TARGET_EDGE_BITS = 8
+    # Under a target: from this iteration on, the folded convs' BN use their running
+    # statistics in training too (and stop updating them), so the last iterations train
+    # the very model that deploys (Krishnamoorthi 2018's BN freeze). 0 = never.
+    cfg.QUANT.FREEZE_BN_ITER = 0
 
     add_transformer_config(cfg)
     # Images per inference batch in evaluation (Detectron2's yacs test loader has 1 built
@@ -344,6 +368,22 @@ def quantize_kwargs(cfg: CN) -> dict:
             check_bits(q[key])
         except ValueError as e:
             raise ValueError(f"QUANT.{key}: {e}") from None
+    target = get_target(q.TARGET)
+    if target is not None:
+        check_target_bits(target, q.W_BITS, q.A_BITS)
+        if q.TARGET_EDGE_BITS not in (8, 32):
+            raise ValueError(
+                f"QUANT.TARGET_EDGE_BITS={q.TARGET_EDGE_BITS!r}: use 8 (the stem and the "
+                "predictors as W8A8 integer ops) or 32 (float)"
+            )
+        options["target"] = target
+    if not (isinstance(q.FREEZE_BN_ITER, int) and q.FREEZE_BN_ITER >= 0):
+        raise ValueError(f"QUANT.FREEZE_BN_ITER={q.FREEZE_BN_ITER!r}: use an integer >= 0")
+    if q.FREEZE_BN_ITER and target is None:
+        raise ValueError(
+            "QUANT.FREEZE_BN_ITER freezes the BN a deployment target folds: set QUANT.TARGET "
+            "(e.g. onnxruntime), or QUANT.FREEZE_BN_ITER 0"
+        )
     return {
         "w_bits": q.W_BITS,
         "a_bits": q.A_BITS,

@@ -164,3 +164,34 @@ class EWGSDeltaHook(HookBase):
             seconds,
             "; ".join(parts),
         )
+
+
+class FreezeBNHook(HookBase):
+    """``QUANT.FREEZE_BN_ITER``: from iteration ``start`` on, every target-trained conv
+    (:attr:`qdet.quantization.QConv2d.target`) folds its BN with the running statistics in
+    training too, and those stop updating, so the last iterations train the model that
+    deploys (Krishnamoorthi 2018, Sec. 3.2). Applied again on resume past ``start``."""
+
+    def __init__(self, start: int):
+        self.start = start
+
+    def before_step(self):
+        if self.trainer.iter < self.start:
+            return
+        from qdet.quantization.layers import QConv2d
+
+        layers = [
+            m
+            for name, m in unwrap_model(self.trainer.model).named_modules()
+            if isinstance(m, QConv2d) and m.target is not None and not name.startswith("distiller")
+        ]
+        pending = [m for m in layers if not m.norm_frozen]
+        if pending:
+            for layer in pending:
+                layer.norm_frozen = True
+            logger.info(
+                "QUANT.FREEZE_BN_ITER: %d target convs fold their BN with running statistics "
+                "from iteration %d on",
+                len(pending),
+                self.trainer.iter,
+            )

@@ -26,7 +26,7 @@ from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
 from qdet.engine.checkpoint import AtomicCheckpointer
-from qdet.engine.hooks import CalibrationHook, EWGSDeltaHook, epoch_iterations
+from qdet.engine.hooks import CalibrationHook, EWGSDeltaHook, FreezeBNHook, epoch_iterations
 from qdet.engine.optimizer import build_qat_optimizer
 from qdet.quantization.quantizers import EWGSQuantizer
 
@@ -133,7 +133,10 @@ class QDetTrainer(DefaultTrainer):
             if isinstance(hook, PeriodicCheckpointer) and keep > 0:
                 hook.max_to_keep = keep  # fvcore's PeriodicCheckpointer deletes the older ones
         calib = CalibrationHook(self.sample_loader, self.cfg.QUANT.CALIB_BATCHES)
-        return [calib, *self._ewgs_hooks(), *hooks]
+        freeze = (
+            [FreezeBNHook(self.cfg.QUANT.FREEZE_BN_ITER)] if self.cfg.QUANT.FREEZE_BN_ITER else []
+        )
+        return [calib, *freeze, *self._ewgs_hooks(), *hooks]
 
     def _ewgs_hooks(self) -> list:
         """EWGS's delta refresh, when the model has EWGS quantizers and the Hessian is on."""

@@ -100,6 +100,17 @@ def _metadata(model: nn.Module, graph, record, dynamic: bool) -> dict[str, str]:
     }
     if graph.kind == "retinanet":
         meta["num_classes"] = model.num_classes
+    if record.target:  # the integer graph (qdet.export.integer): what the check counts
+        meta["target"] = record.target
+        meta["integer_convs"] = record.integer.convs
+        meta["integer_activations"] = [
+            {
+                "path": a["path"],
+                "requantize": a.get("requantize", False),
+                **{k: getattr(a["grid"], k) for k in ("q_step", "dq_step", "zero_point", "n")},
+            }
+            for a in record.integer.activations
+        ]
     return {k: v if isinstance(v, str) else json.dumps(v) for k, v in meta.items()}
 
 

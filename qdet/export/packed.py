@@ -27,7 +27,7 @@ _SKIP_PREFIXES = ("distiller.",)  # the teacher and connectors never deploy
 
 def _layer_metadata(entry: dict) -> dict:
     q = entry["weight_quantizer"]
-    keys = ("method", "bits", "kind", "signed", "per_channel")
+    keys = ("method", "bits", "kind", "signed", "per_channel", "target")
     return {"shape": list(entry["shape"]), "params": list(q["params"]), **{k: q[k] for k in keys}}
 
 
@@ -84,6 +84,7 @@ def read_packed_weights(path: str) -> tuple[dict[str, dict], dict[str, torch.Ten
     for name, info in json.loads(meta["layers"]).items():
         params = {p: tensors.pop(f"{name}.weight_quantizer.{p}") for p in info["params"]}
         state = {k: info[k] for k in ("method", "bits", "kind", "signed", "per_channel")}
+        state["target"] = info.get("target", "")  # files from before deployment targets
         layers[name] = {
             "shape": tuple(info["shape"]),
             "codes": tensors.pop(f"{name}.weight.codes"),

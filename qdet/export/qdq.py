@@ -41,6 +41,7 @@ from qdet.quantization.quantizers import (
     Quantizer,
     UniformQuantizer,
 )
+from qdet.quantization.targets import integer_export
 
 EXPORTABLE_QUANTIZERS = (UniformQuantizer, EWGSQuantizer, LSQQuantizer)
 
@@ -216,13 +217,14 @@ class ExportedActivationQuantizer(nn.Module):
 
 
 class ExportedPerLevelQuantizer(PerLevelQuantizer):
-    """A :class:`PerLevelQuantizer` whose levels are :class:`ExportedActivationQuantizer`."""
+    """A :class:`PerLevelQuantizer` whose levels are export stand-ins (``stand_in``:
+    :class:`ExportedActivationQuantizer` or, for a target, ``IntegerActivation``)."""
 
-    def __init__(self, per_level: PerLevelQuantizer, path: str = ""):
+    def __init__(self, per_level: PerLevelQuantizer, path: str = "", stand_in=None):
         nn.Module.__init__(self)
+        stand_in = stand_in or ExportedActivationQuantizer
         self.levels = nn.ModuleList(
-            ExportedActivationQuantizer(q, f"{path}.levels.{i}")
-            for i, q in enumerate(per_level.levels)
+            stand_in(q, f"{path}.levels.{i}") for i, q in enumerate(per_level.levels)
         )
         self._pos = 0
 
@@ -243,7 +245,21 @@ def _check_exportable(name: str, quantizer: nn.Module) -> None:
             )
 
 
+def deploy_target(quantizer: nn.Module):
+    """The deployment target ``quantizer`` (or a per-level one's levels) trained for."""
+    inner = quantizer.levels[0] if isinstance(quantizer, PerLevelQuantizer) else quantizer
+    return getattr(inner, "target", None)
+
+
 def _export_module(path: str, quantizer: nn.Module, weight: torch.Tensor | None):
+    if deploy_target(quantizer) is not None:
+        from qdet.export.integer import IntegerActivation
+
+        if weight is not None or not quantizer.enabled:
+            return None  # a target layer writes its folded integer weight itself
+        if isinstance(quantizer, PerLevelQuantizer):
+            return ExportedPerLevelQuantizer(quantizer, path, IntegerActivation)
+        return IntegerActivation(quantizer, path)
     if isinstance(quantizer, PerLevelQuantizer):
         return ExportedPerLevelQuantizer(quantizer, path) if quantizer.enabled else None
     if not quantizer.enabled:
@@ -286,6 +302,8 @@ class ExportRecord:
     activations: list[ActivationGrid] = field(default_factory=list)
     weights: list[WeightGrid] = field(default_factory=list)
     weight_values: dict = field(default_factory=dict)  # id(grid) -> its DequantizeLinear
+    target: str = ""  # a target-trained model: its integer graph (qdet.export.integer)
+    integer: object = None  # its IntegerRecord
 
 
 _recording: ExportRecord | None = None
@@ -306,8 +324,20 @@ def onnx_export_mode(model: nn.Module):
     global _recording
     swapped, save_codes = [], {}
     record = ExportRecord()
+    found = exported_quantizers(model)
+    targets = {t.name for _, _, q, _ in found.values() if (t := deploy_target(q)) is not None}
+    if len(targets) > 1:
+        raise ValueError(f"the model mixes quantizers of several targets: {sorted(targets)}")
+    record.target = next(iter(targets), "")
+    stack = contextlib.ExitStack()
     try:
-        for path, (module, attr, quantizer, weight) in exported_quantizers(model).items():
+        if record.target:
+            from qdet.export.integer import recording
+
+            stack.enter_context(integer_export())
+            record.integer = stack.enter_context(recording())
+            record.integer.paths = {id(m): name for name, m in model.named_modules()}
+        for path, (module, attr, quantizer, weight) in found.items():
             stand_in = _export_module(path, quantizer, weight)
             if stand_in is not None:
                 setattr(module, attr, stand_in)
@@ -320,6 +350,7 @@ def onnx_export_mode(model: nn.Module):
         yield record
     finally:
         _recording = None
+        stack.close()
         for module, attr, quantizer in swapped:
             setattr(module, attr, quantizer)
         for module, flag in save_codes.items():

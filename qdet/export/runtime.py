@@ -32,7 +32,7 @@ def inference_session(path: str, threads: int = 0):
 def onnx_metadata(session) -> dict:
     meta = session.get_modelmeta().custom_metadata_map
     return {
-        k: v if k in ("producer", "graph", "input", "input_format") else json.loads(v)
+        k: v if k in ("producer", "graph", "input", "input_format", "target") else json.loads(v)
         for k, v in meta.items()
     }
 

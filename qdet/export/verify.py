@@ -50,6 +50,11 @@ class VerifyReport:
     head_max_abs: float = 0.0
     confident_torch: int = 0
     confident_found: int = 0
+    # An integer export (QUANT.TARGET): integer op counts of the graph onnxruntime runs,
+    # and its float convs (qdet.export.integer_check).
+    target: str = ""
+    integer_kernels: dict = field(default_factory=dict)
+    float_convs: int = 0
     failures: list = field(default_factory=list)
     warnings: list = field(default_factory=list)
 
@@ -62,13 +67,24 @@ class VerifyReport:
         return self.confident_found / self.confident_torch if self.confident_torch else 1.0
 
     def summary(self) -> str:
-        s = (
-            f"{self.weights_checked} quantized weights on their grids; "
-            f"{self.activations_checked} QuantizeLinear nodes x {self.images} images "
-            f"({self.activation_values} values) give PyTorch's codes, "
-            f"{self.boundary_flips} one code apart at a rounding boundary; head outputs "
-            f"|onnx - torch| mean {self.head_mean_abs:.2g}, max {self.head_max_abs:.2g}"
-        )
+        if self.target:
+            kernels = ", ".join(f"{v} {k}" for k, v in sorted(self.integer_kernels.items()))
+            s = (
+                f"onnxruntime runs {kernels} and {self.float_convs} float convs; "
+                f"{self.activations_checked} QuantizeLinear nodes x {self.images} images "
+                f"({self.activation_values} codes of the integer kernels, each layer fed the "
+                f"runtime's own inputs) give PyTorch's codes, {self.boundary_flips} one code "
+                f"apart at a rounding boundary; head outputs |onnx - torch| mean "
+                f"{self.head_mean_abs:.2g}, max {self.head_max_abs:.2g}"
+            )
+        else:
+            s = (
+                f"{self.weights_checked} quantized weights on their grids; "
+                f"{self.activations_checked} QuantizeLinear nodes x {self.images} images "
+                f"({self.activation_values} values) give PyTorch's codes, "
+                f"{self.boundary_flips} one code apart at a rounding boundary; head outputs "
+                f"|onnx - torch| mean {self.head_mean_abs:.2g}, max {self.head_max_abs:.2g}"
+            )
         if self.confident_torch:
             s += (
                 f"; {self.confident_found}/{self.confident_torch} confident detections "
@@ -200,7 +216,9 @@ def verify(model: nn.Module, path: str, batched_inputs_list, threads: int = 0) -
     runner = OnnxRetinaNet(model, path, threads) if graph.kind == "retinanet" else None
     session = runner.session if runner else inference_session(path, threads)
     meta = onnx_metadata(session)
-    check_weights(model, proto, meta, report)
+    report.target = meta.get("target", "")
+    if not report.target:
+        check_weights(model, proto, meta, report)
     batches, diffs = [], []
     for batch in batched_inputs_list:
         images = model.preprocess_image(batch).tensor
@@ -222,7 +240,15 @@ def verify(model: nn.Module, path: str, batched_inputs_list, threads: int = 0) -
     if diffs:
         all_diffs = np.concatenate(diffs)
         report.head_mean_abs, report.head_max_abs = float(all_diffs.mean()), float(all_diffs.max())
-    check_activations(proto, meta, batches, report)
+    if report.target and batches:
+        from qdet.export import integer_check
+
+        counts = integer_check.optimized_op_counts(path, threads or 1)
+        float_calls = integer_check.float_conv_calls(model, torch.from_numpy(batches[0]))
+        integer_check.check_kernels(meta, counts, float_calls, report)
+        integer_check.check_layers(model, path, batches, meta, report)
+    elif not report.target:
+        check_activations(proto, meta, batches, report)
     if report.agreement < MIN_AGREEMENT:
         report.warnings.append(
             f"onnxruntime finds only {report.confident_found} of PyTorch's "

@@ -3,14 +3,24 @@
 
 from __future__ import annotations
 
+import re
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from detectron2.config import CfgNode
+from torch import nn
 
 from qdet.config import quantize_kwargs
 from qdet.distill.taps import LOGITS, resolve_tap
-from qdet.quantization import UniformQuantizer, quantize_model
+from qdet.modeling.deployable import EDGE_LAYERS, make_deployable
+from qdet.quantization import (
+    Quantizer,
+    UniformQuantizer,
+    build_quantizer,
+    quantize_model,
+    select_layers,
+)
 from qdet.quantization.layers import QUANTIZED_LAYERS
 
 
@@ -25,6 +35,7 @@ class QuantizationSettings:
     feature_tap: str = ""  # QUANT.FEATURE_TAP (QFD's teacher stage)
     feature_bits: int = 8  # QUANT.FEATURE_BITS
     feature_signed: bool = True  # QUANT.FEATURE_SIGNED
+    edge_bits: int = 8  # QUANT.TARGET_EDGE_BITS (under QUANT.TARGET)
 
     @classmethod
     def from_config(cls, cfg: CfgNode) -> QuantizationSettings:
@@ -35,7 +46,50 @@ class QuantizationSettings:
             feature_tap=cfg.QUANT.FEATURE_TAP,
             feature_bits=cfg.QUANT.FEATURE_BITS,
             feature_signed=cfg.QUANT.FEATURE_SIGNED,
+            edge_bits=cfg.QUANT.TARGET_EDGE_BITS,
         )
+
+    @property
+    def target(self):
+        """The deployment target (``QUANT.TARGET``), None for qdet's simulation."""
+        return (self.quant or {}).get("quantizer_options", {}).get("target")
+
+
+def _activation_quantizer(quant: dict, bits: int, signed: bool, **options):
+    """An activation quantizer with the model's method and options (its target too);
+    ``options`` (a calibration's ``percentiles``) make it QFD's uniform quantizer."""
+    method = "uniform" if options else quant["act_method"] or quant["method"]
+    return build_quantizer(
+        method, bits, "activation", signed=signed, **(quant["quantizer_options"] or {}), **options
+    )
+
+
+def quantize_edges(model: nn.Module, quant: dict, bits: int) -> list[str]:
+    """Quantize at ``bits`` the layers ``quant`` left in float that a deployment target's
+    graph holds (:data:`qdet.modeling.deployable.EDGE_LAYERS`: the stem conv, RetinaNet's
+    predictors), so that it runs them in integers too."""
+    patterns = [re.compile(p) for p in EDGE_LAYERS]
+    names = [n for n in select_layers(model, exclude=[]) if any(p.search(n) for p in patterns)]
+    if not names:
+        return []
+    return quantize_model(
+        model,
+        w_bits=bits,
+        a_bits=bits,
+        include=[f"^{re.escape(n)}$" for n in names],
+        exclude=[],
+        method=quant["method"],
+        per_channel=quant["per_channel"],
+        quantizer_options=quant["quantizer_options"],
+    )
+
+
+def _weights(module: nn.Module):
+    """``module``'s parameters other than its quantizers'."""
+    quantizer_params = {
+        id(p) for m in module.modules() if isinstance(m, Quantizer) for p in m.parameters()
+    }
+    return [p for p in module.parameters() if id(p) not in quantizer_params]
 
 
 def quantized_model_kwargs(cfg: CfgNode) -> dict:
@@ -62,16 +116,41 @@ class QuantizedDetectorMixin:
     # Top-level modules whose outputs taps may read: a teacher runs only these for them.
     tap_roots: tuple[str, ...] = ("backbone",)
 
-    def setup_quantization(self, settings: QuantizationSettings | None) -> None:
+    def setup_quantization(
+        self,
+        settings: QuantizationSettings | None,
+        prepare: Callable[[], None] | None = None,
+        per_level_head: bool = False,
+    ) -> None:
+        """``prepare``: run after the layers are quantized, before a deployment target
+        puts the model in its integer form (:mod:`qdet.modeling.deployable`);
+        ``per_level_head``: the target's head quantizers get one quantizer per level."""
         settings = settings or QuantizationSettings()
         quant, feature_tap = settings.quant, settings.feature_tap
         self.quantized_layers = quantize_model(self, **quant) if quant else []
+        if settings.target is not None and settings.edge_bits != 32:
+            self.quantized_layers += quantize_edges(self, quant, settings.edge_bits)
+        if prepare is not None and quant:
+            prepare()
+        added = {}
+        if settings.target is not None:
+            added = make_deployable(
+                self,
+                settings.target,
+                activation=lambda signed: _activation_quantizer(quant, quant["a_bits"], signed),
+                edge=lambda signed, **kw: _activation_quantizer(quant, 8, signed, **kw),
+                per_level_head=per_level_head,
+            )
         for layer in self.modules():
             if isinstance(layer, QUANTIZED_LAYERS):
                 layer.save_codes = settings.save_codes
                 if settings.freeze_with_weights and not layer.weight.requires_grad:
                     for quantizer in (layer.weight_quantizer, layer.input_quantizer):
                         quantizer.requires_grad_(False)
+        if settings.freeze_with_weights:
+            for owner, quantizer in added.values():
+                if not any(p.requires_grad for p in _weights(owner)):
+                    quantizer.requires_grad_(False)
         self.feature_tap = feature_tap
         if feature_tap:
             try:

@@ -39,10 +39,13 @@ class QuantRetinaNet(QuantizedDetectorMixin, RetinaNet):
         **kwargs,
     ):
         super().__init__(**kwargs)
-        self.setup_quantization(quantization)
         quant = quantization.quant if quantization else None
-        if quant and head_per_level_act:
-            self._per_level_head_inputs(quant)
+        per_level = bool(quant and head_per_level_act)
+        self.setup_quantization(
+            quantization,
+            prepare=(lambda: self._per_level_head_inputs(quant)) if per_level else None,
+            per_level_head=per_level,
+        )
         if quant:
             # The head runs every conv once per FPN level: quantize its weights once.
             reuse_quantized_weights_within(self.head)

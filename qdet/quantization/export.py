@@ -15,7 +15,8 @@ import torch
 from torch import nn
 
 from qdet.quantization.layers import QUANTIZED_LAYERS
-from qdet.quantization.quantizers import build_quantizer
+from qdet.quantization.quantizers import Quantizer, build_quantizer
+from qdet.quantization.targets import DEPLOY_TARGETS
 
 
 def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
@@ -39,12 +40,16 @@ def unpack_codes(packed: torch.Tensor, bits: int, shape: torch.Size) -> torch.Te
 def _quantizer_state(q) -> dict:
     if hasattr(q, "levels"):  # PerLevelQuantizer: one state per FPN level
         return {"levels": [_quantizer_state(level) for level in q.levels]}
+    if not isinstance(q, Quantizer):  # QuantizedInput: the producer's quantizer holds it
+        return {"quantized_by_producer": True, "bits": q.bits}
     return {
         "method": type(q).__name__,
         "bits": q.bits,
         "kind": q.kind,
         "signed": q.signed,
         "per_channel": q.per_channel,
+        # A deployment target's 8-bit weights have 254 levels (qdet.quantization.targets).
+        "target": q.target.name if q.target is not None else "",
         "params": {k: v.detach().cpu().clone() for k, v in q.named_parameters()},
     }
 
@@ -84,6 +89,7 @@ def _rebuild_quantizer(state: dict):
         state["kind"],
         signed=state["signed"],
         per_channel=state["per_channel"],
+        target=DEPLOY_TARGETS.get(state.get("target", "")),
     )
     for k, v in state["params"].items():
         getattr(q, k).data = v.clone()

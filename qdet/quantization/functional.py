@@ -291,6 +291,7 @@ def fake_quantize(
     per_channel: bool = False,
     inclusive: bool = False,
     return_codes: bool = False,
+    levels: int | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """QFD's uniform fake quantization (Eq. 1-5) of ``x``.
 
@@ -299,8 +300,10 @@ def fake_quantize(
     ``inclusive``: the clip's gradient passes at exactly l and u (see the module docstring).
     ``return_codes``: also the integer codes k = round(n v_hat) as uint8 (bits <= 8), from
     the same pass; :func:`decode_codes` turns them back into the output bit for bit.
+    ``levels``: n, the top code, when not 2^bits - 1 (a deployment target's 8-bit weights
+    use 254, the narrow int8 grid; :mod:`qdet.quantization.targets`).
     """
-    n = 2**bits - 1
+    n = levels or 2**bits - 1
     flat, (lower, upper, scale), reduce_dims = _flattened(x, (lower, upper, scale), per_channel)
     if isinstance(delta, (int, float)):
         # A tensor delta (EWGS's buffer) is used as is: comparing it here would sync the GPU.
@@ -330,13 +333,15 @@ def fake_quantize_values(
     bits: int,
     mode: int,
     per_channel: bool = False,
+    levels: int | None = None,
 ) -> torch.Tensor:
     """``fake_quantize``'s values without autograd (no graph, nothing saved): the same
     compiled forward on the same flattened layout, so bit for bit its output. What a
     layer's backward rebuilds its fake-quantized weight with."""
     with torch.no_grad():
         flat, (lower, upper, scale), _ = _flattened(x, (lower, upper, scale), per_channel)
-        return _fake_quantized(flat, lower, upper, scale, 2**bits - 1, mode).view(x.shape)
+        n = levels or 2**bits - 1
+        return _fake_quantized(flat, lower, upper, scale, n, mode).view(x.shape)
 
 
 def decode_codes(
@@ -346,8 +351,10 @@ def decode_codes(
     bits: int,
     mode: int,
     per_channel: bool = False,
+    levels: int | None = None,
 ) -> torch.Tensor:
     """The float32 values of ``fake_quantize``'s codes: one fused pass (compiled like the
     forward, flattened the same way, so the arithmetic is the forward's)."""
     flat, (lower, scale), _ = _flattened(codes, (lower, scale), per_channel)
-    return _run("decode", _decode_body, flat, lower, scale, 2**bits - 1, mode).view(codes.shape)
+    n = levels or 2**bits - 1
+    return _run("decode", _decode_body, flat, lower, scale, n, mode).view(codes.shape)

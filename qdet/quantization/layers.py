@@ -4,6 +4,13 @@ Each subclasses the layer it replaces (``QConv2d`` is a Detectron2 ``Conv2d``, h
 ``nn.Conv2d``; ``QLinear`` an ``nn.Linear``), keeps its parameters, norm and activation,
 and keeps its state-dict keys, adding only ``weight_quantizer.*`` and ``input_quantizer.*``:
 an FP checkpoint loads into a quantized model with only those keys missing.
+
+Under a deployment target (``QConv2d.target``, :mod:`qdet.quantization.targets`) a conv
+computes what the runtime's integer conv computes: its norm folded (with running
+statistics) and its bias on the int32 grid s_x s_w (:mod:`qdet.quantization.folding`). Its
+input may arrive already quantized by the module that made it (:class:`QuantizedInput`):
+every quantizer's output under a target carries which quantizer made it
+(:func:`quantized_source`), so a conv finds its input's step s_x wherever it came from.
 """
 
 from __future__ import annotations
@@ -15,8 +22,21 @@ import torch.nn.functional as F
 from detectron2.layers import Conv2d
 from torch import nn
 
-from qdet.quantization.quantizers import Quantizer, build_quantizer, capturing_codes, output_key
+from qdet.quantization.folding import (
+    folded_steps,
+    integer_bias,
+    norm_affine,
+    uses_running_statistics,
+)
+from qdet.quantization.quantizers import (
+    Quantizer,
+    build_quantizer,
+    capturing_codes,
+    output_key,
+    quantized_source,
+)
 from qdet.quantization.saved import SavedActivation, quantized_weight, saving_compactly
+from qdet.quantization.targets import DeployTarget, exporting
 
 
 def _make_quantizers(
@@ -31,6 +51,25 @@ def _make_quantizers(
     )
 
 
+class QuantizedInput(nn.Module):
+    """A conv's input quantizer when its input arrives quantized, by the module that made
+    the tensor (a residual block's output, an FPN level; :mod:`qdet.modeling.deployable`):
+    the identity, so the tensor is quantized once for all its readers, as in the
+    runtime's graph."""
+
+    def __init__(self, bits: int):
+        super().__init__()
+        self.bits = bits
+
+    enabled = True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    def extra_repr(self) -> str:
+        return f"bits={self.bits}, quantized by its producer"
+
+
 def quantized_operands(layer: nn.Module, x: torch.Tensor):
     """``(x_q, w_q, context)``: the layer's fake-quantized input and weight (cast to the
     autocast dtype, so the op saves the very tensors held here) and the context to run
@@ -39,14 +78,30 @@ def quantized_operands(layer: nn.Module, x: torch.Tensor):
     made in its own pass, the weight rebuilt from the parameter), else a no-op."""
     dtype = _autocast_dtype(x)
     saving = layer.save_codes and torch.is_grad_enabled()
-    with capturing_codes() if saving else contextlib.nullcontext() as sink:
-        x_f = layer.input_quantizer(x)
+    if isinstance(layer.input_quantizer, QuantizedInput):
+        source, codes = _producer(layer, x)
+        x_f = x
+    else:
+        with capturing_codes() if saving else contextlib.nullcontext() as sink:
+            x_f = layer.input_quantizer(x)
+        source, codes = layer.input_quantizer, sink.get(output_key(x_f)) if saving else None
     x_q = x_f.to(dtype)
     w_q, weight_record = quantized_weight(layer, dtype, saving)
     if not saving:
         return x_q, w_q, contextlib.nullcontext()
-    input_record = SavedActivation(layer.input_quantizer, x_q, sink.get(output_key(x_f)))
+    input_record = SavedActivation(source, x_q, codes)
     return x_q, w_q, saving_compactly([input_record, weight_record])
+
+
+def _producer(layer: nn.Module, x: torch.Tensor) -> tuple[Quantizer, torch.Tensor | None]:
+    found = quantized_source(x)
+    if found is None:
+        raise RuntimeError(
+            f"{type(layer).__name__} expects its input quantized by the module that made "
+            "it (QuantizedInput), but the tensor it got carries no quantizer: a module "
+            "between them is not in its deployable form (qdet.modeling.deployable)"
+        )
+    return found
 
 
 def _autocast_dtype(x: torch.Tensor) -> torch.dtype:
@@ -109,16 +164,62 @@ class QConv2d(Conv2d):
         return q.to(conv.weight.device)
 
     save_codes = True  # see qdet.quantization.saved; False keeps float tensors for backward
+    # A deployment target (qdet.modeling.deployable sets it): the norm folds, the bias is
+    # int32 at s_x s_w. None: qdet's simulation (conv, then the norm in float).
+    target: DeployTarget | None = None
+    # QUANT.FREEZE_BN_ITER reached: the norm uses its running statistics in training too.
+    norm_frozen = False
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x_q, w_q, saving = quantized_operands(self, x)
-        with saving:
-            x = F.conv2d(x_q, w_q, self.bias, self.stride, self.padding, self.dilation, self.groups)
-        if self.norm is not None:
-            x = self.norm(x)
+    def forward(self, x: torch.Tensor, norm: nn.Module | None = None) -> torch.Tensor:
+        """``norm``: the BN after this conv when it is not ``self.norm`` (RetinaNet's head
+        keeps it as the next module of a Sequential), to fold under a target."""
+        norm = self.norm if norm is None else norm
+        if self.target is not None and exporting():
+            from qdet.export.integer import integer_conv  # the export needs onnx
+
+            x = integer_conv(self, self.input_quantizer(x), norm)
+        elif self.target is None or (norm is not None and not self._folds(norm)):
+            x_q, w_q, saving = quantized_operands(self, x)
+            conv = (self.stride, self.padding, self.dilation, self.groups)
+            with saving:
+                x = F.conv2d(x_q, w_q, self.bias, *conv)
+            if norm is not None:
+                x = norm(x)
+        else:
+            source = (
+                quantized_source(x) if isinstance(self.input_quantizer, QuantizedInput) else None
+            )
+            x_q, w_q, saving = quantized_operands(self, x)
+            with saving:
+                x = F.conv2d(x_q, w_q, None, self.stride, self.padding, self.dilation, self.groups)
+            x = self._folded_affine(x, source or quantized_source(x_q), norm)
         if self.activation is not None:
             x = self.activation(x)
         return x
+
+    def _folds(self, norm: nn.Module) -> bool:
+        return self.norm_frozen or uses_running_statistics(norm)
+
+    def _folded_affine(self, y: torch.Tensor, source, norm: nn.Module | None) -> torch.Tensor:
+        """``f y + b'``: the folded norm's scale and the bias on its int32 grid
+        (:mod:`qdet.quantization.folding`), for a conv output y = conv(x_q, w_q)."""
+        scale, shift = norm_affine(norm) if norm is not None else (None, None)
+        bias = self.bias
+        if scale is not None:
+            y = y * scale.view(1, -1, 1, 1).to(y.dtype)
+            bias = shift if bias is None else shift + scale * bias
+        if bias is None:
+            return y
+        quantizer = source[0] if source is not None else None
+        if quantizer is not None and quantizer.enabled and self.weight_quantizer.enabled:
+            _, step = folded_steps(
+                quantizer.integer_grid().dq_step,
+                self.weight_quantizer.weight_step(),
+                scale,
+                self.out_channels,
+            )
+            _, bias = integer_bias(bias, step.to(bias.device))
+        return y + bias.view(1, -1, 1, 1).to(y.dtype)
 
 
 class QLinear(nn.Linear):

@@ -65,6 +65,13 @@ class QReLUQuantizer(Quantizer):
             )
         if signed:
             raise ValueError("the quantized ReLU is unsigned: its inputs are ReLU outputs")
+        if options.get("target") is not None:
+            raise ValueError(
+                "FAQD's quantized ReLU (QUANT.ACT_METHOD qrelu) rounds up (ceil(x / alpha)), "
+                "which no runtime's QuantizeLinear computes (it rounds to nearest): it has no "
+                "integer form on a deployment target. Use QUANT.ACT_METHOD '' with "
+                "QUANT.TARGET, or QUANT.TARGET '' with qrelu"
+            )
         options.pop("delta", None)  # an EWGS option, meaningless here
         super().__init__(bits, kind, False, per_channel, num_channels, **options)
         self.alpha = nn.Parameter(torch.tensor(1.0))

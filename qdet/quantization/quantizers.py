@@ -4,6 +4,10 @@ All three share one interface, so a config switch picks among them:
 ``Quantizer(bits, kind, signed=False, per_channel=False)``, ``forward(x)``,
 ``observe(x)`` / ``finish_calibration()`` (or ``init_from(x)``), and the integer-code pair
 ``to_codes(x)`` / ``from_codes(codes)`` used by the integer export.
+
+Under a deployment target (``target=``, :mod:`qdet.quantization.targets`) the same
+quantizers train on the grids the runtime computes: integer zero points, the narrow int8
+grid for 8-bit weights (:meth:`Quantizer.integer_grid`, :meth:`Quantizer.weight_integers`).
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import contextlib
 import math
 import threading
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -25,6 +30,7 @@ from qdet.quantization.functional import (
     fake_quantize,
     fake_quantize_values,
 )
+from qdet.quantization.targets import DEPLOY_TARGETS, DeployTarget
 
 VALID_BITS = (1, 2, 3, 4, 5, 6, 7, 8, 32)
 KINDS = ("weight", "activation")
@@ -69,8 +75,61 @@ def capturing_codes() -> Iterator[dict]:
         _code_capture.sink = outer
 
 
+_forcing = threading.local()
+
+
+@contextlib.contextmanager
+def substituting_outputs(substitute: Callable) -> Iterator[None]:
+    """Inside, the output of every quantizer built for a deployment target (and of every
+    grid-preserving op on one, :func:`qdet.modeling.deployable.same_grid`) is replaced by
+    ``substitute(quantizer, x, out, requantize)``: the export check feeds each layer the
+    runtime's own codes of its inputs (:mod:`qdet.export.integer_check`)."""
+    outer = getattr(_forcing, "substitute", None)
+    _forcing.substitute = substitute
+    try:
+        yield
+    finally:
+        _forcing.substitute = outer
+
+
+def output_substitute() -> Callable | None:
+    return getattr(_forcing, "substitute", None)
+
+
 def output_key(t: torch.Tensor) -> tuple[int, int]:
     return t.data_ptr(), t.numel()
+
+
+def mark_quantized(t: torch.Tensor, quantizer: Quantizer, codes: torch.Tensor | None = None):
+    """Record on ``t`` that ``quantizer`` made it (and its uint8 ``codes``, if known): under
+    a deployment target a tensor is quantized once, by its producer, and every conv that
+    reads it needs that grid's step for its int32 bias (:mod:`qdet.quantization.layers`)."""
+    t._qdet_quantized = (quantizer, codes)
+    return t
+
+
+def quantized_source(t: torch.Tensor) -> tuple[Quantizer, torch.Tensor | None] | None:
+    """``(quantizer, codes or None)`` that :func:`mark_quantized` recorded on ``t``."""
+    return getattr(t, "_qdet_quantized", None)
+
+
+@dataclass(frozen=True)
+class IntegerGrid:
+    """An activation grid as a runtime stores it: code k = clip(round(x / q_step) +
+    zero_point, 0, n) (QuantizeLinear, then a Clip below the container's range) and value
+    dq_step * (k - zero_point) (DequantizeLinear). The two steps differ only where QFD's
+    learnable output scale alpha differs from the input range (unsigned grids, whose zero
+    point is 0 on both sides). An int8 container stores k - offset."""
+
+    q_step: float
+    dq_step: float
+    zero_point: int
+    n: int
+    offset: int = 0  # int8 containers: codes are stored as k - offset (zero point 0)
+
+
+# Extra-state codes of the deployment target a quantizer trained for (0: none).
+_TARGET_CODES = {None: 0, **{name: i + 1 for i, name in enumerate(DEPLOY_TARGETS)}}
 
 
 class Quantizer(nn.Module):
@@ -92,9 +151,11 @@ class Quantizer(nn.Module):
         per_channel: bool = False,
         num_channels: int | None = None,
         bound_gradient: str = "exclusive",
+        target: DeployTarget | None = None,
     ):
         super().__init__()
         self.bits = check_bits(bits)
+        self.target = target
         if kind not in KINDS:
             raise ValueError(f"kind={kind!r} is not one of {KINDS}")
         if bound_gradient not in BOUND_GRADIENTS:
@@ -123,23 +184,42 @@ class Quantizer(nn.Module):
 
     @property
     def n_levels(self) -> int:
-        return 2**self.bits - 1
+        """n, the top code: 2^b - 1, except for a deployment target's 8-bit weights, 254
+        (the narrow int8 range [-127, 127]; QFD's zero-less grids of 7 bits and below,
+        odd integers up to 127, already fit int8)."""
+        n = 2**self.bits - 1
+        if self.target is not None and self.kind == "weight" and self.bits == 8:
+            return n - 1
+        return n
 
     # Flags that are not tensors travel in the state dict as extra state, so a checkpoint
     # restores whether the quantizer was calibrated and which output map it chose.
     # Encoded as a small int tensor: Detectron2's (fvcore's) checkpointer accepts tensors
-    # only. [initialized, signed (-1 = undecided), bits]
+    # only. [initialized, signed (-1 = undecided), bits, deployment target (0 = none)];
+    # checkpoints written before targets existed have the first three.
     _SIGN_CODES = {None: -1, False: 0, True: 1}
 
     def get_extra_state(self) -> torch.Tensor:
-        return torch.tensor([int(self.initialized), self._SIGN_CODES[self.signed], self.bits])
+        target = _TARGET_CODES[self.target.name if self.target else None]
+        return torch.tensor(
+            [int(self.initialized), self._SIGN_CODES[self.signed], self.bits, target]
+        )
 
     def set_extra_state(self, state) -> None:
-        initialized, sign, bits = (int(v) for v in torch.as_tensor(state).tolist())
+        values = [int(v) for v in torch.as_tensor(state).tolist()]
+        initialized, sign, bits = values[:3]
         if bits != self.bits:
             raise ValueError(
                 f"checkpoint quantizer has {bits} bits, this model {self.bits}: "
                 "build the model with the bit widths the checkpoint was trained with"
+            )
+        names = {code: name for name, code in _TARGET_CODES.items()}
+        trained_for = names.get(values[3] if len(values) > 3 else 0)
+        mine = self.target.name if self.target else None
+        if trained_for is not None and trained_for != mine:
+            raise ValueError(
+                f"checkpoint quantizer was trained for QUANT.TARGET {trained_for!r}, this "
+                f"model is built for {mine or ''!r}: set QUANT.TARGET {trained_for!r}"
             )
         self.initialized = bool(initialized)
         self.signed = {-1: None, 0: False, 1: True}[sign]
@@ -211,6 +291,7 @@ class Quantizer(nn.Module):
             per_channel=self.per_channel,
             inclusive=self.bound_gradient == "inclusive",
             return_codes=with_codes,
+            levels=self.n_levels,
         )
 
     def _view(self, p: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -232,10 +313,10 @@ class Quantizer(nn.Module):
     def codec(self) -> tuple[Callable, Callable]:
         """``(encode, decode)`` frozen at this moment's l, u, scale: for a tensor this
         quantizer just produced, ``decode(encode(x_q))`` equals ``x_q``."""
-        lower, upper, scale, mode = self._affine()
-        lower, upper, scale = (t.detach().clone() for t in (lower, upper, scale))
+        lower, _, scale, mode = self._affine()
+        lower, scale = (t.detach().clone() for t in (lower, scale))
         return (
-            lambda x: self._encode(x, lower, upper),
+            lambda x_q: self._encode_output(x_q, lower, scale, mode),
             lambda codes: self._decode(codes, lower, scale, mode),
         )
 
@@ -248,7 +329,9 @@ class Quantizer(nn.Module):
         lower, upper, scale = (t.detach().clone() for t in (lower, upper, scale))
 
         def fake_quantized(x: torch.Tensor) -> torch.Tensor:
-            return fake_quantize_values(x, lower, upper, scale, self.bits, mode, self.per_channel)
+            return fake_quantize_values(
+                x, lower, upper, scale, self.bits, mode, self.per_channel, self.n_levels
+            )
 
         return fake_quantized
 
@@ -261,23 +344,84 @@ class Quantizer(nn.Module):
         lo, hi = self._view(lower, x), self._view(upper, x)
         return torch.round(self.n_levels * torch.clamp((x - lo) / (hi - lo), 0, 1))
 
+    def _encode_output(self, x_q, lower, scale, mode) -> torch.Tensor:
+        """The codes k of an output x_q = A k / n + B of this quantizer: the inverse of
+        ``_decode``, through the output map (A = alpha may differ from u - l once trained,
+        so the input map ``_encode`` would give other codes)."""
+        amp, shift = (2 * scale, -scale) if mode == MODE_WEIGHT else (scale, None)
+        if mode == MODE_SIGNED:
+            shift = lower
+        shifted = x_q if shift is None else x_q - self._view(shift, x_q)
+        n = self.n_levels
+        return torch.clamp(torch.round(shifted * n / self._view(amp, x_q)), 0, n)
+
     def _decode(self, codes, lower, scale, mode) -> torch.Tensor:
-        return decode_codes(codes, lower, scale, self.bits, mode, self.per_channel)
+        return decode_codes(codes, lower, scale, self.bits, mode, self.per_channel, self.n_levels)
+
+    # -- the grid as integers (deployment) ---------------------------------------------
+    @torch.no_grad()
+    def integer_grid(self) -> IntegerGrid:
+        """This activation quantizer's grid as a runtime's codes (:class:`IntegerGrid`).
+        Only grids with an integer zero point have one: a deployment target's."""
+        if self.kind != "activation":
+            raise ValueError("integer_grid() describes activations; weights: weight_integers()")
+        lower, upper, scale = (float(t) for t in self._affine()[:3])
+        n = self.n_levels
+        q_step = (upper - lower) / n
+        exact = -lower / q_step
+        zero_point = round(exact)
+        if self.target is None or abs(exact - zero_point) > 1e-3 or not 0 <= zero_point <= n:
+            raise ValueError(
+                f"this quantizer's zero point {exact:.4g} is not an integer in 0..{n}: only "
+                "quantizers built for a deployment target (QUANT.TARGET) have integer grids"
+            )
+        symmetric = self.target.activation_zero_point == "zero"
+        return IntegerGrid(q_step, scale / n, zero_point, n, zero_point if symmetric else 0)
+
+    @torch.no_grad()
+    def weight_step(self) -> torch.Tensor:
+        """The step s_w between consecutive integers of this weight quantizer's output
+        (per output channel when per-channel): w_q = s_w * q, q integer."""
+        lower, _, scale, mode = self._affine()
+        n = self.n_levels
+        if mode == MODE_WEIGHT:  # s (2k - n) / n: odd integers (n odd) or k - n / 2
+            return (scale / n if n % 2 else 2 * scale / n).detach().float()
+        return (scale / n).detach().float()  # lower + scale k / n (LSQ)
+
+    @torch.no_grad()
+    def weight_integers(self, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(q, s_w)``: int32 integers and their step with ``self(weight) = s_w * q``
+        (s_w broadcast per output channel), for the integer export and the bias grid."""
+        lower, _, scale, mode = self._affine()
+        codes = self.to_codes(weight)
+        n = self.n_levels
+        if mode == MODE_WEIGHT:
+            q = 2 * codes - n if n % 2 else codes - n // 2
+        else:
+            offset = torch.round(self._view(lower * n / scale, codes)).long()
+            q = codes + offset
+        return q.int(), self.weight_step()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.enabled:
-            return x
+            return x if self.target is None else mark_quantized(x, self)
         if not self.initialized:
             # No calibration was run: initialise from the first tensor seen (EWGS does
             # the same on its first training batch).
             self.init_from(x)
         sink = getattr(_code_capture, "sink", None)
         if sink is None:
-            return self._fake_quant(x)
-        out, codes = self._fake_quant(x, with_codes=True)
-        if codes is not None:
-            sink[output_key(out)] = codes
-        return out
+            out, codes = self._fake_quant(x), None
+        else:
+            out, codes = self._fake_quant(x, with_codes=True)
+            if codes is not None:
+                sink[output_key(out)] = codes
+        if self.target is None:
+            return out
+        substitute = output_substitute()
+        if substitute is not None and self.kind == "activation":
+            out, codes = substitute(self, x, out, False), None
+        return mark_quantized(out, self, codes)
 
     def extra_repr(self) -> str:
         sign = {True: "signed", False: "unsigned", None: "auto-sign"}[self.signed]
@@ -286,6 +430,8 @@ class Quantizer(nn.Module):
             s += f", {sign}"
         if self.bound_gradient != "exclusive":
             s += f", bound_gradient={self.bound_gradient}"
+        if self.target is not None:
+            s += f", target={self.target.name}"
         return s + (", per_channel" if self.per_channel else "")
 
 
@@ -306,8 +452,20 @@ class UniformQuantizer(Quantizer):
     a shared detection head is called once per FPN level).
     """
 
-    def __init__(self, bits, kind, signed=False, per_channel=False, num_channels=None, **options):
+    def __init__(
+        self,
+        bits,
+        kind,
+        signed=False,
+        per_channel=False,
+        num_channels=None,
+        percentiles: tuple[float, float] = SIGNED_PERCENTILES,
+        **options,
+    ):
         super().__init__(bits, kind, signed, per_channel, num_channels, **options)
+        # A signed input's calibration percentiles; (0, 100) is min / max (the logits a
+        # deployment target quantizes, whose extremes are the detections).
+        self.percentiles = percentiles
         self.lower = nn.Parameter(torch.full(self._param_shape, -1.0))
         self.upper = nn.Parameter(torch.full(self._param_shape, 1.0))
         self.scale = nn.Parameter(torch.full(self._param_shape, 1.0))
@@ -316,6 +474,8 @@ class UniformQuantizer(Quantizer):
     def mode(self) -> int:
         if self.kind == "weight":
             return MODE_WEIGHT
+        if self.target is not None and self.target.activation_zero_point == "zero":
+            return MODE_SIGNED
         return MODE_SIGNED if self.signed else MODE_UNSIGNED
 
     def _statistics(self, x):
@@ -324,8 +484,8 @@ class UniformQuantizer(Quantizer):
         return {
             "min": x.min().item(),
             "std": x.std().item() if x.numel() > 1 else 0.0,
-            "low": _percentile(x, SIGNED_PERCENTILES[0]),
-            "high": _percentile(x, SIGNED_PERCENTILES[1]),
+            "low": _percentile(x, self.percentiles[0]),
+            "high": _percentile(x, self.percentiles[1]),
         }
 
     def _init_from_statistics(self, stats):
@@ -351,7 +511,33 @@ class UniformQuantizer(Quantizer):
         self.scale.fill_(hi - lo)
 
     def _affine(self):
-        return self.lower, self.upper, self.scale, self.mode
+        if self.target is None or self.kind == "weight":
+            return self.lower, self.upper, self.scale, self.mode
+        return self._target_affine()
+
+    def _target_affine(self):
+        """The grid a deployment target runs (QFD's map with 0 as a level):
+
+        - zero point 0 (symmetric targets, int8): every grid is signed with its zero at
+          code 2^(b-1), l' = -2^(b-1) (u - l) / n, u' = l' + (u - l), alpha = u - l;
+        - unsigned (post-ReLU) inputs: l = 0 exactly, u and alpha learned as in QFD;
+        - signed inputs: l nudged onto the grid, l' = -z (u - l) / n with the integer zero
+          point z = clip(round(-l n / (u - l)), 0, n), u' = l' + (u - l); alpha = u - l
+          (tied, so the runtime's one zero point serves both its QuantizeLinear and its
+          DequantizeLinear). The nudge passes the gradient straight through (as TF's
+          nudged fake-quant and torch.ao's rounded zero point do), so l and u stay learned.
+        """
+        n = self.n_levels
+        width = self.upper - self.lower
+        step = width.detach() / n
+        if self.target.activation_zero_point == "zero":
+            zero_point = torch.tensor(float((n + 1) // 2))  # int8: codes k - 128
+        elif not self.signed:
+            return torch.zeros_like(self.lower), self.upper, self.scale, MODE_UNSIGNED
+        else:
+            zero_point = torch.clamp(torch.round(-self.lower.detach() / step), 0, n)
+        lower = self.lower + (-zero_point * step - self.lower).detach()
+        return lower, lower + width, width, MODE_SIGNED
 
 
 class EWGSQuantizer(UniformQuantizer):
@@ -412,9 +598,14 @@ class LSQQuantizer(Quantizer):
 
     @property
     def qrange(self) -> tuple[int, int]:
-        if self.kind == "activation" and not self.signed:
+        """(Q_n, Q_p). On a deployment target, 8-bit weights drop Q_n = -128 (the narrow
+        int8 range) and a symmetric target's activations are all signed."""
+        symmetric = self.target is not None and self.target.activation_zero_point == "zero"
+        if self.kind == "activation" and not self.signed and not symmetric:
             return 0, 2**self.bits - 1
-        return -(2 ** (self.bits - 1)), 2 ** (self.bits - 1) - 1
+        top = 2 ** (self.bits - 1) - 1
+        narrow = self.n_levels == 2 * top  # 8-bit weights on a target: [-127, 127]
+        return (-top if narrow else -top - 1), top
 
     def _statistics(self, x):
         mean_abs = x.abs().flatten(1).mean(1) if self.per_channel else x.abs().mean()

@@ -160,10 +160,8 @@ def quantize_model(
     for name in names:
         layer = model.get_submodule(name)
         qcls = QConv2d if isinstance(layer, nn.Conv2d) else QLinear
-        _replace_module(
-            model,
-            name,
-            qcls.from_float(
+        try:
+            quantized = qcls.from_float(
                 layer,
                 w_bits,
                 a_bits,
@@ -172,8 +170,10 @@ def quantize_model(
                 act_signed=act_signed,
                 options=quantizer_options,
                 act_method=act_method,
-            ),
-        )
+            )
+        except ValueError as e:  # name the layer: a config applies to many
+            raise ValueError(f"{name}: {e}") from None
+        _replace_module(model, name, quantized)
     if verbose:
         logger.info("Quantized %d layers:\n%s", len(names), quantization_table(model))
     return names

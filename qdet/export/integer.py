@@ -1,0 +1,243 @@
+"""The integer graph of a target-trained model (``QUANT.TARGET``): what onnxruntime fuses.
+
+A model trained for a deployment target (:mod:`qdet.quantization.targets`,
+:mod:`qdet.modeling.deployable`) exports in the QDQ form onnxruntime's graph optimiser turns
+into integer kernels:
+
+- each tensor between quantized ops: ``QuantizeLinear`` (its step and integer zero point),
+  below 8 bits an integer ``Clip`` of the codes to 0..n (onnxruntime runs Clip on uint8;
+  the fused QLinearConv / QLinearAdd before it saturate only at 0..255), and
+  ``DequantizeLinear``; no float offsets, so nothing sits between an op and its Q;
+- each quantized conv: ``DequantizeLinear`` of its folded int8 weight (per output channel)
+  and of its int32 bias at step s_x s_w[c], then ``Conv``, with no norm after it
+  (:mod:`qdet.quantization.folding`): DQ -> Conv -> (Relu) -> Q, which onnxruntime
+  rewrites to QLinearConv (it checks the bias step against s_x s_w[c]);
+- residual adds and FPN sums: DQ, DQ -> Add -> (Relu) -> Q, rewritten to QLinearAdd;
+- nearest upsampling and max-pooling: DQ -> op -> Q on the same grid, which onnxruntime
+  runs on the codes.
+
+:class:`IntegerRecord` lists what was written, in graph order, for the check
+(:mod:`qdet.export.integer_check`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from qdet.quantization.folding import INT32_MAX, folded_steps, norm_affine
+from qdet.quantization.quantizers import IntegerGrid, Quantizer, mark_quantized, quantized_source
+
+
+@dataclass
+class IntegerRecord:
+    """What an integer export wrote, in graph order: every QuantizeLinear (``activations``:
+    a quantizer's output, or a requantisation after a grid-preserving op) and every
+    integer conv."""
+
+    activations: list[dict] = field(default_factory=list)
+    convs: list[str] = field(default_factory=list)
+    paths: dict[int, str] = field(default_factory=dict)  # id(module) -> its path
+
+
+_record: IntegerRecord | None = None
+
+
+@contextlib.contextmanager
+def recording() -> contextlib.AbstractContextManager[IntegerRecord]:
+    global _record
+    outer, _record = _record, IntegerRecord()
+    try:
+        yield _record
+    finally:
+        _record = outer
+
+
+@contextlib.contextmanager
+def untraced():
+    """Compute constants for the file from parameters without the tracer recording it."""
+    state = torch._C._get_tracing_state()
+    torch._C._set_tracing_state(None)
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        torch._C._set_tracing_state(state)
+
+
+def _const(g, tensor: torch.Tensor):
+    return g.op("Constant", value_t=tensor)
+
+
+def _container(target) -> torch.dtype:
+    return target.activation_dtype
+
+
+# -- activations --------------------------------------------------------------------------
+@dataclass(frozen=True, eq=False)
+class ActivationCodes:
+    grid: IntegerGrid
+    dtype: torch.dtype
+    clip: bool  # an integer Clip of the codes to 0..n after QuantizeLinear
+    requantize: bool = False  # the output of a grid-preserving op (same grid as its input)
+
+    def zero(self) -> torch.Tensor:
+        return torch.tensor(self.grid.zero_point - self.grid.offset, dtype=self.dtype)
+
+
+def activation_codes(quantizer: Quantizer, requantize: bool = False) -> ActivationCodes:
+    grid = quantizer.integer_grid()
+    target = quantizer.target
+    # A grid-preserving op's output is already within 0..n: no Clip.
+    clip = target.clip_codes_below_8_bits and grid.n < 255 and not requantize
+    return ActivationCodes(grid, _container(target), clip, requantize)
+
+
+class _QuantizeDequantize(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, codes: ActivationCodes, value: torch.Tensor):
+        # Only traced: the exporter records the symbolic; the value, the quantizer's own
+        # output computed beside it, keeps the traced run equal to PyTorch's.
+        return value.clone()
+
+    @staticmethod
+    def symbolic(g, x, codes: ActivationCodes, value):
+        grid = codes.grid
+        zero = _const(g, codes.zero())
+        step = grid.dq_step if codes.requantize else grid.q_step
+        q = g.op("QuantizeLinear", x, _const(g, torch.tensor(step, dtype=torch.float32)), zero)
+        if codes.clip:
+            lo, hi = (torch.tensor(v - grid.offset, dtype=codes.dtype) for v in (0, grid.n))
+            q = g.op("Clip", q, _const(g, lo), _const(g, hi))
+        dq_step = _const(g, torch.tensor(grid.dq_step, dtype=torch.float32))
+        return g.op("DequantizeLinear", q, dq_step, zero)
+
+
+class IntegerActivation(nn.Module):
+    """Stands in for a target-trained activation quantizer during export: Q [Clip] DQ."""
+
+    def __init__(self, quantizer: Quantizer, path: str = ""):
+        super().__init__()
+        self.quantizer, self.path = quantizer, path
+        self.codes = activation_codes(quantizer)
+
+    @property
+    def last_used(self) -> Quantizer:
+        return self.quantizer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with untraced():
+            value = self.quantizer(x)
+        if _record is not None:
+            _record.activations.append({"path": self.path, "grid": self.codes.grid})
+        out = _QuantizeDequantize.apply(x, self.codes, value)
+        return mark_quantized(out, self.quantizer)
+
+
+def requantize(y: torch.Tensor, quantizer: Quantizer) -> torch.Tensor:
+    """Q / DQ on ``quantizer``'s output grid after a grid-preserving op (module docstring)."""
+    codes = activation_codes(quantizer, requantize=True)
+    if _record is not None:
+        _record.activations.append({"path": "", "grid": codes.grid, "requantize": True})
+    return _QuantizeDequantize.apply(y, codes, y)
+
+
+# -- convs ----------------------------------------------------------------------------------
+@dataclass(frozen=True, eq=False)
+class IntegerConvGrid:
+    """A folded quantized conv as the runtime holds it."""
+
+    weight: torch.Tensor  # int8, (C_out, C_in / groups, kh, kw)
+    weight_step: torch.Tensor  # float32, (C_out,)
+    bias: torch.Tensor  # int32, (C_out,)
+    bias_step: torch.Tensor  # float32, (C_out,) = s_x * weight_step
+    stride: tuple
+    padding: tuple
+    dilation: tuple
+    groups: int
+
+
+def integer_conv_grid(layer: nn.Module, source: Quantizer, norm: nn.Module | None):
+    """The folded int8 weight and int32 bias of ``layer`` for an input on ``source``'s grid
+    (:mod:`qdet.quantization.folding`); the same arithmetic as the layer's QAT forward."""
+    q, step = layer.weight_quantizer.weight_integers(layer.weight)
+    channels = q.shape[0]
+    bias = layer.bias.detach().float() if layer.bias is not None else torch.zeros(channels)
+    fold = None
+    if norm is not None:
+        fold, shift = norm_affine(norm)
+        fold, bias = fold.detach().float(), (shift + fold * bias).detach().float()
+        sign = torch.where(fold < 0, -1, 1).view(-1, *([1] * (q.dim() - 1)))
+        q = torch.where((fold == 0).view_as(sign), 0, q * sign)
+    weight_step, bias_step = folded_steps(source.integer_grid().dq_step, step, fold, channels)
+    codes = torch.round(bias / bias_step)
+    if codes.abs().max() > INT32_MAX:
+        raise ValueError(f"{layer}: a folded bias does not fit int32 at step s_x s_w")
+    if q.abs().max() > 127:
+        raise ValueError(f"{layer}: weight integers beyond int8")
+    return IntegerConvGrid(
+        q.to(torch.int8),
+        weight_step,
+        codes.to(torch.int32),
+        bias_step,
+        tuple(layer.stride),
+        tuple(layer.padding),
+        tuple(layer.dilation),
+        layer.groups,
+    )
+
+
+class _IntegerConv(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, grid: IntegerConvGrid):
+        w = grid.weight.float() * grid.weight_step.view(-1, 1, 1, 1)
+        b = grid.bias.float() * grid.bias_step
+        return F.conv2d(
+            x, w.to(x.dtype), b.to(x.dtype), grid.stride, grid.padding, grid.dilation, grid.groups
+        )
+
+    @staticmethod
+    def symbolic(g, x, grid: IntegerConvGrid):
+        channels = grid.weight.shape[0]
+        w = g.op(
+            "DequantizeLinear",
+            _const(g, grid.weight),
+            _const(g, grid.weight_step),
+            _const(g, torch.zeros(channels, dtype=torch.int8)),
+            axis_i=0,
+        )
+        b = g.op(
+            "DequantizeLinear",
+            _const(g, grid.bias),
+            _const(g, grid.bias_step),
+            _const(g, torch.zeros(channels, dtype=torch.int32)),
+            axis_i=0,
+        )
+        ph, pw = grid.padding
+        return g.op(
+            "Conv",
+            x,
+            w,
+            b,
+            kernel_shape_i=list(grid.weight.shape[2:]),
+            strides_i=list(grid.stride),
+            pads_i=[ph, pw, ph, pw],
+            dilations_i=list(grid.dilation),
+            group_i=grid.groups,
+        )
+
+
+def integer_conv(layer: nn.Module, x_q: torch.Tensor, norm: nn.Module | None) -> torch.Tensor:
+    """``layer`` (a target-trained QConv2d) on its quantized input, as DQ -> Conv."""
+    found = quantized_source(x_q)
+    if found is None:
+        raise RuntimeError(f"{layer}: its input carries no quantizer; the export cannot fold it")
+    with untraced():
+        grid = integer_conv_grid(layer, found[0], norm)
+    if _record is not None:
+        _record.convs.append(_record.paths.get(id(layer), ""))
+    return _IntegerConv.apply(x_q, grid)
