@@ -57,7 +57,6 @@ def _mib(n: int) -> str:
 
 
 def main(args) -> int:
-    import torch
     from detectron2.checkpoint import DetectionCheckpointer
     from detectron2.data import build_detection_test_loader
     from detectron2.modeling import build_model
@@ -114,17 +113,13 @@ def main(args) -> int:
     if args.eval:
         if info["graph"] != "retinanet":
             raise ValueError("--eval evaluates RetinaNet exports; this model exports a backbone")
-        from detectron2.evaluation import COCOEvaluator, inference_on_dataset
+        from qdet.export.runtime import box_ap
 
         dataset = cfg.DATASETS.TEST[0]
-        aps = {}
-        for name, runner in (
-            ("pytorch", model),
-            ("onnxruntime", OnnxRetinaNet(model, args.output, args.threads)),
-        ):
-            evaluator = COCOEvaluator(dataset, output_dir=None)
-            with torch.no_grad():
-                aps[name] = inference_on_dataset(runner, loader, evaluator)["bbox"]
+        aps = {
+            "pytorch": box_ap(cfg, model),
+            "onnxruntime": box_ap(cfg, OnnxRetinaNet(model, args.output, args.threads)),
+        }
         result["eval"] = aps
         log(
             f"box AP on {dataset}: PyTorch {aps['pytorch']['AP']:.2f}, "

@@ -73,10 +73,6 @@ def _const(g, tensor: torch.Tensor):
     return g.op("Constant", value_t=tensor)
 
 
-def _container(target) -> torch.dtype:
-    return target.activation_dtype
-
-
 # -- activations --------------------------------------------------------------------------
 @dataclass(frozen=True, eq=False)
 class ActivationCodes:
@@ -94,7 +90,7 @@ def activation_codes(quantizer: Quantizer, requantize: bool = False) -> Activati
     target = quantizer.target
     # A grid-preserving op's output is already within 0..n: no Clip.
     clip = target.clip_codes_below_8_bits and grid.n < 255 and not requantize
-    return ActivationCodes(grid, _container(target), clip, requantize)
+    return ActivationCodes(grid, target.activation_dtype, clip, requantize)
 
 
 class _QuantizeDequantize(torch.autograd.Function):
@@ -202,21 +198,18 @@ class _IntegerConv(torch.autograd.Function):
 
     @staticmethod
     def symbolic(g, x, grid: IntegerConvGrid):
-        channels = grid.weight.shape[0]
-        w = g.op(
-            "DequantizeLinear",
-            _const(g, grid.weight),
-            _const(g, grid.weight_step),
-            _const(g, torch.zeros(channels, dtype=torch.int8)),
-            axis_i=0,
-        )
-        b = g.op(
-            "DequantizeLinear",
-            _const(g, grid.bias),
-            _const(g, grid.bias_step),
-            _const(g, torch.zeros(channels, dtype=torch.int32)),
-            axis_i=0,
-        )
+        def per_channel(integers, step):  # DequantizeLinear along the output channels
+            zero = torch.zeros(integers.shape[0], dtype=integers.dtype)
+            return g.op(
+                "DequantizeLinear",
+                _const(g, integers),
+                _const(g, step),
+                _const(g, zero),
+                axis_i=0,
+            )
+
+        w = per_channel(grid.weight, grid.weight_step)
+        b = per_channel(grid.bias, grid.bias_step)
         ph, pw = grid.padding
         return g.op(
             "Conv",

@@ -18,14 +18,18 @@ from torch import nn
 from qdet.export.graphs import INPUT_NAME, export_graph
 
 
-def inference_session(path: str, threads: int = 0):
-    """A CPU onnxruntime session (``threads`` = 0: onnxruntime's default)."""
+def inference_session(path: str, threads: int = 0, spinning: bool = True):
+    """A CPU onnxruntime session (``threads`` = 0: onnxruntime's default). ``spinning``
+    False: its idle threads sleep rather than spin (several sessions timed in turn in one
+    process would otherwise take each other's cores)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     if threads:
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
+    if not spinning:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
 
 
@@ -67,3 +71,17 @@ class OnnxRetinaNet(nn.Module):
             height, width = inputs.get("height", size[0]), inputs.get("width", size[1])
             processed.append({"instances": detector_postprocess(result, height, width)})
         return processed
+
+
+def box_ap(cfg, runner: nn.Module) -> dict:
+    """COCO box AP of ``runner`` (a PyTorch model or an :class:`OnnxRetinaNet`) on
+    ``cfg.DATASETS.TEST[0]``, with the test loader and COCOEvaluator training uses."""
+    from detectron2.evaluation import COCOEvaluator, inference_on_dataset
+
+    from qdet.engine.trainer import QDetTrainer, has_compiled_ops
+
+    dataset = cfg.DATASETS.TEST[0]
+    loader = QDetTrainer.build_test_loader(cfg, dataset)
+    evaluator = COCOEvaluator(dataset, output_dir=None, use_fast_impl=has_compiled_ops())
+    with torch.no_grad():
+        return inference_on_dataset(runner, loader, evaluator)["bbox"]

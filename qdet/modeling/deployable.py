@@ -279,7 +279,13 @@ def _add_quantizers(module, path, activation, edge, per_level_head):
             consume(next((m for m in subnet if isinstance(m, nn.Conv2d)), None))
             _check_subnet(subnet, f"{path}.{name}_subnet")
             if isinstance(predictor, QConv2d):  # its own input quantizer; quantize its output
-                attr, make = f"{name}_output_quantizer", lambda: edge(True, percentiles=(0, 100))
+                # The graph's outputs: min / max, whatever QUANT.CALIB_RANGE (the largest
+                # logits are the detections).
+                attr = f"{name}_output_quantizer"
+
+                def make():
+                    return edge(True, percentiles=(0, 100), calib_range="minmax")
+
             else:
                 attr, make = f"{name}_input_quantizer", lambda: edge(False)
             quantizer = make()

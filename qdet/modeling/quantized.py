@@ -59,9 +59,8 @@ def _activation_quantizer(quant: dict, bits: int, signed: bool, **options):
     """An activation quantizer with the model's method and options (its target too);
     ``options`` (a calibration's ``percentiles``) make it QFD's uniform quantizer."""
     method = "uniform" if options else quant["act_method"] or quant["method"]
-    return build_quantizer(
-        method, bits, "activation", signed=signed, **(quant["quantizer_options"] or {}), **options
-    )
+    options = {**(quant["quantizer_options"] or {}), **options}
+    return build_quantizer(method, bits, "activation", signed=signed, **options)
 
 
 def quantize_edges(model: nn.Module, quant: dict, bits: int) -> list[str]:

@@ -174,24 +174,24 @@ class QConv2d(Conv2d):
         """``norm``: the BN after this conv when it is not ``self.norm`` (RetinaNet's head
         keeps it as the next module of a Sequential), to fold under a target."""
         norm = self.norm if norm is None else norm
+        conv = (self.stride, self.padding, self.dilation, self.groups)
         if self.target is not None and exporting():
             from qdet.export.integer import integer_conv  # the export needs onnx
 
             x = integer_conv(self, self.input_quantizer(x), norm)
         elif self.target is None or (norm is not None and not self._folds(norm)):
             x_q, w_q, saving = quantized_operands(self, x)
-            conv = (self.stride, self.padding, self.dilation, self.groups)
             with saving:
                 x = F.conv2d(x_q, w_q, self.bias, *conv)
             if norm is not None:
                 x = norm(x)
-        else:
-            source = (
-                quantized_source(x) if isinstance(self.input_quantizer, QuantizedInput) else None
-            )
+        else:  # what the runtime computes: the norm folded, the bias on its int32 grid
+            # (read the producer's record before the autocast cast makes a new tensor)
+            arrived = isinstance(self.input_quantizer, QuantizedInput)
+            source = quantized_source(x) if arrived else None
             x_q, w_q, saving = quantized_operands(self, x)
             with saving:
-                x = F.conv2d(x_q, w_q, None, self.stride, self.padding, self.dilation, self.groups)
+                x = F.conv2d(x_q, w_q, None, *conv)
             x = self._folded_affine(x, source or quantized_source(x_q), norm)
         if self.activation is not None:
             x = self.activation(x)

@@ -30,6 +30,7 @@ from qdet.quantization.functional import (
     fake_quantize,
     fake_quantize_values,
 )
+from qdet.quantization.range_rules import CALIB_RANGES, activation_range, sample, weight_range
 from qdet.quantization.targets import DEPLOY_TARGETS, DeployTarget
 
 VALID_BITS = (1, 2, 3, 4, 5, 6, 7, 8, 32)
@@ -152,10 +153,16 @@ class Quantizer(nn.Module):
         num_channels: int | None = None,
         bound_gradient: str = "exclusive",
         target: DeployTarget | None = None,
+        calib_range: str = "ewgs",
     ):
         super().__init__()
         self.bits = check_bits(bits)
         self.target = target
+        if calib_range not in CALIB_RANGES:
+            raise ValueError(f"calib_range={calib_range!r} is not one of {CALIB_RANGES}")
+        # How calibration sets the range (qdet.quantization.range_rules); the uniform
+        # quantizer offers all, the others their own rule ("ewgs" here means "default").
+        self.calib_range = calib_range
         if kind not in KINDS:
             raise ValueError(f"kind={kind!r} is not one of {KINDS}")
         if bound_gradient not in BOUND_GRADIENTS:
@@ -195,15 +202,15 @@ class Quantizer(nn.Module):
     # Flags that are not tensors travel in the state dict as extra state, so a checkpoint
     # restores whether the quantizer was calibrated and which output map it chose.
     # Encoded as a small int tensor: Detectron2's (fvcore's) checkpointer accepts tensors
-    # only. [initialized, signed (-1 = undecided), bits, deployment target (0 = none)];
-    # checkpoints written before targets existed have the first three.
+    # only. [initialized, signed (-1 = undecided), bits], then the deployment target's code
+    # for a quantizer trained for one.
     _SIGN_CODES = {None: -1, False: 0, True: 1}
 
     def get_extra_state(self) -> torch.Tensor:
-        target = _TARGET_CODES[self.target.name if self.target else None]
-        return torch.tensor(
-            [int(self.initialized), self._SIGN_CODES[self.signed], self.bits, target]
-        )
+        state = [int(self.initialized), self._SIGN_CODES[self.signed], self.bits]
+        if self.target is not None:  # checkpoints of simulated models keep their 3 entries
+            state.append(_TARGET_CODES[self.target.name])
+        return torch.tensor(state)
 
     def set_extra_state(self, state) -> None:
         values = [int(v) for v in torch.as_tensor(state).tolist()]
@@ -480,15 +487,23 @@ class UniformQuantizer(Quantizer):
 
     def _statistics(self, x):
         if self.kind == "weight":
+            if self.calib_range != "ewgs":
+                return {"weight": x.clone()}
             return {"std": x.flatten(1).std(dim=1) if self.per_channel else x.std()}
-        return {
+        stats = {
             "min": x.min().item(),
             "std": x.std().item() if x.numel() > 1 else 0.0,
             "low": _percentile(x, self.percentiles[0]),
             "high": _percentile(x, self.percentiles[1]),
         }
+        if self.calib_range != "ewgs":
+            stats["sample"] = sample(x)
+        return stats
 
     def _init_from_statistics(self, stats):
+        if self.calib_range != "ewgs":
+            self._init_range_rule(stats)
+            return
         if self.kind == "weight":
             std = stats[-1]["std"]
             self._resize(tuple(std.shape))
@@ -506,6 +521,21 @@ class UniformQuantizer(Quantizer):
             hi = sum(3 * s["std"] for s in stats) / len(stats) / math.sqrt(1 - 2 / math.pi)
         if not hi > lo:  # constant input (e.g. an all-zero batch): keep a valid interval
             hi = lo + 1e-3
+        self.lower.fill_(lo)
+        self.upper.fill_(hi)
+        self.scale.fill_(hi - lo)
+
+    def _init_range_rule(self, stats):
+        """``QUANT.CALIB_RANGE`` minmax / mse (:mod:`qdet.quantization.range_rules`)."""
+        rule, n = self.calib_range, self.n_levels
+        if self.kind == "weight":
+            top = weight_range(stats[-1]["weight"], n, self.per_channel, rule)
+            self._resize(tuple(top.shape))
+            self.upper.copy_(top)
+            self.lower.copy_(-top)
+            self.scale.copy_(top)
+            return
+        lo, hi = activation_range([s["sample"] for s in stats], n, bool(self.signed), rule)
         self.lower.fill_(lo)
         self.upper.fill_(hi)
         self.scale.fill_(hi - lo)
@@ -591,6 +621,8 @@ class LSQQuantizer(Quantizer):
 
     def __init__(self, bits, kind, signed=False, per_channel=False, num_channels=None, **options):
         super().__init__(bits, kind, signed, per_channel, num_channels, **options)
+        if self.calib_range != "ewgs":
+            raise ValueError("LSQ initialises its step by its own rule: QUANT.CALIB_RANGE ewgs")
         if kind == "weight" and self.enabled and bits < 2:
             raise ValueError("LSQ needs at least 2 bits for weights; use method='uniform'")
         self.scale = nn.Parameter(torch.full(self._param_shape, 1.0))
