@@ -72,10 +72,8 @@ class QReLUQuantizer(Quantizer):
                 "integer form on a deployment target. Use QUANT.ACT_METHOD '' with "
                 "QUANT.TARGET, or QUANT.TARGET '' with qrelu"
             )
-        options.pop("delta", None)
-        options.pop(
-            "calib_range", None
-        )  # its own rule: alpha from the std, as FAQD  # an EWGS option, meaningless here
+        options.pop("delta", None)  # an EWGS option, meaningless here
+        options.pop("calib_range", None)  # its own rule: alpha from the std, as FAQD's
         super().__init__(bits, kind, False, per_channel, num_channels, **options)
         self.alpha = nn.Parameter(torch.tensor(1.0))
 
