@@ -18,6 +18,7 @@ from qdet.quantization import (
     Quantizer,
     UniformQuantizer,
     build_quantizer,
+    name_quantizers,
     quantize_model,
     select_layers,
 )
@@ -164,6 +165,24 @@ class QuantizedDetectorMixin:
             )
             self.get_submodule(tap.path).register_forward_hook(self._quantize_feature(tap))
         self.distiller = None
+        name_quantizers(self)
+
+    def preprocess_image(self, batched_inputs):
+        """The parent's normalised, padded batch, refused when a pixel is inf or NaN:
+        quantizers would clip inf to their bounds and train on it silently (Detectron2's
+        trainer, too, raises ``FloatingPointError`` for what is not finite)."""
+        images = super().preprocess_image(batched_inputs)
+        if not bool(torch.isfinite(images.tensor).all()):
+            bad = [
+                batched_inputs[i].get("file_name", f"image {i} of the batch")
+                for i, image in enumerate(images.tensor)
+                if not bool(torch.isfinite(image).all())
+            ]
+            raise FloatingPointError(
+                f"{type(self).__name__}: non-finite pixel values (inf/NaN) in {bad}; check "
+                "the data loader and its augmentations"
+            )
+        return images
 
     def _quantize_feature(self, tap):
         def hook(_module, _inputs, output):

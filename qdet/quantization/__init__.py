@@ -21,6 +21,7 @@ from qdet.quantization.quantizers import (
     Quantizer,
     UniformQuantizer,
     build_quantizer,
+    name_quantizers,
 )
 from qdet.quantization.surgery import (
     DEFAULT_EXCLUDE,
@@ -45,6 +46,7 @@ __all__ = [
     "Quantizer",
     "UniformQuantizer",
     "build_quantizer",
+    "name_quantizers",
     "calibrate",
     "dequantize_weights",
     "export_int_weights",

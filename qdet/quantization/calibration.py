@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from qdet.quantization.layers import QUANTIZED_LAYERS
-from qdet.quantization.quantizers import Quantizer
+from qdet.quantization.quantizers import Quantizer, name_quantizers
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +45,7 @@ def calibrate(
     if num_batches < 1:
         raise ValueError(f"num_batches={num_batches}: calibration needs at least one batch")
     run = run or (lambda m, b: m(b))
+    name_quantizers(model)
     init_weight_quantizers(model)
     # Every enabled activation quantizer: layer inputs, and standalone ones such as a
     # teacher's feature quantizer.
@@ -54,8 +55,10 @@ def calibrate(
         if isinstance(m, Quantizer) and m.kind == "activation" and m.enabled
     }
 
+    seen = 0
+
     def observe(quantizer, _args):
-        quantizer.observe(_args[0])
+        quantizer.observe(_args[0], where=f"calibration batch {seen + 1} of {num_batches}")
 
     # Observe through pre-hooks while every quantizer is off (a 32-bit quantizer is the
     # identity), so the statistics are those of the FP model being fine-tuned.
@@ -66,7 +69,6 @@ def calibrate(
         q.bits = 32
     was_training = model.training
     model.eval()
-    seen = 0
     try:
         for batch in batches:
             if seen == num_batches:
@@ -81,9 +83,18 @@ def calibrate(
         model.train(was_training)
     if seen == 0:
         raise ValueError("calibrate() got no batches: the data iterable is empty")
-    never_called = [n for n, q in inputs.items() if q.num_observed == 0]
+    never_called = [n for n, q in inputs.items() if q.num_observed == q.num_empty_skipped == 0]
     if never_called:
         raise RuntimeError(f"these quantized layers never ran during calibration: {never_called}")
+    only_empty = {n: q.num_empty_skipped for n, q in inputs.items() if q.num_observed == 0}
+    if only_empty:
+        raise RuntimeError(
+            f"{len(only_empty)} quantized layers got only empty inputs in {seen} calibration "
+            f"batches, so nothing sets their range (calls per layer: {only_empty}): a ROI "
+            "head gets no box when no proposal or detection survives. Calibrate on more "
+            "batches (QUANT.CALIB_BATCHES, here num_batches), or start from trained "
+            "weights (MODEL.WEIGHTS) whose heads detect something"
+        )
     for q in inputs.values():
         q.finish_calibration()
     logger.info("Calibrated %d input quantizers on %d batches", len(inputs), seen)

@@ -177,6 +177,10 @@ class Quantizer(nn.Module):
         self.per_channel = per_channel
         self.initialized = False
         self._observed: list[dict] = []
+        self._empty_seen = 0  # empty calibration tensors skipped since the last finish
+        # The module path of this quantizer in its model, for error messages
+        # (:func:`name_quantizers`); not saved.
+        self.path = ""
         shape = (num_channels,) if per_channel and num_channels else ()
         self._param_shape = shape
 
@@ -247,26 +251,53 @@ class Quantizer(nn.Module):
     # -- calibration ---------------------------------------------------------------
     # Each observed tensor is reduced to a few statistics at once, so calibrating a
     # detector on several large batches holds no activations in memory.
-    def observe(self, x: torch.Tensor) -> None:
-        """Record one calibration tensor (weights: the weight; activations: a batch)."""
+    def observe(self, x: torch.Tensor, where: str = "calibration") -> None:
+        """Record one calibration tensor (weights: the weight; activations: a batch).
+
+        An empty tensor (a mask head that got no ROI) is skipped: the layer calibrates on
+        the next non-empty one. Non-finite values raise ``FloatingPointError`` naming this
+        layer and ``where`` (the calibration batch): bounds of inf / NaN would quantize
+        everything to one code."""
+        if x.numel() == 0:
+            self._empty_seen += 1
+            return
         with torch.no_grad():
+            finite = torch.isfinite(x)
+            if not bool(finite.all()):
+                bad = x.numel() - int(finite.sum())
+                raise FloatingPointError(
+                    f"{self.path or type(self).__name__}: {bad} of {x.numel()} values of its "
+                    f"input are inf or NaN in {where}; bounds cannot be set from them. Find "
+                    "where they arise (the input images, a diverged checkpoint) before "
+                    "calibrating"
+                )
             self._observed.append(self._statistics(x.detach().float()))
+
+    @property
+    def num_empty_skipped(self) -> int:
+        """Empty tensors ``observe`` skipped since the last ``finish_calibration``."""
+        return self._empty_seen
 
     def finish_calibration(self) -> None:
         """Set the parameters from what ``observe`` recorded, then forget it."""
         if not self._observed:
-            raise RuntimeError("finish_calibration() called before any observe(x)")
+            seen = f" ({self._empty_seen} empty ones were skipped)" if self._empty_seen else ""
+            raise RuntimeError(
+                f"{self.path or type(self).__name__}: finish_calibration() called before any "
+                f"non-empty observe(x){seen}"
+            )
         stats = self._observed
         if self.kind == "activation" and self.signed is None:
             self.signed = bool(min(s["min"] for s in stats) < 0)
         with torch.no_grad():
             self._init_from_statistics(stats)
         self._observed = []
+        self._empty_seen = 0
         self.initialized = True
 
-    def init_from(self, x: torch.Tensor) -> None:
-        """Calibrate from one tensor."""
-        self.observe(x)
+    def init_from(self, x: torch.Tensor, where: str = "calibration") -> None:
+        """Calibrate from one (non-empty, finite) tensor."""
+        self.observe(x, where)
         self.finish_calibration()
 
     def _statistics(self, x: torch.Tensor) -> dict:
@@ -412,10 +443,13 @@ class Quantizer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.enabled:
             return x if self.target is None else mark_quantized(x, self)
+        if x.numel() == 0:
+            out = self._empty_output(x)
+            return out if self.target is None else mark_quantized(out, self)
         if not self.initialized:
-            # No calibration was run: initialise from the first tensor seen (EWGS does
-            # the same on its first training batch).
-            self.init_from(x)
+            # No calibration was run: initialise from the first non-empty tensor seen
+            # (EWGS does the same on its first training batch).
+            self.init_from(x, where="its first input (no calibration was run)")
         sink = getattr(_code_capture, "sink", None)
         if sink is None:
             out, codes = self._fake_quant(x), None
@@ -429,6 +463,15 @@ class Quantizer(nn.Module):
         if substitute is not None and self.kind == "activation":
             out, codes = substitute(self, x, out, False), None
         return mark_quantized(out, self, codes)
+
+    def _empty_output(self, x: torch.Tensor) -> torch.Tensor:
+        """The output for an empty ``x`` (a ROI head given no box): empty, of ``x``'s shape
+        and dtype, before or after calibration. The parameters enter with a zero gradient,
+        so every rank of a DistributedDataParallel model uses them each step."""
+        params = [p.sum() for p in self.parameters()]
+        if not params:
+            return x.clone()
+        return x + (torch.stack(params).sum() * 0).to(x.dtype)
 
     def extra_repr(self) -> str:
         sign = {True: "signed", False: "unsigned", None: "auto-sign"}[self.signed]
@@ -658,6 +701,13 @@ class LSQQuantizer(Quantizer):
         g = 1.0 / math.sqrt(self._numel * qp)
         step = ScaleGradient.apply(step, g)  # LSQ's gradient scale on s
         return qn * step, qp * step, (qp - qn) * step, MODE_SIGNED
+
+
+def name_quantizers(model: nn.Module) -> None:
+    """Give every quantizer of ``model`` its module path, which errors name."""
+    for name, module in model.named_modules():
+        if isinstance(module, Quantizer):
+            module.path = name
 
 
 QUANTIZERS: dict[str, type[Quantizer]] = {
