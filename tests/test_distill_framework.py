@@ -118,6 +118,9 @@ def test_several_terms_read_the_right_features(teacher_checkpoint, tiny_teacher)
     assert storage.history("distill_ratio").latest() == pytest.approx(
         (sum(terms.values()) / total).item(), rel=1e-5
     )
+    for name, value in terms.items():  # each term's own share, as the study tables show
+        share = storage.history(f"distill_ratio/{name.removeprefix('loss_distill_')}").latest()
+        assert share == pytest.approx((value / total).item(), rel=1e-5)
     # Independent: each tap by its own forward path (quantizers are initialised by now;
     # training-mode BN normalises with the batch's statistics in both passes).
     images = student.preprocess_image(batch).tensor
@@ -291,6 +294,8 @@ def test_distill_config_errors(teacher_checkpoint, tiny_teacher):  # noqa: F811
         specs("DISTILL.TERMS", "['kl']")
     with pytest.raises(ValueError, match=r"DISTILL.FA.*norm='l3'.*fro2"):
         specs("DISTILL.TERMS", "['fa']", "DISTILL.FA.NORM", "l3")
+    with pytest.raises(ValueError, match=r"DISTILL.RFD.*reduction='sum'.*mean.*official"):
+        specs("DISTILL.TERMS", "['rfd']", "DISTILL.RFD.REDUCTION", "sum")
     for bad in (-0.1, float("nan")):
         cfg = _student_cfg(teacher_checkpoint, "DISTILL.TERMS", "['fa']")
         cfg.DISTILL.FA.WEIGHT = bad
@@ -425,3 +430,33 @@ def test_qfd_feature_quantizer_on_a_module_path_or_a_bottom_up_output(tap):
     k = (seen["f"].unique() - q.lower) / (q.scale / 255)
     assert len(k) > 16  # a real feature, not a constant
     torch.testing.assert_close(k, k.round(), rtol=0, atol=1e-2)
+
+
+def test_a_term_that_weighs_almost_nothing_is_warned_about_with_the_weight_to_use(
+    teacher_checkpoint,  # noqa: F811
+    tiny_teacher,
+    monkeypatch,
+    caplog,
+):
+    """Below 1% of the loss over the first steps: one warning naming the term, its share
+    and a weight; trained again at that weight, the term is 1/5 of the loss."""
+    monkeypatch.setattr(distiller_module, "SHARE_CHECK_ITERS", 3)
+    terms = ("DISTILL.TERMS", "['feature_kd', 'logit_mse']", "DISTILL.FEATURE_KD.TAPS", "['p3']")
+
+    def shares(weight: str) -> list[float]:
+        student = _student(teacher_checkpoint, *terms, "DISTILL.LOGIT_MSE.WEIGHT", weight)
+        with EventStorage() as storage:
+            for _ in range(4):  # the same batch: every step's share is the same
+                student(_batch())
+                storage.step()
+        return [v for v, _ in storage.history("distill_ratio/logit_mse").values()]
+
+    with caplog.at_level("WARNING", logger=distiller_module.logger.name):
+        low = shares("1e-7")
+    warnings = [r.getMessage() for r in caplog.records if "distillation term" in r.message]
+    assert len(warnings) == 1, warnings  # once, not every step; feature_kd is not named
+    message = warnings[0]
+    assert message.startswith("distillation term logit_mse is ") and low[0] < 0.01
+    assert f"{100 * low[0]:.2g}% of the loss over the first 3 iterations" in message
+    suggested = message.split("DISTILL.LOGIT_MSE.WEIGHT ")[2].split(" would")[0]
+    assert shares(suggested)[0] == pytest.approx(0.2, abs=2e-3)

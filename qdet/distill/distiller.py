@@ -36,9 +36,14 @@ class TermSpec:
     weight: float
     connector: bool = False
     options: dict = field(default_factory=dict)
+    weight_key: str = ""  # the config key of ``weight``, for messages
 
 
 logger = logging.getLogger(__name__)
+
+# A term below LOW_SHARE of the loss over the first SHARE_CHECK_ITERS steps is warned
+# about, with the weight that would make it TARGET_SHARE (QFD's detection recipe's 1/5).
+SHARE_CHECK_ITERS, LOW_SHARE, TARGET_SHARE = 100, 0.01, 0.2
 
 # Keys of a DISTILL.<LOSS> node that belong to the term, not to the loss's options.
 _TERM_KEYS = ("TAPS", "WEIGHT", "CONNECTOR")
@@ -84,7 +89,8 @@ def term_specs(cfg: CfgNode) -> list[TermSpec]:
             build_distill_loss(name, **probe)
         except ValueError as e:
             raise ValueError(f"DISTILL.{name.upper()}: {e}") from None
-        specs.append(TermSpec(name, taps, float(weight), bool(node.get("CONNECTOR")), options))
+        connect = bool(node.get("CONNECTOR"))
+        specs.append(TermSpec(name, taps, float(weight), connect, options, weight_key=where))
     return specs
 
 
@@ -161,6 +167,7 @@ class DistillTerm(nn.Module):
     def __init__(self, spec: TermSpec, loss: nn.Module, connectors: nn.ModuleDict | None):
         super().__init__()
         self.name, self.taps, self.weight = spec.loss, list(spec.taps), spec.weight
+        self.weight_key = spec.weight_key or f"DISTILL.{spec.loss.upper()}.WEIGHT"
         self.loss, self.connectors = loss, connectors
 
     def forward(self, student: dict, teacher: dict) -> torch.Tensor:
@@ -186,7 +193,10 @@ class Distiller(nn.Module):
     in the student's checkpoint and optimizer, never in its exported weights.
 
     Losses: ``loss_distill_<name>`` per term; ``distill_ratio`` in the log is the share of
-    all distillation terms in the total loss (QFD's detection recipe: about 1/5).
+    all distillation terms in the total loss (QFD's detection recipe: about 1/5),
+    ``distill_ratio/<name>`` each term's. A term below :data:`LOW_SHARE` of the loss over
+    the first :data:`SHARE_CHECK_ITERS` steps gets one warning with the weight that would
+    make it :data:`TARGET_SHARE` (a term that weighs nothing tests nothing).
     """
 
     def __init__(self, student: nn.Module, teacher: nn.Module, specs: list[TermSpec]):
@@ -234,6 +244,8 @@ class Distiller(nn.Module):
         self._teacher = TapRecorder(teacher, list(t_taps.values()))
         self._teacher_paths = sorted({t.path for t in t_taps.values()})
         self._images = None
+        self._share_sums = torch.zeros(len(terms) + 1, dtype=torch.float64)  # terms, total
+        self._share_steps = 0
         self._hooks = [
             student.backbone.register_forward_pre_hook(self._keep_images(student)),
             # Taps hold one forward's outputs: forget any left by a forward that did not
@@ -306,11 +318,43 @@ class Distiller(nn.Module):
             )
         teacher = self.teacher_features(images)
         losses = {f"loss_distill_{t.name}": t(student, teacher) for t in self.terms}
-        distill = sum(losses.values())
-        total = distill + sum(gt_losses.values())
-        ratio = (distill / total).item() if total.item() != 0 else 1.0
-        get_event_storage().put_scalar("distill_ratio", ratio)
+        total = sum(losses.values()) + sum(gt_losses.values())
+        values = torch.stack([*losses.values(), total]).detach().double().cpu()  # one sync
+        storage, total_value = get_event_storage(), values[-1].item()
+        shares = (values[:-1] / total_value).tolist() if total_value else [1.0] * len(losses)
+        storage.put_scalar("distill_ratio", sum(shares) if total_value else 1.0)
+        for term, share in zip(self.terms, shares):
+            storage.put_scalar(f"distill_ratio/{term.name}", share)
+        self._check_shares(values)
         return losses
+
+    def _check_shares(self, values: torch.Tensor) -> None:
+        """Warn once about terms that stay below LOW_SHARE of the loss (mean term over mean
+        total) in the first SHARE_CHECK_ITERS steps, naming the weight that would make the
+        term TARGET_SHARE: w' = w * TARGET / (1 - TARGET) * (L - T) / T."""
+        if self._share_steps >= SHARE_CHECK_ITERS:
+            return
+        self._share_sums += values
+        self._share_steps += 1
+        if self._share_steps < SHARE_CHECK_ITERS or not comm.is_main_process():
+            return
+        total = self._share_sums[-1].item()
+        for term, summed in zip(self.terms, self._share_sums[:-1].tolist()):
+            if term.weight == 0 or total <= 0 or summed / total >= LOW_SHARE:
+                continue
+            share = summed / total
+            if summed > 0:
+                weight = term.weight * TARGET_SHARE / (1 - TARGET_SHARE) * (total - summed) / summed
+                text = f"{weight:.3g}"
+                fix = f"{term.weight_key} {text if '.' in text or 'e' in text else text + '.0'}"
+            else:
+                fix = "no weight (it is 0 throughout)"
+            logger.warning(
+                "distillation term %s is %.2g%% of the loss over the first %d iterations "
+                "(%s %g); %s would make it 1/%d",
+                term.name, 100 * share, SHARE_CHECK_ITERS, term.weight_key, term.weight,
+                fix, round(1 / TARGET_SHARE),
+            )  # fmt: skip
 
 
 def teacher_config(cfg: CfgNode, quantized_feature: bool) -> CfgNode:
