@@ -205,3 +205,35 @@ def test_classification_study_pairs_its_rows_and_compares_with_their_references(
     assert "or zero-shot, logit KD only, where so marked" in text
     # --report-only before a row has finished any seed: no seconds-per-epoch line for it.
     assert cls_study.seconds_per_epoch(study, {"faqd_2bit": {}}, ["faqd"], [2], [1, 2]) == ""
+
+
+def test_each_terms_share_of_the_loss_reaches_the_table(tmp_path):
+    lines = [
+        {
+            "iteration": 19,
+            "distill_ratio": 0.30,
+            "distill_ratio/qfd": 0.10,
+            "distill_ratio/fa": 0.2,
+        },
+        {
+            "iteration": 39,
+            "distill_ratio": 0.25,
+            "distill_ratio/qfd": 0.20,
+            "distill_ratio/fa": 0.05,
+        },
+        {"iteration": 40, "eval": 1.0},  # a line without the scalars (an evaluation's)
+    ]
+    (tmp_path / "metrics.json").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    shares = study_module.term_shares(str(tmp_path))
+    assert shares == pytest.approx({"share qfd": 0.15, "share fa": 0.125})
+    assert study_module.term_shares(str(tmp_path / "missing")) == {}
+    results = {
+        "fp": {1: {"AP": 50.0}, 2: {"AP": 52.0}},
+        "baseline_4bit": {1: {"AP": 40.0}, 2: {"AP": 44.0}},
+        "qfd_4bit": {1: {"AP": 41.0, **shares}, 2: {"AP": 47.0, "share qfd": 0.25}},
+    }
+    text = accuracy_study.tables(results, ["baseline", "qfd"], [4], [1, 2])
+    # qfd over seeds: (0.15 + 0.25) / 2 = 20%; fa: seed 1 only, 12.5% -> "12%" (2 digits).
+    assert "| QFD" in text and "fa 12%, qfd 20%" in text
+    assert "distill_ratio/<term>" in text
+    assert "| baseline" not in text.split("distill_ratio/<term>")[1]  # no term: no row

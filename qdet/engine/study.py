@@ -169,6 +169,7 @@ class Study:
                 self._log(f"{what}: reusing {_final(cfg)}")
             metrics = dict((self.evaluate_fn or evaluate_final)(cfg))
             metrics["train s"] = _load_json(os.path.join(cfg.OUTPUT_DIR, "train_seconds.json"))
+            metrics.update(term_shares(cfg.OUTPUT_DIR))
             for seed_ in self.seeds if not row.per_seed else [seed]:
                 results[row.name][seed_] = metrics
             key, label = self.headline
@@ -325,6 +326,25 @@ def _last_iteration(output_dir: str) -> int:
         return int(json.loads(lines[-1])["iteration"]) + 1 if lines else 0
     except (OSError, ValueError, KeyError):  # not written yet, or a line being written
         return 0
+
+
+SHARE_PREFIX = "share "  # a run's metrics key of a distillation term's share of the loss
+
+
+def term_shares(output_dir: str) -> dict[str, float]:
+    """``{"share <term>": mean over the run}`` of each distillation term's share of the
+    training loss, from the ``distill_ratio/<term>`` scalars of its metrics.json (the
+    lines Detectron2 writes every 20 iterations); {} without distillation or a log."""
+    sums: dict[str, list[float]] = {}
+    try:
+        with open(os.path.join(output_dir, "metrics.json")) as f:
+            for line in f:
+                for key, value in json.loads(line).items():
+                    if key.startswith("distill_ratio/"):
+                        sums.setdefault(key.split("/", 1)[1], []).append(float(value))
+    except (OSError, ValueError):
+        return {}
+    return {SHARE_PREFIX + term: statistics.mean(v) for term, v in sums.items()}
 
 
 def _eta_parallel(done_iters: int, elapsed: float, total_iters: int) -> str:

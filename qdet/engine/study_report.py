@@ -16,7 +16,7 @@ from collections.abc import Mapping, Sequence
 
 from tabulate import tabulate
 
-from qdet.engine.study import mean_std, paired_differences, spread
+from qdet.engine.study import SHARE_PREFIX, mean_std, paired_differences, spread
 
 
 def _values(runs: dict, seeds, metric: str) -> list[float]:
@@ -74,6 +74,7 @@ def bits_tables(
         diff.append(diff_row)
         per_seed.append(seed_row)
     heads = [f"W/A {b}/{b}" for b in bits]
+    shares = shares_table(results, labels, bits, seeds)
     named = sorted({labels.get(r, r) for m, r in reference_of.items() if r != "baseline"})
     against = "the baseline" + (f" (or {', '.join(named)}, where so marked)" if named else "")
     return "\n\n".join(
@@ -86,8 +87,41 @@ def bits_tables(
             tabulate(diff, ["method", *heads], tablefmt="github"),
             f"{what.split(' on ')[0]} per seed:",
             tabulate(per_seed, ["method", "FP 32/32", *heads], tablefmt="github"),
+            *shares,
         ]
     )
+
+
+def shares_table(
+    results: dict, labels: Mapping[str, str], bits: Sequence[int], seeds: Sequence[int]
+) -> list[str]:
+    """How much each distillation term weighed: its share of the training loss (the log's
+    ``distill_ratio/<term>``, mean over the run, then over seeds) per method and width, as
+    [heading, table]; [] when no run distilled."""
+    rows = []
+    for m, label in labels.items():
+        row, any_share = [label], False
+        for b in bits:
+            runs = results.get(f"{m}_{b}bit", {})
+            terms = sorted(
+                {k for s in seeds if s in runs for k in runs[s] if k.startswith(SHARE_PREFIX)}
+            )
+            cell = []
+            for key in terms:
+                values = [runs[s][key] for s in seeds if s in runs and key in runs[s]]
+                cell.append(f"{key.removeprefix(SHARE_PREFIX)} {100 * mean_std(values)[0]:.2g}%")
+            any_share |= bool(cell)
+            row.append(", ".join(cell))
+        if any_share:
+            rows.append(row)
+    if not rows:
+        return []
+    heads = [f"W/A {b}/{b}" for b in bits]
+    return [
+        "Share of each distillation term in the training loss (the log's "
+        "`distill_ratio/<term>`, mean over the run and the seeds):",
+        tabulate(rows, ["method", *heads], tablefmt="github"),
+    ]
 
 
 def plot_vs_bits(
