@@ -203,6 +203,19 @@ def test_classification_study_pairs_its_rows_and_compares_with_their_references(
     # akt_3bit - zs_logit_kd_3bit per seed: len("akt_3bit") - len("zs_logit_kd_3bit") = -8.
     assert "-8.0 ± 0.0 (0/2 seeds better)" in text and "(reference)" in text
     assert "or zero-shot, logit KD only, where so marked" in text
+    # RFD at AKT's code's reduction and at 1/5 of the loss: zero-shot rows, paired with
+    # zero-shot logit KD, with the overrides they name.
+    for name in ("akt_official", "akt_fifth", "akt_spatial_official", "akt_channel_fifth"):
+        assert cls_study.REFERENCES[name] == "zs_logit_kd"
+    more = Study(
+        cls_study.study_rows(["baseline", "akt_official", "akt_channel_fifth"], [2], [4]),
+        [1], str(tmp_path), add_config=cls_study.add_classification_config,
+    )  # fmt: skip
+    official = more.config(more.rows["akt_official_4bit"], 1)
+    assert official.DISTILL.RFD.REDUCTION == "official" and official.ZEROSHOT.ENABLED
+    fifth = more.config(more.rows["akt_channel_fifth_4bit"], 1)
+    assert fifth.DISTILL.RFD.ATTENTION == "channel" and fifth.DISTILL.RFD.REDUCTION == "mean"
+    assert fifth.DISTILL.RFD.WEIGHT == cls_study.RFD_FIFTH_WEIGHTS["channel"] > 500
     # --report-only before a row has finished any seed: no seconds-per-epoch line for it.
     assert cls_study.seconds_per_epoch(study, {"faqd_2bit": {}}, ["faqd"], [2], [1, 2]) == ""
 

@@ -76,8 +76,8 @@ for _loss in registered_losses():  # a distillation loss is a row as soon as it 
     METHODS.setdefault(_loss, (_loss, DIGITS + "4bit_qfd.yaml", _opts))
 METHODS["faqd"] = ("FAQD (FA + logit MSE)", DIGITS + "4bit_faqd.yaml", ())
 METHODS["label_free"] = ("FAQD label-free", DIGITS + "4bit_faqd_label_free.yaml", ())
-# AKT's recipe with the study's weights: both terms matter (at its config's RFD weight of
-# 0.5 the RFD term is 1e-5 of the logit term).
+# AKT's recipe with the study's weights: both terms matter (at its config's RFD weight,
+# (1 - alpha) beta = 500, the RFD term is about 7% of the logit term's size).
 METHODS["akt"] = (
     "AKT (RFD + logit KD, label-free)",
     DIGITS + "4bit_akt.yaml",

@@ -11,7 +11,9 @@ it. Rows: the baseline QAT (uniform activations, and with FAQD's quantized ReLU,
 reference of the FAQD rows), QFD (Eq. 8), FAQD with and without labels, FAQD with FFA
 (time per epoch beside FA's), at ``--bits`` (4 and 2); AKT zero-shot with and without
 RFD and with one attention only (AKT Table 4), at ``--zeroshot-bits`` (4 and 3),
-compared with zero-shot logit KD alone. Writes ``top1.md``, ``top1.json`` and
+compared with zero-shot logit KD alone; each AKT row also with RFD as AKT's code sums it
+(``<row>_official``) and at a weight that makes it 1/5 of the loss (``<row>_fifth``).
+The tables show each distillation term's share of the loss. Writes ``top1.md``, ``top1.json`` and
 ``top1_vs_bits.png`` into ``--out``; finished runs are reused.
 """
 
@@ -72,7 +74,27 @@ METHODS = {
         ("DISTILL.RFD.ATTENTION", "channel"),
     ),
 }
-ZERO_SHOT = ("zs_logit_kd", "akt", "akt_spatial", "akt_channel")
+# RFD at the weight its authors ran and at one that makes it weigh: AKT's code sums RFD
+# over taps and images times beta = 1000 (REDUCTION official; its KD : RFD ratio, 1 : 1,
+# kept with both weights at 0.5), and the batch-mean RFD at the weight that makes it about
+# 1/5 of the loss over the first 100 student steps (the distiller's warning on seed 1's
+# FP model at 4 bits, 100 student steps: at weight 500 RFD was 0.63% of the loss, 0.53%
+# spatial only, 0.1% channel only). Per attention: the one-attention terms are smaller.
+RFD_FIFTH_WEIGHTS = {"both": 19600.0, "spatial": 23400.0, "channel": 121000.0}
+for _attention, _name in (("both", "akt"), ("spatial", "akt_spatial"), ("channel", "akt_channel")):
+    _label = METHODS[_name][0]
+    _opts = METHODS[_name][2]
+    METHODS[f"{_name}_official"] = (
+        f"{_label}; RFD as AKT's code (1000 x sum)",
+        "akt_table2_resnet20_w4a4_zeroshot.yaml",
+        (*_opts, "DISTILL.RFD.REDUCTION", "official", "DISTILL.RFD.WEIGHT", "0.5"),
+    )
+    METHODS[f"{_name}_fifth"] = (
+        f"{_label}; RFD at 1/5 of the loss",
+        "akt_table2_resnet20_w4a4_zeroshot.yaml",
+        (*_opts, "DISTILL.RFD.WEIGHT", str(RFD_FIFTH_WEIGHTS[_attention])),
+    )
+ZERO_SHOT = tuple(m for m in METHODS if m == "zs_logit_kd" or m.startswith("akt"))
 REFERENCES = {
     "faqd": "baseline_qrelu",
     "faqd_label_free": "baseline_qrelu",
