@@ -9,6 +9,7 @@ from qdet import (
     modeling,  # noqa: F401  (registers QuantRetinaNet, QuantMaskRCNN, ViTDet / Swin backbones)
 )
 from qdet.config import add_qdet_config
+from qdet.quantize import QuantizationSummary, quantize_model
 
-__all__ = ["add_qdet_config"]
+__all__ = ["QuantizationSummary", "add_qdet_config", "quantize_model"]
 __version__ = "0.1.0"

@@ -6,6 +6,7 @@ import contextlib
 import logging
 import math
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -145,10 +146,24 @@ def matched_taps(student: nn.Module, teacher: nn.Module, taps: list[str]) -> lis
             s_tap = resolve_tap(student, s_name, "student")
             t_tap = replace(resolve_tap(teacher, t_name, "teacher"), name=s_tap.name)
             for model, tap in ((student, s_tap), (teacher, t_tap)):
-                model.check_tap_path(tap.path)
+                check_tap_path(model, tap.path)
             if s_tap.name not in {p[0].name for p in pairs}:
                 pairs.append((s_tap, t_tap))
     return pairs
+
+
+def check_tap_path(model: nn.Module, path: str) -> None:
+    """Refuse a tap whose module does not run when the teacher computes taps: a qdet
+    meta-architecture says which top-level modules run (``check_tap_path``); any other
+    model runs its backbone only."""
+    if hasattr(model, "check_tap_path"):
+        model.check_tap_path(path)
+    elif path.split(".")[0] != "backbone":
+        raise ValueError(
+            f"tap module {path!r}: a {type(model).__name__} runs only its backbone for "
+            "distillation (qdet's meta-architectures run their heads too); tap inside the "
+            "backbone"
+        )
 
 
 def connector(in_channels: int, out_channels: int) -> nn.Module:
@@ -291,12 +306,23 @@ class Distiller(nn.Module):
         return self
 
     @torch.no_grad()
+    def add_to(self, losses: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """``losses`` (times ``gt_weight``, ``DISTILL.GT_WEIGHT``) plus this step's terms;
+        only the terms when ``label_free``. What a student's training forward returns."""
+        if self.gt_weight != 1.0:
+            losses = {k: v * self.gt_weight for k, v in losses.items()}
+        terms = self(losses)
+        return terms if self.label_free else {**losses, **terms}
+
     def teacher_features(self, images: torch.Tensor) -> dict:
         """The teacher's taps on ``images``, running only the parts of it they need."""
         self._teacher.recording = True
         try:
             device = next(self.teacher.parameters()).device
-            self.teacher.forward_taps(images.to(device), self._teacher_paths)
+            if hasattr(self.teacher, "forward_taps"):
+                self.teacher.forward_taps(images.to(device), self._teacher_paths)
+            else:  # any Detectron2 model: its taps are in its backbone (check_tap_path)
+                self.teacher.backbone(images.to(device))
         finally:
             self._teacher.recording = False
         return self._teacher.pop()
@@ -355,6 +381,63 @@ class Distiller(nn.Module):
                 term.name, 100 * share, SHARE_CHECK_ITERS, term.weight_key, term.weight,
                 fix, round(1 / TARGET_SHARE),
             )  # fmt: skip
+
+
+def specs_from_terms(terms: Mapping[str, Mapping] | list[TermSpec]) -> list[TermSpec]:
+    """TermSpecs from ``{loss: {"taps": [...], "weight": w, "connector": False, **options}}``
+    (a loss's omitted taps / weight / options take its ``DISTILL.<LOSS>`` defaults), checked
+    as ``DISTILL.TERMS`` is; TermSpecs pass through."""
+    if isinstance(terms, list):
+        return terms
+    from qdet.config import add_qdet_config
+
+    cfg = add_qdet_config(get_cfg())
+    cfg.DISTILL.TERMS = list(terms)
+    for name, settings in terms.items():
+        node = cfg.DISTILL.get(name.upper())
+        for key, value in dict(settings).items():
+            if node is not None and key.upper() not in node:
+                known = sorted(k.lower() for k in node)
+                raise ValueError(
+                    f"distillation term {name!r}: unknown setting {key!r}; use {known}"
+                )
+            if node is not None:
+                node[key.upper()] = list(value) if isinstance(value, list | tuple) else value
+    return term_specs(cfg)
+
+
+def attach_distiller(
+    student: nn.Module,
+    teacher: nn.Module,
+    terms: Mapping[str, Mapping] | list[TermSpec],
+    label_free: bool = False,
+    gt_weight: float = 1.0,
+) -> Distiller:
+    """Distil ``teacher`` (frozen, on the student's device) into ``student``, any Detectron2
+    model with a ``backbone``: ``terms`` as :func:`specs_from_terms` takes them, e.g.
+    ``{"qfd": {"taps": ["p3"], "weight": 1.0}, "fa": {"taps": ["res4"], "weight": 6.0}}``.
+    The terms join the student's training losses (``loss_distill_<loss>``); with
+    ``label_free`` they are its only losses. Returns the distiller (``remove()`` detaches)."""
+    for model, what in ((student, "student"), (teacher, "teacher")):
+        if not hasattr(model, "backbone"):
+            raise ValueError(
+                f"the {what} ({type(model).__name__}) has no backbone: distillation reads the "
+                "student's normalised batch at its backbone's input, and runs the teacher's"
+            )
+    device = next(student.parameters()).device
+    distiller = Distiller(student, teacher.to(device), specs_from_terms(terms)).to(device)
+    distiller.label_free, distiller.gt_weight = label_free, gt_weight
+    if hasattr(student, "attach_distiller"):  # qdet's meta-architectures add the terms
+        student.attach_distiller(distiller)
+        return distiller
+
+    def add_terms(model, _inputs, output):
+        if model.training and torch.is_grad_enabled() and isinstance(output, dict):
+            return distiller.add_to(output)
+        return output
+
+    distiller._hooks.append(student.register_forward_hook(add_terms))
+    return distiller
 
 
 def teacher_config(cfg: CfgNode, quantized_feature: bool) -> CfgNode:

@@ -40,8 +40,13 @@ class QuantizationSettings:
 
     @classmethod
     def from_config(cls, cfg: CfgNode) -> QuantizationSettings:
+        quant = quantize_kwargs(cfg) if cfg.QUANT.ENABLED else None
+        if quant and cfg.QUANT.TARGETS and cfg.QUANT.ACT_SIGNED == "auto":
+            # Transformer blocks' Linear inputs (LayerNorm, attention, GELU outputs) are
+            # signed: QFD's ViTDet / Swin rule.
+            quant["act_signed"] = True
         return cls(
-            quant=quantize_kwargs(cfg) if cfg.QUANT.ENABLED else None,
+            quant=quant,
             save_codes=cfg.QUANT.SAVE_CODES,
             freeze_with_weights=cfg.QUANT.FREEZE_WITH_WEIGHTS,
             feature_tap=cfg.QUANT.FEATURE_TAP,
@@ -92,6 +97,48 @@ def _weights(module: nn.Module):
     return [p for p in module.parameters() if id(p) not in quantizer_params]
 
 
+def apply_quantization(
+    model: nn.Module,
+    settings: QuantizationSettings,
+    prepare: Callable[[], None] | None = None,
+    per_level_head: bool = False,
+) -> list[str]:
+    """Quantize ``model`` in place as ``settings`` say (layer selection, edges and integer
+    form under a deployment target, saved codes, quantizers of frozen layers frozen); the
+    paths of the quantized layers. The one code path of the registered meta-architectures
+    and of :func:`qdet.quantize_model`. ``prepare``: run after the layers are quantized,
+    before a deployment target puts the model in its integer form
+    (:mod:`qdet.modeling.deployable`); ``per_level_head``: the target's head quantizers get
+    one quantizer per level."""
+    quant = settings.quant
+    layers = quantize_model(model, **quant) if quant else []
+    if settings.target is not None and settings.edge_bits != 32:
+        layers += quantize_edges(model, quant, settings.edge_bits)
+    if prepare is not None and quant:
+        prepare()
+    added = {}
+    if settings.target is not None:
+        added = make_deployable(
+            model,
+            settings.target,
+            activation=lambda signed: _activation_quantizer(quant, quant["a_bits"], signed),
+            edge=lambda signed, **kw: _activation_quantizer(quant, 8, signed, **kw),
+            per_level_head=per_level_head,
+        )
+    for layer in model.modules():
+        if isinstance(layer, QUANTIZED_LAYERS):
+            layer.save_codes = settings.save_codes
+            if settings.freeze_with_weights and not layer.weight.requires_grad:
+                for quantizer in (layer.weight_quantizer, layer.input_quantizer):
+                    quantizer.requires_grad_(False)
+    if settings.freeze_with_weights:
+        for owner, quantizer in added.values():
+            if not any(p.requires_grad for p in _weights(owner)):
+                quantizer.requires_grad_(False)
+    name_quantizers(model)
+    return layers
+
+
 def quantized_model_kwargs(cfg: CfgNode) -> dict:
     """The ``from_config`` keywords of a :class:`QuantizedDetectorMixin` model."""
     return {"quantization": QuantizationSettings.from_config(cfg)}
@@ -122,36 +169,11 @@ class QuantizedDetectorMixin:
         prepare: Callable[[], None] | None = None,
         per_level_head: bool = False,
     ) -> None:
-        """``prepare``: run after the layers are quantized, before a deployment target
-        puts the model in its integer form (:mod:`qdet.modeling.deployable`);
-        ``per_level_head``: the target's head quantizers get one quantizer per level."""
+        """:func:`apply_quantization` (``prepare``, ``per_level_head``: its), then QFD's
+        feature quantizer on ``settings.feature_tap``; no distiller yet."""
         settings = settings or QuantizationSettings()
-        quant, feature_tap = settings.quant, settings.feature_tap
-        self.quantized_layers = quantize_model(self, **quant) if quant else []
-        if settings.target is not None and settings.edge_bits != 32:
-            self.quantized_layers += quantize_edges(self, quant, settings.edge_bits)
-        if prepare is not None and quant:
-            prepare()
-        added = {}
-        if settings.target is not None:
-            added = make_deployable(
-                self,
-                settings.target,
-                activation=lambda signed: _activation_quantizer(quant, quant["a_bits"], signed),
-                edge=lambda signed, **kw: _activation_quantizer(quant, 8, signed, **kw),
-                per_level_head=per_level_head,
-            )
-        for layer in self.modules():
-            if isinstance(layer, QUANTIZED_LAYERS):
-                layer.save_codes = settings.save_codes
-                if settings.freeze_with_weights and not layer.weight.requires_grad:
-                    for quantizer in (layer.weight_quantizer, layer.input_quantizer):
-                        quantizer.requires_grad_(False)
-        if settings.freeze_with_weights:
-            for owner, quantizer in added.values():
-                if not any(p.requires_grad for p in _weights(owner)):
-                    quantizer.requires_grad_(False)
-        self.feature_tap = feature_tap
+        self.quantized_layers = apply_quantization(self, settings, prepare, per_level_head)
+        self.feature_tap = feature_tap = settings.feature_tap
         if feature_tap:
             try:
                 tap = resolve_tap(self, feature_tap)
@@ -221,9 +243,4 @@ class QuantizedDetectorMixin:
     def distill_losses(self, losses: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """``losses`` (times the distiller's ``gt_weight``, ``DISTILL.GT_WEIGHT``) plus the
         distiller's terms on this step's taps (if attached); only the terms when label-free."""
-        if self.distiller is None:
-            return losses
-        if self.distiller.gt_weight != 1.0:
-            losses = {k: v * self.distiller.gt_weight for k, v in losses.items()}
-        terms = self.distiller(losses)
-        return terms if self.distiller.label_free else {**losses, **terms}
+        return losses if self.distiller is None else self.distiller.add_to(losses)

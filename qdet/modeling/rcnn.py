@@ -39,9 +39,6 @@ class QuantMaskRCNN(QuantizedDetectorMixin, GeneralizedRCNN):
     def from_config(cls, cfg):
         ret = super().from_config(cfg)
         ret.update(quantized_model_kwargs(cfg))
-        quant = ret["quantization"].quant
-        if quant and cfg.QUANT.TARGETS and cfg.QUANT.ACT_SIGNED == "auto":
-            quant["act_signed"] = True
         return ret
 
     def forward(self, batched_inputs):

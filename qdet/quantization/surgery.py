@@ -27,7 +27,8 @@ DEFAULT_EXCLUDE = (
     r"(^|\.)patch_embed\.proj$",  # Detectron2 ViT / Swin patch embedding
     r"(^|\.)(cls_score|bbox_pred)$",  # RetinaNet head and Fast R-CNN box predictors
     r"(^|\.)(objectness_logits|anchor_deltas)$",  # RPN predictors
-    r"(^|\.)mask_head\.predictor$",  # Mask R-CNN mask predictor
+    r"(^|\.)(mask_head|sem_seg_head)\.predictor$",  # mask and semantic-segmentation predictors
+    r"(^|\.)ctrness$",  # FCOS's centerness predictor
     r"^conv1$",  # torchvision ResNet stem
     r"^fc$",  # torchvision ResNet classifier
 )
