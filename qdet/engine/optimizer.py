@@ -52,16 +52,22 @@ def build_qat_optimizer_params(cfg: CfgNode, model: nn.Module) -> list[dict]:
         lr_factor_func=lr_factor_func,
         overrides=overrides,
     )
-    quant_ids = {id(p) for p in quantizer_parameters(model)}
-    out = []
     if cfg.QUANT.OPTIMIZER not in ("adam", "sgd"):
         raise ValueError(f"QUANT.OPTIMIZER={cfg.QUANT.OPTIMIZER!r}: use 'adam' or 'sgd'")
-    quant_group = {
-        "params": [],
-        "lr": cfg.QUANT.BASE_LR,
-        "weight_decay": cfg.QUANT.WEIGHT_DECAY,
-        "adam": cfg.QUANT.OPTIMIZER == "adam",
-    }
+    return with_quantizer_group(
+        groups, model, cfg.QUANT.BASE_LR, cfg.QUANT.WEIGHT_DECAY, cfg.QUANT.OPTIMIZER == "adam"
+    )
+
+
+def with_quantizer_group(
+    groups: list[dict], model: nn.Module, lr: float, weight_decay: float, adam: bool
+) -> list[dict]:
+    """``groups`` (Detectron2's param groups of ``model``) with the quantizer parameters
+    moved to one group of their own at ``lr`` / ``weight_decay``; ``adam`` marks it for
+    Adam steps (:class:`SGDWithAdamGroups`)."""
+    quant_ids = {id(p) for p in quantizer_parameters(model)}
+    out = []
+    quant_group = {"params": [], "lr": lr, "weight_decay": weight_decay, "adam": adam}
     for group in groups:
         rest = [p for p in group["params"] if id(p) not in quant_ids]
         quant_group["params"] += [p for p in group["params"] if id(p) in quant_ids]

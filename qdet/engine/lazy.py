@@ -1,0 +1,196 @@
+"""QAT from a LazyConfig: Detectron2's ``tools/lazyconfig_train_net.py`` loop, plus a
+``quant`` node (the ``QUANT`` keys in lower case, :func:`qdet.quantize_model`) and an
+optional ``distill`` node.
+
+    quant = dict(w_bits=4, a_bits=4, targets=["mha"], calib_batches=4)
+    distill = dict(
+        teacher_weights="output/.../model_final.pth",  # the FP model of this config
+        terms={"feature_kd": {"taps": ["p3"], "weight": 1.0}},
+        label_free=False,
+    )
+
+``quant = dict(enabled=False)`` trains the model in FP (the teacher). Everything else is
+Detectron2's: ``model``, ``dataloader``, ``optimizer``, ``lr_multiplier``, ``train``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.config import instantiate
+from detectron2.engine import AMPTrainer, SimpleTrainer, default_writers, hooks
+from detectron2.engine.defaults import create_ddp_model
+from detectron2.evaluation import inference_on_dataset, print_csv_format
+from detectron2.utils import comm
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from qdet.engine.checkpoint import AtomicCheckpointer
+from qdet.engine.hooks import CalibrationHook
+from qdet.engine.optimizer import SGDWithAdamGroups, with_quantizer_group
+from qdet.quantize import quantize_model
+
+logger = logging.getLogger(__name__)
+
+QUANT_NODE_HELP = (
+    "add a quant node to the config: quant = dict(w_bits=4, a_bits=4) (the QUANT keys in "
+    "lower case, e.g. targets=['mha'] for a ViT), or quant = dict(enabled=False) to train "
+    "the model in FP"
+)
+# quant keys the trainer reads (calibration, the quantizer parameters' optimizer group);
+# the rest go to qdet.quantize_model.
+_TRAINER_KEYS = {
+    "enabled": True,
+    "calib_batches": 4,
+    "optimizer": "adam",
+    "base_lr": 1e-5,
+    "weight_decay": 0.0,
+}
+_DISTILL_KEYS = ("teacher_weights", "teacher_model", "terms", "label_free", "gt_weight")
+
+
+def _plain(node) -> dict:
+    """A config node as a plain dict (interpolations resolved)."""
+    if isinstance(node, DictConfig):
+        return OmegaConf.to_container(node, resolve=True)
+    return dict(node)
+
+
+def quant_settings(cfg) -> tuple[dict, dict]:
+    """(``qdet.quantize_model`` keywords, the trainer's keys) of ``cfg.quant``."""
+    if "quant" not in cfg:
+        raise ValueError(f"the config has no quant node: {QUANT_NODE_HELP}")
+    settings = _plain(cfg.quant)
+    trainer = {k: settings.pop(k, default) for k, default in _TRAINER_KEYS.items()}
+    if trainer["optimizer"] not in ("adam", "sgd"):
+        raise ValueError(f"quant.optimizer={trainer['optimizer']!r}: use 'adam' or 'sgd'")
+    return settings, trainer
+
+
+def build_model(cfg) -> nn.Module:
+    """``cfg.model``, quantized as ``cfg.quant`` says (on ``cfg.train.device``)."""
+    settings, trainer = quant_settings(cfg)
+    model = instantiate(cfg.model)
+    if trainer["enabled"]:
+        summary = quantize_model(model, **settings)
+        logger.info("Quantized %d layers:\n%s", len(summary), summary)
+    elif settings:
+        raise ValueError(f"quant.enabled is False but quant sets {sorted(settings)}: drop them")
+    return model.to(cfg.train.device)
+
+
+def build_teacher(cfg, device) -> nn.Module:
+    """The frozen FP teacher of ``cfg.distill``: ``teacher_model`` (default ``cfg.model``)
+    with ``teacher_weights``."""
+    d = cfg.distill
+    unknown = sorted(set(d) - set(_DISTILL_KEYS))
+    if unknown:
+        raise ValueError(f"distill has unknown keys {unknown}: use {list(_DISTILL_KEYS)}")
+    weights = d.get("teacher_weights", "")
+    if not weights or not os.path.isfile(weights):
+        raise FileNotFoundError(
+            f"distill.teacher_weights={weights!r} does not exist: train the FP model first "
+            "(tools/lazy_train_net.py with quant.enabled=False writes "
+            "<train.output_dir>/model_final.pth)"
+        )
+    teacher = instantiate(d.get("teacher_model") or cfg.model).to(device)
+    DetectionCheckpointer(teacher).load(weights)
+    return teacher
+
+
+def build_optimizer(cfg, model: nn.Module) -> torch.optim.Optimizer:
+    """``cfg.optimizer`` on ``model``, the quantizer parameters in their own group
+    (``quant.base_lr``, Adam steps with ``quant.optimizer adam`` under SGD)."""
+    _, trainer = quant_settings(cfg)
+    cfg.optimizer.params.model = model
+    groups = instantiate(cfg.optimizer.params)
+    adam = trainer["optimizer"] == "adam"
+    groups = with_quantizer_group(groups, model, trainer["base_lr"], trainer["weight_decay"], adam)
+    kwargs = {k: v for k, v in _plain(cfg.optimizer).items() if k not in ("_target_", "params")}
+    optimizer_cls = cfg.optimizer._target_
+    if isinstance(optimizer_cls, str):
+        from detectron2.config.instantiate import locate
+
+        optimizer_cls = locate(optimizer_cls)
+    if optimizer_cls is torch.optim.SGD:
+        optimizer_cls = SGDWithAdamGroups
+    return optimizer_cls(groups, **kwargs)
+
+
+def do_test(cfg, model: nn.Module):
+    """COCO (or the config's) evaluation of ``model`` on ``cfg.dataloader.test``."""
+    if "evaluator" not in cfg.dataloader:
+        return {}
+    ret = inference_on_dataset(
+        model, instantiate(cfg.dataloader.test), instantiate(cfg.dataloader.evaluator)
+    )
+    print_csv_format(ret)
+    return ret
+
+
+def do_train(cfg, resume: bool = False) -> None:
+    """Train ``cfg`` (QAT; with a teacher when it has a ``distill`` node), Detectron2's
+    LazyConfig loop with calibration before the first step and atomic checkpoints."""
+    _, trainer_keys = quant_settings(cfg)
+    model = build_model(cfg)
+    if "distill" in cfg:
+        from qdet.distill import attach_distiller
+
+        d = cfg.distill
+        attach_distiller(
+            model,
+            build_teacher(cfg, cfg.train.device),
+            _plain(d.terms),
+            label_free=bool(d.get("label_free", False)),
+            gt_weight=float(d.get("gt_weight", 1.0)),
+        )
+    optimizer = build_optimizer(cfg, model)
+    train_loader = instantiate(cfg.dataloader.train)
+    ddp = _plain(cfg.train.ddp)
+    if model.device.type == "cpu":
+        ddp.pop("fp16_compression", None)  # a CUDA communication hook
+    model = create_ddp_model(model, **ddp)
+    trainer = (AMPTrainer if cfg.train.amp.enabled else SimpleTrainer)(
+        model, train_loader, optimizer
+    )
+    checkpointer = AtomicCheckpointer(model, cfg.train.output_dir, trainer=trainer)
+    calibration = []
+    if trainer_keys["enabled"]:
+        loader = lambda: instantiate(cfg.dataloader.train)  # noqa: E731
+        calibration = [CalibrationHook(loader, trainer_keys["calib_batches"])]
+    main = comm.is_main_process()
+    trainer.register_hooks(
+        [
+            *calibration,
+            hooks.IterationTimer(),
+            hooks.LRScheduler(scheduler=instantiate(cfg.lr_multiplier)),
+            hooks.PeriodicCheckpointer(checkpointer, **cfg.train.checkpointer) if main else None,
+            hooks.EvalHook(cfg.train.eval_period, lambda: do_test(cfg, model)),
+            hooks.PeriodicWriter(
+                default_writers(cfg.train.output_dir, cfg.train.max_iter),
+                period=cfg.train.log_period,
+            )
+            if main
+            else None,
+        ]
+    )
+    checkpointer.resume_or_load(cfg.train.init_checkpoint, resume=resume)
+    start_iter = trainer.iter + 1 if resume and checkpointer.has_checkpoint() else 0
+    trainer.train(start_iter, cfg.train.max_iter)
+
+
+def do_eval(cfg):
+    """Evaluate ``cfg.train.init_checkpoint`` in the quantized (or FP) model of ``cfg``."""
+    model = build_model(cfg)
+    weights = cfg.train.init_checkpoint
+    if not weights or not os.path.isfile(weights):
+        raise FileNotFoundError(
+            f"train.init_checkpoint={weights!r} does not exist: --eval-only evaluates a "
+            "trained checkpoint (tools/lazy_train_net.py writes <train.output_dir>/"
+            "model_final.pth)"
+        )
+    DetectionCheckpointer(model).load(weights)
+    return do_test(cfg, create_ddp_model(model))

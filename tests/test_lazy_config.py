@@ -1,0 +1,157 @@
+"""The LazyConfig path: tools/lazy_train_net.py's loop on the digits configs of
+configs/lazy (FP teacher, 4-bit student distilled from it, evaluation), and its errors."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import pytest
+import torch
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.config import LazyConfig, instantiate
+from detectron2.data import DatasetCatalog, MetadataCatalog
+
+import qdet  # noqa: F401  (registers the digits datasets)
+from qdet.engine import lazy
+from qdet.quantization import QConv2d
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DIGITS = os.path.join(ROOT, "configs", "lazy", "digits")
+VAL = "qdet_digits_val_first8"
+# Two steps of two images, small heads' batches, evaluation on 8 val images.
+QUICK = [
+    "train.max_iter=2",
+    "train.checkpointer.period=2",
+    "dataloader.train.total_batch_size=2",
+    f"dataloader.test.dataset.names={VAL}",
+    "quant.calib_batches=1",
+    "lr_multiplier.scheduler.milestones=[50,75]",  # a 2-step run on a 100-step schedule
+    "lr_multiplier.scheduler.num_updates=100",
+]
+
+
+@pytest.fixture
+def first_val_images():
+    val = DatasetCatalog.get("qdet_digits_val")
+    DatasetCatalog.register(VAL, lambda: val[:8])
+    metadata = MetadataCatalog.get("qdet_digits_val").as_dict()
+    MetadataCatalog.get(VAL).set(**{k: v for k, v in metadata.items() if k != "name"})
+    yield VAL
+    DatasetCatalog.remove(VAL)
+    MetadataCatalog.remove(VAL)
+
+
+def _config(name: str, *overrides: str):
+    cfg = LazyConfig.load(os.path.join(DIGITS, name))
+    return LazyConfig.apply_overrides(cfg, [*QUICK, *overrides])
+
+
+def _metrics(output_dir: str) -> list[dict]:
+    with open(os.path.join(output_dir, "metrics.json")) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_lazy_trainer_trains_fp_then_a_distilled_4bit_student_and_evaluates(
+    tmp_path, first_val_images
+):
+    fp_dir, student_dir = str(tmp_path / "fp"), str(tmp_path / "student")
+    torch.manual_seed(0)
+    lazy.do_train(_config("retinanet_r18_fp.py", f"train.output_dir={fp_dir}"))
+    fp_weights = os.path.join(fp_dir, "model_final.pth")
+    assert os.path.isfile(fp_weights)
+
+    cfg = _config(
+        "retinanet_r18_4bit_feature_kd.py",
+        f"train.output_dir={student_dir}",
+        f"train.init_checkpoint={fp_weights}",
+        f"distill.teacher_weights={fp_weights}",
+    )
+    lazy.do_train(cfg)
+    logged = _metrics(student_dir)
+    assert any("loss_distill_feature_kd" in m and "loss_cls" in m for m in logged)
+    assert any("bbox/AP" in m for m in logged)  # Detectron2's EvalHook at the end
+    # The student's checkpoint: calibrated quantizers; --eval-only evaluates it.
+    eval_cfg = _config(
+        "retinanet_r18_4bit.py", f"train.init_checkpoint={student_dir}/model_final.pth"
+    )
+    results = lazy.do_eval(eval_cfg)
+    ap = results["bbox"]["AP"]  # NaN when a 2-step model detects nothing
+    assert {"AP", "AP50", "AP75"} <= set(results["bbox"]) and (math.isnan(ap) or 0 <= ap <= 100)
+    model = lazy.build_model(eval_cfg)
+    DetectionCheckpointer(model).load(os.path.join(student_dir, "model_final.pth"))
+    conv = model.backbone.bottom_up.res2[0].conv1
+    assert isinstance(conv, QConv2d) and conv.input_quantizer.initialized
+    assert conv.weight_quantizer.bits == conv.input_quantizer.bits == 4
+
+
+def test_lazy_model_loads_its_fp_checkpoint_with_only_quantizer_keys_missing(tmp_path):
+    fp = instantiate(_config("retinanet_r18_fp.py").model)
+    path = str(tmp_path / "fp.pth")
+    torch.save({"model": fp.state_dict()}, path)
+    quantized = lazy.build_model(_config("retinanet_r18_4bit.py"))
+    result = quantized.load_state_dict(torch.load(path)["model"], strict=False)
+    assert not result.unexpected_keys
+    assert result.missing_keys and all("quantizer" in k for k in result.missing_keys)
+
+
+def test_lazy_config_errors(tmp_path):
+    cfg = _config("retinanet_r18_fp.py")
+    del cfg["quant"]
+    with pytest.raises(ValueError, match=r"no quant node: add a quant node.*quant = dict\(w_bits"):
+        lazy.do_train(cfg)
+    with pytest.raises(ValueError, match=r"unknown setting 'wbits'"):
+        lazy.build_model(_config("retinanet_r18_4bit.py", "+quant.wbits=4"))
+    with pytest.raises(ValueError, match=r"quant.enabled is False but quant sets \['w_bits'\]"):
+        lazy.build_model(_config("retinanet_r18_fp.py", "+quant.w_bits=4"))
+    missing = str(tmp_path / "nothing.pth")
+    with pytest.raises(FileNotFoundError, match=r"teacher_weights=.*does not exist: train the FP"):
+        lazy.do_train(
+            _config("retinanet_r18_4bit_feature_kd.py", f"distill.teacher_weights={missing}")
+        )
+    with pytest.raises(FileNotFoundError, match=r"init_checkpoint=.*--eval-only evaluates"):
+        lazy.do_eval(_config("retinanet_r18_4bit.py", f"train.init_checkpoint={missing}"))
+
+
+LAZY_COCO = ["mask_rcnn_vitdet_b_4bit", "mask_rcnn_R_50_FPN_4bit", "retinanet_R_50_FPN_4bit"]
+
+
+@pytest.mark.parametrize("name", LAZY_COCO)
+def test_coco_lazy_configs_build_their_quantized_model(name):
+    """Each imports Detectron2's own LazyConfig and adds only quantization: its model builds
+    and quantizes at 4 bits on the CPU (no weights, no data)."""
+    cfg = LazyConfig.load(os.path.join(ROOT, "configs", "lazy", f"{name}.py"))
+    assert {"model", "dataloader", "optimizer", "lr_multiplier", "train", "quant"} <= set(cfg)
+    cfg.train.device = "cpu"
+    model = lazy.build_model(cfg)
+    bits = {
+        (m.weight_quantizer.bits, m.input_quantizer.bits)
+        for m in model.modules()
+        if hasattr(m, "weight_quantizer")
+    }
+    assert bits == {(4, 4)}
+
+
+@pytest.mark.parametrize("targets", ["mha", "mlp"])
+def test_lazy_vitdet_quantizes_the_linears_the_yacs_path_does(targets):
+    """configs/lazy/mask_rcnn_vitdet_b_4bit_<targets>.py and the yacs
+    configs/vitdet_b_4bit_<targets>.yaml select the same Linear layers of ViTDet-B."""
+    from detectron2.modeling import build_model
+
+    from qdet.engine.stages import load_config
+
+    cfg = LazyConfig.load(
+        os.path.join(ROOT, "configs", "lazy", f"mask_rcnn_vitdet_b_4bit_{targets}.py")
+    )
+    cfg.train.device = "cpu"
+    lazy_layers = {
+        n for n, m in lazy.build_model(cfg).named_modules() if hasattr(m, "weight_quantizer")
+    }
+    yacs = load_config(
+        os.path.join(ROOT, "configs", f"vitdet_b_4bit_{targets}.yaml"),
+        ["MODEL.WEIGHTS", "", "MODEL.DEVICE", "cpu"],
+    )
+    yacs_model = build_model(yacs)
+    assert lazy_layers == set(yacs_model.quantized_layers)
+    assert len(lazy_layers) == 12 * 2  # two Linear layers per block of the 12

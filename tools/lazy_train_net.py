@@ -1,0 +1,44 @@
+#!/usr/bin/env python
+"""Quantization-aware training from a LazyConfig (Detectron2's ``lazyconfig_train_net.py``
+with qdet's ``quant`` and ``distill`` nodes, :mod:`qdet.engine.lazy`).
+
+    tools/lazy_train_net.py --config-file configs/lazy/mask_rcnn_vitdet_b_4bit.py --num-gpus 8
+    tools/lazy_train_net.py --config-file configs/lazy/digits/retinanet_r18_4bit.py \
+        train.max_iter=100 quant.w_bits=3 quant.a_bits=3
+    tools/lazy_train_net.py --config-file X.py --eval-only train.init_checkpoint=out/model_final.pth
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from detectron2.config import LazyConfig
+from detectron2.engine import default_argument_parser, default_setup
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import qdet  # noqa: E402,F401  (registers qdet's datasets and models)
+from qdet.engine import lazy  # noqa: E402
+from qdet.engine.cli import launch_main  # noqa: E402
+
+
+def load(config_file: str, opts: list[str]):
+    if not os.path.isfile(config_file):
+        raise FileNotFoundError(f"--config-file {config_file!r} does not exist")
+    cfg = LazyConfig.load(config_file)
+    return LazyConfig.apply_overrides(cfg, opts)
+
+
+def main(args):
+    cfg = load(args.config_file, args.opts)
+    lazy.quant_settings(cfg)  # a config without a quant node: say what to add, first
+    default_setup(cfg, args)
+    if args.eval_only:
+        return lazy.do_eval(cfg)
+    return lazy.do_train(cfg, resume=args.resume)
+
+
+if __name__ == "__main__":
+    parser = default_argument_parser()
+    parser.add_argument("--debug", action="store_true", help="tracebacks for bad input")
+    launch_main(main, parser.parse_args())
