@@ -108,7 +108,11 @@ def test_lazy_config_errors(tmp_path):
     missing = str(tmp_path / "nothing.pth")
     with pytest.raises(FileNotFoundError, match=r"teacher_weights=.*does not exist: train the FP"):
         lazy.do_train(
-            _config("retinanet_r18_4bit_feature_kd.py", f"distill.teacher_weights={missing}")
+            _config(
+                "retinanet_r18_4bit_feature_kd.py",
+                "train.init_checkpoint=''",
+                f"distill.teacher_weights={missing}",
+            )
         )
     with pytest.raises(FileNotFoundError, match=r"init_checkpoint=.*--eval-only evaluates"):
         lazy.do_eval(_config("retinanet_r18_4bit.py", f"train.init_checkpoint={missing}"))
@@ -155,3 +159,22 @@ def test_lazy_vitdet_quantizes_the_linears_the_yacs_path_does(targets):
     yacs_model = build_model(yacs)
     assert lazy_layers == set(yacs_model.quantized_layers)
     assert len(lazy_layers) == 12 * 2  # two Linear layers per block of the 12
+
+
+def test_lazy_train_net_cli_reports_bad_input_in_one_line(tmp_path):
+    import subprocess
+    import sys
+
+    missing = tmp_path / "none.pth"
+    out = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "tools", "lazy_train_net.py"), "--config-file",
+         os.path.join(DIGITS, "retinanet_r18_4bit.py"), f"train.init_checkpoint={missing}",
+         f"train.output_dir={tmp_path}"],
+        capture_output=True, text=True, cwd=ROOT,
+    )  # fmt: skip
+    assert out.returncode == 2, out.stderr[-2000:]
+    last = out.stderr.strip().splitlines()[-1]
+    assert (
+        last.startswith("lazy_train_net.py: error: train.init_checkpoint=")
+        and "FP model first" in last
+    )

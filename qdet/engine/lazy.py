@@ -135,6 +135,7 @@ def do_train(cfg, resume: bool = False) -> None:
     """Train ``cfg`` (QAT; with a teacher when it has a ``distill`` node), Detectron2's
     LazyConfig loop with calibration before the first step and atomic checkpoints."""
     _, trainer_keys = quant_settings(cfg)
+    _check_init_checkpoint(cfg, resume)
     model = build_model(cfg)
     if "distill" in cfg:
         from qdet.distill import attach_distiller
@@ -180,6 +181,20 @@ def do_train(cfg, resume: bool = False) -> None:
     checkpointer.resume_or_load(cfg.train.init_checkpoint, resume=resume)
     start_iter = trainer.iter + 1 if resume and checkpointer.has_checkpoint() else 0
     trainer.train(start_iter, cfg.train.max_iter)
+
+
+def _check_init_checkpoint(cfg, resume: bool) -> None:
+    """A local ``train.init_checkpoint`` that does not exist is an error (Detectron2 would
+    log it and train from random weights), unless resuming from the output folder."""
+    weights = cfg.train.init_checkpoint
+    remote = "://" in weights
+    resumable = resume and os.path.isfile(os.path.join(cfg.train.output_dir, "last_checkpoint"))
+    if weights and not remote and not os.path.isfile(weights) and not resumable:
+        raise FileNotFoundError(
+            f"train.init_checkpoint={weights!r} does not exist: train the FP model first "
+            "(tools/lazy_train_net.py on its config, quant.enabled=False, writes "
+            "<train.output_dir>/model_final.pth), or set train.init_checkpoint=''"
+        )
 
 
 def do_eval(cfg):
