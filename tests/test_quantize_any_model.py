@@ -190,6 +190,7 @@ def test_distillation_attaches_to_any_model():
     with EventStorage():
         losses = student(batch)
     assert {"loss_fcos_cls", "loss_distill_feature_kd", "loss_distill_fa"} <= set(losses)
+    assert losses["loss_distill_feature_kd"].requires_grad  # the terms train the student
     with torch.no_grad():
         images = student.preprocess_image(batch).tensor
         f_s, f_t = student.backbone(images), teacher.backbone(images)

@@ -305,7 +305,6 @@ class Distiller(nn.Module):
         self.teacher.eval()  # the teacher's BN statistics never move
         return self
 
-    @torch.no_grad()
     def add_to(self, losses: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """``losses`` (times ``gt_weight``, ``DISTILL.GT_WEIGHT``) plus this step's terms;
         only the terms when ``label_free``. What a student's training forward returns."""
@@ -314,6 +313,7 @@ class Distiller(nn.Module):
         terms = self(losses)
         return terms if self.label_free else {**losses, **terms}
 
+    @torch.no_grad()
     def teacher_features(self, images: torch.Tensor) -> dict:
         """The teacher's taps on ``images``, running only the parts of it they need."""
         self._teacher.recording = True
