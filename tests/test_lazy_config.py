@@ -178,3 +178,36 @@ def test_lazy_train_net_cli_reports_bad_input_in_one_line(tmp_path):
         last.startswith("lazy_train_net.py: error: train.init_checkpoint=")
         and "FP model first" in last
     )
+
+
+@pytest.mark.parametrize("suffix", ["", "_mha", "_mlp"])
+def test_lazy_tiny_vitdet_quantizes_the_linears_the_yacs_tiny_vitdet_does(suffix):
+    from detectron2.modeling import build_model
+
+    from qdet.engine.stages import load_config
+
+    lazy_model = lazy.build_model(_config(f"vitdet_tiny_4bit{suffix}.py"))
+    got = {n for n, m in lazy_model.named_modules() if hasattr(m, "weight_quantizer")}
+    yacs = load_config(
+        os.path.join(ROOT, "configs", "digits", f"vitdet_tiny_4bit{suffix}.yaml"),
+        ["MODEL.WEIGHTS", ""],
+    )
+    assert got == set(build_model(yacs).quantized_layers) and len(got) == 4 * (2 if suffix else 4)
+    # the same pyramid and heads: parameter names and shapes match the yacs model's
+    shapes = {k: v.shape for k, v in lazy_model.state_dict().items()}
+    assert shapes == {k: v.shape for k, v in build_model(yacs).state_dict().items()}
+
+
+def test_lazy_tiny_vitdet_trains_and_evaluates(tmp_path, first_val_images):
+    out = str(tmp_path / "vit")
+    torch.manual_seed(0)
+    lazy.do_train(
+        _config(
+            "vitdet_tiny_4bit_mha.py",
+            "train.init_checkpoint=''",
+            f"train.output_dir={out}",
+            "lr_multiplier.scheduler.milestones=[50]",  # its schedule has one step
+        )
+    )
+    logged = _metrics(out)
+    assert any("loss_mask" in m for m in logged) and any("segm/AP" in m for m in logged)

@@ -45,13 +45,21 @@ def build_vit(cfg: CfgNode) -> ViT:
     )
 
 
+def max_pool_top_block(in_feature: str = "p5") -> LastLevelMaxPool:
+    """Detectron2's LastLevelMaxPool reading ``in_feature``: a pyramid whose coarsest level
+    is not p5 (ViTDet with scale factors 2, 1, 0.5 on a stride-8 ViT ends at p4) pools that
+    one. LazyConfig-callable (LastLevelMaxPool takes no such argument)."""
+    block = LastLevelMaxPool()
+    block.in_feature = in_feature
+    return block
+
+
 @BACKBONE_REGISTRY.register()
 def build_vitdet_backbone(cfg: CfgNode, input_shape: ShapeSpec) -> SimpleFeaturePyramid:
     """ViTDet: a plain ViT and a SimpleFeaturePyramid (p2..p6 for the default scales)."""
     scales = tuple(cfg.MODEL.VIT.SCALE_FACTORS)
-    top_block = LastLevelMaxPool()
     # The max-pooled level comes from the coarsest pyramid level, whatever the scales.
-    top_block.in_feature = f"p{int(math.log2(cfg.MODEL.VIT.PATCH_SIZE / min(scales)))}"
+    top_block = max_pool_top_block(f"p{int(math.log2(cfg.MODEL.VIT.PATCH_SIZE / min(scales)))}")
     return SimpleFeaturePyramid(
         net=build_vit(cfg),
         in_feature="last_feat",
