@@ -106,7 +106,9 @@ def test_lazy_config_errors(tmp_path):
     with pytest.raises(ValueError, match=r"quant.enabled is False but quant sets \['w_bits'\]"):
         lazy.build_model(_config("retinanet_r18_fp.py", "+quant.w_bits=4"))
     missing = str(tmp_path / "nothing.pth")
-    with pytest.raises(FileNotFoundError, match=r"teacher_weights=.*does not exist: train the FP"):
+    with pytest.raises(
+        FileNotFoundError, match=r"teacher checkpoint .*nothing.pth.* does not exist: train the FP"
+    ):
         lazy.do_train(
             _config(
                 "retinanet_r18_4bit_feature_kd.py",
@@ -211,3 +213,30 @@ def test_lazy_tiny_vitdet_trains_and_evaluates(tmp_path, first_val_images):
     )
     logged = _metrics(out)
     assert any("loss_mask" in m for m in logged) and any("segm/AP" in m for m in logged)
+
+
+def test_lazy_qfd_runs_its_teacher_stage_then_distils_the_quantized_feature(
+    tmp_path, first_val_images
+):
+    fp_dir, out = str(tmp_path / "fp"), str(tmp_path / "qfd")
+    torch.manual_seed(0)
+    lazy.do_train(_config("retinanet_r18_fp.py", f"train.output_dir={fp_dir}"))
+    fp = os.path.join(fp_dir, "model_final.pth")
+    cfg = _config(
+        "retinanet_r18_4bit_qfd.py",
+        f"train.output_dir={out}",
+        f"train.init_checkpoint={fp}",
+        f"distill.teacher_weights={fp}",
+        "+distill.teacher_stage_iters=2",
+    )
+    lazy.do_train(cfg)
+    stage = lazy.teacher_stage_weights(cfg)
+    assert os.path.isfile(stage) and any("loss_distill_qfd" in m for m in _metrics(out))
+    teacher = lazy.build_teacher(cfg, "cpu")
+    q = teacher.feature_quantizer
+    assert q.initialized and q.bits == 8 and q.signed
+    # The teacher's p3, as the student's term reads it, is on the 8-bit grid: 2^8 levels.
+    batch = next(iter(instantiate(cfg.dataloader.train)))
+    with torch.no_grad():
+        p3 = teacher.backbone(teacher.preprocess_image(batch).tensor)["p3"]
+    assert 1 < p3.unique().numel() <= 256

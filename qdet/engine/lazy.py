@@ -15,6 +15,7 @@ Detectron2's: ``model``, ``dataloader``, ``optimizer``, ``lr_multiplier``, ``tra
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 
@@ -31,6 +32,7 @@ from torch import nn
 from qdet.engine.checkpoint import AtomicCheckpointer
 from qdet.engine.hooks import CalibrationHook
 from qdet.engine.optimizer import SGDWithAdamGroups, with_quantizer_group
+from qdet.modeling.quantized import add_feature_quantizer
 from qdet.quantize import quantize_model
 
 logger = logging.getLogger(__name__)
@@ -49,7 +51,15 @@ _TRAINER_KEYS = {
     "base_lr": 1e-5,
     "weight_decay": 0.0,
 }
-_DISTILL_KEYS = ("teacher_weights", "teacher_model", "terms", "label_free", "gt_weight")
+_DISTILL_KEYS = (
+    "teacher_weights",  # the FP model's checkpoint
+    "teacher_model",  # its model node (default: the student's cfg.model)
+    "terms",  # {loss: {"taps": [...], "weight": w, **options}} (attach_distiller)
+    "label_free",
+    "gt_weight",
+    "teacher_stage_iters",  # QFD's teacher stage (a qfd term): default max_iter // 10
+    "teacher_feature_bits",  # its feature quantizer's bits (8)
+)
 
 
 def _plain(node) -> dict:
@@ -82,13 +92,65 @@ def build_model(cfg) -> nn.Module:
     return model.to(cfg.train.device)
 
 
+def qfd_tap(cfg) -> str | None:
+    """The teacher feature a ``qfd`` term distils (QFD's teacher stage quantizes it)."""
+    from qdet.distill.distiller import specs_from_terms
+
+    if "distill" not in cfg:
+        return None
+    taps = [
+        t for s in specs_from_terms(_plain(cfg.distill.terms)) if s.loss == "qfd" for t in s.taps
+    ]
+    if len(taps) > 1:
+        raise ValueError(f"the qfd term has taps {taps}: QFD's teacher stage quantizes one")
+    return taps[0] if taps else None
+
+
+def teacher_stage_weights(cfg) -> str:
+    return os.path.join(cfg.train.output_dir, "teacher_stage", "model_final.pth")
+
+
+def _teacher_model(cfg, with_feature_quantizer: bool) -> nn.Module:
+    model = instantiate(cfg.distill.get("teacher_model") or cfg.model)
+    tap = qfd_tap(cfg) if with_feature_quantizer else None
+    if tap is not None:
+        bits = int(cfg.distill.get("teacher_feature_bits", 8))
+        add_feature_quantizer(model, tap, bits, signed=True)
+    return model
+
+
 def build_teacher(cfg, device) -> nn.Module:
-    """The frozen FP teacher of ``cfg.distill``: ``teacher_model`` (default ``cfg.model``)
-    with ``teacher_weights``."""
+    """The frozen teacher of ``cfg.distill``: ``teacher_model`` (default ``cfg.model``) with
+    ``teacher_weights``, or, with a ``qfd`` term, the teacher stage's model (its tap
+    quantized by its trained feature quantizer)."""
     d = cfg.distill
     unknown = sorted(set(d) - set(_DISTILL_KEYS))
     if unknown:
         raise ValueError(f"distill has unknown keys {unknown}: use {list(_DISTILL_KEYS)}")
+    qfd = qfd_tap(cfg) is not None
+    weights = teacher_stage_weights(cfg) if qfd else d.get("teacher_weights", "")
+    if not weights or not os.path.isfile(weights):
+        raise FileNotFoundError(
+            f"the teacher checkpoint {weights!r} does not exist: "
+            + (
+                "QFD's teacher stage writes it (tools/lazy_train_net.py runs it first)"
+                if qfd
+                else "train the FP model first (tools/lazy_train_net.py with "
+                "quant.enabled=False writes <train.output_dir>/model_final.pth) and set "
+                "distill.teacher_weights"
+            )
+        )
+    teacher = _teacher_model(cfg, with_feature_quantizer=qfd).to(device)
+    DetectionCheckpointer(teacher).load(weights)
+    return teacher
+
+
+def train_teacher_stage(cfg) -> str:
+    """QFD's teacher stage (QFD, "Experimental settings"): the FP teacher fine-tuned with an
+    8-bit (``distill.teacher_feature_bits``) quantizer on the qfd tap, for
+    ``distill.teacher_stage_iters`` (default a tenth of the schedule); returns its
+    checkpoint, ``<train.output_dir>/teacher_stage/model_final.pth``."""
+    d = cfg.distill
     weights = d.get("teacher_weights", "")
     if not weights or not os.path.isfile(weights):
         raise FileNotFoundError(
@@ -96,9 +158,16 @@ def build_teacher(cfg, device) -> nn.Module:
             "(tools/lazy_train_net.py with quant.enabled=False writes "
             "<train.output_dir>/model_final.pth)"
         )
-    teacher = instantiate(d.get("teacher_model") or cfg.model).to(device)
-    DetectionCheckpointer(teacher).load(weights)
-    return teacher
+    stage = copy.deepcopy(cfg)
+    stage.train.max_iter = int(d.get("teacher_stage_iters") or max(cfg.train.max_iter // 10, 1))
+    stage.train.output_dir = os.path.dirname(teacher_stage_weights(cfg))
+    stage.train.init_checkpoint = weights
+    model = _teacher_model(cfg, with_feature_quantizer=True).to(cfg.train.device)
+    logger.info(
+        "QFD teacher stage: %d iterations -> %s", stage.train.max_iter, stage.train.output_dir
+    )
+    _train(stage, model, resume=False, calib_batches=quant_settings(cfg)[1]["calib_batches"])
+    return teacher_stage_weights(cfg)
 
 
 def build_optimizer(cfg, model: nn.Module) -> torch.optim.Optimizer:
@@ -132,10 +201,13 @@ def do_test(cfg, model: nn.Module):
 
 
 def do_train(cfg, resume: bool = False) -> None:
-    """Train ``cfg`` (QAT; with a teacher when it has a ``distill`` node), Detectron2's
+    """Train ``cfg`` (QAT; with a teacher when it has a ``distill`` node, after QFD's
+    teacher stage when a ``qfd`` term needs it and its output is missing), Detectron2's
     LazyConfig loop with calibration before the first step and atomic checkpoints."""
     _, trainer_keys = quant_settings(cfg)
     _check_init_checkpoint(cfg, resume)
+    if qfd_tap(cfg) is not None and not os.path.isfile(teacher_stage_weights(cfg)):
+        train_teacher_stage(cfg)
     model = build_model(cfg)
     if "distill" in cfg:
         from qdet.distill import attach_distiller
@@ -148,6 +220,13 @@ def do_train(cfg, resume: bool = False) -> None:
             label_free=bool(d.get("label_free", False)),
             gt_weight=float(d.get("gt_weight", 1.0)),
         )
+    calib = trainer_keys["calib_batches"] if trainer_keys["enabled"] else 0
+    _train(cfg, model, resume, calib)
+
+
+def _train(cfg, model: nn.Module, resume: bool, calib_batches: int) -> None:
+    """Detectron2's LazyConfig training loop on ``model``; quantizers calibrated on
+    ``calib_batches`` training batches first (0: none)."""
     optimizer = build_optimizer(cfg, model)
     train_loader = instantiate(cfg.dataloader.train)
     ddp = _plain(cfg.train.ddp)
@@ -159,9 +238,9 @@ def do_train(cfg, resume: bool = False) -> None:
     )
     checkpointer = AtomicCheckpointer(model, cfg.train.output_dir, trainer=trainer)
     calibration = []
-    if trainer_keys["enabled"]:
+    if calib_batches:
         loader = lambda: instantiate(cfg.dataloader.train)  # noqa: E731
-        calibration = [CalibrationHook(loader, trainer_keys["calib_batches"])]
+        calibration = [CalibrationHook(loader, calib_batches)]
     main = comm.is_main_process()
     trainer.register_hooks(
         [

@@ -139,6 +139,36 @@ def apply_quantization(
     return layers
 
 
+def add_feature_quantizer(
+    model: nn.Module, tap_name: str, bits: int = 8, signed: bool = True
+) -> UniformQuantizer:
+    """QFD's teacher-stage quantizer: an activation quantizer on ``tap_name``'s output (a
+    backbone output such as p3, or a module path; :mod:`qdet.distill.taps`), which the rest
+    of ``model`` and a distilling student's taps then see. Registered on ``model`` as
+    ``feature_quantizer`` (so it is in the checkpoint)."""
+    from qdet.distill.distiller import check_tap_path
+
+    try:
+        tap = resolve_tap(model, tap_name)
+    except ValueError as e:
+        raise ValueError(f"QUANT.FEATURE_TAP: {e}") from None
+    if tap.name == LOGITS:
+        raise ValueError("QUANT.FEATURE_TAP: QFD quantizes a feature, not the logits")
+    check_tap_path(model, tap.path)
+    quantizer = UniformQuantizer(bits, "activation", signed=signed)
+    model.feature_quantizer = quantizer
+
+    def hook(_module, _inputs, output):
+        if not isinstance(tap.select, str):  # a module's tensor (any layout: per-tensor Q)
+            return quantizer(output)
+        output = dict(output)
+        output[tap.select] = quantizer(output[tap.select])
+        return output
+
+    model.get_submodule(tap.path).register_forward_hook(hook)
+    return quantizer
+
+
 def quantized_model_kwargs(cfg: CfgNode) -> dict:
     """The ``from_config`` keywords of a :class:`QuantizedDetectorMixin` model."""
     return {"quantization": QuantizationSettings.from_config(cfg)}
@@ -173,19 +203,11 @@ class QuantizedDetectorMixin:
         feature quantizer on ``settings.feature_tap``; no distiller yet."""
         settings = settings or QuantizationSettings()
         self.quantized_layers = apply_quantization(self, settings, prepare, per_level_head)
-        self.feature_tap = feature_tap = settings.feature_tap
-        if feature_tap:
-            try:
-                tap = resolve_tap(self, feature_tap)
-            except ValueError as e:
-                raise ValueError(f"QUANT.FEATURE_TAP: {e}") from None
-            if tap.name == LOGITS:
-                raise ValueError("QUANT.FEATURE_TAP: QFD quantizes a feature, not the logits")
-            self.check_tap_path(tap.path)
-            self.feature_quantizer = UniformQuantizer(
-                settings.feature_bits, "activation", signed=settings.feature_signed
+        self.feature_tap = settings.feature_tap
+        if settings.feature_tap:
+            self.feature_quantizer = add_feature_quantizer(
+                self, settings.feature_tap, settings.feature_bits, settings.feature_signed
             )
-            self.get_submodule(tap.path).register_forward_hook(self._quantize_feature(tap))
         self.distiller = None
         name_quantizers(self)
 
@@ -205,16 +227,6 @@ class QuantizedDetectorMixin:
                 "the data loader and its augmentations"
             )
         return images
-
-    def _quantize_feature(self, tap):
-        def hook(_module, _inputs, output):
-            if not isinstance(tap.select, str):  # a module's tensor (any layout: per-tensor Q)
-                return self.feature_quantizer(output)
-            output = dict(output)
-            output[tap.select] = self.feature_quantizer(output[tap.select])
-            return output
-
-        return hook
 
     def check_tap_path(self, path: str) -> None:
         """Refuse a tap whose module does not run in :meth:`forward_taps`."""
