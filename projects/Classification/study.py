@@ -150,7 +150,12 @@ def main() -> None:
 
 def run(args) -> None:
     setup_logger(name="qdet")
-    methods = ["baseline", *[m for m in args.methods if m != "baseline"]]
+    # The QAT rows are compared with the baseline; zero-shot rows with logit KD alone.
+    methods = list(dict.fromkeys(args.methods))
+    if any(m not in ZERO_SHOT for m in methods) and "baseline" not in methods:
+        methods.insert(0, "baseline")
+    if any(m in ZERO_SHOT for m in methods) and "zs_logit_kd" not in methods:
+        methods.insert(0, "zs_logit_kd")
     rows = study_rows(methods, args.bits, args.zeroshot_bits)
     study = Study(
         rows,
