@@ -1,6 +1,25 @@
 import os
 
+import pytest
+
 # Tests run the eager quantizer bodies (deterministic, no compile time); the compiled
 # backend has its own test that switches to it explicitly.
 os.environ.setdefault("QDET_QUANT_BACKEND", "eager")
 os.environ.setdefault("OMP_NUM_THREADS", "2")
+
+
+def _load_tool(name: str):
+    """``tools/<name>.py`` as a module (the tools are scripts, not a package)."""
+    import importlib.util
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    spec = importlib.util.spec_from_file_location(name, os.path.join(root, "tools", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture
+def load_tool():
+    """``load_tool("predict")``: a tool script as a module, to call its ``main``."""
+    return _load_tool

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 
@@ -19,13 +18,6 @@ from qdet.quantization import QConv2d, calibrate
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HEIGHT, WIDTH = 64, 96
-
-
-def _tool(name: str):
-    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "tools", f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
@@ -56,17 +48,17 @@ def tiny(tmp_path_factory):
     return {"config": str(config), "weights": str(root / "model_final.pth"), "images": images}
 
 
-def _predict(argv: list[str]) -> list[str]:
-    tool = _tool("predict")
+def _predict(load_tool, argv: list[str]) -> list[str]:
+    tool = load_tool("predict")
     return tool.main(tool.build_parser().parse_args(argv))
 
 
-def test_predict_draws_the_detections_at_the_input_size(tiny, tmp_path):
+def test_predict_draws_the_detections_at_the_input_size(tiny, tmp_path, load_tool):
     out = tmp_path / "out"
     argv = ["--config-file", tiny["config"], "--input", tiny["images"][0]]
     argv += [os.path.dirname(tiny["images"][1]), "--output", str(out)]
     argv += ["--confidence-threshold", "0", "MODEL.WEIGHTS", tiny["weights"]]
-    written = _predict(argv)
+    written = _predict(load_tool, argv)
     assert sorted(os.path.basename(p) for p in written) == ["a.png", "b.png"]
 
     cfg = load_config(tiny["config"], ["MODEL.WEIGHTS", tiny["weights"]])
@@ -86,7 +78,7 @@ def test_predict_draws_the_detections_at_the_input_size(tiny, tmp_path):
         assert changed.mean() < 0.8  # a box and its label, not the whole image
 
 
-def test_predict_compare_and_onnx_write_panels_side_by_side(tiny, tmp_path):
+def test_predict_compare_and_onnx_write_panels_side_by_side(tiny, tmp_path, load_tool):
     from qdet.export import export_onnx
 
     cfg = load_config(tiny["config"], ["MODEL.WEIGHTS", tiny["weights"]])
@@ -99,11 +91,12 @@ def test_predict_compare_and_onnx_write_panels_side_by_side(tiny, tmp_path):
     argv = ["--config-file", tiny["config"], "--input", tiny["images"][0], "--output"]
     argv += [str(tmp_path / "out"), "--onnx", onnx_path, "--confidence-threshold", "0"]
     argv += ["--compare", tiny["config"], tiny["weights"]]
-    (written,) = _predict(argv)  # the ONNX model left, PyTorch right; MODEL.WEIGHTS optional
+    # the ONNX model left, PyTorch right; MODEL.WEIGHTS optional
+    (written,) = _predict(load_tool, argv)
     assert read_image(written).shape == (HEIGHT, 2 * WIDTH, 3)
 
 
-def test_bad_inputs_are_clear_errors(tiny, tmp_path):
+def test_bad_inputs_are_clear_errors(tiny, tmp_path, load_tool):
     with pytest.raises(FileNotFoundError, match="nope.png.*no such file"):
         list_images([str(tmp_path / "nope.png")])
     with pytest.raises(FileNotFoundError, match="matches no file"):
@@ -117,11 +110,12 @@ def test_bad_inputs_are_clear_errors(tiny, tmp_path):
         read_image(str(broken))
     with pytest.raises(FileNotFoundError, match="MODEL.WEIGHTS.*does not exist"):
         argv = ["--config-file", tiny["config"], "--input", tiny["images"][0], "--output"]
-        _predict([*argv, str(tmp_path / "o"), "MODEL.WEIGHTS", str(tmp_path / "none.pth")])
+        argv += [str(tmp_path / "o"), "MODEL.WEIGHTS", str(tmp_path / "none.pth")]
+        _predict(load_tool, argv)
 
 
-def test_inspect_quantizers_writes_the_ranges_plot_and_json(tiny, tmp_path):
-    tool = _tool("inspect_quantizers")
+def test_inspect_quantizers_writes_the_ranges_plot_and_json(tiny, tmp_path, load_tool):
+    tool = load_tool("inspect_quantizers")
     argv = ["--config-file", tiny["config"], "--output", str(tmp_path), "--input"]
     argv += [*tiny["images"], "MODEL.WEIGHTS", tiny["weights"]]
     tool.main(tool.build_parser().parse_args(argv))

@@ -256,7 +256,8 @@ def test_digits_ablation_rows(arch, blocks, tmp_path):
     assert len(schedules) == 1 and schedules.pop()[0] < cfgs["fp"].SOLVER.MAX_ITER
 
     # Two Linear layers per block for each target; the shares of MHA and MLP add up.
-    counts = {s: ablation.quantized_share(cfgs[s]) for s in ("fp", "4bit", "4bit_mha", "4bit_mlp")}
+    rows = ("fp", "4bit", "4bit_mha", "4bit_mlp")
+    counts = {s: ablation.quantized_share(build_model(cfgs[s])) for s in rows}
     assert counts["fp"] == (0, 0.0)
     assert [counts[s][0] for s in ("4bit", "4bit_mha", "4bit_mlp")] == [
         4 * blocks,
@@ -265,6 +266,38 @@ def test_digits_ablation_rows(arch, blocks, tmp_path):
     ]
     assert counts["4bit_mha"][1] + counts["4bit_mlp"][1] == pytest.approx(counts["4bit"][1])
     assert 0 < counts["4bit_mha"][1] < counts["4bit_mlp"][1] < 1  # MLP (8d^2) > MHA (4d^2)
+
+
+def test_lazy_digits_ablation_rows_match_the_yacs_rows(tmp_path):
+    """--lazy: the same rows from configs/lazy/digits (bits, targets, one schedule, every
+    fine-tune from the FP run), quantizing the same number of Linears with the same share
+    of the ViT's parameters as the yacs rows."""
+    from qdet.engine import lazy
+
+    sys.path.insert(0, os.path.join(ROOT, "tools"))
+    import ablation_transformer as ablation
+
+    runs = {s: cfg for s, _, cfg in ablation.lazy_run_configs(False, str(tmp_path), [], 2)}
+    assert list(runs) == ["fp", "fp_finetune", "8bit", "6bit", "4bit", "4bit_mha", "4bit_mlp"]
+    fp_final = str(tmp_path / "lazy_vitdet" / "fp" / "model_final.pth")
+    assert not lazy.quant_settings(runs["fp"])[1]["enabled"]
+    assert runs["fp"].train.output_dir == os.path.dirname(fp_final)
+    bits = {s: lazy.quant_bits(cfg) for s, cfg in runs.items()}
+    assert bits == {
+        "fp": None, "fp_finetune": None, "8bit": (8, 8), "6bit": (6, 6),
+        "4bit": (4, 4), "4bit_mha": (4, 4), "4bit_mlp": (4, 4),
+    }  # fmt: skip
+    schedules = set()
+    for suffix, cfg in list(runs.items())[1:]:
+        assert cfg.train.init_checkpoint == fp_final
+        assert cfg.train.output_dir == str(tmp_path / "lazy_vitdet" / "seed2" / suffix)
+        schedules.add((cfg.train.max_iter, cfg.optimizer.lr))
+    assert len(schedules) == 1
+    study = ablation.build_study("vitdet", False, str(tmp_path), [])
+    for suffix in ("fp_finetune", "4bit", "4bit_mha", "4bit_mlp"):
+        yacs_model = build_model(study.config(study.rows[suffix], study.seeds[0]))
+        lazy_model = lazy.build_model(runs[suffix])
+        assert ablation.quantized_share(lazy_model) == ablation.quantized_share(yacs_model)
 
 
 def test_roi_align_second_derivative_matches_finite_differences():

@@ -4,6 +4,7 @@
     tools/ablation_transformer.py --arch vitdet                  # tiny ViTDet, digits, CPU
     tools/ablation_transformer.py --arch swin
     tools/ablation_transformer.py --arch vitdet --coco --num-gpus 8   # ViTDet-B on COCO
+    tools/ablation_transformer.py --arch vitdet --lazy           # the same from configs/lazy
 
 Digits rows use configs/digits/{arch}_tiny_*.yaml: the FP model is trained from scratch,
 every quantized row is fine-tuned from it, and a control row fine-tunes it just as long in
@@ -88,9 +89,8 @@ def build_study(
     return Study(rows, seeds or [0], os.path.join(out, arch), opts, tag="ablation", jobs=jobs)
 
 
-def quantized_share(cfg) -> tuple[int, float]:
+def quantized_share(model) -> tuple[int, float]:
     """(quantized Linear layers, their share of the transformer's parameters)."""
-    model = build_model(cfg)
     net = getattr(model.backbone, "net", None) or model.backbone.bottom_up
 
     def weights(module):
@@ -106,6 +106,92 @@ METRICS = ("AP", "AP50", "AP75", "mask AP", "mask AP50", "mask AP75")
 
 def per_seed(runs: list[dict]) -> str:
     return ", ".join(f"{r['AP']:.1f}" for r in runs)
+
+
+def table_row(label: str, runs: list[dict], model, iters: int, seeds: bool) -> dict:
+    """One line of the table: the runs' figures (mean ± std over seeds), what ``model``
+    quantizes, the schedule."""
+    count, share = quantized_share(model)
+    return {
+        "row": label,
+        "W/A": runs[0]["W/A"],
+        **{("box AP" if k == "AP" else k): spread([r[k] for r in runs]) for k in METRICS},
+        **({"box AP per seed": per_seed(runs)} if seeds else {}),
+        "quantized Linear": count,
+        "backbone params quantized": f"{share:.1%}",
+        "iters": iters,
+        "train s": spread([r.get("train s", float("nan")) for r in runs], ".0f"),
+    }
+
+
+# The LazyConfig rows (--lazy, ViTDet): configs/lazy/digits/vitdet_tiny_<suffix>.py, or
+# with --coco configs/lazy/mask_rcnn_vitdet_b_<suffix>.py; derived rows change cfg.quant.
+LAZY_CONFIGS = {
+    False: "configs/lazy/digits/vitdet_tiny_{}.py",
+    True: "configs/lazy/mask_rcnn_vitdet_b_{}.py",
+}
+LAZY_DERIVED = {
+    "8bit": ("4bit", {"w_bits": 8, "a_bits": 8}),
+    "6bit": ("4bit", {"w_bits": 6, "a_bits": 6}),
+    "fp_finetune": ("4bit", {"enabled": False}),
+}
+
+
+def lazy_run_configs(coco: bool, out: str, opts: list[str], seed: int, rows=None) -> list:
+    """[(suffix, label, LazyConfig)] of Table 8 from the lazy configs. Digits: the FP model
+    (trained once, seed 0) and every fine-tune from it with ``seed``. COCO: the quantized
+    rows, each from its config's ``train.init_checkpoint`` (the FP ViTDet-B, whose AP is
+    upstream's or your own run's: no FP row)."""
+    from detectron2.config import LazyConfig
+
+    root = os.path.join(out, "lazy_vitdet_coco" if coco else "lazy_vitdet")
+    fp_final = os.path.join(root, "fp", "model_final.pth")
+    plan = ROWS[1:] if coco else (ROWS[0], DIGITS_CONTROL, *ROWS[1:])
+    runs = []
+    for label, suffix in plan:
+        if rows and suffix not in rows and not (suffix == "fp" and not coco):
+            continue
+        base, quant = LAZY_DERIVED.get(suffix, (suffix, None))
+        cfg = LazyConfig.load(LAZY_CONFIGS[coco].format(base))
+        if quant is not None:
+            cfg.quant = quant if "enabled" in quant else {**cfg.quant, **quant}
+        cfg = LazyConfig.apply_overrides(cfg, opts)
+        if suffix == "fp":
+            cfg.train.output_dir = os.path.dirname(fp_final)
+        else:
+            cfg.train.output_dir = os.path.join(root, f"seed{seed}", suffix)
+            if not coco:
+                cfg.train.init_checkpoint = fp_final
+        runs.append((suffix, label, cfg))
+    return runs
+
+
+def run_lazy(args) -> tuple[list[dict], dict]:
+    """Table 8 from the LazyConfigs: every run trained (unless finished) and evaluated by
+    ``qdet.engine.lazy.final_metrics``, one after another."""
+    from detectron2.utils.env import seed_all_rng
+
+    from qdet.engine import lazy
+
+    if args.arch != "vitdet":
+        raise ValueError("--lazy runs ViTDet (configs/lazy holds ViTDet configs, no Swin)")
+    seeds = args.finetune_seeds or [0]
+    runs: dict[str, list[dict]] = {}
+    configs = {}
+    for seed in seeds:
+        for suffix, label, cfg in lazy_run_configs(args.coco, args.out, args.opts, seed, args.rows):
+            if suffix == "fp" and suffix in runs:
+                continue  # one FP model for every seed
+            seed_all_rng(0 if suffix == "fp" else seed)  # the same data order per seed
+            runs.setdefault(suffix, []).append(lazy.final_metrics(cfg, args.num_gpus))
+            configs[suffix] = (label, cfg)
+    rows = [
+        table_row(
+            label, runs[s], lazy.build_model(cfg), cfg.train.max_iter, bool(args.finetune_seeds)
+        )
+        for s, (label, cfg) in configs.items()
+    ]
+    return rows, runs
 
 
 def main() -> None:
@@ -126,6 +212,12 @@ def main() -> None:
         choices=[suffix for _, suffix in (*ROWS, DIGITS_CONTROL)],
         help="only these rows (by config suffix); default: all",
     )
+    parser.add_argument(
+        "--lazy",
+        action="store_true",
+        help="the rows from configs/lazy (tools/lazy_train_net.py's trainer; ViTDet); "
+        "overrides are key=value",
+    )
     parser.add_argument("--out", default="output/ablation")
     parser.add_argument(
         "--jobs", type=int, default=1, help="digits rows trained at once (2 on a 2-core CPU)"
@@ -136,35 +228,33 @@ def main() -> None:
     run_cli(run, args, debug=args.debug)
 
 
-def run(args) -> None:
-    setup_logger(name="qdet")
-    if args.coco and args.jobs > 1:
-        raise ValueError("--jobs is for the digits rows; COCO rows use --num-gpus")
+def run_study(args) -> tuple[list[dict], dict]:
+    """Table 8 from the yacs configs (a :class:`Study`)."""
     study = build_study(args.arch, args.coco, args.out, args.opts, args.finetune_seeds, args.jobs)
     if args.rows:  # the digits fine-tunes start from the FP row, so it always runs
         wanted = set(args.rows) | (set() if args.coco else {"fp"})
         study.rows = {n: r for n, r in study.rows.items() if n in wanted}
     if args.coco and args.num_gpus > 1:
         study.train_fn = lambda cfg: launch(train, args.num_gpus, args=(cfg, False))
-    t0 = time.time()
     results = study.run()
     rows, seeds = [], study.seeds
     for row in study.rows.values():
         runs = [results[row.name][s] for s in (seeds if row.per_seed else seeds[:1])]
         cfg = study.config(row, seeds[0])
-        count, share = quantized_share(cfg)
-        rows.append(
-            {
-                "row": row.label,
-                "W/A": runs[0]["W/A"],
-                **{("box AP" if k == "AP" else k): spread([r[k] for r in runs]) for k in METRICS},
-                **({"box AP per seed": per_seed(runs)} if args.finetune_seeds else {}),
-                "quantized Linear": count,
-                "backbone params quantized": f"{share:.1%}",
-                "iters": cfg.SOLVER.MAX_ITER,
-                "train s": spread([r["train s"] for r in runs], ".0f"),
-            }
-        )
+        iters = cfg.SOLVER.MAX_ITER
+        rows.append(table_row(row.label, runs, build_model(cfg), iters, bool(args.finetune_seeds)))
+    return rows, results
+
+
+def run(args) -> None:
+    setup_logger(name="qdet")
+    if args.coco and args.jobs > 1:
+        raise ValueError("--jobs is for the digits rows; COCO rows use --num-gpus")
+    t0 = time.time()
+    if args.lazy:
+        rows, results = run_lazy(args)
+    else:
+        rows, results = run_study(args)
     data = "COCO val2017" if args.coco else "qdet_digits_val"
     header = (
         f"Table 8 shape, {args.arch} Mask R-CNN on {data} (`tools/ablation_transformer.py "
@@ -172,7 +262,8 @@ def run(args) -> None:
     )
     table = tabulate(rows, headers="keys", tablefmt="github", floatfmt=".1f")
     os.makedirs(args.out, exist_ok=True)
-    stem = os.path.join(args.out, f"table8_{args.arch}{'_seeds' if args.finetune_seeds else ''}")
+    name = f"table8_{'lazy_' if args.lazy else ''}{args.arch}"
+    stem = os.path.join(args.out, name + ("_seeds" if args.finetune_seeds else ""))
     with open(stem + ".md", "w") as f:
         f.write(header + table + "\n")
     with open(stem + ".json", "w") as f:

@@ -5,12 +5,16 @@ low-bit weight file, then check the ONNX model in onnxruntime against PyTorch.
     tools/export_onnx.py --config-file configs/digits/retinanet_r18_4bit_qfd.yaml \\
         --output output/export/qfd_4bit.onnx \\
         MODEL.WEIGHTS output/digits/retinanet_r18_4bit_qfd/model_final.pth
+    tools/export_onnx.py --config-file configs/lazy/digits/retinanet_r18_4bit_qfd.py \\
+        --output output/export/lazy_qfd_4bit.onnx \\
+        train.init_checkpoint=output/lazy/digits/retinanet_r18_4bit_qfd/model_final.pth
 
 Writes ``--output`` and, beside it, ``<output>.weights.safetensors`` (``--packed-weights``
 to choose the path), prints the sizes against FP32, and runs the check on
 ``--verify-images`` validation images (default 8; 0 skips it): head outputs within the
 stated tolerance and the same detections, or exit status 1. ``--eval`` adds COCO AP of the
-onnxruntime model and of the PyTorch model on the whole of ``DATASETS.TEST[0]``.
+onnxruntime model and of the PyTorch model on the whole of ``DATASETS.TEST[0]`` (a
+LazyConfig: ``dataloader.test`` and ``dataloader.evaluator``).
 RetinaNet exports through its head (post-processing in Python, Detectron2's own code);
 ViTDet / Swin Mask R-CNN export their backbone. Needs the ``export`` extra.
 """
@@ -57,29 +61,18 @@ def _mib(n: int) -> str:
 
 
 def main(args) -> int:
-    from detectron2.checkpoint import DetectionCheckpointer
-    from detectron2.data import build_detection_test_loader
-    from detectron2.modeling import build_model
     from detectron2.utils.logger import setup_logger
 
-    from qdet.engine.checks import check_datasets, require_trained_weights
-    from qdet.engine.stages import load_config
+    from qdet.engine.trained_model import load_trained_model
     from qdet.export import OnnxRetinaNet, export_onnx, save_packed_weights, verify
 
     setup_logger()  # Detectron2: inference progress
     setup_logger(name="qdet")
     log = logging.getLogger("qdet").info
-    cfg = load_config(args.config_file, args.opts)
-    cfg.defrost()
-    cfg.MODEL.DEVICE = "cpu"  # onnxruntime's CPU provider is the reference
-    cfg.freeze()
-    require_trained_weights(cfg, "to export")
-    weights = cfg.MODEL.WEIGHTS
-    check_datasets(cfg.DATASETS.TEST[:1])
-    model = build_model(cfg).eval()
-    DetectionCheckpointer(model).load(weights)
-    loader = build_detection_test_loader(cfg, cfg.DATASETS.TEST[0])
-    sample = model.preprocess_image(next(iter(loader))).tensor
+    # onnxruntime's CPU provider is the reference
+    trained = load_trained_model(args.config_file, args.opts, "to export", device="cpu")
+    model = trained.model
+    sample = model.preprocess_image(next(iter(trained.test_loader()))).tensor
 
     info = export_onnx(model, args.output, sample)
     fp32_ckpt = sum(4 * p.numel() for p in model.state_dict().values() if p.is_floating_point())
@@ -100,7 +93,7 @@ def main(args) -> int:
     result = {"sizes": sizes, **info}
     status = 0
     if args.verify and args.verify_images > 0:
-        batches = itertools.islice(loader, args.verify_images)
+        batches = itertools.islice(trained.test_loader(), args.verify_images)
         report = verify(model, args.output, batches, threads=args.threads)
         result["verify"] = dict(vars(report))
         log(f"check: {report.summary()}")
@@ -113,12 +106,13 @@ def main(args) -> int:
     if args.eval:
         if info["graph"] != "retinanet":
             raise ValueError("--eval evaluates RetinaNet exports; this model exports a backbone")
-        from qdet.export.runtime import box_ap
+        from qdet.export.runtime import loader_box_ap
 
-        dataset = cfg.DATASETS.TEST[0]
+        dataset = trained.dataset
+        runners = {"pytorch": model, "onnxruntime": OnnxRetinaNet(model, args.output, args.threads)}
         aps = {
-            "pytorch": box_ap(cfg, model),
-            "onnxruntime": box_ap(cfg, OnnxRetinaNet(model, args.output, args.threads)),
+            name: loader_box_ap(runner, trained.test_loader(), trained.evaluator())
+            for name, runner in runners.items()
         }
         result["eval"] = aps
         log(

@@ -4,7 +4,8 @@
     tools/predict.py --config-file configs/digits/retinanet_r18_4bit_qfd.yaml \
         --input a.jpg photos/ "more/*.png" --output out/ MODEL.WEIGHTS model_final.pth
 
-Any qdet config (RetinaNet, ViTDet / Swin Mask R-CNN, quantized or FP). Each input is
+Any qdet config (RetinaNet, ViTDet / Swin Mask R-CNN, quantized or FP), yacs (.yaml,
+``MODEL.WEIGHTS X.pth``) or LazyConfig (.py, ``train.init_checkpoint=X.pth``). Each input is
 written to --output under its own name, with the detections scoring at least
 --confidence-threshold drawn by Detectron2's Visualizer, at the input's size.
 --compare OTHER.yaml OTHER.pth (repeatable) runs the same images through more models and
@@ -59,16 +60,16 @@ def main(args) -> list[str]:
     from detectron2.utils.logger import setup_logger
 
     from qdet.engine.predict import (
-        build_panel_model,
+        check_onnx_file,
         draw_detections,
         list_images,
-        model_title,
         output_names,
+        panel_model,
         read_image,
         side_by_side,
         split_config_overrides,
     )
-    from qdet.engine.stages import load_config
+    from qdet.engine.trained_model import checkpoint_overrides, load_trained_model
 
     setup_logger(name="qdet")
     inputs, opts = split_config_overrides(args.input, args.opts)
@@ -76,13 +77,17 @@ def main(args) -> list[str]:
     threshold = args.confidence_threshold
     if not 0.0 <= threshold <= 1.0:
         raise ValueError(f"--confidence-threshold {threshold} must lie in [0, 1]")
-    cfg = load_config(args.config_file, opts)
-    first = _name(args.onnx) + " (onnxruntime)" if args.onnx else _name(args.config_file)
-    models = [build_panel_model(cfg, model_title(cfg, first), threshold, args.onnx)]
-    device = cfg.MODEL.DEVICE
+    check_onnx_file(args.onnx)  # before any model is built
+    first = load_trained_model(args.config_file, opts, "to run", weights_optional=bool(args.onnx))
+    device = str(first.model.device)
+    name = _name(args.onnx) + " (onnxruntime)" if args.onnx else _name(args.config_file)
+    models = [panel_model(first, f"{name}  {first.bits}", threshold, args.onnx)]
     for config_file, weights in args.compare:
-        other = load_config(config_file, ["MODEL.WEIGHTS", weights, "MODEL.DEVICE", device])
-        models.append(build_panel_model(other, model_title(other, _name(config_file)), threshold))
+        other = load_trained_model(
+            config_file, checkpoint_overrides(config_file, weights, device), "to compare"
+        )
+        title = f"{_name(config_file)}  {other.bits}"
+        models.append(panel_model(other, title, threshold))
 
     os.makedirs(args.output, exist_ok=True)
     written = []

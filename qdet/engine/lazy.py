@@ -80,6 +80,21 @@ def quant_settings(cfg) -> tuple[dict, dict]:
     return settings, trainer
 
 
+def quant_bits(cfg) -> tuple[int, int] | None:
+    """(weight bits, activation bits) that ``cfg.quant`` trains (qdet's ``QUANT`` defaults
+    for keys it leaves out), or None for an FP model."""
+    settings, trainer = quant_settings(cfg)
+    if not trainer["enabled"]:
+        return None
+    from detectron2.config import get_cfg
+
+    from qdet.config import add_qdet_config
+
+    defaults = add_qdet_config(get_cfg()).QUANT
+    w_bits = settings.get("w_bits", defaults.W_BITS)
+    return int(w_bits), int(settings.get("a_bits", defaults.A_BITS))
+
+
 def build_model(cfg) -> nn.Module:
     """``cfg.model``, quantized as ``cfg.quant`` says (on ``cfg.train.device``)."""
     settings, trainer = quant_settings(cfg)
@@ -288,3 +303,43 @@ def do_eval(cfg):
         )
     DetectionCheckpointer(model).load(weights)
     return do_test(cfg, create_ddp_model(model))
+
+
+def final_metrics(cfg, num_gpus: int = 1) -> dict:
+    """Train ``cfg`` unless ``<train.output_dir>/model_final.pth`` exists (on ``num_gpus``
+    through Detectron2's launcher), then its final model's COCO figures, cached in
+    ``eval_final.json`` beside it: the lazy counterpart of a study run (box AP, mask AP for
+    a model with masks, W/A, training seconds)."""
+    import json
+    import time
+
+    from detectron2.engine import launch
+
+    from qdet.quantization import deployed_weight_bytes
+
+    out = cfg.train.output_dir
+    final, cache = os.path.join(out, "model_final.pth"), os.path.join(out, "eval_final.json")
+    seconds_file = os.path.join(out, "train_seconds.json")
+    if not os.path.isfile(final):
+        start = time.time()
+        launch(do_train, num_gpus, args=(cfg,)) if num_gpus > 1 else do_train(cfg)
+        with open(seconds_file, "w") as f:
+            json.dump(time.time() - start, f)
+    if os.path.isfile(cache) and os.path.getmtime(cache) >= os.path.getmtime(final):
+        with open(cache) as f:
+            return json.load(f)
+    model = build_model(cfg)
+    DetectionCheckpointer(model).load(final)
+    results = do_test(cfg, model.eval())
+    bits = quant_bits(cfg)
+    metrics = {"W/A": "32/32" if bits is None else "{}/{}".format(*bits)}
+    metrics.update({k: results["bbox"][k] for k in ("AP", "AP50", "AP75")})
+    if "segm" in results:
+        metrics.update({f"mask {k}": results["segm"][k] for k in ("AP", "AP50", "AP75")})
+    metrics["weights MiB"] = deployed_weight_bytes(model) / 2**20
+    if os.path.isfile(seconds_file):
+        with open(seconds_file) as f:
+            metrics["train s"] = json.load(f)
+    with open(cache, "w") as f:
+        json.dump(metrics, f)
+    return metrics

@@ -17,7 +17,8 @@ from dataclasses import dataclass
 
 import numpy as np
 from detectron2.config import CfgNode
-from detectron2.engine import DefaultPredictor
+
+from qdet.engine.trained_model import TrainedModel, trained_model_from_cfg
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 
@@ -56,10 +57,13 @@ def list_images(inputs: Sequence[str]) -> list[str]:
 
 def split_config_overrides(inputs: list[str], opts: list[str]) -> tuple[list[str], list[str]]:
     """``--input a.jpg MODEL.WEIGHTS m.pth``: argparse hands the overrides to ``--input``;
-    give back the inputs before the first config key (``A.B`` in capitals, not a file) and
-    the overrides from there on."""
+    give back the inputs before the first config key (yacs ``A.B`` in capitals, or a
+    LazyConfig ``a.b=value``; not a file) and the overrides from there on."""
+    yacs_key = r"[A-Z][A-Z0-9_]*(\.[A-Z0-9_]+)+"
+    lazy_override = r"\+?[A-Za-z_][\w]*(\.[\w]+)+=.*"
     for i, item in enumerate(inputs):
-        if re.fullmatch(r"[A-Z][A-Z0-9_]*(\.[A-Z0-9_]+)+", item) and not os.path.exists(item):
+        key = re.fullmatch(yacs_key, item) or re.fullmatch(lazy_override, item)
+        if key and not os.path.exists(item):
             return inputs[:i], [*inputs[i:], *opts]
     return inputs, opts
 
@@ -94,9 +98,10 @@ def model_title(cfg: CfgNode, name: str) -> str:
 
 @dataclass
 class PanelModel:
-    """A predictor (Detectron2's, or one whose network onnxruntime runs) and its title."""
+    """A predictor (a trained model called as Detectron2's ``DefaultPredictor`` is, its
+    network possibly run by onnxruntime) and its title."""
 
-    predictor: DefaultPredictor
+    predictor: TrainedModel
     title: str
 
 
@@ -106,30 +111,38 @@ def build_panel_model(
     confidence_threshold: float = 0.5,
     onnx: str | None = None,
 ) -> PanelModel:
-    """Detectron2's ``DefaultPredictor`` for ``cfg`` (its resize, input format, checkpoint);
-    with ``onnx``, the network runs in onnxruntime from that file and ``cfg``'s model only
-    pre- and post-processes (``qdet.export.OnnxRetinaNet``), so its weights are optional."""
-    from qdet.engine.checks import require_trained_weights
+    """:func:`panel_model` of a yacs config (``MODEL.WEIGHTS``: its checkpoint; optional
+    with ``onnx``)."""
+    trained = trained_model_from_cfg(cfg, "to run", weights_optional=onnx is not None)
+    return panel_model(trained, title, confidence_threshold, onnx)
 
-    cfg = cfg.clone()
-    cfg.defrost()
-    # What Detectron2's demo sets: every head's test threshold.
-    cfg.MODEL.RETINANET.SCORE_THRESH_TEST = confidence_threshold
-    cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST = confidence_threshold
-    if onnx is None or cfg.MODEL.WEIGHTS:
-        require_trained_weights(cfg, "to run")
+
+def check_onnx_file(onnx: str | None) -> None:
+    """``--onnx`` names a file (or is not given)."""
     if onnx is not None and not os.path.isfile(onnx):
         raise FileNotFoundError(
             f"--onnx {onnx!r} does not exist; tools/export_onnx.py writes it "
             "(README, 'Export: ONNX for onnxruntime')"
         )
-    cfg.freeze()
-    predictor = DefaultPredictor(cfg)
+
+
+def panel_model(
+    trained: TrainedModel,
+    title: str,
+    confidence_threshold: float = 0.5,
+    onnx: str | None = None,
+) -> PanelModel:
+    """``trained`` as a predictor (its config's test resize and input format), every head's
+    test threshold at ``confidence_threshold``; with ``onnx``, the network runs in
+    onnxruntime from that file and the model only pre- and post-processes
+    (``qdet.export.OnnxRetinaNet``)."""
+    check_onnx_file(onnx)
+    trained.set_score_threshold(confidence_threshold)
     if onnx is not None:
         from qdet.export import OnnxRetinaNet
 
-        predictor.model = OnnxRetinaNet(predictor.model, onnx)
-    return PanelModel(predictor, title)
+        trained.model = OnnxRetinaNet(trained.model, onnx)
+    return PanelModel(trained, title)
 
 
 def draw_detections(
@@ -146,8 +159,7 @@ def draw_detections(
 
     instances = model.predictor(image_bgr)["instances"].to("cpu")
     instances = instances[instances.scores >= confidence_threshold]
-    cfg = model.predictor.cfg
-    metadata = MetadataCatalog.get(cfg.DATASETS.TEST[0] if cfg.DATASETS.TEST else "__unused")
+    metadata = MetadataCatalog.get(model.predictor.dataset or "__unused")
     classes = instances.pred_classes.tolist()
     names = metadata.get("thing_classes")
     labels = [
@@ -265,4 +277,4 @@ def write_study_sheet(
         models.append(build_panel_model(cfg, f"{row.label} {row.bits}".strip()))
     if len(models) < 2:
         return None
-    return write_val_sheet(models, models[0].predictor.cfg.DATASETS.TEST[0], path, num_images)
+    return write_val_sheet(models, models[0].predictor.dataset, path, num_images)

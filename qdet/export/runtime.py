@@ -76,12 +76,16 @@ class OnnxRetinaNet(nn.Module):
 def box_ap(cfg, runner: nn.Module) -> dict:
     """COCO box AP of ``runner`` (a PyTorch model or an :class:`OnnxRetinaNet`) on
     ``cfg.DATASETS.TEST[0]``, with the test loader and COCOEvaluator training uses."""
-    from detectron2.evaluation import COCOEvaluator, inference_on_dataset
-
-    from qdet.engine.trainer import QDetTrainer, has_compiled_ops
+    from qdet.engine.trained_model import coco_evaluator, yacs_test_loader
 
     dataset = cfg.DATASETS.TEST[0]
-    loader = QDetTrainer.build_test_loader(cfg, dataset)
-    evaluator = COCOEvaluator(dataset, output_dir=None, use_fast_impl=has_compiled_ops())
+    return loader_box_ap(runner, yacs_test_loader(cfg, dataset), coco_evaluator(dataset))
+
+
+def loader_box_ap(runner: nn.Module, loader, evaluator) -> dict:
+    """COCO box AP of ``runner`` on ``loader``'s images by ``evaluator`` (a COCOEvaluator;
+    a LazyConfig's ``dataloader.test`` and ``dataloader.evaluator``)."""
+    from detectron2.evaluation import inference_on_dataset
+
     with torch.no_grad():
         return inference_on_dataset(runner, loader, evaluator)["bbox"]

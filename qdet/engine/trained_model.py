@@ -1,0 +1,204 @@
+"""A trained model from either kind of Detectron2 config, for the tools that use one
+(``tools/export_onnx.py``, ``tools/predict.py``): a yacs YAML (``MODEL.WEIGHTS``) or a
+LazyConfig ``.py`` with a ``quant`` node (``train.init_checkpoint``).
+
+Both give the same things: the model in eval mode with its checkpoint loaded, its test
+loader and evaluator, the dataset whose metadata names the classes, what a picture goes
+through before the model (resize, channel order) and the model's bit widths for a title.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+
+def is_lazy_config(config_file: str) -> bool:
+    """A LazyConfig is Python; qdet's yacs configs are YAML."""
+    return config_file.endswith(".py")
+
+
+def load_lazy_config(config_file: str, opts: list[str]):
+    """``LazyConfig.load`` + ``apply_overrides`` (``key=value``), with a clear error for a
+    missing file."""
+    from detectron2.config import LazyConfig
+
+    if not os.path.isfile(config_file):
+        raise FileNotFoundError(f"--config-file {config_file!r} does not exist")
+    if any("=" not in o for o in opts):
+        bad = [o for o in opts if "=" not in o]
+        raise ValueError(
+            f"LazyConfig overrides are key=value, got {bad} (e.g. train.init_checkpoint=X.pth; "
+            "KEY VALUE pairs are for yacs configs)"
+        )
+    return LazyConfig.apply_overrides(LazyConfig.load(config_file), opts)
+
+
+def checkpoint_overrides(config_file: str, weights: str, device: str | None = None) -> list[str]:
+    """The overrides that load ``weights`` (on ``device``) in ``config_file``'s kind of
+    config: ``MODEL.WEIGHTS`` / ``MODEL.DEVICE``, or ``train.init_checkpoint`` /
+    ``train.device``."""
+    if is_lazy_config(config_file):
+        return [f"train.init_checkpoint={weights}"] + ([f"train.device={device}"] if device else [])
+    return ["MODEL.WEIGHTS", weights] + (["MODEL.DEVICE", device] if device else [])
+
+
+@dataclass
+class TrainedModel:
+    """A model built from its config with its trained checkpoint loaded (eval mode)."""
+
+    model: nn.Module
+    config: object  # the yacs CfgNode or the LazyConfig
+    dataset: str  # the first test dataset: its metadata names the classes
+    test_loader: Callable[[], Iterable[list[dict]]]
+    evaluator: Callable[[], object]  # a fresh DatasetEvaluator
+    augmentations: list  # what Detectron2's predictor applies to a picture (resize)
+    input_format: str  # "BGR" or "RGB": the channel order the model reads
+    bits: str  # "FP32" or "W4/A4"
+
+    def set_score_threshold(self, threshold: float) -> None:
+        """Every head's test score threshold (what Detectron2's demo sets from
+        ``--confidence-threshold``): RetinaNet's, and the ROI box predictor's."""
+        if hasattr(self.model, "test_score_thresh"):
+            self.model.test_score_thresh = threshold
+        predictor = getattr(getattr(self.model, "roi_heads", None), "box_predictor", None)
+        if predictor is not None and hasattr(predictor, "test_score_thresh"):
+            predictor.test_score_thresh = threshold
+
+    @torch.no_grad()
+    def __call__(self, image_bgr: np.ndarray) -> dict:
+        """Detectron2's ``DefaultPredictor`` call: one BGR picture -> its outputs, at the
+        picture's size."""
+        import detectron2.data.transforms as T
+
+        image = image_bgr[:, :, ::-1] if self.input_format == "RGB" else image_bgr
+        height, width = image.shape[:2]
+        resized = T.AugmentationList(self.augmentations)(T.AugInput(image)).apply_image(image)
+        tensor = torch.as_tensor(np.ascontiguousarray(resized.transpose(2, 0, 1)))
+        return self.model([{"image": tensor.float(), "height": height, "width": width}])[0]
+
+
+def load_trained_model(
+    config_file: str,
+    opts: list[str],
+    purpose: str,
+    device: str | None = None,
+    weights_optional: bool = False,
+) -> TrainedModel:
+    """The trained model of ``config_file`` (yacs ``.yaml`` with ``MODEL.WEIGHTS``, or a
+    LazyConfig ``.py`` with ``train.init_checkpoint``; ``opts`` override either), on
+    ``device`` (default: the config's). ``purpose`` ends the missing-weights message
+    ("to export"). ``weights_optional``: an empty checkpoint key builds the model untrained
+    (e.g. when onnxruntime runs its network from a file)."""
+    if is_lazy_config(config_file):
+        return _lazy_model(config_file, opts, purpose, device, weights_optional)
+    return _yacs_model(config_file, opts, purpose, device, weights_optional)
+
+
+def _yacs_model(config_file, opts, purpose, device, weights_optional) -> TrainedModel:
+    from qdet.engine.stages import load_config
+
+    cfg = load_config(config_file, opts)
+    if device is not None:
+        cfg.defrost()
+        cfg.MODEL.DEVICE = device
+    cfg.freeze()
+    return trained_model_from_cfg(cfg, purpose, weights_optional)
+
+
+def trained_model_from_cfg(
+    cfg, purpose: str = "to run", weights_optional: bool = False
+) -> TrainedModel:
+    """:class:`TrainedModel` of a yacs config (``MODEL.WEIGHTS``: its checkpoint)."""
+    import detectron2.data.transforms as T
+    from detectron2.checkpoint import DetectionCheckpointer
+    from detectron2.modeling import build_model
+
+    from qdet.engine.checks import check_datasets, require_trained_weights
+
+    if cfg.MODEL.WEIGHTS or not weights_optional:
+        require_trained_weights(cfg, purpose)
+    dataset = cfg.DATASETS.TEST[0] if cfg.DATASETS.TEST else ""
+    if dataset:
+        check_datasets([dataset])
+    model = build_model(cfg).eval()
+    if cfg.MODEL.WEIGHTS:
+        DetectionCheckpointer(model).load(cfg.MODEL.WEIGHTS)
+    # Detectron2's DefaultPredictor resize.
+    size = cfg.INPUT.MIN_SIZE_TEST
+    resize = T.ResizeShortestEdge([size, size], cfg.INPUT.MAX_SIZE_TEST)
+    quant = cfg.QUANT
+    return TrainedModel(
+        model=model,
+        config=cfg,
+        dataset=dataset,
+        test_loader=lambda: yacs_test_loader(cfg, dataset),
+        evaluator=lambda: coco_evaluator(dataset),
+        augmentations=[resize],
+        input_format=cfg.INPUT.FORMAT,
+        bits=f"W{quant.W_BITS}/A{quant.A_BITS}" if quant.ENABLED else "FP32",
+    )
+
+
+def yacs_test_loader(cfg, dataset: str):
+    """The test loader training evaluates with (``TEST.IMS_PER_BATCH`` images a batch)."""
+    from qdet.engine.trainer import QDetTrainer
+
+    return QDetTrainer.build_test_loader(cfg, dataset)
+
+
+def coco_evaluator(dataset: str):
+    """COCOEvaluator of ``dataset``, nothing written (pycocotools' own evaluation when
+    Detectron2's compiled ops are missing)."""
+    from detectron2.evaluation import COCOEvaluator
+
+    from qdet.engine.trainer import has_compiled_ops
+
+    return COCOEvaluator(dataset, output_dir=None, use_fast_impl=has_compiled_ops())
+
+
+def _lazy_model(config_file, opts, purpose, device, weights_optional) -> TrainedModel:
+    from detectron2.checkpoint import DetectionCheckpointer
+    from detectron2.config import instantiate
+
+    from qdet.engine import lazy
+    from qdet.engine.checks import check_datasets
+
+    cfg = load_lazy_config(config_file, opts)
+    lazy.quant_settings(cfg)  # no quant node: say what to add, first
+    if device is not None:
+        cfg.train.device = device
+    weights = cfg.train.get("init_checkpoint", "")
+    if not weights and not weights_optional:
+        raise ValueError(
+            f"train.init_checkpoint is empty: give the trained checkpoint {purpose} "
+            "(train.init_checkpoint=path/to/model_final.pth)"
+        )
+    if weights and "://" not in weights and not os.path.isfile(weights):
+        raise FileNotFoundError(
+            f"train.init_checkpoint={weights!r} does not exist: `tools/lazy_train_net.py "
+            f"--config-file {config_file}` writes <train.output_dir>/model_final.pth"
+        )
+    test = cfg.dataloader.test
+    names = test.dataset.names
+    dataset = names if isinstance(names, str) else names[0]
+    check_datasets([dataset])
+    model = lazy.build_model(cfg).eval()
+    if weights:
+        DetectionCheckpointer(model).load(weights)
+    bits = lazy.quant_bits(cfg)
+    return TrainedModel(
+        model=model,
+        config=cfg,
+        dataset=dataset,
+        test_loader=lambda: instantiate(test),
+        evaluator=lambda: instantiate(cfg.dataloader.evaluator),
+        augmentations=[instantiate(a) for a in test.mapper.augmentations],
+        input_format=test.mapper.image_format,
+        bits="FP32" if bits is None else "W{}/A{}".format(*bits),
+    )
