@@ -68,18 +68,23 @@ def test_predict_draws_the_detections_at_the_input_size(tiny, tmp_path, load_too
         assert drawn.shape == image.shape
         changed = np.abs(drawn.astype(int) - image.astype(int)).max(axis=2) > 0
         # The one detection's outline, from the predictor run here, is where pixels changed.
-        x0, y0, x1, y1 = predictor(image)["instances"].pred_boxes.tensor[0].round().int().tolist()
-        x0, y0 = max(x0, 0), max(y0, 0)
-        x1, y1 = min(x1, WIDTH - 1), min(y1, HEIGHT - 1)
-        outline = np.zeros_like(changed)
-        outline[[y0, y1], x0 : x1 + 1] = True
-        outline[y0 : y1 + 1, [x0, x1]] = True
-        assert changed[outline].mean() > 0.8
+        assert _outline_share(changed, predictor(image)) > 0.8
         assert changed.mean() < 0.8  # a box and its label, not the whole image
 
 
+def _outline_share(changed: np.ndarray, outputs: dict) -> float:
+    """The share of the first detected box's outline among the ``changed`` pixels."""
+    x0, y0, x1, y1 = outputs["instances"].pred_boxes.tensor[0].round().int().tolist()
+    x0, y0 = max(x0, 0), max(y0, 0)
+    x1, y1 = min(x1, WIDTH - 1), min(y1, HEIGHT - 1)
+    outline = np.zeros_like(changed)
+    outline[[y0, y1], x0 : x1 + 1] = True
+    outline[y0 : y1 + 1, [x0, x1]] = True
+    return float(changed[outline].mean())
+
+
 def test_predict_compare_and_onnx_write_panels_side_by_side(tiny, tmp_path, load_tool):
-    from qdet.export import export_onnx
+    from qdet.export import OnnxRetinaNet, export_onnx
 
     cfg = load_config(tiny["config"], ["MODEL.WEIGHTS", tiny["weights"]])
     model = build_model(cfg).eval()
@@ -93,7 +98,19 @@ def test_predict_compare_and_onnx_write_panels_side_by_side(tiny, tmp_path, load
     argv += ["--compare", tiny["config"], tiny["weights"]]
     # the ONNX model left, PyTorch right; MODEL.WEIGHTS optional
     (written,) = _predict(load_tool, argv)
-    assert read_image(written).shape == (HEIGHT, 2 * WIDTH, 3)
+    drawn, image = read_image(written), read_image(tiny["images"][0])
+    assert drawn.shape == (HEIGHT, 2 * WIDTH, 3)
+    # Each half holds its own backend's box: onnxruntime's on the left, PyTorch's on the
+    # right (the title in each top-left corner changes pixels too, not the box's outline).
+    onnx_predictor = build_panel_model(cfg, "onnx", 0.0, onnx=onnx_path).predictor
+    torch_predictor = build_panel_model(cfg, "torch", 0.0).predictor
+    for half, predictor in (
+        (drawn[:, :WIDTH], onnx_predictor),
+        (drawn[:, WIDTH:], torch_predictor),
+    ):
+        changed = np.abs(half.astype(int) - image.astype(int)).max(axis=2) > 0
+        assert _outline_share(changed, predictor(image)) > 0.8
+    assert isinstance(onnx_predictor.model, OnnxRetinaNet)
 
 
 def test_bad_inputs_are_clear_errors(tiny, tmp_path, load_tool):
