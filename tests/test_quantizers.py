@@ -278,15 +278,32 @@ def test_per_channel_params_take_their_size_from_checkpoint():
 
 
 def test_autocast_bfloat16_forward_backward():
-    x = torch.randn(2, 8, requires_grad=True)
+    """Under bfloat16 autocast the quantizer's output and every gradient equal the float32
+    path's within bfloat16's precision (8 mantissa bits: 2^-8 relative). The input is
+    bfloat16-representable, so both paths quantize the same values."""
+    torch.manual_seed(0)
+    x0 = torch.randn(4, 64).to(torch.bfloat16).float()
+    g = torch.randn(4, 64)
     q = UniformQuantizer(4, "activation", signed=True)
-    q.init_from(x)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        xb = x.to(torch.bfloat16)
-        y = q(xb)
-    assert y.dtype == torch.bfloat16
-    y.float().sum().backward()
-    assert x.grad is not None and torch.isfinite(q.scale.grad)
+    q.init_from(x0)
+
+    def run(autocast: bool):
+        q.zero_grad()
+        x = x0.clone().requires_grad_(True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            y = q(x.to(torch.bfloat16) if autocast else x)
+        (y.float() * g).sum().backward()
+        return y, x.grad, {n: p.grad.clone() for n, p in q.named_parameters()}
+
+    y32, gx32, gp32 = run(False)
+    y16, gx16, gp16 = run(True)
+    assert y16.dtype == torch.bfloat16 and y32.dtype == torch.float32
+    eps = 2.0**-8
+    torch.testing.assert_close(y16.float(), y32, rtol=eps, atol=eps * y32.abs().max().item())
+    torch.testing.assert_close(gx16, gx32, rtol=eps, atol=eps * gx32.abs().max().item())
+    assert set(gp16) == {"lower", "upper", "scale"}
+    for name, grad in gp32.items():  # sums over 256 elements: a few eps
+        torch.testing.assert_close(gp16[name], grad, rtol=4 * eps, atol=0.0)
 
 
 @pytest.mark.parametrize("ewgs", [False, True])
