@@ -4,6 +4,7 @@ The losses themselves are checked against hand-written formulas in test_distill_
 here the features each term receives are checked against an independent forward pass.
 """
 
+import copy
 import json
 import math
 import os
@@ -49,13 +50,33 @@ def _student(d, *opts, seed=2):
 
 
 def test_single_term_configs_give_the_previous_loss(teacher_checkpoint, tiny_teacher):  # noqa: F811
+    """Each single-term config's loss, computed independently: both backbones run by hand,
+    the teacher's p3 through a fresh 8-bit quantizer holding its checkpoint's parameters
+    for QFD, then 0.5 x the mean squared difference. PREVIOUS (the pre-framework code's
+    values) is a regression pin beside it, not the oracle."""
+    from qdet.quantization import UniformQuantizer
+
     for loss, previous in PREVIOUS.items():
         # FREEZE_AT 2: the digits recipe when PREVIOUS was computed.
         opts = ("DISTILL.LOSS", loss, "DISTILL.WEIGHT", "0.5", "MODEL.BACKBONE.FREEZE_AT", "2")
         student = _student(teacher_checkpoint, *opts)
+        batch = _batch()
         with EventStorage():
-            out = student(_batch())
-        assert out[f"loss_distill_{loss}"].item() == pytest.approx(previous, rel=1e-4)
+            got = student(batch)[f"loss_distill_{loss}"].item()
+        teacher = student.distiller.teacher
+        images = student.preprocess_image(batch).tensor
+        with torch.no_grad():
+            f_s = student.backbone(images)["p3"]
+            fpn = copy.deepcopy(teacher.backbone)
+            fpn._forward_hooks.clear()  # the plain FP pyramid, no tap or quantizer hook
+            f_t = fpn(images)["p3"]
+            if loss == "qfd":
+                q = UniformQuantizer(8, "activation", signed=True)
+                q.load_state_dict(teacher.feature_quantizer.state_dict())
+                f_t = q(f_t)
+        expected = 0.5 * (f_s.double() - f_t.double()).pow(2).mean().item()
+        assert got == pytest.approx(expected, rel=1e-5)
+        assert got == pytest.approx(previous, rel=1e-4)  # the regression pin
 
 
 def test_taps_resolve_expand_and_name_near_misses(teacher_checkpoint, tiny_teacher):  # noqa: F811
