@@ -10,6 +10,7 @@ import pickle
 import sys
 
 import numpy as np
+import pytest
 import torch
 from detectron2.config import get_cfg
 from detectron2.data import DatasetCatalog
@@ -139,6 +140,26 @@ def test_train_net_trains_a_4bit_resnet20_and_reports_top1(tmp_path):
     )  # fmt: skip
     with open(tmp_path / "q" / "eval_final.json") as f:
         result = json.load(f)["classification"]
+    # Top-1 recomputed from the saved model: every val crop through it by hand, argmax
+    # against the labels.
+    from detectron2.checkpoint import DetectionCheckpointer
+
+    cfg = _cfg("QUANT.ENABLED", "True", *fast)
+    cfg.merge_from_file(q)
+    model = build_model(cfg).eval()
+    DetectionCheckpointer(model).load(str(tmp_path / "q" / "model_final.pth"))
+    val = DatasetCatalog.get("qdet_digits32_val")
+    images = torch.as_tensor(np.stack([d["image"] for d in val])).permute(0, 3, 1, 2).float()
+    labels = torch.tensor([d["label"] for d in val])
+    with torch.no_grad():
+        pred = torch.cat(
+            [
+                model.classify(model.preprocess_image([{"image": im} for im in chunk])).argmax(1)
+                for chunk in images.split(200)
+            ]
+        )
+    assert result["top1"] == pytest.approx(100.0 * (pred == labels).double().mean().item())
     assert 0 <= result["top1"] <= result["top5"] <= 100
-    last = json.loads((tmp_path / "q" / "metrics.json").read_text().splitlines()[0])
+    lines = (tmp_path / "q" / "metrics.json").read_text().splitlines()
+    last = [json.loads(line) for line in lines if "total_loss" in line][-1]
     assert last["iteration"] == 2 and 0 < last["total_loss"] < 10  # cross-entropy alone
