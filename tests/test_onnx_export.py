@@ -223,31 +223,78 @@ def test_unsupported_quantizer_and_uncalibrated_model_are_refused(tmp_path):
     assert not os.path.exists(tmp_path / "f.onnx")
 
 
-def test_check_fails_on_a_wrong_scale(tmp_path):
+def _scale_constant(proto, name: str, factor: float) -> None:
+    """Multiply the constant ``name`` (an initializer or a Constant node) by ``factor``."""
+    for init in proto.graph.initializer:
+        if init.name == name:
+            value = np.asarray(numpy_helper.to_array(init) * factor, np.float32)
+            init.CopyFrom(numpy_helper.from_array(value, init.name))
+    for node in proto.graph.node:
+        if node.op_type == "Constant" and node.output[0] == name:
+            t = node.attribute[0].t
+            value = np.asarray(numpy_helper.to_array(t) * factor, np.float32)
+            t.CopyFrom(numpy_helper.from_array(value, t.name))
+
+
+@pytest.mark.parametrize("tamper", ["step", "step_and_metadata", "offset_and_metadata"])
+def test_check_fails_on_a_wrong_grid(tmp_path, tamper):
+    """A QuantizeLinear whose grid is not the model quantizer's fails the check, also when
+    the export's metadata is made to agree with the wrong file (the check's codes come
+    from the model's quantizers, not from what the export wrote)."""
     model = _quantized_model(RETINANET)
     path = tmp_path / "m.onnx"
     _export(model, path)
     proto = onnx.load(str(path))
-    q = next(n for n in proto.graph.node if n.op_type == "QuantizeLinear")
-    for init in proto.graph.initializer:  # double the first activation's step
-        if init.name == q.input[1]:
-            init.CopyFrom(
-                numpy_helper.from_array(
-                    np.asarray(numpy_helper.to_array(init) * 2, np.float32), init.name
-                )
-            )
-    for node in proto.graph.node:
-        if node.op_type == "Constant" and node.output[0] == q.input[1]:
-            t = node.attribute[0].t
-            t.CopyFrom(
-                numpy_helper.from_array(
-                    np.asarray(numpy_helper.to_array(t) * 2, np.float32), t.name
-                )
-            )
+    q_nodes = [n for n in proto.graph.node if n.op_type == "QuantizeLinear"]
+    meta = {p.key: p for p in proto.metadata_props}
+    grids = json.loads(meta["qdq_activations"].value)
+    producers = {out: n for n in proto.graph.node for out in n.output}
+
+    def offset_sub(node):  # the Sub (x - l) of a signed map's chain (Sub, Clip, Q), or None
+        before = producers.get(node.input[0])
+        if before is not None and before.op_type == "Clip":
+            before = producers.get(before.input[0])
+        return before if before is not None and before.op_type == "Sub" else None
+
+    i = next(k for k, n in enumerate(q_nodes) if offset_sub(n) is not None)
+    grid = grids[i]
+    if tamper.startswith("step"):
+        _scale_constant(proto, q_nodes[i].input[1], 2.0)  # the step, doubled
+        grid["upper"] = grid["lower"] + 2 * (grid["upper"] - grid["lower"])
+        grid["q_step"] *= 2
+    else:
+        _scale_constant(proto, offset_sub(q_nodes[i]).input[1], 0.5)  # l moved halfway to 0
+        grid["lower"] *= 0.5
+    if tamper.endswith("metadata"):
+        meta["qdq_activations"].value = json.dumps(grids)
     onnx.save(proto, str(path))
     report = verify_export(model, str(path), [_images()])
     assert not report.ok
-    assert any("codes differ" in f for f in report.failures), report.failures
+    path_name = grids[i]["path"]
+    assert any(f.startswith(path_name) for f in report.failures), report.failures
+
+
+def test_check_fails_on_a_changed_float_op(tmp_path):
+    """The class predictor (a float conv after the last quantizer) with its bias moved by
+    0.05: every quantizer's codes still agree, so only the end-to-end check with
+    onnxruntime's quantized tensors substituted can see it."""
+    model = _quantized_model(RETINANET)
+    path = tmp_path / "m.onnx"
+    _export(model, path)
+    report = verify_export(model, str(path), [_images()])
+    assert report.ok and report.substituted_max_abs < 1e-4, report.failures
+    proto = onnx.load(str(path))
+    # The class predictor: the float Conv whose output is the first level's logits.
+    producers = {out: n for n in proto.graph.node for out in n.output}
+    conv = producers[proto.graph.output[0].name]
+    while conv.op_type != "Conv":
+        conv = producers[conv.input[0]]
+    (bias,) = [i for i in proto.graph.initializer if i.name == conv.input[2]]
+    bias.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(bias) + 0.05, bias.name))
+    onnx.save(proto, str(path))
+    report = verify_export(model, str(path), [_images()])
+    assert not any("codes differ" in f for f in report.failures)
+    assert any("substituted, an output differs by 0.05" in f for f in report.failures)
 
 
 def test_export_tool_writes_and_checks(tmp_path):

@@ -136,8 +136,7 @@ class ActivationGrid:
 
     def as_dict(self) -> dict:
         keys = ("path", "lower", "upper", "n", "code_offset", "q_step", "dq_step")
-        # Whether QuantizeLinear's input is x - l (QFD's offset) or x itself (LSQ).
-        return {k: getattr(self, k) for k in keys} | {"input_is_offset": self.code_offset == 0}
+        return {k: getattr(self, k) for k in keys}
 
 
 @torch.no_grad()

@@ -37,6 +37,7 @@ WEIGHT_RTOL = 1e-5  # relative to max |w|: float rounding (~1e-7); one step at 8
 CONFIDENT = 0.5
 BOX_IOU = 0.9
 MIN_AGREEMENT = 0.9
+SUBSTITUTED_RTOL = 1e-4  # float32 through a few float ops; one 8-bit step is 4e-3
 
 
 @dataclass
@@ -48,6 +49,7 @@ class VerifyReport:
     boundary_flips: int = 0
     head_mean_abs: float = 0.0
     head_max_abs: float = 0.0
+    substituted_max_abs: float = 0.0  # end to end with onnxruntime's quantized tensors
     confident_torch: int = 0
     confident_found: int = 0
     # An integer export (QUANT.TARGET): integer op counts of the graph onnxruntime runs,
@@ -147,36 +149,99 @@ def check_weights(model: nn.Module, proto, meta: dict, report: VerifyReport) -> 
 
 
 def _torch_codes(x: np.ndarray, grid: dict) -> tuple[np.ndarray, np.ndarray]:
-    """PyTorch's codes for QuantizeLinear's input ``x`` and the distance of n t from the
-    nearest rounding boundary (in code units)."""
+    """PyTorch's codes for the activation ``x`` (before the file's Sub / Clip) on ``grid``,
+    k = round(n clip((x - l) / (u - l), 0, 1)), and the distance of n t from the nearest
+    rounding boundary (in code units)."""
     x = torch.from_numpy(x)
     lower, upper = torch.tensor(grid["lower"]), torch.tensor(grid["upper"])
-    shifted = x if grid["input_is_offset"] else x - lower
-    scaled = grid["n"] * torch.clamp(shifted / (upper - lower), 0, 1)
+    scaled = grid["n"] * torch.clamp((x - lower) / (upper - lower), 0, 1)
     to_boundary = (scaled - torch.floor(scaled) - 0.5).abs()
     return torch.round(scaled).numpy(), to_boundary.numpy()
 
 
-def check_activations(proto, meta: dict, batches: list[np.ndarray], report: VerifyReport):
-    """Every QuantizeLinear of the file on onnxruntime's own inputs against PyTorch's map."""
-    import onnx
+def _activation_input(proto, node, constants: dict) -> str:
+    """The tensor a QuantizeLinear's chain starts from: back through the Clip and Sub with
+    constant operands that the export writes in front of it."""
+    producers = {out: n for n in proto.graph.node for out in n.output}
+    name = node.input[0]
+    while name in producers and producers[name].op_type in ("Sub", "Clip"):
+        before = producers[name]
+        if not all(i in constants or i == "" for i in before.input[1:]):
+            break
+        name = before.input[0]
+    return name
+
+
+def model_grids(model: nn.Module, meta: dict, proto, report: VerifyReport) -> list[dict] | None:
+    """Each QuantizeLinear's grid from the model's own quantizer (named by the export's
+    metadata, in graph order), its step checked against the node's scale in the file: the
+    check's expected codes never come from what the export wrote about itself."""
+    from qdet.export.qdq import activation_grid
 
     q_nodes = [n for n in proto.graph.node if n.op_type == "QuantizeLinear"]
-    grids = meta.get("qdq_activations", [])
-    if len(q_nodes) != len(grids):
+    written = meta.get("qdq_activations", [])
+    if len(q_nodes) != len(written):
         report.failures.append(
-            f"the file has {len(q_nodes)} QuantizeLinear nodes, the export wrote {len(grids)}"
+            f"the file has {len(q_nodes)} QuantizeLinear nodes, the export wrote {len(written)}"
         )
-        return
-    if not q_nodes:
+        return None
+    constants = _constants(proto)
+    grids = []
+    for node, info in zip(q_nodes, written):
+        try:
+            quantizer = model.get_submodule(info["path"])
+        except AttributeError:
+            report.failures.append(f"{info['path']!r}: no such quantizer in the model")
+            return None
+        grid = activation_grid(quantizer, info["path"]).as_dict()
+        scale = float(np.asarray(constants.get(node.input[1], np.nan)).reshape(-1)[0])
+        if not np.isclose(scale, grid["q_step"], rtol=1e-6, atol=0.0):
+            report.failures.append(
+                f"{info['path']}: QuantizeLinear's scale {scale:.6g} is not the model "
+                f"quantizer's step {grid['q_step']:.6g}"
+            )
+        grids.append(grid)
+    return grids
+
+
+def _chain_output(proto, node, constants: dict) -> str:
+    """The tensor a QuantizeLinear's chain ends in: its DequantizeLinear, then the Add of a
+    constant offset the export writes after a signed map."""
+    consumers: dict[str, list] = {}
+    for n in proto.graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    (dq,) = [n for n in consumers.get(node.output[0], []) if n.op_type == "DequantizeLinear"]
+    after = consumers.get(dq.output[0], [])
+    if len(after) == 1 and after[0].op_type == "Add" and after[0].input[1] in constants:
+        return after[0].output[0]
+    return dq.output[0]
+
+
+def check_activations(
+    model: nn.Module, proto, meta: dict, batches: list[np.ndarray], report: VerifyReport
+) -> None:
+    """Every QuantizeLinear of the file on onnxruntime's own inputs against the codes the
+    model's quantizer gives for them (:func:`model_grids`); then end to end with every
+    quantizer's output replaced by onnxruntime's (:func:`check_substituted`)."""
+    import onnx
+
+    grids = model_grids(model, meta, proto, report)
+    q_nodes = [n for n in proto.graph.node if n.op_type == "QuantizeLinear"]
+    if not grids:
         return
     probe = onnx.ModelProto()
     probe.CopyFrom(proto)
-    names = [name for n in q_nodes for name in (n.input[0], n.output[0])]
-    probe.graph.output.extend(onnx.ValueInfoProto(name=name) for name in names)
+    constants = _constants(proto)
+    inputs = [_activation_input(proto, n, constants) for n in q_nodes]
+    ends = [_chain_output(proto, n, constants) for n in q_nodes]
+    names = [name for n, x in zip(q_nodes, inputs) for name in (x, n.output[0])]
+    heads = [o.name for o in proto.graph.output]
+    probe.graph.output.extend(onnx.ValueInfoProto(name=name) for name in [*names, *ends])
     session = inference_session(probe.SerializeToString())
     for images in batches:
-        values = session.run(names, {INPUT_NAME: images})
+        values = session.run([*heads, *names, *ends], {INPUT_NAME: images})
+        head_values, values = values[: len(heads)], values[len(heads) :]
         for i, grid in enumerate(grids):
             x, codes = values[2 * i], values[2 * i + 1].astype(np.int64) - grid["code_offset"]
             want, to_boundary = _torch_codes(x, grid)
@@ -190,7 +255,62 @@ def check_activations(proto, meta: dict, batches: list[np.ndarray], report: Veri
                 )
             report.boundary_flips += int((differ & at_boundary).sum())
             report.activation_values += int(codes.size)
+        chain_ends = values[2 * len(grids) :]
+        check_substituted(model, images, grids, chain_ends, head_values, report)
     report.activations_checked = len(grids)
+
+
+@torch.no_grad()
+def check_substituted(
+    model: nn.Module,
+    images: np.ndarray,
+    grids: list[dict],
+    chain_ends: list[np.ndarray],
+    heads: list[np.ndarray],
+    report: VerifyReport,
+) -> None:
+    """End to end without the cascade: PyTorch runs with every quantizer's output replaced
+    by onnxruntime's (the k-th call of a quantizer takes the k-th chain of its path), so
+    only the float ops differ (stem, predictors, sums, pooling, resizing) and the outputs
+    must agree to float rounding (:data:`SUBSTITUTED_RTOL` of the largest output)."""
+    by_path: dict[str, list[torch.Tensor]] = {}
+    for grid, value in zip(grids, chain_ends):
+        by_path.setdefault(grid["path"], []).append(torch.from_numpy(value))
+    calls = dict.fromkeys(by_path, 0)
+
+    def replace(path):
+        def hook(_module, _inputs, output):
+            k = calls[path]
+            calls[path] += 1
+            if k >= len(by_path[path]):
+                return output  # more calls than chains: counted below
+            return by_path[path][k].to(output.dtype)
+
+        return hook
+
+    handles = [model.get_submodule(path).register_forward_hook(replace(path)) for path in by_path]
+    try:
+        outputs = export_graph(model).eval()(torch.from_numpy(images))
+    finally:
+        for h in handles:
+            h.remove()
+    extra = {p: c for p, c in calls.items() if c != len(by_path[p])}
+    if extra:
+        report.failures.append(
+            f"quantizers called a different number of times than the file has chains: {extra}"
+        )
+        return
+    scale = max(float(np.abs(h).max()) for h in heads) if heads else 1.0
+    for out, head in zip(outputs, heads):
+        err = float(np.abs(out.numpy() - head).max()) if head.size else 0.0
+        report.substituted_max_abs = max(report.substituted_max_abs, err)
+        if err > SUBSTITUTED_RTOL * max(scale, 1.0):
+            report.failures.append(
+                f"with onnxruntime's quantized tensors substituted, an output differs by "
+                f"{err:.3g} (largest output {scale:.3g}): a float op of the file is not "
+                "PyTorch's"
+            )
+            return
 
 
 def _confident_found(t: Instances, o: Instances) -> tuple[int, int]:
@@ -248,7 +368,7 @@ def verify(model: nn.Module, path: str, batched_inputs_list, threads: int = 0) -
         integer_check.check_kernels(meta, counts, float_calls, report)
         integer_check.check_layers(model, path, batches, meta, report)
     elif not report.target:
-        check_activations(proto, meta, batches, report)
+        check_activations(model, proto, meta, batches, report)
     if report.agreement < MIN_AGREEMENT:
         report.warnings.append(
             f"onnxruntime finds only {report.confident_found} of PyTorch's "
