@@ -770,6 +770,24 @@ def test_readme_marks_its_three_results_tables():
     ]
 
 
+def test_readme_quotes_the_deployment_figures():
+    """The figures README's "Quantize your own Detectron2 model" quotes in its prose."""
+    deploy = _load(["docs/deploy/deployment.json"])
+    export = _load(["docs/export/benchmark_export.json"])["timings"]["160x192@1"]
+    run, check = deploy["qfd_ort_w4a4"], deploy["qfd_ort_w4a4"]["1"]["check"]
+    quoted = [
+        f"{_spread(_values(run, 'AP'))} box AP in PyTorch, {_spread(_values(run, 'ort AP'))}",
+        f"(FP: {_spread(_values(deploy['fp'], 'AP'))})",
+        f"runs in {export['qdet W4A4 (calibration only)']['median_ms']:.1f} ms against "
+        f"FP32's {export['FP32']['median_ms']:.1f} ms",
+        f"{check['kernels']['QLinearConv']} QLinearConv, {check['kernels']['QLinearAdd']} "
+        f"QLinearAdd, {check['float_convs']} float convs; {check['boundary_flips']} of "
+        f"{check['codes'] / 1e6:.1f} million codes at a tie",
+    ]
+    text = " ".join(README.read_text().split())  # line breaks anywhere
+    assert [q for q in quoted if q not in text] == []
+
+
 def _first_table(page: str, source: str) -> tuple[list[str], list[list[str]]]:
     text = (DOCS / page).read_text()
     return next((s, rows) for s, rows in marked_tables(text) if s[0] == source)
