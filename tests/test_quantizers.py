@@ -306,10 +306,23 @@ def test_autocast_bfloat16_forward_backward():
         torch.testing.assert_close(gp16[name], grad, rtol=4 * eps, atol=0.0)
 
 
+def fresh_compile():
+    """Forget every compiled quantizer body and dynamo's caches and counters, so what a
+    test compiles shows in ``counters["stats"]["unique_graphs"]``."""
+    from torch._dynamo.utils import counters
+
+    F._compiled.clear()
+    torch._dynamo.reset()
+    counters.clear()
+    return counters
+
+
 @pytest.mark.parametrize("ewgs", [False, True])
 def test_compiled_backend_equals_eager(ewgs):
-    """The STE with torch.clamp's bounds, and EWGS scaling with the inclusive bounds."""
+    """The STE with torch.clamp's bounds, and EWGS scaling with the inclusive bounds; the
+    compiled run built graphs (not eager compared with eager)."""
     pytest.importorskip("torch._inductor")
+    counters = fresh_compile()
     torch.manual_seed(0)
     x = torch.randn(2, 4, 9, 11) * 2
     x[0, 0, 0, :2] = torch.tensor([-1.0, 1.5])  # exactly at l and u
@@ -330,6 +343,7 @@ def test_compiled_backend_equals_eager(ewgs):
             results[backend] = (y.detach(), xr.grad, q.lower.grad, q.upper.grad, q.scale.grad)
         finally:
             F.set_backend("eager")
+    assert counters["stats"]["unique_graphs"] > 0
     for a, b in zip(results["eager"], results["compile"]):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-4)
     assert torch.equal(results["eager"][0], results["compile"][0])
@@ -338,8 +352,7 @@ def test_compiled_backend_equals_eager(ewgs):
 def test_compiled_op_does_not_recompile_per_input_size():
     """Detector inputs change size every batch: after the first, no new compiled graph."""
     pytest.importorskip("torch._inductor")
-    from torch._dynamo.utils import counters
-
+    counters = fresh_compile()
     q = UniformQuantizer(4, "activation", signed=True)
     _set_params(q, -1.0, 1.5, 2.5)
     # H == W first (dynamo's duck sizing would tie them), then sizes that break every
@@ -354,7 +367,28 @@ def test_compiled_op_does_not_recompile_per_input_size():
             graphs.append(counters["stats"]["unique_graphs"])
     finally:
         F.set_backend("eager")
-    assert graphs[1:] == [graphs[0]] * (len(sizes) - 1), graphs
+    assert graphs[0] > 0 and graphs[1:] == [graphs[0]] * (len(sizes) - 1), graphs
+
+
+def test_compile_backend_refuses_to_run_eager(monkeypatch):
+    """Under QDET_QUANT_BACKEND=compile a body torch.compile gives nothing for is an error,
+    never a silent eager run (auto falls back)."""
+    fresh_compile()
+    monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: None)
+    q = UniformQuantizer(4, "activation", signed=True)
+    _set_params(q, -1.0, 1.5, 2.5)
+    x = torch.randn(2, 3, 4, 5)
+    eager = q(x)
+    F.set_backend("compile")
+    try:
+        with pytest.raises(RuntimeError, match="QDET_QUANT_BACKEND=compile.*no compiled form"):
+            q(x)
+        F._compiled.clear()
+        F.set_backend("auto")
+        assert torch.equal(q(x), eager)
+    finally:
+        F.set_backend("eager")
+        F._compiled.clear()
 
 
 def test_calibration_range_rules():

@@ -175,8 +175,12 @@ def test_fused_codes_and_their_decoding_are_exact(backend, mode):
     """The codes from the forward pass are round(n clip((x - l) / (u - l), 0, 1)) (numpy,
     written here), and decoding them, or fake-quantizing again without autograd, gives the
     forward's output bit for bit."""
+    counters = None
     if backend == "compile":
         pytest.importorskip("torch._inductor")
+        from test_quantizers import fresh_compile
+
+        counters = fresh_compile()
     np = pytest.importorskip("numpy")
     torch.manual_seed(0)
     x = torch.randn(3, 5, 17, 19) * 2
@@ -207,6 +211,8 @@ def test_fused_codes_and_their_decoding_are_exact(backend, mode):
             assert torch.equal(got_half, want_half.detach())
     finally:
         QF.set_backend("eager")
+    if counters is not None:  # the compiled bodies ran, not eager ones
+        assert counters["stats"]["unique_graphs"] > 0
 
 
 class _SharedHead(nn.Module):

@@ -176,6 +176,14 @@ def _body(name: str, fn: Callable) -> Callable:
     if name not in _compiled:
         limit = {"recompile_limit": _RECOMPILE_LIMIT} if _PER_FUNCTION_LIMIT else {}
         _compiled[name] = torch.compile(fn, dynamic=True, **limit)
+    if _compiled[name] is None and _BACKEND == "compile":
+        # Never eager under "compile": a test or benchmark of the compiled op must not
+        # silently measure the eager one.
+        raise RuntimeError(
+            f"QDET_QUANT_BACKEND=compile, but the quantizer body {name!r} has no compiled "
+            "form (torch.compile gave none, or it failed earlier under 'auto'): use "
+            "QDET_QUANT_BACKEND=auto or eager, or fix the compiler (torch._inductor)"
+        )
     return _compiled[name] or fn
 
 
