@@ -3,6 +3,7 @@ configs/lazy (FP teacher, 4-bit student distilled from it, evaluation), and its 
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -240,3 +241,23 @@ def test_lazy_qfd_runs_its_teacher_stage_then_distils_the_quantized_feature(
     with torch.no_grad():
         p3 = teacher.backbone(teacher.preprocess_image(batch).tensor)["p3"]
     assert 1 < p3.unique().numel() <= 256
+
+
+def test_lazy_qfd_teacher_stage_schedule_fits_its_length():
+    """The QFD config as shipped (400 iterations, milestones at 300 and 375): its teacher
+    stage is 40 iterations at the base rate after a warmup of at most half of them, as the
+    yacs path's; the student's milestones would not fit 40 updates."""
+    cfg = LazyConfig.load(os.path.join(DIGITS, "retinanet_r18_4bit_qfd.py"))
+    stage = lazy.teacher_stage_config(cfg)
+    assert stage.train.max_iter == 40 and stage.train.checkpointer.period == 40
+    assert stage.train.init_checkpoint == cfg.distill.teacher_weights
+    assert "evaluator" not in stage.dataloader and "evaluator" in cfg.dataloader
+    multiplier = instantiate(stage.lr_multiplier)
+    warmup = 20  # the student's 20 / 400 warmup, at most 40 // 2
+    assert multiplier(0.0) == pytest.approx(0.001)
+    assert [multiplier(i / 40) for i in range(warmup, 40)] == [1.0] * (40 - warmup)
+    assert multiplier(warmup / 2 / 40) < 1.0 and multiplier(1.0) == 1.0  # where LRMultiplier ends
+    student = copy.deepcopy(cfg.lr_multiplier)
+    student.scheduler.num_updates = 40
+    with pytest.raises(ValueError, match="Milestone must be smaller"):
+        instantiate(student)

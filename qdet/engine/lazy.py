@@ -160,23 +160,51 @@ def build_teacher(cfg, device) -> nn.Module:
     return teacher
 
 
+def teacher_stage_config(cfg):
+    """QFD's teacher stage as a LazyConfig: the student's data, optimizer and init from
+    ``distill.teacher_weights``, for ``distill.teacher_stage_iters`` (default a tenth of
+    the schedule) at the base learning rate after the student's warmup (at most half the
+    stage), as the yacs path's ``teacher_stage_config``: the student's milestones lie past
+    so short a run. Checkpoints at its end only; no evaluation."""
+    from detectron2.config import LazyCall as L
+    from detectron2.solver import WarmupParamScheduler
+    from fvcore.common.param_scheduler import MultiStepParamScheduler
+
+    d = cfg.distill
+    stage = copy.deepcopy(cfg)
+    iters = int(d.get("teacher_stage_iters") or max(cfg.train.max_iter // 10, 1))
+    stage.train.max_iter = iters
+    stage.train.output_dir = os.path.dirname(teacher_stage_weights(cfg))
+    stage.train.init_checkpoint = d.get("teacher_weights", "")
+    stage.train.eval_period = 0
+    stage.train.checkpointer.period = iters
+    schedule = cfg.lr_multiplier
+    warmup_iters = float(schedule.get("warmup_length", 0.0)) * cfg.train.max_iter
+    stage.lr_multiplier = L(WarmupParamScheduler)(
+        # one value, no milestone (fvcore's constant scheduler refuses where = 1.0, where
+        # Detectron2's LRMultiplier ends)
+        scheduler=L(MultiStepParamScheduler)(values=[1.0], milestones=[], num_updates=iters),
+        warmup_length=min(warmup_iters, iters // 2) / iters,
+        warmup_factor=float(schedule.get("warmup_factor", 0.001)),
+    )
+    if "evaluator" in stage.dataloader:
+        del stage.dataloader["evaluator"]  # nothing reads the stage's AP
+    return stage
+
+
 def train_teacher_stage(cfg) -> str:
     """QFD's teacher stage (QFD, "Experimental settings"): the FP teacher fine-tuned with an
-    8-bit (``distill.teacher_feature_bits``) quantizer on the qfd tap, for
-    ``distill.teacher_stage_iters`` (default a tenth of the schedule); returns its
-    checkpoint, ``<train.output_dir>/teacher_stage/model_final.pth``."""
-    d = cfg.distill
-    weights = d.get("teacher_weights", "")
+    8-bit (``distill.teacher_feature_bits``) quantizer on the qfd tap
+    (:func:`teacher_stage_config`); returns its checkpoint,
+    ``<train.output_dir>/teacher_stage/model_final.pth``."""
+    weights = cfg.distill.get("teacher_weights", "")
     if not weights or not os.path.isfile(weights):
         raise FileNotFoundError(
             f"distill.teacher_weights={weights!r} does not exist: train the FP model first "
             "(tools/lazy_train_net.py with quant.enabled=False writes "
             "<train.output_dir>/model_final.pth)"
         )
-    stage = copy.deepcopy(cfg)
-    stage.train.max_iter = int(d.get("teacher_stage_iters") or max(cfg.train.max_iter // 10, 1))
-    stage.train.output_dir = os.path.dirname(teacher_stage_weights(cfg))
-    stage.train.init_checkpoint = weights
+    stage = teacher_stage_config(cfg)
     model = _teacher_model(cfg, with_feature_quantizer=True).to(cfg.train.device)
     logger.info(
         "QFD teacher stage: %d iterations -> %s", stage.train.max_iter, stage.train.output_dir
