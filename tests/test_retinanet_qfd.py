@@ -497,3 +497,29 @@ def test_train_net_teacher_stage_then_qfd_student(tmp_path):
     student = torch.load(out / "model_final.pth", weights_only=False)["model"]
     assert "backbone.fpn_output3.input_quantizer.lower" in student
     assert not any(k.startswith("feature_quantizer") for k in student)
+
+
+def test_configs_load_safely_and_keep_detectron2s_anchors():
+    """Every YAML of configs/ and projects/*/configs parses with yaml.safe_load (no Python
+    tag, so Detectron2 never falls back to unsafe loading), and the base RetinaNet's anchors
+    written out are Detectron2's Base-RetinaNet formula, x * 2^(k/3)."""
+    import glob
+
+    import yaml
+
+    paths = glob.glob(os.path.join(ROOT, "configs", "**", "*.yaml"), recursive=True)
+    paths += glob.glob(
+        os.path.join(ROOT, "projects", "*", "configs", "**", "*.yaml"), recursive=True
+    )
+    assert len(paths) > 20
+    for path in paths:
+        with open(path) as f:
+            yaml.safe_load(f)
+    from qdet.engine.stages import load_config
+
+    cfg = load_config(os.path.join(ROOT, "configs", "Base-QDet-RetinaNet.yaml"), [])
+    expected = [[x * 2 ** (k / 3) for k in range(3)] for x in (32, 64, 128, 256, 512)]
+    got = cfg.MODEL.ANCHOR_GENERATOR.SIZES
+    assert len(got) == 5 and all(len(row) == 3 for row in got)
+    for row, want in zip(got, expected):
+        assert row == pytest.approx(want, rel=1e-15, abs=0)
