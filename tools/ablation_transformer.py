@@ -173,6 +173,8 @@ def run_lazy(args) -> tuple[list[dict], dict]:
 
     from qdet.engine import lazy
 
+    setup_logger()  # Detectron2's training and evaluation progress lines
+
     if args.arch != "vitdet":
         raise ValueError("--lazy runs ViTDet (configs/lazy holds ViTDet configs, no Swin)")
     seeds = args.finetune_seeds or [0]
