@@ -92,6 +92,12 @@ def bits_tables(
     )
 
 
+def _percent(share: float) -> str:
+    """A share of the loss as a percentage: two significant digits below 10%, whole
+    percents above (``0.63%``, ``19%``, ``100%``)."""
+    return f"{100 * share:.2g}%" if share < 0.1 else f"{100 * share:.0f}%"
+
+
 def shares_table(
     results: dict, labels: Mapping[str, str], bits: Sequence[int], seeds: Sequence[int]
 ) -> list[str]:
@@ -109,7 +115,7 @@ def shares_table(
             cell = []
             for key in terms:
                 values = [runs[s][key] for s in seeds if s in runs and key in runs[s]]
-                cell.append(f"{key.removeprefix(SHARE_PREFIX)} {100 * mean_std(values)[0]:.2g}%")
+                cell.append(f"{key.removeprefix(SHARE_PREFIX)} {_percent(mean_std(values)[0])}")
             any_share |= bool(cell)
             row.append(", ".join(cell))
         if any_share:
