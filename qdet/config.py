@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import difflib
+import os
+from collections.abc import Callable
+
 from detectron2.config import CfgNode as CN
+from detectron2.config import get_cfg
 
 from qdet.quantization.ewgs import ESTIMATORS
 from qdet.quantization.quantizers import BOUND_GRADIENTS, QUANTIZERS, check_bits
@@ -38,7 +43,7 @@ def add_qdet_config(cfg: CN) -> CN:
     # "minmax" (the whole observed range, as onnxruntime's MinMax), "mse" (the clipped
     # range closest to the calibration data in MSE: wide at 8 bits, clipped at 4). At
     # W8A8 on the digits RetinaNet, "ewgs" loses 23 AP before training and "minmax" none
-    # (README, "Deployment"). LSQ and qrelu keep their own rules.
+    # (docs/deployment.md). LSQ and qrelu keep their own rules.
     cfg.QUANT.CALIB_RANGE = "ewgs"
     # METHOD ewgs: the gradient-scaling factor delta every quantizer starts from. EWGS's
     # Hessian runs start at 0 (the STE) until the first refresh; its fixed-delta variant
@@ -77,7 +82,7 @@ def add_qdet_config(cfg: CN) -> CN:
     # Quantizers of a layer whose weight is frozen (the stages MODEL.BACKBONE.FREEZE_AT
     # freezes) stay at their calibration too: a frozen layer trains nothing, and backward
     # stops where the FP model's does (R50 at 256x320 on CPU: QAT step 1.11-1.18x FP,
-    # 1.21-1.24x with False). 4-bit AP unchanged within noise over 3 seeds (README,
+    # 1.21-1.24x with False). 4-bit AP unchanged within noise over 3 seeds (docs/benchmarks.md,
     # "Training speed and memory"). False trains them like the others (the accuracy
     # study's recipe).
     cfg.QUANT.FREEZE_WITH_WEIGHTS = True
@@ -111,7 +116,7 @@ def add_qdet_config(cfg: CN) -> CN:
     # qdet.modeling.deployable), 1-8 bit weights and activations (below 8 bits a uint8
     # Clip of the codes). 8-bit weights take the narrow int8 grid [-127, 127] (QFD's
     # zero-less 8-bit grid has odd integers up to 255, which fit no int8). "tensorrt":
-    # symmetric int8 (zero point 0), W8A8 only; not run here. README, "Deployment".
+    # symmetric int8 (zero point 0), W8A8 only; not run here. docs/deployment.md.
     cfg.QUANT.TARGET = ""
     # Under a target: the layers qdet otherwise keeps in float (DEFAULT_EXCLUDE: the stem
     # conv, the class / box predictors) as W8A8 integer ops, their inputs and the
@@ -163,7 +168,7 @@ def add_qdet_config(cfg: CN) -> CN:
     # "residual_branches", globs). The log shows loss_distill_<name> per term.
     cfg.DISTILL.TERMS = []
     # No ground-truth losses at all: the student learns from the distillation terms only
-    # (FAQD Eq. 11; AKT). README, "Distillation", says what a detector learns then.
+    # (FAQD Eq. 11; AKT). docs/methods.md, "Distillation", says what a detector learns then.
     cfg.DISTILL.LABEL_FREE = False
     # Weight of the ground-truth losses while distilling: QFD Eq. 8's 1 - lambda (0.5 for
     # classification), FAQD Eq. 10's gamma (0.3). 1 = the detection losses as they are.
@@ -198,7 +203,8 @@ def add_zeroshot_config(cfg: CN) -> None:
     # "adadfq" (AKT's official code: + AdaDFQ's disagreement margin and agreement terms).
     cfg.ZEROSHOT.LOSS = "gdfq"
     # gdfq's task term: a classifier's CE to the sampled class; a detector's RetinaNet loss
-    # with the sampled layout as ground truth (README, "Data-free quantization of a detector").
+    # with the sampled layout as ground truth (docs/methods.md, "Data-free quantization of
+    # a detector").
     cfg.ZEROSHOT.TASK_WEIGHT = 1.0
     cfg.ZEROSHOT.BNS_WEIGHT = 0.1  # gdfq: weight of the BN-statistics loss (GDFQ's 0.1)
     # Each BN channel's mean and variance errors in units of its running variance (every
@@ -235,7 +241,7 @@ def add_distill_term_config(cfg: CN, loss: str, taps: list[str], weight: float, 
     given here, e.g. ``CONNECTOR=False`` where the loss offers one). qdet's losses are
     declared by :func:`add_distill_terms_config`; a loss registered in
     ``qdet.distill.DISTILL_LOSS_REGISTRY`` by a user needs this call before its name can be
-    used in ``DISTILL.TERMS`` (README, "Distillation")."""
+    used in ``DISTILL.TERMS`` (docs/methods.md, "Distillation")."""
     from qdet.distill.losses import registered_losses
 
     losses, loss = registered_losses(), loss.lower()
@@ -409,3 +415,37 @@ def quantize_kwargs(cfg: CN) -> dict:
         "quantizer_options": options,
         "act_method": q.ACT_METHOD or None,
     }
+
+
+def _all_keys(cfg: CN, prefix: str = "") -> list[str]:
+    keys = []
+    for k, v in cfg.items():
+        keys += _all_keys(v, f"{prefix}{k}.") if isinstance(v, CN) else [prefix + k]
+    return keys
+
+
+def load_config(
+    config_file: str, opts: list[str], add_config: Callable[[CN], object] | None = None
+) -> CN:
+    """Detectron2 + qdet config (+ ``add_config``'s keys, e.g. a project's) from a YAML file
+    and KEY VALUE overrides, with clear errors."""
+    if not os.path.isfile(config_file):
+        raise FileNotFoundError(f"--config-file {config_file!r} does not exist")
+    cfg = add_qdet_config(get_cfg())
+    if add_config is not None:
+        add_config(cfg)
+    try:
+        cfg.merge_from_file(config_file)
+        cfg.merge_from_list(opts)
+    except (KeyError, AssertionError) as e:
+        message = str(e)
+        if "Non-existent" not in message:  # e.g. an odd number of KEY VALUE overrides
+            raise ValueError(f"bad config or overrides: {message}") from e
+        bad = message.split(":")[-1].strip().strip("'\"")
+        near = difflib.get_close_matches(bad, _all_keys(cfg), n=5, cutoff=0.5)
+        raise KeyError(
+            f"unknown config key {bad!r}; did you mean one of {near}? qdet's keys "
+            "are declared in qdet/config.py, Detectron2's in detectron2/config/"
+            "defaults.py"
+        ) from e
+    return cfg

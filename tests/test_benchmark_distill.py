@@ -1,4 +1,5 @@
-"""tools/benchmark_distill.py at a tiny size: both parts run and report what they promise."""
+"""tools/benchmark_distill.py at a tiny size (its parts in qdet/benchmark): both run and
+report what they promise."""
 
 import json
 import os
@@ -11,13 +12,15 @@ sys.path.insert(0, os.path.join(ROOT, "tools"))
 
 import benchmark_distill as bench  # noqa: E402
 
+from qdet.benchmark import affinity_cost, distill_overhead  # noqa: E402
+
 
 def test_loss_part_rows_targets_and_skip():
     args = bench.parse_args(
         ["--sizes", "4", "8", "--channels", "8", "--reps", "1", "--warmup", "0"]
         + ["--max-fa-size", "4"]
     )
-    result = bench.bench_losses("cpu", args, cpu_memory_probe=False)
+    result = affinity_cost.bench_losses("cpu", args, cpu_memory_probe=False)
     small, large = result["rows"]
     assert small["fa_ms"] > 0 and small["ffa_ms"] > 0 and small["fa_note"] is None
     assert small["speedup"] == small["fa_ms"] / small["ffa_ms"]
@@ -34,16 +37,17 @@ def test_cpu_memory_probe_sees_the_affinity_matrices():
     noise (the blind spot it reports, which must be smaller than what it measures)."""
     size, batch = 64, 1
     affinity_bytes = batch * (size * size) ** 2 * 4
-    mem = bench.cpu_memory("fa", size, batch=batch, channels=4, k=3)
+    mem = affinity_cost.cpu_memory("fa", size, batch=batch, channels=4, k=3)
     assert set(mem) == {"peak_bytes", "baseline_gap_bytes"}, mem
     gap = mem["baseline_gap_bytes"] or 0
     assert gap < affinity_bytes and mem["peak_bytes"] + gap >= 2 * affinity_bytes
 
 
 def test_step_part_measures_a_b_c():
-    cfg = bench.step_config(bench.DEFAULT_CONFIG, ["SOLVER.IMS_PER_BATCH", "2"], "cpu")
+    config = distill_overhead.DEFAULT_CONFIG
+    cfg = distill_overhead.step_config(config, ["SOLVER.IMS_PER_BATCH", "2"], "cpu")
     batches = [_batch(seed=1), _batch(seed=2)]
-    result = bench.bench_step(cfg, batches, [_batch(seed=0)], warmup=0, steps=2)
+    result = distill_overhead.bench_step(cfg, batches, [_batch(seed=0)], warmup=0, steps=2)
     assert result["terms"] == ["qfd"] and set(result["median_ms"]) == {"a", "b", "c"}
     assert all(len(v) == 2 for v in result["seconds"].values())
     m = result["median_ms"]

@@ -218,8 +218,8 @@ def _recipes():
 def test_every_recipe_loads_and_builds_its_model(name):
     """Every YAML of the project: its keys exist, its distillation terms are valid, and its
     model builds (on the CPU)."""
+    from qdet.config import load_config
     from qdet.distill.distiller import term_specs
-    from qdet.engine.stages import load_config
 
     cfg = load_config(_recipes()[name], ["MODEL.DEVICE", "cpu"], add_classification_config)
     if cfg.DISTILL.ENABLED:

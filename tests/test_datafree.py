@@ -20,6 +20,7 @@ from test_retinanet_qfd import FP_CONFIG, TINY, _cfg
 from torch import nn
 from train_net_cli import ROOT, write_config_with
 
+from qdet.config import load_config
 from qdet.datafree import BNStatistics, ConditionalGenerator, LayoutGenerator
 from qdet.datafree.detection import (
     DataFreeTrainer,
@@ -29,7 +30,7 @@ from qdet.datafree.detection import (
 )
 from qdet.engine import trainer as trainer_module
 from qdet.engine.checks import check_teacher
-from qdet.engine.stages import evaluate_checkpoint, load_config
+from qdet.engine.stages import evaluate_checkpoint
 
 DATAFREE = os.path.join(ROOT, "configs/digits/retinanet_r18_4bit_datafree.yaml")
 

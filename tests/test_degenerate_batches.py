@@ -15,7 +15,7 @@ from detectron2.structures import BitMasks, Boxes, Instances
 from detectron2.utils.events import EventStorage
 from torch import nn
 
-from qdet.engine.stages import load_config
+from qdet.config import load_config
 from qdet.quantization import Quantizer, build_quantizer, calibrate, quantize_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

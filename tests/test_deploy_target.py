@@ -17,7 +17,7 @@ from detectron2.layers import CycleBatchNormList, FrozenBatchNorm2d
 from detectron2.modeling import build_model
 from onnx import numpy_helper
 
-from qdet.engine.stages import load_config
+from qdet.config import load_config
 from qdet.export import export_onnx
 from qdet.export import verify as verify_export
 from qdet.export.integer_check import optimized_op_counts
@@ -432,7 +432,7 @@ def test_codes_of_an_output_decode_to_it_when_alpha_left_the_range():
 
 
 def test_qfd_for_a_target_trains_and_exports_in_integer_kernels(tmp_path):
-    """The commands of README, "Deployment", on a tiny model: FP, QFD for onnxruntime (its
+    """The commands of docs/deployment.md, on a tiny model: FP, QFD for onnxruntime (its
     teacher stage first), then tools/export_onnx.py's check of the integer graph."""
     import json
     import subprocess

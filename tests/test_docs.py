@@ -269,6 +269,25 @@ def _module_file(module: str) -> Path | None:
     return None
 
 
+def _function_def(module: str, name: str, depth: int = 3) -> ast.FunctionDef | None:
+    """``name``'s definition in qdet ``module``, following a package's re-exports."""
+    source = _module_file(module)
+    if source is None or depth == 0:
+        return None
+    tree = _parse(source)
+    for node in ast.walk(tree):
+        if isinstance(node, ast.FunctionDef) and node.name == name:
+            return node
+    for node in ast.walk(tree):
+        if (
+            isinstance(node, ast.ImportFrom)
+            and (node.module or "").startswith("qdet")
+            and any((a.asname or a.name) == name for a in node.names)
+        ):
+            return _function_def(node.module, name, depth - 1)
+    return None
+
+
 @functools.cache
 def detectron2_options() -> frozenset[str]:
     from detectron2.engine import default_argument_parser
@@ -291,12 +310,9 @@ def tool_options(tool: str) -> frozenset[str]:
     calls = [n for n in ast.walk(tree) if isinstance(n, ast.Call)]
     called = {n.func.id for n in calls if isinstance(n.func, ast.Name)}
     for name in called & set(imported):
-        source = _module_file(imported[name])
-        if source is None:
-            continue
-        for fn in ast.walk(_parse(source)):
-            if isinstance(fn, ast.FunctionDef) and fn.name == name:
-                options |= _options_in(fn)
+        fn = _function_def(imported[name], name)
+        if fn is not None:
+            options |= _options_in(fn)
     if "default_argument_parser" in called:
         options |= detectron2_options()
     return frozenset(options | {"--help", "-h"})

@@ -146,7 +146,7 @@ def test_lazy_vitdet_quantizes_the_linears_the_yacs_path_does(targets):
     configs/vitdet_b_4bit_<targets>.yaml select the same Linear layers of ViTDet-B."""
     from detectron2.modeling import build_model
 
-    from qdet.engine.stages import load_config
+    from qdet.config import load_config
 
     cfg = LazyConfig.load(
         os.path.join(ROOT, "configs", "lazy", f"mask_rcnn_vitdet_b_4bit_{targets}.py")
@@ -187,7 +187,7 @@ def test_lazy_train_net_cli_reports_bad_input_in_one_line(tmp_path):
 def test_lazy_tiny_vitdet_quantizes_the_linears_the_yacs_tiny_vitdet_does(suffix):
     from detectron2.modeling import build_model
 
-    from qdet.engine.stages import load_config
+    from qdet.config import load_config
 
     lazy_model = lazy.build_model(_config(f"vitdet_tiny_4bit{suffix}.py"))
     got = {n for n, m in lazy_model.named_modules() if hasattr(m, "weight_quantizer")}

@@ -15,8 +15,8 @@ from detectron2.config import LazyConfig, instantiate
 
 import qdet  # noqa: F401  (registers the digits datasets)
 from qdet.engine import lazy
-from qdet.engine.predict import split_config_overrides
 from qdet.engine.trained_model import load_trained_model
+from qdet.predict import split_config_overrides
 from qdet.quantization import calibrate
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

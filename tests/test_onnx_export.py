@@ -16,7 +16,7 @@ from detectron2.modeling import build_model
 from onnx import numpy_helper
 from safetensors import safe_open
 
-from qdet.engine.stages import load_config
+from qdet.config import load_config
 from qdet.export import export_onnx, inference_session, read_packed_weights, save_packed_weights
 from qdet.export import verify as verify_export
 from qdet.export.qdq import onnx_export_mode

@@ -12,8 +12,8 @@ import torch
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.modeling import build_model
 
-from qdet.engine.predict import build_panel_model, list_images, read_image
-from qdet.engine.stages import load_config
+from qdet.config import load_config
+from qdet.predict import build_panel_model, list_images, read_image
 from qdet.quantization import QConv2d, calibrate
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

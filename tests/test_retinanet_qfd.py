@@ -422,7 +422,7 @@ if __name__ == "__main__":
             "1",
             # This model is untrained: the refresh gives deltas up to 1e6 (EWGS's clip is
             # [0, inf)), and with the stem trainable its gradients overflow to NaN in the
-            # next step, on both ranks alike (README, EWGS). The stem stays frozen here.
+            # next step, on both ranks alike (docs/methods.md, "EWGS"). The stem stays frozen here.
             "MODEL.BACKBONE.FREEZE_AT",
             "2",
             "SOLVER.MAX_ITER",
@@ -515,7 +515,7 @@ def test_configs_load_safely_and_keep_detectron2s_anchors():
     for path in paths:
         with open(path) as f:
             yaml.safe_load(f)
-    from qdet.engine.stages import load_config
+    from qdet.config import load_config
 
     cfg = load_config(os.path.join(ROOT, "configs", "Base-QDet-RetinaNet.yaml"), [])
     expected = [[x * 2 ** (k / 3) for k in range(3)] for x in (32, 64, 128, 256, 512)]

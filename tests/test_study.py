@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from qdet.engine import QDetTrainer
-from qdet.engine import study as study_module
-from qdet.engine.study import Study, StudyRow
+from qdet.study import runner as study_module
+from qdet.study.runner import Study, StudyRow
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "tools"))
@@ -250,6 +250,6 @@ def test_each_terms_share_of_the_loss_reaches_the_table(tmp_path):
     assert "| QFD" in text and "fa 12%, qfd 20%" in text
     assert "distill_ratio/<term>" in text
     assert "| baseline" not in text.split("distill_ratio/<term>")[1]  # no term: no row
-    from qdet.engine.study_report import _percent
+    from qdet.study.report import _percent
 
     assert [_percent(x) for x in (0.0063, 0.19, 1.0)] == ["0.63%", "19%", "100%"]

@@ -14,9 +14,9 @@ from detectron2.modeling import build_model
 from detectron2.utils.events import EventStorage
 from train_net_cli import run_train_net
 
+from qdet.config import load_config
 from qdet.distill import Distiller, TermSpec, term_specs
 from qdet.engine import build_qat_optimizer
-from qdet.engine.stages import load_config
 from qdet.quantization import QLinear, calibrate
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -26,6 +26,7 @@ import os
 import sys
 import time
 
+import quiet_console  # noqa: F401  (first: quiets third-party warnings in a tool's console)
 from tabulate import tabulate
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -36,9 +37,9 @@ from detectron2.utils.logger import setup_logger  # noqa: E402
 import qdet  # noqa: E402,F401  (registers qdet's datasets, models and backbones)
 from qdet.engine.cli import run_cli  # noqa: E402
 from qdet.engine.stages import train  # noqa: E402
-from qdet.engine.study import Study, StudyRow, spread  # noqa: E402
 from qdet.quantization import Quantizer  # noqa: E402
 from qdet.quantization.layers import QUANTIZED_LAYERS  # noqa: E402
+from qdet.study import Study, StudyRow, spread  # noqa: E402
 
 # (row label, config suffix): COCO rows use configs/{arch}_b_{suffix}.yaml as they are.
 ROWS = (

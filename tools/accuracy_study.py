@@ -27,15 +27,18 @@ import os
 import sys
 import time
 
+import quiet_console  # noqa: F401  (first: quiets third-party warnings in a tool's console)
+
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from detectron2.utils.logger import setup_logger  # noqa: E402
 
 import qdet  # noqa: E402,F401  (registers qdet's datasets and models)
 from qdet.distill.losses import registered_losses  # noqa: E402
 from qdet.engine.cli import run_cli  # noqa: E402
-from qdet.engine.predict import write_study_sheet  # noqa: E402
-from qdet.engine.study import Study, StudyRow  # noqa: E402
-from qdet.engine.study_report import (  # noqa: E402
+from qdet.predict import write_study_sheet  # noqa: E402
+from qdet.study import (  # noqa: E402
+    Study,
+    StudyRow,
     add_study_arguments,
     bits_tables,
     plot_vs_bits,
@@ -55,7 +58,7 @@ METHODS = {
         ("QUANT.BOUND_GRADIENT", "inclusive"),
     ),
     "ewgs": ("EWGS", DIGITS + "4bit_ewgs.yaml", ()),
-    # qdet's default since the study of this row (README, "Training speed and memory"):
+    # qdet's default since the study of this row (docs/benchmarks.md, "Training speed and memory"):
     # quantizers of frozen layers (FREEZE_AT) stay at calibration.
     "freeze_quantizers": (
         "baseline, frozen layers' quantizers frozen",
@@ -65,7 +68,7 @@ METHODS = {
 }
 # Weights that make a term about 1/5 of the total loss at the start of the 4-bit fine-tune
 # (det losses about 0.38; each term measured at weight 1 over its first 40 iterations: fa
-# 0.016, ffa 0.017, rfd 1.6e-5, logit_kd 0.15, logit_mse 0.18; README, "Accuracy study").
+# 0.016, ffa 0.017, rfd 1.6e-5, logit_kd 0.15, logit_mse 0.18; docs/studies.md, "Accuracy study").
 # A loss not listed keeps its DISTILL.<LOSS>.WEIGHT.
 STUDY_WEIGHTS = {"fa": 6.0, "ffa": 6.0, "rfd": 6000.0, "logit_kd": 0.6, "logit_mse": 0.5}
 for _loss in registered_losses():  # a distillation loss is a row as soon as it is registered
@@ -83,7 +86,7 @@ METHODS["akt"] = (
     DIGITS + "4bit_akt.yaml",
     ("DISTILL.RFD.WEIGHT", str(STUDY_WEIGHTS["rfd"]), "DISTILL.LOGIT_KD.WEIGHT", "0.6"),
 )
-# Data-free (README, "Data-free quantization of a detector"): no real training image; the
+# Data-free (docs/methods.md, "Data-free quantization of a detector"): no real training image; the
 # two ablations drop one of the generator's terms.
 DATAFREE = DIGITS + "4bit_datafree.yaml"
 METHODS["datafree"] = ("data-free (generator; logit KD + RFD)", DATAFREE, ())
@@ -228,7 +231,7 @@ def run(args) -> None:
 
 
 def _max_iter(row: StudyRow, opts: list[str]) -> int:
-    from qdet.engine.stages import load_config
+    from qdet.config import load_config
 
     return load_config(row.config, [*row.opts, *opts]).SOLVER.MAX_ITER
 

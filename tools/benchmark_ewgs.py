@@ -32,6 +32,7 @@ import sys
 import time
 from itertools import islice
 
+import quiet_console  # noqa: F401  (first: quiets third-party warnings in a tool's console)
 from tabulate import tabulate
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -40,8 +41,8 @@ from detectron2.utils.env import seed_all_rng  # noqa: E402
 from detectron2.utils.events import EventStorage  # noqa: E402
 
 import qdet  # noqa: E402,F401  (registers qdet's datasets and models)
+from qdet.config import load_config  # noqa: E402
 from qdet.engine import QDetTrainer  # noqa: E402
-from qdet.engine.stages import load_config  # noqa: E402
 from qdet.quantization import Quantizer, calibrate, update_ewgs_deltas  # noqa: E402
 
 DEFAULT_CONFIG = "configs/digits/retinanet_r18_4bit_ewgs.yaml"

@@ -28,6 +28,8 @@ import statistics
 import sys
 import time
 
+import quiet_console  # noqa: F401  (first: quiets third-party warnings in a tool's console)
+
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import qdet  # noqa: E402,F401
 from qdet.engine.cli import run_cli  # noqa: E402
@@ -39,8 +41,8 @@ def _load(config: str, weights: str, opts=()):
     from detectron2.checkpoint import DetectionCheckpointer
     from detectron2.modeling import build_model
 
+    from qdet.config import load_config
     from qdet.engine.checks import missing_checkpoint_message
-    from qdet.engine.stages import load_config
 
     if not os.path.isfile(weights):
         raise FileNotFoundError(missing_checkpoint_message("weights", weights))

@@ -37,6 +37,7 @@ import time
 from contextlib import nullcontext
 from pathlib import Path
 
+import quiet_console  # noqa: F401  (first: quiets third-party warnings in a tool's console)
 import torch
 from tabulate import tabulate
 from torch._dynamo.utils import counters

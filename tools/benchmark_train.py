@@ -39,6 +39,7 @@ import sys
 import time
 from contextlib import nullcontext
 
+import quiet_console  # noqa: F401  (first: quiets third-party warnings in a tool's console)
 import torch
 from tabulate import tabulate
 

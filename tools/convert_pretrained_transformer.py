@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import os
 
+import quiet_console  # noqa: F401  (first: quiets third-party warnings in a tool's console)
 import torch
 
 PREFIX = {"vit": "backbone.net.", "swin": "backbone.bottom_up."}

@@ -19,6 +19,7 @@ import os
 import pickle
 import re
 
+import quiet_console  # noqa: F401  (first: quiets third-party warnings in a tool's console)
 import torch
 
 # torchvision name -> Detectron2 name, applied in order.

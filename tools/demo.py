@@ -9,7 +9,7 @@ Rows (configs/digits/demo_*.yaml, outputs under output/demo/, one seed, short sc
 then COCO AP on qdet_digits_val for all: a table, a bar chart (output/demo/demo.png) and
 the detections of FP, 4-bit baseline and 4-bit QFD on three val images side by side
 (output/demo/detections.png).
-The fine-tunes train two at a time (qdet.engine.Study); a progress line with an ETA comes
+The fine-tunes train two at a time (qdet.study.Study); a progress line with an ETA comes
 at every start and every minute.
 
 Finished rows are reused; --fresh retrains everything. One seed of a short schedule shows
@@ -24,6 +24,7 @@ import shutil
 import sys
 import time
 
+import quiet_console  # noqa: F401  (first: quiets third-party warnings in a tool's console)
 from tabulate import tabulate
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -31,12 +32,12 @@ from detectron2.utils.logger import setup_logger  # noqa: E402
 
 import qdet  # noqa: E402,F401  (registers qdet's datasets and models)
 from qdet.engine.cli import run_cli  # noqa: E402
-from qdet.engine.predict import write_study_sheet  # noqa: E402
-from qdet.engine.study import Study, StudyRow  # noqa: E402
+from qdet.predict import write_study_sheet  # noqa: E402
+from qdet.study import Study, StudyRow  # noqa: E402
 
 OUT = "output/demo"
 DEMO = "configs/digits/demo_"
-LOW_BITS = 2  # where the study's methods differ most (README, "Accuracy study")
+LOW_BITS = 2  # where the study's methods differ most (docs/studies.md, "Accuracy study")
 SHEET = ("fp", "baseline_4bit", "qfd_4bit")  # the models drawn side by side
 
 
@@ -121,7 +122,7 @@ def run(args) -> None:
     print(
         f"[demo] Plot: {OUT}/demo.png. One seed of a short schedule: AP differences of a few "
         "points between these rows are within run-to-run noise, not results; the 3-seed "
-        "comparison is README 'Accuracy study' (tools/accuracy_study.py)."
+        "comparison is docs/studies.md, 'Accuracy study' (tools/accuracy_study.py)."
     )
 
 

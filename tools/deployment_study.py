@@ -32,14 +32,15 @@ import shutil
 import sys
 import time
 
+import quiet_console  # noqa: F401  (first: quiets third-party warnings in a tool's console)
+
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from detectron2.config import CfgNode as CN  # noqa: E402
 from detectron2.utils.logger import setup_logger  # noqa: E402
 
 import qdet  # noqa: E402,F401
 from qdet.engine.cli import run_cli  # noqa: E402
-from qdet.engine.study import Study, StudyRow, mean_std, spread  # noqa: E402
-from qdet.engine.study_report import add_study_arguments, write_report  # noqa: E402
+from qdet.study import Study, StudyRow, add_study_arguments, mean_std, spread, write_report  # noqa: E402
 
 DIGITS = "configs/digits/retinanet_r18_"
 WIDTHS = {"w8a8": (8, 8), "w4a8": (4, 8), "w4a4": (4, 4)}

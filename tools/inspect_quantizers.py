@@ -20,6 +20,8 @@ import logging
 import os
 import sys
 
+import quiet_console  # noqa: F401  (first: quiets third-party warnings in a tool's console)
+
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import qdet  # noqa: E402,F401  (registers qdet's datasets and models)
 from qdet.engine.cli import run_cli  # noqa: E402
@@ -42,7 +44,7 @@ def _image_batches(cfg, files: list[str]):
     import detectron2.data.transforms as T
     import torch
 
-    from qdet.engine.predict import read_image
+    from qdet.predict import read_image
 
     resize = T.ResizeShortestEdge(
         [cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MIN_SIZE_TEST], cfg.INPUT.MAX_SIZE_TEST
@@ -66,9 +68,9 @@ def main(args) -> dict:
     from detectron2.utils.logger import setup_logger
     from tabulate import tabulate
 
+    from qdet.config import load_config
     from qdet.engine.checks import check_datasets, require_trained_weights
-    from qdet.engine.predict import list_images, split_config_overrides
-    from qdet.engine.stages import load_config
+    from qdet.predict import list_images, split_config_overrides
     from qdet.quantization.ranges import plot_ranges, quantizer_ranges
 
     setup_logger(name="qdet")

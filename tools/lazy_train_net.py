@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import sys
 
+import quiet_console  # noqa: F401  (first: quiets third-party warnings in a tool's console)
 from detectron2.config import LazyConfig
 from detectron2.engine import default_argument_parser, default_setup
 

@@ -22,6 +22,8 @@ import logging
 import os
 import sys
 
+import quiet_console  # noqa: F401  (first: quiets third-party warnings in a tool's console)
+
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import qdet  # noqa: E402,F401  (registers qdet's datasets and models)
 from qdet.engine.cli import run_cli  # noqa: E402
@@ -59,7 +61,8 @@ def main(args) -> list[str]:
     import tqdm
     from detectron2.utils.logger import setup_logger
 
-    from qdet.engine.predict import (
+    from qdet.engine.trained_model import checkpoint_overrides, load_trained_model
+    from qdet.predict import (
         check_onnx_file,
         draw_detections,
         list_images,
@@ -69,7 +72,6 @@ def main(args) -> list[str]:
         side_by_side,
         split_config_overrides,
     )
-    from qdet.engine.trained_model import checkpoint_overrides, load_trained_model
 
     setup_logger(name="qdet")
     inputs, opts = split_config_overrides(args.input, args.opts)

@@ -19,6 +19,7 @@ import logging
 import os
 import sys
 
+import quiet_console  # noqa: F401  (first: quiets third-party warnings in a tool's console)
 from detectron2.config import CfgNode
 from detectron2.engine import default_argument_parser
 

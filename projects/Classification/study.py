@@ -1,6 +1,6 @@
 #!/usr/bin/env python
 """The classification recipes on the embedded digit crops: methods x bit widths, paired
-over seeds (qdet's :class:`~qdet.engine.Study`).
+over seeds (qdet's :class:`~qdet.study.Study`).
 
     projects/Classification/study.py --seeds 1 2 3 --jobs 2
     projects/Classification/study.py --seeds 1 --methods baseline qfd --bits 4
@@ -25,6 +25,9 @@ import sys
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(HERE)), "tools"))
+import quiet_console  # noqa: E402,F401  (first: quiets third-party warnings in a tool's console)
+
 sys.path.insert(0, HERE)
 sys.path.insert(1, os.path.dirname(os.path.dirname(HERE)))
 from classification import add_classification_config  # noqa: E402
@@ -34,10 +37,12 @@ from tabulate import tabulate  # noqa: E402
 
 import qdet  # noqa: E402,F401
 from qdet.engine.cli import run_cli  # noqa: E402
-from qdet.engine.study import Study, StudyRow, mean_std  # noqa: E402
-from qdet.engine.study_report import (  # noqa: E402
+from qdet.study import (  # noqa: E402
+    Study,
+    StudyRow,
     add_study_arguments,
     bits_tables,
+    mean_std,
     plot_vs_bits,
     write_report,
 )

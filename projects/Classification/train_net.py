@@ -27,6 +27,9 @@ from detectron2.engine import default_argument_parser
 from detectron2.utils import comm
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(HERE)), "tools"))
+import quiet_console  # noqa: E402,F401  (first: quiets third-party warnings in a tool's console)
+
 sys.path.insert(0, HERE)  # the project's package, as in Detectron2's projects
 sys.path.insert(1, os.path.dirname(os.path.dirname(HERE)))  # qdet, from a source checkout
 from classification import (  # noqa: E402  (registers the project's datasets and models)

@@ -10,7 +10,7 @@ train Mask R-CNN on it with ``INPUT.MASK_FORMAT bitmask``.
 
 ``digits_v2`` (4000 train, 300 val images) replaces v1 (400 and 100 images, 1-5 larger
 digits each): on v1 a RetinaNet trained from scratch memorised its 400 training images
-(about 10 val AP); on v2 it generalises (README, "Embedded dataset"). It is built
+(about 10 val AP); on v2 it generalises (docs/getting_started.md, "Embedded dataset"). It is built
 deterministically on first use into ``$QDET_DATASETS/digits_v2`` (default
 ``~/.cache/qdet/datasets``; the version in the folder name keeps an old build from being
 taken for this one), in a temporary folder renamed into place at the end, so an

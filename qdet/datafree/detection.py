@@ -1,7 +1,7 @@
 """Data-free quantization of a detector (RetinaNet): a layout-conditioned generator trained
 against the frozen FP detector makes the student's only training images.
 
-The generator's loss (README, "Data-free quantization of a detector"):
+The generator's loss (docs/methods.md, "Data-free quantization of a detector"):
 
 - ``L_BNS`` over the BN layers of the teacher's backbone (bottom-up and FPN), as for a
   classifier: the images' statistics match the real data's, layer by layer.

@@ -14,6 +14,8 @@ import os
 from detectron2.config import CfgNode
 from detectron2.data import DatasetCatalog, MetadataCatalog
 
+from qdet.config import load_config
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 COCO_LAYOUT = (
     "coco/annotations/instances_train2017.json, coco/annotations/instances_val2017.json, "
@@ -23,8 +25,6 @@ COCO_LAYOUT = (
 
 def producing_config(checkpoint: str) -> str | None:
     """The shipped config (relative path) whose training writes ``checkpoint``, if any."""
-    from qdet.engine.stages import load_config
-
     wanted = os.path.normpath(os.path.abspath(checkpoint))
     for path in sorted(glob.glob(os.path.join(ROOT, "configs", "**", "*.yaml"), recursive=True)):
         try:

@@ -6,57 +6,22 @@
 
 from __future__ import annotations
 
-import difflib
 import json
 import os
 from collections.abc import Callable
 
 from detectron2.checkpoint import DetectionCheckpointer
-from detectron2.config import CfgNode, get_cfg
+from detectron2.config import CfgNode
 from detectron2.modeling import build_model
 from detectron2.utils import comm
 from detectron2.utils.env import seed_all_rng
 
-from qdet.config import add_qdet_config
+from qdet.config import load_config
 from qdet.distill.distiller import qfd_tap, quantized_teacher_weights, teacher_config
 from qdet.engine.checks import check_run_inputs
 from qdet.engine.hooks import unwrap_model
 from qdet.engine.trainer import QDetTrainer
 from qdet.quantization import deployed_weight_bytes
-
-
-def _all_keys(cfg: CfgNode, prefix: str = "") -> list[str]:
-    keys = []
-    for k, v in cfg.items():
-        keys += _all_keys(v, f"{prefix}{k}.") if isinstance(v, CfgNode) else [prefix + k]
-    return keys
-
-
-def load_config(
-    config_file: str, opts: list[str], add_config: Callable[[CfgNode], object] | None = None
-) -> CfgNode:
-    """Detectron2 + qdet config (+ ``add_config``'s keys, e.g. a project's) from a YAML file
-    and KEY VALUE overrides, with clear errors."""
-    if not os.path.isfile(config_file):
-        raise FileNotFoundError(f"--config-file {config_file!r} does not exist")
-    cfg = add_qdet_config(get_cfg())
-    if add_config is not None:
-        add_config(cfg)
-    try:
-        cfg.merge_from_file(config_file)
-        cfg.merge_from_list(opts)
-    except (KeyError, AssertionError) as e:
-        message = str(e)
-        if "Non-existent" not in message:  # e.g. an odd number of KEY VALUE overrides
-            raise ValueError(f"bad config or overrides: {message}") from e
-        bad = message.split(":")[-1].strip().strip("'\"")
-        near = difflib.get_close_matches(bad, _all_keys(cfg), n=5, cutoff=0.5)
-        raise KeyError(
-            f"unknown config key {bad!r}; did you mean one of {near}? qdet's keys "
-            "are declared in qdet/config.py, Detectron2's in detectron2/config/"
-            "defaults.py"
-        ) from e
-    return cfg
 
 
 def setup(args, add_config: Callable[[CfgNode], object] | None = None) -> CfgNode:

@@ -101,7 +101,7 @@ def load_trained_model(
 
 
 def _yacs_model(config_file, opts, purpose, device, weights_optional) -> TrainedModel:
-    from qdet.engine.stages import load_config
+    from qdet.config import load_config
 
     cfg = load_config(config_file, opts)
     if device is not None:

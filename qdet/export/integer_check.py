@@ -29,8 +29,8 @@ from qdet.quantization.functional import MODE_SIGNED, MODE_UNSIGNED
 from qdet.quantization.quantizers import substituting_outputs
 
 # Code units: float32 rounding of a conv's sum against the runtime's exact int32 one, and
-# of its requantisation multiplier, stays below this for n <= 255 (measured: README,
-# "Deployment").
+# of its requantisation multiplier, stays below this for n <= 255 (measured: docs/deployment.md,
+# "Deployment: integer kernels").
 TIE_TOL = 2e-3
 INTEGER_OPS = ("QLinearConv", "QLinearAdd", "QLinearMatMul", "ConvInteger", "MatMulInteger")
 

@@ -4,7 +4,7 @@ Why layer by layer. At 4 bits, two runtimes cannot agree end to end to float pre
 their convs sum in different orders (about 1e-6 relative), so now and then an activation
 that sits within that distance of a rounding boundary lands one code apart, and the next
 quantized layers amplify that one step into many (a flip in ``res4`` of a trained 4-bit
-RetinaNet moved about 97% of its head outputs by more than 1e-3; README "Export").
+RetinaNet moved about 97% of its head outputs by more than 1e-3; docs/deployment.md, "Export").
 What can be checked exactly is what the export writes:
 
 - weights: every quantized weight's integers hold at most 2^b values, on the layer's grid,

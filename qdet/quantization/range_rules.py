@@ -5,7 +5,7 @@
   (:class:`qdet.quantization.UniformQuantizer`). Made for 2-4 bits, where rounding error
   dominates; at 8 bits its clipping dominates instead: on the digits RetinaNet-R18 (FP
   75.8 AP), W8A8 calibrated by it scores 52.5 AP before any training, and QAT's quantizer
-  learning rate (1e-5) barely moves a range in a fine-tune (README, "Deployment").
+  learning rate (1e-5) barely moves a range in a fine-tune (docs/deployment.md).
 - ``minmax``: the whole observed range (weights +-max|w|), as onnxruntime's MinMax
   calibration: 75.9 AP at W8A8 there, but wasteful at low bits.
 - ``mse``: per quantizer (per channel for per-channel weights), the range c x the

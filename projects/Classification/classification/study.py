@@ -1,6 +1,6 @@
 """The classification study's runs: how one trains (QFD's two stages, or zero-shot) and
 how it is scored (top-1 / top-5 on DATASETS.TEST, cached), as module-level functions that
-:class:`qdet.engine.Study` runs in its worker processes."""
+:class:`qdet.study.Study` runs in its worker processes."""
 
 from __future__ import annotations
 

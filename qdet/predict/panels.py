@@ -1,5 +1,5 @@
-"""Looking at what a model detects: image inputs, Detectron2's predictor and Visualizer, panels
-side by side (``tools/predict.py``, and the sheets the demo and the study write).
+"""Looking at what a model detects: Detectron2's predictor and Visualizer, panels side by
+side (``tools/predict.py``, and the sheets the demo and the study write).
 
 A panel is one model's detections drawn on one image by Detectron2's ``Visualizer``, at the
 image's own size (times ``scale``), with the model named in its top-left corner when it is
@@ -9,9 +9,7 @@ compared with others. Images are read and written with opencv (BGR), as Detectro
 
 from __future__ import annotations
 
-import glob
 import os
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -19,74 +17,7 @@ import numpy as np
 from detectron2.config import CfgNode
 
 from qdet.engine.trained_model import TrainedModel, trained_model_from_cfg
-
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
-
-
-def list_images(inputs: Sequence[str]) -> list[str]:
-    """Image files from ``inputs``: files, folders (their images, sorted) and glob patterns.
-
-    A path that does not exist, a folder without images and a pattern that matches nothing
-    are errors that name the input."""
-    files: list[str] = []
-    for item in inputs:
-        if os.path.isdir(item):
-            found = sorted(
-                os.path.join(item, f)
-                for f in os.listdir(item)
-                if f.lower().endswith(IMAGE_EXTENSIONS)
-            )
-            if not found:
-                raise FileNotFoundError(
-                    f"--input {item!r} is a folder without images ({', '.join(IMAGE_EXTENSIONS)})"
-                )
-            files += found
-        elif os.path.isfile(item):
-            files.append(item)
-        elif glob.has_magic(item):
-            found = sorted(f for f in glob.glob(item) if os.path.isfile(f))
-            if not found:
-                raise FileNotFoundError(f"--input {item!r} matches no file")
-            files += found
-        else:
-            raise FileNotFoundError(f"--input {item!r}: no such file or folder")
-    if not files:
-        raise ValueError("no input images: give --input files, folders or glob patterns")
-    return files
-
-
-def split_config_overrides(inputs: list[str], opts: list[str]) -> tuple[list[str], list[str]]:
-    """``--input a.jpg MODEL.WEIGHTS m.pth``: argparse hands the overrides to ``--input``;
-    give back the inputs before the first config key (yacs ``A.B`` in capitals, or a
-    LazyConfig ``a.b=value``; not a file) and the overrides from there on."""
-    yacs_key = r"[A-Z][A-Z0-9_]*(\.[A-Z0-9_]+)+"
-    lazy_override = r"\+?[A-Za-z_][\w]*(\.[\w]+)+=.*"
-    for i, item in enumerate(inputs):
-        key = re.fullmatch(yacs_key, item) or re.fullmatch(lazy_override, item)
-        if key and not os.path.exists(item):
-            return inputs[:i], [*inputs[i:], *opts]
-    return inputs, opts
-
-
-def read_image(path: str) -> np.ndarray:
-    """The image at ``path`` as BGR uint8 (opencv), or an error naming the file."""
-    import cv2
-
-    image = cv2.imread(path, cv2.IMREAD_COLOR)
-    if image is None:
-        raise ValueError(f"cannot read {path!r} as an image (opencv could not decode it)")
-    return image
-
-
-def output_names(files: Sequence[str]) -> list[str]:
-    """One output file name per input: its base name, prefixed by its folder's name where
-    two inputs share a base name."""
-    names = [os.path.basename(f) for f in files]
-    clashes = {n for n in names if names.count(n) > 1}
-    return [
-        f"{os.path.basename(os.path.dirname(os.path.abspath(f)))}_{n}" if n in clashes else n
-        for f, n in zip(files, names)
-    ]
+from qdet.predict.inputs import read_image
 
 
 def model_title(cfg: CfgNode, name: str) -> str:
@@ -122,7 +53,7 @@ def check_onnx_file(onnx: str | None) -> None:
     if onnx is not None and not os.path.isfile(onnx):
         raise FileNotFoundError(
             f"--onnx {onnx!r} does not exist; tools/export_onnx.py writes it "
-            "(README, 'Export: ONNX for onnxruntime')"
+            "(docs/deployment.md, 'Export: ONNX for onnxruntime')"
         )
 
 

@@ -16,7 +16,7 @@ from collections.abc import Mapping, Sequence
 
 from tabulate import tabulate
 
-from qdet.engine.study import SHARE_PREFIX, mean_std, paired_differences, spread
+from qdet.study.runner import SHARE_PREFIX, mean_std, paired_differences, spread
 
 
 def _values(runs: dict, seeds, metric: str) -> list[float]:
