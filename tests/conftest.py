@@ -9,10 +9,14 @@ os.environ.setdefault("OMP_NUM_THREADS", "2")
 
 
 def _load_tool(name: str):
-    """``tools/<name>.py`` as a module (the tools are scripts, not a package)."""
+    """``tools/<name>.py`` as a module (the tools are scripts, not a package), with tools/
+    on the path as when it runs as a script (its sibling modules, e.g. quiet_console)."""
     import importlib.util
+    import sys
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    if os.path.join(root, "tools") not in sys.path:
+        sys.path.insert(0, os.path.join(root, "tools"))
     spec = importlib.util.spec_from_file_location(name, os.path.join(root, "tools", f"{name}.py"))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

@@ -531,7 +531,18 @@ CLASSIFICATION_REFERENCES = {
     "akt_spatial": "zs_logit_kd",
     "akt_channel": "zs_logit_kd",
 }
-REFERENCES = {"docs/classification/top1.json": CLASSIFICATION_REFERENCES}
+# AKT's RFD at the weights of issue 29 (projects/Classification/study.py's rows).
+AKT_RFD = {"FP ResNet-20 (32/32)": "fp", "zero-shot, logit KD only": "zs_logit_kd"}
+for _label, _method in CLASSIFICATION.items():
+    if _method.startswith("akt"):
+        AKT_RFD[f"{_label}; RFD as AKT's code (1000 x sum)"] = f"{_method}_official"
+        AKT_RFD[f"{_label}; RFD at 1/5 of the loss"] = f"{_method}_fifth"
+AKT_RFD_REFERENCES = {m: "zs_logit_kd" for m in AKT_RFD.values() if m.startswith("akt")}
+REFERENCES = {
+    "docs/classification/top1.json": CLASSIFICATION_REFERENCES,
+    "docs/classification/akt_rfd_weight_4bit.json": AKT_RFD_REFERENCES,
+    "docs/classification/akt_one_attention_4bit.json": AKT_RFD_REFERENCES,
+}
 DATAFREE = {
     "FP teacher": "fp",
     "baseline QAT (real images, labels)": "baseline",
@@ -569,6 +580,8 @@ DEPLOYMENT = {
 LABELS = {
     "docs/study/accuracy.json": ACCURACY,
     "docs/classification/top1.json": CLASSIFICATION,
+    "docs/classification/akt_rfd_weight_4bit.json": AKT_RFD,
+    "docs/classification/akt_one_attention_4bit.json": AKT_RFD,
     "docs/datafree/ablations_4bit.json": DATAFREE,
     "docs/study/freeze_quantizers/accuracy.json": FREEZE,
 }
@@ -714,6 +727,24 @@ def check_train_table(sources: list[str], rows: list[list[str]]) -> tuple[list[s
     return problems, checked
 
 
+def check_demo_table(sources: list[str], rows: list[list[str]]) -> tuple[list[str], int]:
+    """tools/demo.py's table as it prints it (tabulate, one decimal): each model's row."""
+    data, problems, checked = _load(sources), [], 0
+    by_model = {r["model"]: r for r in data["rows"]}
+    for row in rows[1:]:
+        record = by_model.get(row[0])
+        if record is None:
+            problems.append(f"row {row[0]!r}: no model of {sources} is known by that label")
+            continue
+        for head, cell in zip(rows[0][1:], row[1:]):
+            value = record.get(head, f"no column {head!r}")
+            want = f"{value:.1f}" if isinstance(value, float) else str(value)
+            checked += 1
+            if cell != want:
+                problems.append(f"{row[0]}, {head}: table {cell!r}, JSON {want!r}")
+    return problems, checked
+
+
 def check_export_table(sources: list[str], rows: list[list[str]]) -> tuple[list[str], int]:
     """tools/benchmark_export.py's latency table: ms (ratio), op counts, MiB."""
     data, problems, checked = _load(sources), [], 0
@@ -756,6 +787,8 @@ def check_table(sources: list[str], rows: list[list[str]]) -> tuple[list[str], i
         return check_export_table(sources, rows)
     if name == "deployment.json":
         return check_deployment_table(sources, rows)
+    if name == "demo.json":
+        return check_demo_table(sources, rows)
     if any(h.startswith("seed") for h in rows[0]):
         return check_seed_table(sources, rows)
     return check_study_table(sources, rows)
@@ -777,9 +810,10 @@ def test_results_tables_are_the_json_figures():
     assert tables >= 10 and checked > 300
 
 
-def test_readme_marks_its_three_results_tables():
+def test_readme_marks_its_results_tables():
     sources = [s[0] for s, _ in marked_tables(README.read_text())]
     assert sources == [
+        "docs/demo/demo.json",
         "docs/study/accuracy.json",
         "docs/benchmarks/benchmark_train.json",
         "docs/export/benchmark_export.json",

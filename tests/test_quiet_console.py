@@ -1,14 +1,26 @@
 """tools/quiet_console.py: third-party warnings leave a tool's console, qdet's stay, and
 tests see every warning."""
 
+import logging
 import os
 import sys
 import warnings
+
+import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "tools"))
 
 import quiet_console  # noqa: E402
+
+CUDA_HOME_NOTE = logging.getLogger("torch.utils.cpp_extension")
+
+
+@pytest.fixture(autouse=True)
+def _restore_the_logger():
+    level = CUDA_HOME_NOTE.level
+    yield
+    CUDA_HOME_NOTE.setLevel(level)
 
 
 def _shown(module: str, category=FutureWarning) -> bool:
@@ -36,3 +48,11 @@ def test_only_a_tool_run_is_quieted():
     # Importing it here (pytest) installed nothing: no filter with its pattern.
     patterns = [getattr(f[3], "pattern", f[3]) for f in warnings.filters]
     assert quiet_console.THIRD_PARTY not in patterns
+
+
+def test_torchs_cuda_home_note_leaves_a_tools_console():
+    CUDA_HOME_NOTE.setLevel(logging.NOTSET)
+    assert CUDA_HOME_NOTE.isEnabledFor(logging.WARNING)
+    quiet_console.quiet_third_party_warnings()
+    assert not CUDA_HOME_NOTE.isEnabledFor(logging.WARNING)
+    assert CUDA_HOME_NOTE.isEnabledFor(logging.ERROR)

@@ -5,12 +5,15 @@ warnings are kept: they name something to fix.
 
 Detectron2 and fvcore apply ``torch.jit.script`` at import time, which torch 2.14
 deprecates with a FutureWarning per process; a study's spawned workers would print them
-again, so the setting travels to them through ``QDET_QUIET_WARNINGS``. Set
+again, so the setting travels to them through ``QDET_QUIET_WARNINGS``. torch's compiler
+logs "No CUDA runtime is found, using CUDA_HOME=..." on a CPU machine with a CUDA
+toolkit: a note about the machine, not about the run, also kept out. Set
 ``QDET_QUIET_WARNINGS=0`` to see every warning.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import warnings
@@ -32,6 +35,7 @@ def runs_a_tool(argv0: str) -> bool:
 def quiet_third_party_warnings() -> None:
     for category in (FutureWarning, UserWarning, DeprecationWarning):
         warnings.filterwarnings("ignore", category=category, module=THIRD_PARTY)
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
 
 
 if os.environ.get(ENV) != "0" and (os.environ.get(ENV) == "1" or runs_a_tool(sys.argv[0])):

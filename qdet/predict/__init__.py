@@ -1,6 +1,8 @@
 """Pictures of what a model detects: the inputs ``tools/predict.py`` reads
-(:mod:`qdet.predict.inputs`) and the panels, side-by-side sheets and the demo's and
-study's pictures drawn with Detectron2's Visualizer (:mod:`qdet.predict.panels`)."""
+(:mod:`qdet.predict.inputs`), panels side by side drawn with Detectron2's Visualizer
+(:mod:`qdet.predict.panels`), and the demo's and the study's sheets, drawn at a threshold
+and on images chosen from the val split's evaluation (:mod:`qdet.predict.sheets`,
+:mod:`qdet.predict.sheet_choice`)."""
 
 from qdet.predict.inputs import list_images, output_names, read_image, split_config_overrides
 from qdet.predict.panels import (
@@ -12,12 +14,12 @@ from qdet.predict.panels import (
     model_title,
     panel_model,
     side_by_side,
-    write_study_sheet,
-    write_val_sheet,
 )
+from qdet.predict.sheets import Sheet, write_study_sheet, write_val_sheet
 
 __all__ = [
     "PanelModel",
+    "Sheet",
     "build_panel_model",
     "check_onnx_file",
     "comparison_sheet",

@@ -1,5 +1,5 @@
 """Looking at what a model detects: Detectron2's predictor and Visualizer, panels side by
-side (``tools/predict.py``, and the sheets the demo and the study write).
+side (``tools/predict.py``; the demo's and the study's sheets are :mod:`qdet.predict.sheets`).
 
 A panel is one model's detections drawn on one image by Detectron2's ``Visualizer``, at the
 image's own size (times ``scale``), with the model named in its top-left corner when it is
@@ -17,7 +17,6 @@ import numpy as np
 from detectron2.config import CfgNode
 
 from qdet.engine.trained_model import TrainedModel, trained_model_from_cfg
-from qdet.predict.inputs import read_image
 
 
 def model_title(cfg: CfgNode, name: str) -> str:
@@ -76,20 +75,21 @@ def panel_model(
     return PanelModel(trained, title)
 
 
-def draw_detections(
-    model: PanelModel,
-    image_bgr: np.ndarray,
-    confidence_threshold: float = 0.5,
-    scale: float = 1.0,
-    titled: bool = False,
+def detect(model: PanelModel, image_bgr: np.ndarray, confidence_threshold: float = 0.5):
+    """``model``'s detections on one image with a score of at least
+    ``confidence_threshold`` (Detectron2 ``Instances`` on the CPU)."""
+    instances = model.predictor(image_bgr)["instances"].to("cpu")
+    return instances[instances.scores >= confidence_threshold]
+
+
+def draw_instances(
+    model: PanelModel, image_bgr: np.ndarray, instances, scale: float = 1.0
 ) -> np.ndarray:
-    """``model``'s detections (boxes, and masks where it predicts them) with a score of
-    at least ``confidence_threshold``, drawn by Detectron2's ``Visualizer``: BGR uint8."""
+    """``instances`` (boxes, and masks where there are) drawn on the image by Detectron2's
+    ``Visualizer``, labelled with class and score, one colour per class: BGR uint8."""
     from detectron2.data import MetadataCatalog
     from detectron2.utils.visualizer import Visualizer
 
-    instances = model.predictor(image_bgr)["instances"].to("cpu")
-    instances = instances[instances.scores >= confidence_threshold]
     metadata = MetadataCatalog.get(model.predictor.dataset or "__unused")
     classes = instances.pred_classes.tolist()
     names = metadata.get("thing_classes")
@@ -104,7 +104,20 @@ def draw_detections(
         assigned_colors=[class_color(metadata, c) for c in classes],
         alpha=0.4,
     )
-    panel = np.ascontiguousarray(drawn.get_image()[:, :, ::-1])
+    return np.ascontiguousarray(drawn.get_image()[:, :, ::-1])
+
+
+def draw_detections(
+    model: PanelModel,
+    image_bgr: np.ndarray,
+    confidence_threshold: float = 0.5,
+    scale: float = 1.0,
+    titled: bool = False,
+) -> np.ndarray:
+    """``model``'s detections with a score of at least ``confidence_threshold``
+    (:func:`detect`), drawn (:func:`draw_instances`), titled with the model's title."""
+    instances = detect(model, image_bgr, confidence_threshold)
+    panel = draw_instances(model, image_bgr, instances, scale)
     return put_title(panel, model.title) if titled else panel
 
 
@@ -146,66 +159,24 @@ def side_by_side(panels: Sequence[np.ndarray]) -> np.ndarray:
     return np.concatenate(list(panels), axis=1)
 
 
+def stack_rows(rows: Sequence[np.ndarray]) -> np.ndarray:
+    """Rows of panels top to bottom, each padded with black on the right to the widest."""
+    width = max(r.shape[1] for r in rows)
+    return np.concatenate([np.pad(r, ((0, 0), (0, width - r.shape[1]), (0, 0))) for r in rows])
+
+
 def comparison_sheet(
     models: Sequence[PanelModel],
     images: Sequence[np.ndarray],
     confidence_threshold: float = 0.5,
     scale: float = 1.0,
 ) -> np.ndarray:
-    """A grid: one row per image, one titled column per model (BGR uint8). Images of
-    different sizes are padded with black to the widest and tallest."""
-    rows = [
-        side_by_side(
-            [draw_detections(m, im, confidence_threshold, scale, titled=True) for m in models]
-        )
-        for im in images
-    ]
-    height = max(r.shape[0] for r in rows)
-    width = max(r.shape[1] for r in rows)
-    padded = [np.pad(r, ((0, height - r.shape[0]), (0, width - r.shape[1]), (0, 0))) for r in rows]
-    return np.concatenate(padded, axis=0)
-
-
-def write_val_sheet(
-    models: Sequence[PanelModel],
-    dataset: str,
-    path: str,
-    num_images: int = 3,
-    confidence_threshold: float = 0.5,
-    scale: float = 2.0,
-) -> str:
-    """The first ``num_images`` images of ``dataset`` through every model, one row each:
-    the sheet the demo and the accuracy study write (FP, 4-bit baseline, 4-bit QFD)."""
-    import cv2
-    from detectron2.data import DatasetCatalog
-
-    files = [d["file_name"] for d in DatasetCatalog.get(dataset)[:num_images]]
-    sheet = comparison_sheet(models, [read_image(f) for f in files], confidence_threshold, scale)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    if not cv2.imwrite(path, sheet):
-        raise ValueError(f"opencv could not write {path!r} (a .png or .jpg name is needed)")
-    return path
-
-
-def write_study_sheet(
-    study, names: Sequence[str], seed: int, path: str, num_images: int = 3
-) -> str | None:
-    """:func:`write_val_sheet` of a study's finished runs ``names`` for ``seed`` (e.g. FP,
-    4-bit baseline, 4-bit QFD), each panel titled with its row's label and bits; None when
-    fewer than two of them have finished."""
-    models = []
-    for name in names:
-        row = study.rows.get(name)
-        if row is None:
-            continue
-        cfg = study.config(row, seed).clone()
-        final = os.path.join(cfg.OUTPUT_DIR, "model_final.pth")
-        if not os.path.isfile(final):
-            continue
-        cfg.defrost()
-        cfg.MODEL.WEIGHTS = final
-        cfg.freeze()
-        models.append(build_panel_model(cfg, f"{row.label} {row.bits}".strip()))
-    if len(models) < 2:
-        return None
-    return write_val_sheet(models, models[0].predictor.dataset, path, num_images)
+    """A grid: one row per image, one titled column per model (BGR uint8)."""
+    return stack_rows(
+        [
+            side_by_side(
+                [draw_detections(m, im, confidence_threshold, scale, titled=True) for m in models]
+            )
+            for im in images
+        ]
+    )
