@@ -9,20 +9,18 @@ from qdet.predict.panels import (
     PanelModel,
     build_panel_model,
     check_onnx_file,
-    comparison_sheet,
     draw_detections,
     model_title,
     panel_model,
     side_by_side,
 )
-from qdet.predict.sheets import Sheet, write_study_sheet, write_val_sheet
+from qdet.predict.sheets import Sheet, write_study_sheet
 
 __all__ = [
     "PanelModel",
     "Sheet",
     "build_panel_model",
     "check_onnx_file",
-    "comparison_sheet",
     "draw_detections",
     "list_images",
     "model_title",
@@ -32,5 +30,4 @@ __all__ = [
     "side_by_side",
     "split_config_overrides",
     "write_study_sheet",
-    "write_val_sheet",
 ]

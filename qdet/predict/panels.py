@@ -163,20 +163,3 @@ def stack_rows(rows: Sequence[np.ndarray]) -> np.ndarray:
     """Rows of panels top to bottom, each padded with black on the right to the widest."""
     width = max(r.shape[1] for r in rows)
     return np.concatenate([np.pad(r, ((0, 0), (0, width - r.shape[1]), (0, 0))) for r in rows])
-
-
-def comparison_sheet(
-    models: Sequence[PanelModel],
-    images: Sequence[np.ndarray],
-    confidence_threshold: float = 0.5,
-    scale: float = 1.0,
-) -> np.ndarray:
-    """A grid: one row per image, one titled column per model (BGR uint8)."""
-    return stack_rows(
-        [
-            side_by_side(
-                [draw_detections(m, im, confidence_threshold, scale, titled=True) for m in models]
-            )
-            for im in images
-        ]
-    )

@@ -79,7 +79,7 @@ def match_detections(
     from pycocotools.cocoeval import COCOeval
 
     ids = list(image_ids) if image_ids is not None else gt.getImgIds()
-    per_image: dict[int, tuple[list[Detection], set[int]]] = {i: ([], set()) for i in ids}
+    per_image: dict[int, list[Detection]] = {i: [] for i in ids}
     if results:
         with contextlib.redirect_stdout(io.StringIO()):
             evaluation = COCOeval(gt, gt.loadRes(list(results)), "bbox")
@@ -92,17 +92,16 @@ def match_detections(
         for entry in evaluation.evalImgs:
             if entry is None:
                 continue
-            detections, truth = per_image[entry["image_id"]]
-            truth.update(g for g, ign in zip(entry["gtIds"], entry["gtIgnore"]) if not ign)
+            detections = per_image[entry["image_id"]]
             for score, matched, ignored in zip(
                 entry["dtScores"], entry["dtMatches"][0], entry["dtIgnore"][0]
             ):
                 if not ignored:
                     detections.append(Detection(float(score), int(matched)))
-    for image_id, (_, truth) in per_image.items():  # images without any detection
-        anns = gt.loadAnns(gt.getAnnIds(imgIds=[image_id], iscrowd=False))
-        truth.update(a["id"] for a in anns)
-    return {i: ImageMatches(tuple(d), frozenset(t)) for i, (d, t) in per_image.items()}
+    return {
+        i: ImageMatches(tuple(d), frozenset(gt.getAnnIds(imgIds=[i], iscrowd=False)))
+        for i, d in per_image.items()
+    }
 
 
 def instances_as_results(instances, image_id: int, dataset: str) -> list[dict]:

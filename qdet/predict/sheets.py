@@ -20,9 +20,7 @@ import numpy as np
 
 from qdet.predict.inputs import read_image
 from qdet.predict.panels import (
-    PanelModel,
     build_panel_model,
-    comparison_sheet,
     detect,
     draw_instances,
     put_title,
@@ -47,13 +45,21 @@ TARGET_PRECISION = 0.9
 @dataclass(frozen=True)
 class Sheet:
     """A written sheet: its file, the threshold it is drawn at (None: the default 0.5,
-    without the val split's precision) and its images."""
+    without the val split's precision) and its images (chosen where the models differ
+    when there is a threshold, else the split's first)."""
 
     path: str
     threshold: Threshold | None
-    score: float
     files: tuple[str, ...]
-    chosen: bool  # the images where the models differ (else the split's first ones)
+
+    @property
+    def score(self) -> float:
+        return self.threshold.score if self.threshold is not None else DEFAULT_THRESHOLD
+
+    @property
+    def chosen(self) -> bool:
+        """The images are where the models differ (else the split's first ones)."""
+        return self.threshold is not None
 
     def describe(self) -> str:
         """One line for a tool's console: what the sheet shows."""
@@ -92,23 +98,6 @@ def write_image(path: str, image: np.ndarray) -> str:
     if not cv2.imwrite(path, image):
         raise ValueError(f"opencv could not write {path!r} (a .png or .jpg name is needed)")
     return path
-
-
-def write_val_sheet(
-    models: Sequence[PanelModel],
-    dataset: str,
-    path: str,
-    num_images: int = 3,
-    confidence_threshold: float = DEFAULT_THRESHOLD,
-    scale: float = 2.0,
-) -> str:
-    """The first ``num_images`` images of ``dataset`` through every model, one row each,
-    at a fixed threshold."""
-    from detectron2.data import DatasetCatalog
-
-    files = [d["file_name"] for d in DatasetCatalog.get(dataset)[:num_images]]
-    sheet = comparison_sheet(models, [read_image(f) for f in files], confidence_threshold, scale)
-    return write_image(path, sheet)
 
 
 def write_study_sheet(
@@ -155,7 +144,8 @@ def write_study_sheet(
         chosen = [d for d in dicts if d["image_id"] in ids]
     else:
         chosen = dicts[:num_images]
-    score = threshold.score if threshold is not None else DEFAULT_THRESHOLD
+    sheet = Sheet(path, threshold, tuple(d["file_name"] for d in chosen))
+    score = sheet.score
     models = [build_panel_model(cfg, title, score) for cfg, title in runs]
     rows = []
     for record in chosen:
@@ -168,9 +158,6 @@ def write_study_sheet(
             title = f"{model.title}: {panel_counts(counts, score)}"
             panels.append(put_title(draw_instances(model, image, instances, scale), title))
         rows.append(side_by_side(panels))
-    sheet = Sheet(
-        path, threshold, score, tuple(d["file_name"] for d in chosen), threshold is not None
-    )
     write_image(path, put_caption(stack_rows(rows), caption(sheet, dataset, len(dicts))))
     return sheet
 
