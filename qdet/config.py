@@ -9,9 +9,9 @@ from collections.abc import Callable
 from detectron2.config import CfgNode as CN
 from detectron2.config import get_cfg
 
+from qdet.quantization.calib_range import CALIB_RANGES
 from qdet.quantization.ewgs import ESTIMATORS
 from qdet.quantization.quantizers import BOUND_GRADIENTS, QUANTIZERS, check_bits
-from qdet.quantization.range_rules import CALIB_RANGES
 from qdet.quantization.surgery import target_patterns
 from qdet.quantization.targets import check_target_bits, get_target
 
@@ -38,7 +38,7 @@ def add_qdet_config(cfg: CN) -> CN:
     # with l = min(x) = 0, where about half the elements sit exactly at l: their pull on l
     # (dL/dl) is counted only when inclusive.
     cfg.QUANT.BOUND_GRADIENT = "exclusive"
-    # How calibration sets each uniform quantizer's range (qdet.quantization.range_rules):
+    # How calibration sets each uniform quantizer's range (qdet.quantization.calib_range):
     # "ewgs" (EWGS's rule: 3 std, percentiles; the papers' rows; made for <= 4 bits),
     # "minmax" (the whole observed range, as onnxruntime's MinMax), "mse" (the clipped
     # range closest to the calibration data in MSE: wide at 8 bits, clipped at 4). At

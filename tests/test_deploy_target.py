@@ -301,7 +301,7 @@ def test_bias_is_int32_at_the_input_step_times_the_weight_step(tmp_path):
 
 def test_check_fails_on_a_wrong_folded_weight(tmp_path, monkeypatch):
     """A negative control: one folded weight step doubled at export."""
-    import qdet.export.integer as integer
+    import qdet.quantization.integer_ops as integer
 
     model = _target_model()
     original = integer.integer_conv_grid

@@ -71,7 +71,7 @@ def main(args) -> dict:
     from qdet.config import load_config
     from qdet.engine.checks import check_datasets, require_trained_weights
     from qdet.predict import list_images, split_config_overrides
-    from qdet.quantization.ranges import plot_ranges, quantizer_ranges
+    from qdet.quantization.range_report import plot_ranges, quantizer_ranges
 
     setup_logger(name="qdet")
     if args.num_images < 1:

@@ -100,7 +100,7 @@ def _metadata(model: nn.Module, graph, record, dynamic: bool) -> dict[str, str]:
     }
     if graph.kind == "retinanet":
         meta["num_classes"] = model.num_classes
-    if record.target:  # the integer graph (qdet.export.integer): what the check counts
+    if record.target:  # the integer graph (qdet.quantization.integer_ops): what the check counts
         meta["target"] = record.target
         meta["integer_convs"] = record.integer.convs
         meta["integer_activations"] = [

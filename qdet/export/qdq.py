@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from qdet.quantization.functional import MODE_SIGNED, MODE_UNSIGNED, MODE_WEIGHT
+from qdet.quantization.integer_ops import IntegerActivation, recording
 from qdet.quantization.layers import QUANTIZED_LAYERS
 from qdet.quantization.per_level import PerLevelQuantizer
 from qdet.quantization.quantizers import (
@@ -252,8 +253,6 @@ def deploy_target(quantizer: nn.Module):
 
 def _export_module(path: str, quantizer: nn.Module, weight: torch.Tensor | None):
     if deploy_target(quantizer) is not None:
-        from qdet.export.integer import IntegerActivation
-
         if weight is not None or not quantizer.enabled:
             return None  # a target layer writes its folded integer weight itself
         if isinstance(quantizer, PerLevelQuantizer):
@@ -301,7 +300,7 @@ class ExportRecord:
     activations: list[ActivationGrid] = field(default_factory=list)
     weights: list[WeightGrid] = field(default_factory=list)
     weight_values: dict = field(default_factory=dict)  # id(grid) -> its DequantizeLinear
-    target: str = ""  # a target-trained model: its integer graph (qdet.export.integer)
+    target: str = ""  # a target-trained model: its integer graph (qdet.quantization.integer_ops)
     integer: object = None  # its IntegerRecord
 
 
@@ -331,8 +330,6 @@ def onnx_export_mode(model: nn.Module):
     stack = contextlib.ExitStack()
     try:
         if record.target:
-            from qdet.export.integer import recording
-
             stack.enter_context(integer_export())
             record.integer = stack.enter_context(recording())
             record.integer.paths = {id(m): name for name, m in model.named_modules()}

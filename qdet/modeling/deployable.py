@@ -38,7 +38,9 @@ from detectron2.modeling.meta_arch.retinanet import RetinaNetHead
 from torch import nn
 
 from qdet.quantization.folding import FOLDABLE, check_foldable
+from qdet.quantization.integer_ops import requantize
 from qdet.quantization.layers import QConv2d, QLinear, QuantizedInput
+from qdet.quantization.per_level import PerLevelQuantizer
 from qdet.quantization.quantizers import (
     capturing_codes,
     mark_quantized,
@@ -66,8 +68,6 @@ def same_grid(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     QuantizeLinear / DequantizeLinear pair that lets the runtime run the op on codes."""
     quantizer, _ = quantized_source(x)
     if exporting():
-        from qdet.export.integer import requantize
-
         y = requantize(y, quantizer)
     substitute = output_substitute()
     if substitute is not None:
@@ -290,8 +290,6 @@ def _add_quantizers(module, path, activation, edge, per_level_head):
                 attr, make = f"{name}_input_quantizer", lambda: edge(False)
             quantizer = make()
             if per_level_head:
-                from qdet.quantization.per_level import PerLevelQuantizer
-
                 quantizer = PerLevelQuantizer(module._num_features, make)
             setattr(module, attr, quantizer)
             yield attr, quantizer

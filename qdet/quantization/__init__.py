@@ -2,7 +2,9 @@
 
 from qdet.quantization.calibration import calibrate, init_weight_quantizers
 from qdet.quantization.ewgs import update_ewgs_deltas
-from qdet.quantization.export import (
+from qdet.quantization.functional import fake_quant_reference, fake_quantize, set_backend
+from qdet.quantization.layers import QConv2d, QLinear
+from qdet.quantization.packing import (
     deployed_weight_bytes,
     dequantize_weights,
     export_int_weights,
@@ -11,8 +13,6 @@ from qdet.quantization.export import (
     pack_codes,
     unpack_codes,
 )
-from qdet.quantization.functional import fake_quant_reference, fake_quantize, set_backend
-from qdet.quantization.layers import QConv2d, QLinear
 from qdet.quantization.qrelu import QReLUQuantizer  # registers QUANTIZERS['qrelu']
 from qdet.quantization.quantizers import (
     QUANTIZERS,

@@ -28,6 +28,7 @@ from qdet.quantization.folding import (
     norm_affine,
     uses_running_statistics,
 )
+from qdet.quantization.integer_ops import integer_conv
 from qdet.quantization.quantizers import (
     Quantizer,
     build_quantizer,
@@ -176,8 +177,6 @@ class QConv2d(Conv2d):
         norm = self.norm if norm is None else norm
         conv = (self.stride, self.padding, self.dilation, self.groups)
         if self.target is not None and exporting():
-            from qdet.export.integer import integer_conv  # the export needs onnx
-
             x = integer_conv(self, self.input_quantizer(x), norm)
         elif self.target is None or (norm is not None and not self._folds(norm)):
             x_q, w_q, saving = quantized_operands(self, x)

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from qdet.quantization.calib_range import CALIB_RANGES, activation_range, sample, weight_range
 from qdet.quantization.functional import (
     MODE_SIGNED,
     MODE_UNSIGNED,
@@ -30,7 +31,6 @@ from qdet.quantization.functional import (
     fake_quantize,
     fake_quantize_values,
 )
-from qdet.quantization.range_rules import CALIB_RANGES, activation_range, sample, weight_range
 from qdet.quantization.targets import DEPLOY_TARGETS, DeployTarget
 
 VALID_BITS = (1, 2, 3, 4, 5, 6, 7, 8, 32)
@@ -160,7 +160,7 @@ class Quantizer(nn.Module):
         self.target = target
         if calib_range not in CALIB_RANGES:
             raise ValueError(f"calib_range={calib_range!r} is not one of {CALIB_RANGES}")
-        # How calibration sets the range (qdet.quantization.range_rules); the uniform
+        # How calibration sets the range (qdet.quantization.calib_range); the uniform
         # quantizer offers all, the others their own rule ("ewgs" here means "default").
         self.calib_range = calib_range
         if kind not in KINDS:
@@ -569,7 +569,7 @@ class UniformQuantizer(Quantizer):
         self.scale.fill_(hi - lo)
 
     def _init_range_rule(self, stats):
-        """``QUANT.CALIB_RANGE`` minmax / mse (:mod:`qdet.quantization.range_rules`)."""
+        """``QUANT.CALIB_RANGE`` minmax / mse (:mod:`qdet.quantization.calib_range`)."""
         rule, n = self.calib_range, self.n_levels
         if self.kind == "weight":
             top = weight_range(stats[-1]["weight"], n, self.per_channel, rule)
