@@ -10,13 +10,14 @@ setup:
 
 test: setup
 	$(PY) -m ruff check .
+	$(VENV)/bin/lint-imports
 	QDET_QUANT_BACKEND=$${QDET_QUANT_BACKEND:-eager} $(PY) -m pytest -q tests
 
 demo: setup
 	$(PY) tools/demo.py
 
 lint: setup
-	$(PY) -m ruff check . && $(PY) -m ruff format --check .
+	$(PY) -m ruff check . && $(PY) -m ruff format --check . && $(VENV)/bin/lint-imports
 
 bench: setup
 	$(PY) tools/benchmark_quantizer.py

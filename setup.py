@@ -34,8 +34,9 @@ setup(
     python_requires=">=3.10",
     install_requires=install_requires,
     extras_require={
-        # tested: pytest 9.2.0, ruff 0.17.6
-        "dev": ["pytest>=8.0", "ruff>=0.6"],
+        # tested: pytest 9.2.0, ruff 0.17.6, import-linter 2.17 (the package layers,
+        # pyproject.toml's [tool.importlinter], checked by `make test`)
+        "dev": ["pytest>=8.0", "ruff>=0.6", "import-linter>=2.1"],
         # tools/export_onnx.py, qdet.export; tested: onnx 1.23.2, onnxruntime 1.32.0,
         # safetensors 0.8.0 (ml_dtypes 0.5.4: 0.6 needs numpy 2)
         "export": ["onnx>=1.16", "onnxruntime>=1.18", "safetensors>=0.4", "ml_dtypes<0.6"],

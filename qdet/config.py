@@ -9,11 +9,8 @@ from collections.abc import Callable
 from detectron2.config import CfgNode as CN
 from detectron2.config import get_cfg
 
-from qdet.quantization.calib_range import CALIB_RANGES
-from qdet.quantization.ewgs import ESTIMATORS
-from qdet.quantization.quantizers import BOUND_GRADIENTS, QUANTIZERS, check_bits
-from qdet.quantization.surgery import target_patterns
-from qdet.quantization.targets import check_target_bits, get_target
+from qdet.distill.losses import registered_losses
+from qdet.distill.recipes import RECIPES
 
 
 def add_qdet_config(cfg: CN) -> CN:
@@ -242,8 +239,6 @@ def add_distill_term_config(cfg: CN, loss: str, taps: list[str], weight: float, 
     declared by :func:`add_distill_terms_config`; a loss registered in
     ``qdet.distill.DISTILL_LOSS_REGISTRY`` by a user needs this call before its name can be
     used in ``DISTILL.TERMS`` (docs/methods.md, "Distillation")."""
-    from qdet.distill.losses import registered_losses
-
     losses, loss = registered_losses(), loss.lower()
     if loss not in losses:
         raise ValueError(f"distillation loss {loss!r} is not registered: known {sorted(losses)}")
@@ -258,37 +253,12 @@ def add_distill_term_config(cfg: CN, loss: str, taps: list[str], weight: float, 
 
 
 def add_distill_terms_config(cfg: CN) -> None:
-    """``DISTILL.<LOSS>``: each registered loss's taps, weight and options (defaults: the
-    papers' recipes; option meanings in the loss classes of qdet.distill.losses)."""
-    # QFD (QFD Eq. 7): MSE to the teacher's feature quantized by its teacher stage; one tap.
-    add_distill_term_config(cfg, "qfd", ["p3"], 1.0)
-    # Float feature KD: MSE to the teacher's float feature. CONNECTOR: FAQD's trainable
-    # 1x1 conv + ReLU per tap on the student side (channels may then differ).
-    add_distill_term_config(cfg, "feature_kd", ["p3"], 1.0, CONNECTOR=False)
-    # Feature affinity (FAQD Eq. 6) on the ResNet stage outputs, weight 0.1 (FAQD: every
-    # stage; res2 is left out as Detectron2 freezes it by default, MODEL.BACKBONE.FREEZE_AT).
-    # NORM: "fro2" (the paper) or "l1" (official code); REDUCTION over the batch: "mean" or
-    # "sum" (official code); the teacher map is resized to the student's with ALIGN_CORNERS.
-    stages = [f"backbone.bottom_up.res{i}" for i in (3, 4, 5)]
-    shared = dict(CONNECTOR=False, REDUCTION="mean", ALIGN_CORNERS=True, EPS=1e-5)
-    # ALGORITHM "gram": the same value from C x C matrices (faster on large maps).
-    add_distill_term_config(cfg, "fa", stages, 0.1, NORM="fro2", ALGORITHM="explicit", **shared)
-    # Fast FA (FAQD Eq. 14-15): K random projections, a fresh draw every step from its own
-    # generator seeded with SEED. ESTIMATE: what it estimates ("fro2": FA itself).
-    add_distill_term_config(cfg, "ffa", stages, 0.1, K=15, SEED=0, ESTIMATE="fro2", **shared)
-    # AKT's refined feature distillation (AKT Eq. 6-9) on every residual branch, weight
-    # 1 - alpha = 0.5. REDUCTION: "mean" (the paper) or "official" (1000 x sums).
-    # ATTENTION: "both", or "spatial" / "channel" alone (AKT Table 4's ablation).
-    add_distill_term_config(
-        cfg, "rfd", ["residual_branches"], 0.5, TEMPERATURE=8.0, REDUCTION="mean", ATTENTION="both"
-    )
-    # Logit KD: KL(softmax(z_T/t) || softmax(z_S/t)) t^2. ACTIVATION "auto": sigmoid for
-    # RetinaNet's focal-loss logits (per anchor and class), softmax for a classifier.
-    add_distill_term_config(cfg, "logit_kd", ["logits"], 1.0, TEMPERATURE=4.0, ACTIVATION="auto")
-    # FAQD's logit MSE.
-    add_distill_term_config(cfg, "logit_mse", ["logits"], 1.0)
-    # AKT's official logit term (-T^2 H(softmax((z_T - z_S)/T)), T = 20), alpha = 0.5.
-    add_distill_term_config(cfg, "akt_logit", ["logits"], 0.5, TEMPERATURE=20.0)
+    """``DISTILL.<LOSS>``: each registered loss's taps, weight and options, as its recipe in
+    :mod:`qdet.distill.recipes` says (the papers' defaults; what each option means is there
+    and in the loss classes of :mod:`qdet.distill.losses`)."""
+    for loss, recipe in RECIPES.items():
+        options = {k.upper(): v for k, v in recipe.options.items()}
+        add_distill_term_config(cfg, loss, list(recipe.taps), recipe.weight, **options)
 
 
 def add_transformer_config(cfg: CN) -> None:
@@ -341,80 +311,10 @@ def add_transformer_config(cfg: CN) -> None:
     cfg.SOLVER.LAYER_DECAY = 1.0
 
 
-def quantize_kwargs(cfg: CN) -> dict:
-    """``quantize_model`` keyword arguments from ``cfg.QUANT``, checked."""
-    q = cfg.QUANT
-    if q.METHOD not in QUANTIZERS:
-        raise ValueError(f"QUANT.METHOD={q.METHOD!r} is unknown: choose from {list(QUANTIZERS)}")
-    if q.ACT_METHOD and q.ACT_METHOD not in QUANTIZERS:
-        raise ValueError(
-            f"QUANT.ACT_METHOD={q.ACT_METHOD!r} is unknown: choose from {list(QUANTIZERS)} "
-            "or '' (= QUANT.METHOD)"
-        )
-    signed = {"auto": None, "signed": True, "unsigned": False}
-    if q.ACT_SIGNED not in signed:
-        raise ValueError(f"QUANT.ACT_SIGNED={q.ACT_SIGNED!r}: use one of {list(signed)}")
-    if q.BOUND_GRADIENT not in BOUND_GRADIENTS:
-        raise ValueError(
-            f"QUANT.BOUND_GRADIENT={q.BOUND_GRADIENT!r}: use one of {list(BOUND_GRADIENTS)}"
-        )
-    if not q.EWGS_DELTA >= 0:
-        raise ValueError(f"QUANT.EWGS_DELTA={q.EWGS_DELTA!r} must be >= 0 (0 is the STE)")
-    if not (isinstance(q.EWGS_UPDATE_PERIOD, int) and q.EWGS_UPDATE_PERIOD >= 0):
-        raise ValueError(
-            f"QUANT.EWGS_UPDATE_PERIOD={q.EWGS_UPDATE_PERIOD!r}: use an integer >= 0 "
-            "(iterations between delta refreshes; 0 = once per epoch)"
-        )
-    if not (isinstance(q.EWGS_HESSIAN_BATCHES, int) and q.EWGS_HESSIAN_BATCHES >= 1):
-        raise ValueError(
-            f"QUANT.EWGS_HESSIAN_BATCHES={q.EWGS_HESSIAN_BATCHES!r}: use an integer >= 1 "
-            "(training batches per delta refresh)"
-        )
-    if q.EWGS_HUTCHINSON not in ESTIMATORS:
-        raise ValueError(
-            f"QUANT.EWGS_HUTCHINSON={q.EWGS_HUTCHINSON!r}: use one of {list(ESTIMATORS)}"
-        )
-    options = {"bound_gradient": q.BOUND_GRADIENT}
-    if q.CALIB_RANGE not in CALIB_RANGES:
-        raise ValueError(f"QUANT.CALIB_RANGE={q.CALIB_RANGE!r}: use one of {list(CALIB_RANGES)}")
-    if q.CALIB_RANGE != "ewgs":
-        if q.METHOD == "lsq":
-            raise ValueError("QUANT.CALIB_RANGE: LSQ initialises its step by its own rule")
-        options["calib_range"] = q.CALIB_RANGE
-    if q.METHOD == "ewgs":
-        options["delta"] = float(q.EWGS_DELTA)
-    for key in ("W_BITS", "A_BITS"):
-        try:
-            check_bits(q[key])
-        except ValueError as e:
-            raise ValueError(f"QUANT.{key}: {e}") from None
-    target = get_target(q.TARGET)
-    if target is not None:
-        check_target_bits(target, q.W_BITS, q.A_BITS)
-        if q.TARGET_EDGE_BITS not in (8, 32):
-            raise ValueError(
-                f"QUANT.TARGET_EDGE_BITS={q.TARGET_EDGE_BITS!r}: use 8 (the stem and the "
-                "predictors as W8A8 integer ops) or 32 (float)"
-            )
-        options["target"] = target
-    if not (isinstance(q.FREEZE_BN_ITER, int) and q.FREEZE_BN_ITER >= 0):
-        raise ValueError(f"QUANT.FREEZE_BN_ITER={q.FREEZE_BN_ITER!r}: use an integer >= 0")
-    if q.FREEZE_BN_ITER and target is None:
-        raise ValueError(
-            "QUANT.FREEZE_BN_ITER freezes the BN a deployment target folds: set QUANT.TARGET "
-            "(e.g. onnxruntime), or QUANT.FREEZE_BN_ITER 0"
-        )
-    return {
-        "w_bits": q.W_BITS,
-        "a_bits": q.A_BITS,
-        "method": q.METHOD,
-        "per_channel": q.PER_CHANNEL,
-        "include": target_patterns(q.TARGETS, q.INCLUDE),
-        "exclude": list(q.EXCLUDE) or None,
-        "act_signed": signed[q.ACT_SIGNED],
-        "quantizer_options": options,
-        "act_method": q.ACT_METHOD or None,
-    }
+def quant_defaults() -> dict:
+    """The ``QUANT`` keys and their defaults as a plain dict (upper-case keys): what
+    :func:`qdet.quantize_model`'s keywords and a LazyConfig's ``quant`` node start from."""
+    return dict(add_qdet_config(get_cfg()).QUANT)
 
 
 def _all_keys(cfg: CN, prefix: str = "") -> list[str]:

@@ -17,10 +17,10 @@ from __future__ import annotations
 import difflib
 from dataclasses import dataclass
 
-from detectron2.config import CfgNode, get_cfg
+from detectron2.config import CfgNode
 from torch import nn
 
-from qdet.config import add_qdet_config
+from qdet.config import quant_defaults
 from qdet.modeling.quantized import QuantizationSettings, apply_quantization
 from qdet.quantization.layers import QUANTIZED_LAYERS
 from qdet.quantization.surgery import quantization_table
@@ -47,10 +47,10 @@ class QuantizationSummary:
         return self.table
 
 
-def quant_config(cfg: CfgNode | None = None, **settings) -> CfgNode:
-    """A config whose ``QUANT`` is ``cfg.QUANT`` or the defaults with ``settings`` (lower-case
-    ``QUANT`` keys) set; unknown keys are an error listing the near ones."""
-    base = add_qdet_config(get_cfg())
+def quant_settings(cfg: CfgNode | None = None, **settings) -> dict:
+    """The ``QUANT`` settings as a plain dict (upper-case keys): ``cfg.QUANT``'s, or qdet's
+    defaults (:func:`qdet.config.quant_defaults`) with ``settings`` (lower-case ``QUANT``
+    keys) set; unknown keys are an error listing the near ones."""
     if cfg is not None:
         if settings:
             raise ValueError(
@@ -58,11 +58,12 @@ def quant_config(cfg: CfgNode | None = None, **settings) -> CfgNode:
             )
         if "QUANT" not in cfg:
             raise ValueError("cfg has no QUANT node: build it with qdet.add_qdet_config(cfg)")
-        base.QUANT = cfg.QUANT.clone()
-        if not base.QUANT.ENABLED:
+        quant = dict(cfg.QUANT)
+        if not quant["ENABLED"]:
             raise ValueError("cfg.QUANT.ENABLED is False: set it True to quantize the model")
-        return base
-    known = {k.lower() for k in base.QUANT if k not in _MODEL_ONLY}
+        return quant
+    quant = quant_defaults()
+    known = {k.lower() for k in quant if k not in _MODEL_ONLY}
     for key, value in settings.items():
         if key.upper() in _MODEL_ONLY:
             raise ValueError(
@@ -77,16 +78,16 @@ def quant_config(cfg: CfgNode | None = None, **settings) -> CfgNode:
                 f"quantize_model: unknown setting {key!r}; {hint}settings are the QUANT keys "
                 f"in lower case: {sorted(known)}"
             )
-        old = base.QUANT[key.upper()]
+        old = quant[key.upper()]
         if isinstance(old, bool) != isinstance(value, bool) and not isinstance(old, list | tuple):
             raise ValueError(f"quantize_model: {key}={value!r}, expected a {type(old).__name__}")
         if isinstance(old, float) and isinstance(value, int):
             value = float(value)
-        base.QUANT[key.upper()] = list(value) if isinstance(value, list | tuple) else value
+        quant[key.upper()] = list(value) if isinstance(value, list | tuple) else value
     if settings.get("enabled", True) is False:
         raise ValueError("quantize_model: enabled=False quantizes nothing; leave it out")
-    base.QUANT.ENABLED = True
-    return base
+    quant["ENABLED"] = True
+    return quant
 
 
 def quantize_model(
@@ -105,7 +106,7 @@ def quantize_model(
             f"{type(model).__name__} is already quantized ({len(done)} layers, e.g. "
             f"{done[0]!r}): quantize_model quantizes an FP model once; build a fresh one"
         )
-    settings_ = QuantizationSettings.from_config(quant_config(cfg, **settings))
+    settings_ = QuantizationSettings.from_quant(quant_settings(cfg, **settings))
     apply_quantization(model, settings_)
     layers = {
         n: (m.weight_quantizer.bits, m.input_quantizer.bits)

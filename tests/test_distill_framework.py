@@ -30,7 +30,7 @@ from train_net_cli import run_train_net
 from qdet.distill import distiller as distiller_module
 from qdet.distill.distiller import Distiller, TermSpec, term_specs
 from qdet.distill.taps import expand_taps, resolve_tap
-from qdet.engine import QDetTrainer
+from qdet.engine import QDetTrainer, teacher_stage
 from qdet.quantization import deployed_weight_bytes
 
 # loss_distill of the previous single-term code path (commit 97955a4, distiller.py before
@@ -40,7 +40,7 @@ PREVIOUS = {"qfd": 39.05830383300781, "feature_kd": 12376.19140625}
 
 @pytest.fixture
 def tiny_teacher(monkeypatch):
-    monkeypatch.setattr(distiller_module, "teacher_config", _tiny_teacher_config)
+    monkeypatch.setattr(teacher_stage, "teacher_config", _tiny_teacher_config)
 
 
 def _student(d, *opts, seed=2):
@@ -323,7 +323,7 @@ def test_distill_config_errors(teacher_checkpoint, tiny_teacher):  # noqa: F811
         with pytest.raises(ValueError, match=r"DISTILL.FA.WEIGHT.*finite number >= 0"):
             term_specs(cfg)
     with pytest.raises(ValueError, match="QFD's teacher stage quantizes one"):
-        distiller_module.qfd_tap(
+        teacher_stage.qfd_tap(
             _student_cfg(
                 teacher_checkpoint, "DISTILL.TERMS", "['qfd']", "DISTILL.QFD.TAPS", "['p3', 'p4']"
             )

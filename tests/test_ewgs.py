@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qdet.config import add_qdet_config, quantize_kwargs
+from qdet.config import add_qdet_config
 from qdet.quantization import (
     EWGSQuantizer,
     UniformQuantizer,
@@ -25,6 +25,7 @@ from qdet.quantization import (
     update_ewgs_deltas,
 )
 from qdet.quantization.ewgs import hutchinson_trace
+from qdet.quantization.settings import quantize_kwargs
 
 
 class _EWGSDiscretizer(torch.autograd.Function):
@@ -371,7 +372,7 @@ def test_config_errors_name_the_key_and_valid_values(key, value, message):
     cfg = add_qdet_config(get_cfg())
     cfg.merge_from_list(["QUANT.METHOD", "ewgs", key, str(value)])
     with pytest.raises(ValueError, match=message):
-        quantize_kwargs(cfg)
+        quantize_kwargs(cfg.QUANT)
 
 
 def test_config_options_reach_the_quantizers():
@@ -382,7 +383,7 @@ def test_config_options_reach_the_quantizers():
         ["QUANT.METHOD", "ewgs", "QUANT.BOUND_GRADIENT", "inclusive", "QUANT.EWGS_DELTA", "0.25"]
     )
     model = nn.Sequential(nn.Conv2d(3, 3, 3), nn.ReLU(), nn.Conv2d(3, 3, 3))
-    kwargs = quantize_kwargs(cfg)
+    kwargs = quantize_kwargs(cfg.QUANT)
     kwargs["exclude"] = []
     quantize_model(model, **kwargs)
     quantizers = [m for m in model.modules() if isinstance(m, EWGSQuantizer)]

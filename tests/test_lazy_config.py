@@ -15,7 +15,7 @@ from detectron2.config import LazyConfig, instantiate
 from detectron2.data import DatasetCatalog, MetadataCatalog
 
 import qdet  # noqa: F401  (registers the digits datasets)
-from qdet.engine import lazy
+from qdet.engine import lazy, teacher_stage
 from qdet.quantization import QConv2d
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -231,9 +231,9 @@ def test_lazy_qfd_runs_its_teacher_stage_then_distils_the_quantized_feature(
         "+distill.teacher_stage_iters=2",
     )
     lazy.do_train(cfg)
-    stage = lazy.teacher_stage_weights(cfg)
+    stage = teacher_stage.lazy_teacher_stage(cfg).weights
     assert os.path.isfile(stage) and any("loss_distill_qfd" in m for m in _metrics(out))
-    teacher = lazy.build_teacher(cfg, "cpu")
+    teacher = teacher_stage.build_lazy_teacher(cfg, "cpu")
     q = teacher.feature_quantizer
     assert q.initialized and q.bits == 8 and q.signed
     # The teacher's p3, as the student's term reads it, is on the 8-bit grid: 2^8 levels.
@@ -248,7 +248,7 @@ def test_lazy_qfd_teacher_stage_schedule_fits_its_length():
     stage is 40 iterations at the base rate after a warmup of at most half of them, as the
     yacs path's; the student's milestones would not fit 40 updates."""
     cfg = LazyConfig.load(os.path.join(DIGITS, "retinanet_r18_4bit_qfd.py"))
-    stage = lazy.teacher_stage_config(cfg)
+    stage = teacher_stage.lazy_teacher_stage_config(cfg)
     assert stage.train.max_iter == 40 and stage.train.checkpointer.period == 40
     assert stage.train.init_checkpoint == cfg.distill.teacher_weights
     assert "evaluator" not in stage.dataloader and "evaluator" in cfg.dataloader

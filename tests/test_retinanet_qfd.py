@@ -17,7 +17,9 @@ from detectron2.utils.events import EventStorage
 from train_net_cli import run_train_net, write_config_with
 
 from qdet.config import add_qdet_config
-from qdet.distill import Distiller, TermSpec, build_distill_loss, load_teacher, teacher_config
+from qdet.distill import Distiller, TermSpec, build_distill_loss
+from qdet.engine import teacher_stage
+from qdet.engine.teacher_stage import load_teacher, teacher_config
 from qdet.quantization import QConv2d, UniformQuantizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -192,9 +194,7 @@ def _student_cfg(d, *opts):
 
 
 def test_qfd_loss_matches_independent_computation(teacher_checkpoint, monkeypatch):
-    from qdet.distill import distiller as distiller_module
-
-    monkeypatch.setattr(distiller_module, "teacher_config", _tiny_teacher_config)
+    monkeypatch.setattr(teacher_stage, "teacher_config", _tiny_teacher_config)
     cfg = _student_cfg(teacher_checkpoint)
     from qdet.engine import QDetTrainer
 
@@ -235,9 +235,7 @@ def _tiny_teacher_config(cfg, quantized_feature):
 
 
 def test_distiller_errors(teacher_checkpoint, monkeypatch):
-    from qdet.distill import distiller as distiller_module
-
-    monkeypatch.setattr(distiller_module, "teacher_config", _tiny_teacher_config)
+    monkeypatch.setattr(teacher_stage, "teacher_config", _tiny_teacher_config)
     cfg = _student_cfg(teacher_checkpoint)
     with pytest.raises(FileNotFoundError, match="does not exist.*teacher stage"):
         load_teacher(cfg, str(teacher_checkpoint / "missing.pth"), quantized_feature=True)
@@ -250,7 +248,7 @@ def test_distiller_errors(teacher_checkpoint, monkeypatch):
     with pytest.raises(ValueError, match="DISTILL.LOSS='kl'.*feature_kd"):
         build_distill_loss("kl")
     # A teacher config whose model does not match the checkpoint.
-    monkeypatch.setattr(distiller_module, "teacher_config", _wide)
+    monkeypatch.setattr(teacher_stage, "teacher_config", _wide)
     with pytest.raises(ValueError, match="does not match"):
         load_teacher(cfg, str(teacher_checkpoint / "fp.pth"), quantized_feature=False)
 

@@ -18,6 +18,7 @@ from qdet.config import load_config
 from qdet.distill import Distiller, TermSpec, term_specs
 from qdet.engine import build_qat_optimizer
 from qdet.quantization import QLinear, calibrate
+from qdet.study import ablation
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = {
@@ -220,9 +221,9 @@ def test_every_shipped_config_loads():
     for path in paths:
         cfg = load_config(path, [])
         if cfg.QUANT.ENABLED:
-            from qdet.config import quantize_kwargs
+            from qdet.quantization.settings import quantize_kwargs
 
-            quantize_kwargs(cfg)  # bits, method and targets are valid
+            quantize_kwargs(cfg.QUANT)  # bits, method and targets are valid
         if cfg.DISTILL.ENABLED:
             term_specs(cfg)  # losses, options and weights are valid
 
@@ -231,9 +232,6 @@ def test_every_shipped_config_loads():
 def test_digits_ablation_rows(arch, blocks, tmp_path):
     """Table 8's digits rows differ only in bits and targets; the fine-tunes (quantized
     and the FP control) share one schedule and start from the FP row's model."""
-    sys.path.insert(0, os.path.join(ROOT, "tools"))
-    import ablation_transformer as ablation
-
     study = ablation.build_study(arch, False, str(tmp_path), [])
     cfgs = {name: study.config(row, study.seeds[0]) for name, row in study.rows.items()}
     both, fp_model = ["mha", "mlp"], str(tmp_path / arch / "fp" / "model_final.pth")
@@ -273,9 +271,6 @@ def test_lazy_digits_ablation_rows_match_the_yacs_rows(tmp_path):
     fine-tune from the FP run), quantizing the same number of Linears with the same share
     of the ViT's parameters as the yacs rows."""
     from qdet.engine import lazy
-
-    sys.path.insert(0, os.path.join(ROOT, "tools"))
-    import ablation_transformer as ablation
 
     runs = {s: cfg for s, _, cfg in ablation.lazy_run_configs(False, str(tmp_path), [], 2)}
     assert list(runs) == ["fp", "fp_finetune", "8bit", "6bit", "4bit", "4bit_mha", "4bit_mlp"]

@@ -14,25 +14,18 @@ import os
 import sys
 
 import quiet_console  # noqa: F401  (first: quiets third-party warnings in a tool's console)
-from detectron2.config import LazyConfig
 from detectron2.engine import default_argument_parser, default_setup
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import qdet  # noqa: E402,F401  (registers qdet's datasets and models)
 from qdet.engine import lazy  # noqa: E402
 from qdet.engine.cli import launch_main  # noqa: E402
-
-
-def load(config_file: str, opts: list[str]):
-    if not os.path.isfile(config_file):
-        raise FileNotFoundError(f"--config-file {config_file!r} does not exist")
-    cfg = LazyConfig.load(config_file)
-    return LazyConfig.apply_overrides(cfg, opts)
+from qdet.engine.lazy_config import load_lazy_config, quant_settings  # noqa: E402
 
 
 def main(args):
-    cfg = load(args.config_file, args.opts)
-    lazy.quant_settings(cfg)  # a config without a quant node: say what to add, first
+    cfg = load_lazy_config(args.config_file, args.opts)
+    quant_settings(cfg)  # a config without a quant node: say what to add, first
     default_setup(cfg, args)
     if args.eval_only:
         return lazy.do_eval(cfg)

@@ -26,7 +26,10 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.data.datasets import load_coco_json
 from PIL import Image
+from pycocotools import mask as mask_util
 
 DIGITS_CLASSES = [str(i) for i in range(10)]
 VERSION = "digits_v2"
@@ -52,6 +55,7 @@ def digit_pools() -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
     """({"train", "val"} -> sorted indices into sklearn's digits, disjoint), images (8x8,
     0-16), labels. The classification crops share the split, so their val digits are
     never seen in any training image either."""
+    # sklearn only when the dataset is first built (its import is slow)
     from sklearn.datasets import load_digits
 
     digits = load_digits()
@@ -131,8 +135,6 @@ def _render(rng, pool, images, targets):
 
 
 def _build_split(out: Path, split: str, count: int, pool, images, targets) -> dict:
-    from pycocotools import mask as mask_util
-
     (out / split).mkdir(parents=True)
     coco = {
         "images": [],
@@ -206,9 +208,6 @@ def ensure_digits_dataset() -> dict[str, tuple[str, str]]:
 
 def register_digits_datasets() -> None:
     """Register ``qdet_digits_train`` / ``qdet_digits_val`` (lazily built) with Detectron2."""
-    from detectron2.data import DatasetCatalog, MetadataCatalog
-    from detectron2.data.datasets import load_coco_json
-
     root = get_digits_root()
     for split in SPLITS:
         name = f"qdet_digits_{split}"

@@ -32,7 +32,7 @@ from torch import nn
 from qdet.datafree.generators import LayoutGenerator
 from qdet.datafree.source import GeneratorSource
 from qdet.datafree.trainer import ZeroShotTrainerMixin
-from qdet.engine.trainer import QDetTrainer
+from qdet.engine.trainer import TRAINER_REGISTRY, QDetTrainer
 
 DETECTOR_GENERATOR_LOSSES = ("gdfq",)
 
@@ -240,6 +240,7 @@ class DetectorGeneratorSource(GeneratorSource):
         ]
 
 
+@TRAINER_REGISTRY.register()
 class DataFreeTrainer(ZeroShotTrainerMixin, QDetTrainer):
     """qdet's trainer for a data-free RetinaNet (``ZEROSHOT.ENABLED``): the student trains
     label-free on the generator's images only; evaluation reads the real DATASETS.TEST."""

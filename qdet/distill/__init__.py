@@ -8,9 +8,9 @@ from qdet.distill.distiller import (
     DistillTerm,
     TermSpec,
     attach_distiller,
-    build_distiller,
-    load_teacher,
-    teacher_config,
+    qfd_term_tap,
+    specs_from_terms,
+    term_spec,
     term_specs,
 )
 from qdet.distill.loss_base import DistillLoss
@@ -24,9 +24,12 @@ from qdet.distill.losses import (
     build_distill_loss,
     registered_losses,
 )
+from qdet.distill.recipes import RECIPES, TermRecipe
 from qdet.distill.taps import Tap, TapRecorder, expand_taps, resolve_tap
 
 __all__ = [
+    "RECIPES",
+    "TermRecipe",
     "DISTILL_LOSS_REGISTRY",
     "AKTLogitLoss",
     "DistillLoss",
@@ -44,11 +47,11 @@ __all__ = [
     "TermSpec",
     "attach_distiller",
     "build_distill_loss",
-    "build_distiller",
     "expand_taps",
-    "load_teacher",
     "registered_losses",
     "resolve_tap",
-    "teacher_config",
+    "qfd_term_tap",
+    "specs_from_terms",
+    "term_spec",
     "term_specs",
 ]

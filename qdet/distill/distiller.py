@@ -5,19 +5,17 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 
 import torch
-from detectron2.checkpoint import DetectionCheckpointer
-from detectron2.config import CfgNode, get_cfg
-from detectron2.modeling import build_model
+from detectron2.config import CfgNode
 from detectron2.utils import comm
 from detectron2.utils.events import get_event_storage
 from torch import nn
 
 from qdet.distill.losses import build_distill_loss, registered_losses
+from qdet.distill.recipes import RECIPES, TermRecipe
 from qdet.distill.taps import (
     LOGITS,
     RESIDUAL_BRANCHES,
@@ -50,6 +48,42 @@ SHARE_CHECK_ITERS, LOW_SHARE, TARGET_SHARE = 100, 0.01, 0.2
 _TERM_KEYS = ("TAPS", "WEIGHT", "CONNECTOR")
 
 
+def term_spec(
+    name: str,
+    taps: list[str],
+    weight,
+    options: Mapping,
+    connector: bool = False,
+    node: str = "",
+    field_name: str = "DISTILL.TERMS",
+) -> TermSpec:
+    """One term, checked: a registered loss (``field_name`` names where its name was set),
+    at least one tap, a finite weight >= 0 and options the loss accepts. ``node``: the
+    config key holding the term's settings (``DISTILL.<LOSS>``), for messages; its weight's
+    key is ``<node>.WEIGHT`` unless ``field_name`` is the one-term shorthand's."""
+    losses = registered_losses()
+    if name not in losses:
+        raise ValueError(f"{field_name}: loss {name!r} is unknown: choose from {sorted(losses)}")
+    node = node or f"DISTILL.{name.upper()}"
+    where = "DISTILL.WEIGHT" if field_name == "DISTILL.LOSS" else f"{node}.WEIGHT"
+    number = isinstance(weight, int | float) and not isinstance(weight, bool)
+    if not (number and math.isfinite(weight) and weight >= 0):
+        raise ValueError(f"{where}={weight!r}: a term's weight must be a finite number >= 0")
+    if not taps:
+        raise ValueError(f"{node}.TAPS is empty: name at least one tap")
+    options = dict(options)
+    # Unknown or bad options fail here, before any model is built ("auto" is resolved
+    # against the student by the Distiller).
+    probe = dict(options)
+    if probe.get("activation") == "auto":
+        probe["activation"] = "softmax"
+    try:
+        build_distill_loss(name, **probe)
+    except ValueError as e:
+        raise ValueError(f"{node}: {e}") from None
+    return TermSpec(name, list(taps), float(weight), bool(connector), options, weight_key=where)
+
+
 def term_specs(cfg: CfgNode) -> list[TermSpec]:
     """The terms of ``cfg.DISTILL``: each name in ``TERMS`` with its ``DISTILL.<NAME>`` node,
     or, with ``TERMS`` empty, the one-term shorthand ``LOSS`` on ``TAP`` with ``WEIGHT``
@@ -74,30 +108,47 @@ def term_specs(cfg: CfgNode) -> list[TermSpec]:
             )
         taps = list(node.TAPS) if d.TERMS else [d.TAP]
         weight = node.WEIGHT if d.TERMS else d.WEIGHT
-        where = f"DISTILL.{name.upper()}.WEIGHT" if d.TERMS else "DISTILL.WEIGHT"
-        number = isinstance(weight, int | float) and not isinstance(weight, bool)
-        if not (number and math.isfinite(weight) and weight >= 0):
-            raise ValueError(f"{where}={weight!r}: a term's weight must be a finite number >= 0")
-        if not taps:
-            raise ValueError(f"DISTILL.{name.upper()}.TAPS is empty: name at least one tap")
         options = {k.lower(): v for k, v in node.items() if k not in _TERM_KEYS}
-        # Unknown or bad options fail here, before any model is built ("auto" is resolved
-        # against the student by the Distiller).
-        probe = dict(options)
-        if probe.get("activation") == "auto":
-            probe["activation"] = "softmax"
-        try:
-            build_distill_loss(name, **probe)
-        except ValueError as e:
-            raise ValueError(f"DISTILL.{name.upper()}: {e}") from None
         connect = bool(node.get("CONNECTOR"))
-        specs.append(TermSpec(name, taps, float(weight), connect, options, weight_key=where))
+        specs.append(term_spec(name, taps, weight, options, connect, field_name=field_name))
     return specs
 
 
-def qfd_tap(cfg: CfgNode) -> str | None:
-    """The teacher feature QFD quantizes (its teacher stage), or None without a qfd term."""
-    specs = term_specs(cfg) if cfg.DISTILL.ENABLED else []
+def specs_from_terms(terms: Mapping[str, Mapping] | list[TermSpec]) -> list[TermSpec]:
+    """TermSpecs from ``{loss: {"taps": [...], "weight": w, "connector": False, **options}}``
+    (a loss's omitted taps / weight / options take its recipe's defaults,
+    :mod:`qdet.distill.recipes`, as ``DISTILL.<LOSS>`` does), checked as ``DISTILL.TERMS``
+    is; TermSpecs pass through."""
+    if isinstance(terms, list):
+        return terms
+    losses, specs = registered_losses(), []
+    for name, settings in terms.items():
+        if name not in losses:
+            known = sorted(losses)
+            raise ValueError(f"DISTILL.TERMS: loss {name!r} is unknown: choose from {known}")
+        recipe = RECIPES.get(name, TermRecipe((), 1.0))
+        values = {
+            "taps": list(recipe.taps),
+            "weight": recipe.weight,
+            **losses[name].options(),
+            **recipe.options,
+        }
+        for key, value in dict(settings).items():
+            if key.lower() not in values:
+                raise ValueError(
+                    f"distillation term {name!r}: unknown setting {key!r}; use {sorted(values)}"
+                )
+            values[key.lower()] = list(value) if isinstance(value, list | tuple) else value
+        taps, weight = values.pop("taps"), values.pop("weight")
+        connect = bool(values.get("connector"))
+        options = {k: v for k, v in values.items() if k.upper() not in _TERM_KEYS}
+        specs.append(term_spec(name, taps, weight, options, connect))
+    return specs
+
+
+def qfd_term_tap(specs: list[TermSpec]) -> str | None:
+    """The teacher feature the ``qfd`` term distils (QFD's teacher stage quantizes it), or
+    None without a qfd term."""
     taps = [t for s in specs if s.loss == "qfd" for t in s.taps]
     if len(taps) > 1:
         raise ValueError(
@@ -383,29 +434,6 @@ class Distiller(nn.Module):
             )  # fmt: skip
 
 
-def specs_from_terms(terms: Mapping[str, Mapping] | list[TermSpec]) -> list[TermSpec]:
-    """TermSpecs from ``{loss: {"taps": [...], "weight": w, "connector": False, **options}}``
-    (a loss's omitted taps / weight / options take its ``DISTILL.<LOSS>`` defaults), checked
-    as ``DISTILL.TERMS`` is; TermSpecs pass through."""
-    if isinstance(terms, list):
-        return terms
-    from qdet.config import add_qdet_config
-
-    cfg = add_qdet_config(get_cfg())
-    cfg.DISTILL.TERMS = list(terms)
-    for name, settings in terms.items():
-        node = cfg.DISTILL.get(name.upper())
-        for key, value in dict(settings).items():
-            if node is not None and key.upper() not in node:
-                known = sorted(k.lower() for k in node)
-                raise ValueError(
-                    f"distillation term {name!r}: unknown setting {key!r}; use {known}"
-                )
-            if node is not None:
-                node[key.upper()] = list(value) if isinstance(value, list | tuple) else value
-    return term_specs(cfg)
-
-
 def attach_distiller(
     student: nn.Module,
     teacher: nn.Module,
@@ -438,108 +466,3 @@ def attach_distiller(
 
     distiller._hooks.append(student.register_forward_hook(add_terms))
     return distiller
-
-
-def teacher_config(cfg: CfgNode, quantized_feature: bool) -> CfgNode:
-    """The teacher's config: DISTILL.TEACHER_CONFIG, on the student's device and data."""
-    from qdet.config import add_qdet_config
-
-    path = cfg.DISTILL.TEACHER_CONFIG
-    if not path or not os.path.isfile(path):
-        raise FileNotFoundError(
-            f"DISTILL.TEACHER_CONFIG={path!r} is not a file: set it to the teacher's config"
-        )
-    tcfg = add_qdet_config(get_cfg())
-    tcfg.set_new_allowed(True)
-    tcfg.merge_from_file(path)
-    tcfg.MODEL.DEVICE = cfg.MODEL.DEVICE
-    tcfg.DISTILL.ENABLED = False
-    if quantized_feature:
-        tcfg.QUANT.FEATURE_TAP = qfd_tap(cfg) or cfg.DISTILL.TAP  # TAP: a bare load_teacher
-        tcfg.QUANT.FEATURE_BITS = cfg.DISTILL.TEACHER_FEATURE_BITS
-        tcfg.QUANT.FEATURE_SIGNED = cfg.DISTILL.TEACHER_FEATURE_SIGNED
-    return tcfg
-
-
-def load_teacher(cfg: CfgNode, weights: str, quantized_feature: bool) -> nn.Module:
-    """Build the teacher and load ``weights``, refusing a checkpoint that does not fit."""
-    if not weights or not os.path.isfile(weights):
-        hint = (
-            " Run the teacher stage first (tools/train_net.py --stage teacher)."
-            if quantized_feature
-            else ""
-        )
-        raise FileNotFoundError(f"teacher checkpoint {weights!r} does not exist.{hint}")
-    teacher = build_model(teacher_config(cfg, quantized_feature))
-    checkpointer = _CheckedCheckpointer(teacher)
-    checkpointer.load(weights, checkpointables=[])
-    result = checkpointer.incompatible
-    if result is not None and result.incorrect_shapes:
-        name, got, want = result.incorrect_shapes[0]
-        raise ValueError(
-            f"teacher checkpoint {weights} does not match DISTILL.TEACHER_CONFIG: {name} has "
-            f"shape {tuple(got)} in the checkpoint, {tuple(want)} in the model "
-            f"({len(result.incorrect_shapes)} such parameters)"
-        )
-    missing = [k for k in (result.missing_keys if result else []) if "num_batches_tracked" not in k]
-    if quantized_feature and any(k.startswith("feature_quantizer.") for k in missing):
-        raise ValueError(
-            f"teacher checkpoint {weights} has no trained feature quantizer: QFD needs the "
-            "teacher stage's output (tools/train_net.py --stage teacher), or use "
-            "DISTILL.LOSS feature_kd"
-        )
-    if missing:
-        raise ValueError(
-            f"teacher checkpoint {weights} lacks {len(missing)} parameters of "
-            f"DISTILL.TEACHER_CONFIG's model, e.g. {missing[:5]}"
-        )
-    return teacher
-
-
-class _CheckedCheckpointer(DetectionCheckpointer):
-    """Keeps the incompatible keys that Detectron2 only logs, so they can be refused."""
-
-    incompatible = None
-
-    def _log_incompatible_keys(self, incompatible) -> None:
-        self.incompatible = incompatible
-        super()._log_incompatible_keys(incompatible)
-
-
-def build_distiller(cfg: CfgNode, student: nn.Module) -> Distiller:
-    """The distiller for ``cfg.DISTILL`` (:func:`term_specs`), its teacher on the student's
-    device. With a qfd term the teacher is the teacher stage's model, whose QFD tap is
-    quantized for every term (the head then sees the quantized feature too)."""
-    specs = term_specs(cfg)
-    quantized = qfd_tap(cfg) is not None
-    weights = quantized_teacher_weights(cfg) if quantized else cfg.DISTILL.TEACHER_WEIGHTS
-    teacher = load_teacher(cfg, weights, quantized).to(student.device)
-    if not (
-        torch.equal(teacher.pixel_mean.cpu(), student.pixel_mean.cpu())
-        and torch.equal(teacher.pixel_std.cpu(), student.pixel_std.cpu())
-    ):
-        raise ValueError(
-            "teacher and student normalise pixels differently "
-            "(MODEL.PIXEL_MEAN / PIXEL_STD): the teacher sees the student's input"
-        )
-    distiller = Distiller(student, teacher, specs).to(student.device)  # connectors too
-    distiller.label_free = cfg.DISTILL.LABEL_FREE
-    distiller.gt_weight = cfg.DISTILL.GT_WEIGHT
-    # With TERMS set, LOSS / TAP / WEIGHT are not read (and the reverse): say what runs.
-    logger.info(
-        "Distillation terms%s: %s",
-        " (label-free)"
-        if distiller.label_free
-        else f" (ground-truth losses x {distiller.gt_weight:g})"
-        if distiller.gt_weight != 1.0
-        else "",
-        "; ".join(f"{t.name} x {t.weight:g} on {t.taps}" for t in distiller.terms),
-    )
-    return distiller
-
-
-def quantized_teacher_weights(cfg: CfgNode) -> str:
-    """Where the feature-quantized teacher is (the teacher stage writes it there)."""
-    return cfg.DISTILL.QUANTIZED_TEACHER_WEIGHTS or os.path.join(
-        cfg.OUTPUT_DIR, "teacher_stage", "model_final.pth"
-    )

@@ -27,6 +27,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+from detectron2.layers import CNNBlockBase
+from detectron2.modeling.backbone.swin import SwinTransformerBlock
+from detectron2.modeling.backbone.vit import Block
 from torch import nn
 
 LOGITS = "logits"
@@ -71,8 +74,6 @@ def residual_branches(model: nn.Module) -> list[str]:
     A block is a Detectron2 ``CNNBlockBase`` (``BasicBlock``: ``conv2``; ``BottleneckBlock``:
     ``conv3``) or any module naming its branch end in a ``residual_branch`` attribute.
     """
-    from detectron2.layers import CNNBlockBase
-
     paths = []
     for path, module in model.named_modules():
         branch = getattr(module, "residual_branch", None)
@@ -145,9 +146,6 @@ def _as_nchw(module: nn.Module) -> Callable | None:
     """Transformer blocks keep tokens channels-last; taps hand maps over as B x C x H x W,
     the layout the feature losses read (ViT blocks: B x H x W x C; Swin blocks: B x HW x C
     with the block's H and W)."""
-    from detectron2.modeling.backbone.swin import SwinTransformerBlock
-    from detectron2.modeling.backbone.vit import Block
-
     if isinstance(module, Block):
         return lambda x: x.permute(0, 3, 1, 2)
     if isinstance(module, SwinTransformerBlock):

@@ -15,6 +15,7 @@ from detectron2.config import CfgNode
 from detectron2.data import DatasetCatalog, MetadataCatalog
 
 from qdet.config import load_config
+from qdet.engine.teacher_stage import qfd_tap, quantized_teacher_weights
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 COCO_LAYOUT = (
@@ -104,8 +105,6 @@ def check_datasets(names) -> None:
 def check_teacher(cfg: CfgNode) -> None:
     """DISTILL.TEACHER_WEIGHTS exists when the run will load it (QFD loads it only for its
     teacher stage, skipped when that stage's output exists)."""
-    from qdet.distill.distiller import qfd_tap, quantized_teacher_weights
-
     if cfg.DISTILL.LABEL_FREE and not cfg.DISTILL.ENABLED:
         raise ValueError(
             "DISTILL.LABEL_FREE True needs DISTILL.ENABLED True (and a teacher): without "

@@ -7,6 +7,8 @@ import os
 import sys
 from collections.abc import Callable
 
+from detectron2.engine import launch
+
 _OWN_CODE = tuple(
     os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), d)
     + os.sep
@@ -45,8 +47,6 @@ def run_cli(fn: Callable, *args, debug: bool = False, **kwargs):
 def launch_main(main: Callable, args) -> None:
     """A ``train_net.py``'s entry: ``main(args)`` on ``args.num_gpus`` processes per machine
     through Detectron2's launcher, its bad-input errors as one line (:func:`run_cli`)."""
-    from detectron2.engine import launch
-
     run_cli(
         launch,
         main,

@@ -14,6 +14,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from qdet.quantization import calibrate, update_ewgs_deltas
 from qdet.quantization.ewgs import preserved_rng
+from qdet.quantization.layers import QConv2d
 from qdet.quantization.quantizers import EWGSQuantizer, Quantizer
 
 logger = logging.getLogger(__name__)
@@ -178,7 +179,6 @@ class FreezeBNHook(HookBase):
     def before_step(self):
         if self.trainer.iter < self.start:
             return
-        from qdet.quantization.layers import QConv2d
 
         layers = [
             m

@@ -12,15 +12,23 @@ from collections.abc import Callable
 
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import CfgNode
+from detectron2.engine import default_setup
 from detectron2.modeling import build_model
 from detectron2.utils import comm
 from detectron2.utils.env import seed_all_rng
+from detectron2.utils.logger import setup_logger
 
 from qdet.config import load_config
-from qdet.distill.distiller import qfd_tap, quantized_teacher_weights, teacher_config
+from qdet.distill.distiller import term_specs
 from qdet.engine.checks import check_run_inputs
 from qdet.engine.hooks import unwrap_model
-from qdet.engine.trainer import QDetTrainer
+from qdet.engine.teacher_stage import (
+    needs_teacher_stage,
+    qfd_tap,
+    quantized_teacher_weights,
+    teacher_stage_config,
+)
+from qdet.engine.trainer import TRAINER_REGISTRY, QDetTrainer
 from qdet.quantization import deployed_weight_bytes
 
 
@@ -28,11 +36,6 @@ def setup(args, add_config: Callable[[CfgNode], object] | None = None) -> CfgNod
     """A ``train_net.py``'s config from its arguments (:func:`load_config`), checked
     (distillation terms fail before any training), frozen, with Detectron2's run setup
     (output folder, config dump, seeds) and qdet's logger."""
-    from detectron2.engine import default_setup
-    from detectron2.utils.logger import setup_logger
-
-    from qdet.distill.distiller import term_specs
-
     cfg = load_config(args.config_file, args.opts, add_config)
     if cfg.DISTILL.ENABLED:
         term_specs(cfg)  # unknown losses, options and bad weights fail before any training
@@ -42,43 +45,10 @@ def setup(args, add_config: Callable[[CfgNode], object] | None = None) -> CfgNod
     return cfg
 
 
-def needs_teacher_stage(cfg: CfgNode) -> bool:
-    """Whether the distillation loss wants the feature-quantized teacher (QFD does)."""
-    return cfg.DISTILL.ENABLED and qfd_tap(cfg) is not None
-
-
-def teacher_stage_config(cfg: CfgNode) -> CfgNode:
-    """The student's schedule and data, on the teacher's model with its tap quantized."""
-    tcfg = teacher_config(cfg, quantized_feature=True)
-    tcfg.defrost()
-    tcfg.MODEL.WEIGHTS = cfg.DISTILL.TEACHER_WEIGHTS
-    tcfg.DATASETS = cfg.DATASETS.clone()
-    tcfg.DATALOADER = cfg.DATALOADER.clone()
-    tcfg.INPUT = cfg.INPUT.clone()
-    tcfg.SOLVER = cfg.SOLVER.clone()
-    tcfg.defrost()  # the clones of the frozen student config are frozen too
-    iters = cfg.DISTILL.TEACHER_STAGE_ITERS or max(cfg.SOLVER.MAX_ITER // 10, 1)
-    tcfg.SOLVER.MAX_ITER = iters
-    tcfg.SOLVER.STEPS = ()
-    tcfg.SOLVER.WARMUP_ITERS = min(cfg.SOLVER.WARMUP_ITERS, iters // 2)
-    tcfg.SOLVER.CHECKPOINT_PERIOD = min(cfg.SOLVER.CHECKPOINT_PERIOD, iters)
-    tcfg.QUANT.CALIB_BATCHES = cfg.QUANT.CALIB_BATCHES
-    tcfg.TEST.EVAL_PERIOD = 0
-    tcfg.DATASETS.TEST = ()  # nothing reads its AP: skip Detectron2's after-train evaluation
-    tcfg.OUTPUT_DIR = os.path.dirname(quantized_teacher_weights(cfg))
-    tcfg.SEED = cfg.SEED
-    tcfg.freeze()
-    return tcfg
-
-
 def trainer_class(cfg: CfgNode) -> type[QDetTrainer]:
-    """The trainer a detector's config runs with: data-free (``ZEROSHOT.ENABLED``,
-    :class:`qdet.datafree.detection.DataFreeTrainer`) or on DATASETS.TRAIN."""
-    if cfg.ZEROSHOT.ENABLED:
-        from qdet.datafree.detection import DataFreeTrainer
-
-        return DataFreeTrainer
-    return QDetTrainer
+    """The trainer a detector's config runs with: data-free (``ZEROSHOT.ENABLED``: the
+    ``DataFreeTrainer`` that :mod:`qdet.datafree.detection` registers) or on DATASETS.TRAIN."""
+    return TRAINER_REGISTRY.get("DataFreeTrainer" if cfg.ZEROSHOT.ENABLED else "QDetTrainer")
 
 
 def train(cfg: CfgNode, resume: bool, trainer_cls: type[QDetTrainer] | None = None):

@@ -13,30 +13,20 @@ import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
+import detectron2.data.transforms as T
 import numpy as np
 import torch
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.config import instantiate
+from detectron2.evaluation import COCOEvaluator
+from detectron2.modeling import build_model
 from torch import nn
 
-
-def is_lazy_config(config_file: str) -> bool:
-    """A LazyConfig is Python; qdet's yacs configs are YAML."""
-    return config_file.endswith(".py")
-
-
-def load_lazy_config(config_file: str, opts: list[str]):
-    """``LazyConfig.load`` + ``apply_overrides`` (``key=value``), with a clear error for a
-    missing file."""
-    from detectron2.config import LazyConfig
-
-    if not os.path.isfile(config_file):
-        raise FileNotFoundError(f"--config-file {config_file!r} does not exist")
-    if any("=" not in o for o in opts):
-        bad = [o for o in opts if "=" not in o]
-        raise ValueError(
-            f"LazyConfig overrides are key=value, got {bad} (e.g. train.init_checkpoint=X.pth; "
-            "KEY VALUE pairs are for yacs configs)"
-        )
-    return LazyConfig.apply_overrides(LazyConfig.load(config_file), opts)
+from qdet.config import load_config
+from qdet.engine.checks import check_datasets, require_trained_weights
+from qdet.engine.lazy import build_model as build_lazy_model
+from qdet.engine.lazy_config import is_lazy_config, load_lazy_config, quant_bits, quant_settings
+from qdet.engine.trainer import QDetTrainer, has_compiled_ops
 
 
 def checkpoint_overrides(config_file: str, weights: str, device: str | None = None) -> list[str]:
@@ -74,8 +64,6 @@ class TrainedModel:
     def __call__(self, image_bgr: np.ndarray) -> dict:
         """Detectron2's ``DefaultPredictor`` call: one BGR picture -> its outputs, at the
         picture's size."""
-        import detectron2.data.transforms as T
-
         image = image_bgr[:, :, ::-1] if self.input_format == "RGB" else image_bgr
         height, width = image.shape[:2]
         resized = T.AugmentationList(self.augmentations)(T.AugInput(image)).apply_image(image)
@@ -101,8 +89,6 @@ def load_trained_model(
 
 
 def _yacs_model(config_file, opts, purpose, device, weights_optional) -> TrainedModel:
-    from qdet.config import load_config
-
     cfg = load_config(config_file, opts)
     if device is not None:
         cfg.defrost()
@@ -115,12 +101,6 @@ def trained_model_from_cfg(
     cfg, purpose: str = "to run", weights_optional: bool = False
 ) -> TrainedModel:
     """:class:`TrainedModel` of a yacs config (``MODEL.WEIGHTS``: its checkpoint)."""
-    import detectron2.data.transforms as T
-    from detectron2.checkpoint import DetectionCheckpointer
-    from detectron2.modeling import build_model
-
-    from qdet.engine.checks import check_datasets, require_trained_weights
-
     if cfg.MODEL.WEIGHTS or not weights_optional:
         require_trained_weights(cfg, purpose)
     dataset = cfg.DATASETS.TEST[0] if cfg.DATASETS.TEST else ""
@@ -147,30 +127,18 @@ def trained_model_from_cfg(
 
 def yacs_test_loader(cfg, dataset: str):
     """The test loader training evaluates with (``TEST.IMS_PER_BATCH`` images a batch)."""
-    from qdet.engine.trainer import QDetTrainer
-
     return QDetTrainer.build_test_loader(cfg, dataset)
 
 
 def coco_evaluator(dataset: str):
     """COCOEvaluator of ``dataset``, nothing written (pycocotools' own evaluation when
     Detectron2's compiled ops are missing)."""
-    from detectron2.evaluation import COCOEvaluator
-
-    from qdet.engine.trainer import has_compiled_ops
-
     return COCOEvaluator(dataset, output_dir=None, use_fast_impl=has_compiled_ops())
 
 
 def _lazy_model(config_file, opts, purpose, device, weights_optional) -> TrainedModel:
-    from detectron2.checkpoint import DetectionCheckpointer
-    from detectron2.config import instantiate
-
-    from qdet.engine import lazy
-    from qdet.engine.checks import check_datasets
-
     cfg = load_lazy_config(config_file, opts)
-    lazy.quant_settings(cfg)  # no quant node: say what to add, first
+    quant_settings(cfg)  # no quant node: say what to add, first
     if device is not None:
         cfg.train.device = device
     weights = cfg.train.get("init_checkpoint", "")
@@ -188,10 +156,10 @@ def _lazy_model(config_file, opts, purpose, device, weights_optional) -> Trained
     names = test.dataset.names
     dataset = names if isinstance(names, str) else names[0]
     check_datasets([dataset])
-    model = lazy.build_model(cfg).eval()
+    model = build_lazy_model(cfg).eval()
     if weights:
         DetectionCheckpointer(model).load(weights)
-    bits = lazy.quant_bits(cfg)
+    bits = quant_bits(cfg)
     return TrainedModel(
         model=model,
         config=cfg,

@@ -24,22 +24,31 @@ from detectron2.evaluation import COCOEvaluator
 from detectron2.modeling import build_model
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
+from detectron2.utils.registry import Registry
 
 from qdet.engine.checkpoint import AtomicCheckpointer
 from qdet.engine.hooks import CalibrationHook, EWGSDeltaHook, FreezeBNHook, epoch_iterations
 from qdet.engine.optimizer import build_qat_optimizer
+from qdet.engine.teacher_stage import build_distiller
 from qdet.quantization.quantizers import EWGSQuantizer
 
 
 def has_compiled_ops() -> bool:
     """Whether Detectron2's C++/CUDA extension loads (it does not for a 3.10 wheel on 3.11)."""
     try:
-        from detectron2 import _C  # noqa: F401
+        from detectron2 import _C  # noqa: F401  (a probe: whether the extension loads)
     except ImportError:
         return False
     return True
 
 
+TRAINER_REGISTRY = Registry("QDET_TRAINER")
+TRAINER_REGISTRY.__doc__ = """The trainers a run can use, by class name: ``QDetTrainer`` (on
+DATASETS.TRAIN), and ``DataFreeTrainer``, which :mod:`qdet.datafree.detection` registers
+(``ZEROSHOT.ENABLED``); :func:`qdet.engine.stages.trainer_class` picks one."""
+
+
+@TRAINER_REGISTRY.register()
 class QDetTrainer(DefaultTrainer):
     """DefaultTrainer with: the student's teacher attached (``DISTILL.ENABLED``); quantizer
     parameters in their own optimizer group; calibration before the first step; atomic
@@ -80,8 +89,6 @@ class QDetTrainer(DefaultTrainer):
     def build_model(cls, cfg):
         model = build_model(cfg)
         if cfg.DISTILL.ENABLED:
-            from qdet.distill import build_distiller
-
             model.attach_distiller(build_distiller(cfg, model))
         return model
 

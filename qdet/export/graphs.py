@@ -129,7 +129,7 @@ def export_onnx(
     written as FP32, with a warning. Returns the graph kind, output names and the number
     of quantizers exported.
     """
-    import onnx
+    import onnx  # optional: the export extra
 
     graph = export_graph(model).eval()
     if dynamic is None:

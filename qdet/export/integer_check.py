@@ -25,8 +25,10 @@ import torch
 from torch import nn
 
 from qdet.export.graphs import INPUT_NAME, export_graph
+from qdet.export.runtime import inference_session
 from qdet.quantization.functional import MODE_SIGNED, MODE_UNSIGNED
-from qdet.quantization.quantizers import substituting_outputs
+from qdet.quantization.layers import QConv2d
+from qdet.quantization.modes import substituting_outputs
 
 # Code units: float32 rounding of a conv's sum against the runtime's exact int32 one, and
 # of its requantisation multiplier, stays below this for n <= 255 (measured: docs/deployment.md,
@@ -37,8 +39,8 @@ INTEGER_OPS = ("QLinearConv", "QLinearAdd", "QLinearMatMul", "ConvInteger", "Mat
 
 def optimized_op_counts(path: str, threads: int = 1) -> dict[str, int]:
     """Op types of the graph onnxruntime runs for ``path`` after its optimisations."""
-    import onnx
-    import onnxruntime as ort
+    import onnx  # optional: the export extra
+    import onnxruntime as ort  # optional: the export extra
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
@@ -129,9 +131,7 @@ class _Substitute:
 @torch.no_grad()
 def check_layers(model: nn.Module, path: str, batches: list[np.ndarray], meta: dict, report):
     """Layer by layer on the integer kernels (module docstring)."""
-    import onnx
-
-    from qdet.export.runtime import inference_session
+    import onnx  # optional: the export extra
 
     proto = onnx.load(path)
     names = _codes_names(proto)
@@ -158,8 +158,6 @@ def check_layers(model: nn.Module, path: str, batches: list[np.ndarray], meta: d
 
 def float_conv_calls(model: nn.Module, images: torch.Tensor) -> int:
     """How many float (unquantized) conv calls the exported network makes on ``images``."""
-    from qdet.quantization.layers import QConv2d
-
     calls = [0]
 
     def count(_module, _inputs):

@@ -36,7 +36,7 @@ def save_packed_weights(model: nn.Module, path: str) -> dict[str, int]:
 
     Returns sizes in bytes: the file, and the model's parameters in FP32.
     """
-    from safetensors.torch import save_file
+    from safetensors.torch import save_file  # optional: the export extra
 
     exported = export_int_weights(model)
     tensors, layers = {}, {}
@@ -69,7 +69,7 @@ def read_packed_weights(path: str) -> tuple[dict[str, dict], dict[str, torch.Ten
     """``(layers, rest)``: ``layers`` as :func:`qdet.quantization.export_int_weights`
     returns it (codes, shape, weight quantizer state; no input quantizer or bias, which
     are in ``rest``), ``rest`` the file's other tensors by state-dict key."""
-    from safetensors import safe_open
+    from safetensors import safe_open  # optional: the export extra
 
     if not os.path.isfile(path):
         raise FileNotFoundError(

@@ -33,8 +33,9 @@ import torch
 from torch import nn
 
 from qdet.quantization.functional import MODE_SIGNED, MODE_UNSIGNED, MODE_WEIGHT
-from qdet.quantization.integer_ops import IntegerActivation, recording
+from qdet.quantization.integer_ops import IntegerActivation
 from qdet.quantization.layers import QUANTIZED_LAYERS
+from qdet.quantization.modes import integer_export, recording
 from qdet.quantization.per_level import PerLevelQuantizer
 from qdet.quantization.quantizers import (
     EWGSQuantizer,
@@ -42,7 +43,6 @@ from qdet.quantization.quantizers import (
     Quantizer,
     UniformQuantizer,
 )
-from qdet.quantization.targets import integer_export
 
 EXPORTABLE_QUANTIZERS = (UniformQuantizer, EWGSQuantizer, LSQQuantizer)
 

@@ -12,9 +12,11 @@ from __future__ import annotations
 import json
 
 import torch
+from detectron2.evaluation import inference_on_dataset
 from detectron2.modeling.postprocessing import detector_postprocess
 from torch import nn
 
+from qdet.engine.trained_model import coco_evaluator, yacs_test_loader
 from qdet.export.graphs import INPUT_NAME, export_graph
 
 MATMULNBITS_ACCURACY_KEY = "session.qdq_matmulnbits_accuracy_level"
@@ -24,7 +26,7 @@ def inference_session(path: str, threads: int = 0, spinning: bool = True):
     """A CPU onnxruntime session (``threads`` = 0: onnxruntime's default). ``spinning``
     False: its idle threads sleep rather than spin (several sessions timed in turn in one
     process would otherwise take each other's cores)."""
-    import onnxruntime as ort
+    import onnxruntime as ort  # optional: the export extra
 
     options = ort.SessionOptions()
     if threads:
@@ -83,8 +85,6 @@ class OnnxRetinaNet(nn.Module):
 def box_ap(cfg, runner: nn.Module) -> dict:
     """COCO box AP of ``runner`` (a PyTorch model or an :class:`OnnxRetinaNet`) on
     ``cfg.DATASETS.TEST[0]``, with the test loader and COCOEvaluator training uses."""
-    from qdet.engine.trained_model import coco_evaluator, yacs_test_loader
-
     dataset = cfg.DATASETS.TEST[0]
     return loader_box_ap(runner, yacs_test_loader(cfg, dataset), coco_evaluator(dataset))
 
@@ -92,7 +92,5 @@ def box_ap(cfg, runner: nn.Module) -> dict:
 def loader_box_ap(runner: nn.Module, loader, evaluator) -> dict:
     """COCO box AP of ``runner`` on ``loader``'s images by ``evaluator`` (a COCOEvaluator;
     a LazyConfig's ``dataloader.test`` and ``dataloader.evaluator``)."""
-    from detectron2.evaluation import inference_on_dataset
-
     with torch.no_grad():
         return inference_on_dataset(runner, loader, evaluator)["bbox"]

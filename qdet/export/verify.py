@@ -29,7 +29,9 @@ import torch
 from detectron2.structures import Instances, pairwise_iou
 from torch import nn
 
+from qdet.export import integer_check
 from qdet.export.graphs import INPUT_NAME, export_graph
+from qdet.export.qdq import activation_grid
 from qdet.export.runtime import OnnxRetinaNet, inference_session, onnx_metadata
 
 TIE_TOL = 1e-4  # code units: float32 rounding of n (x - l) / (u - l) is below 2e-5 (n <= 255)
@@ -178,8 +180,6 @@ def model_grids(model: nn.Module, meta: dict, proto, report: VerifyReport) -> li
     """Each QuantizeLinear's grid from the model's own quantizer (named by the export's
     metadata, in graph order), its step checked against the node's scale in the file: the
     check's expected codes never come from what the export wrote about itself."""
-    from qdet.export.qdq import activation_grid
-
     q_nodes = [n for n in proto.graph.node if n.op_type == "QuantizeLinear"]
     written = meta.get("qdq_activations", [])
     if len(q_nodes) != len(written):
@@ -226,7 +226,7 @@ def check_activations(
     """Every QuantizeLinear of the file on onnxruntime's own inputs against the codes the
     model's quantizer gives for them (:func:`model_grids`); then end to end with every
     quantizer's output replaced by onnxruntime's (:func:`check_substituted`)."""
-    import onnx
+    import onnx  # optional: the export extra
 
     grids = model_grids(model, meta, proto, report)
     q_nodes = [n for n in proto.graph.node if n.op_type == "QuantizeLinear"]
@@ -329,7 +329,7 @@ def verify(model: nn.Module, path: str, batched_inputs_list, threads: int = 0) -
     """Check the ONNX file at ``path`` against ``model`` (module docstring) on the images of
     ``batched_inputs_list`` (Detectron2 batches, e.g. a test loader). Failures are listed
     in the report, not raised."""
-    import onnx
+    import onnx  # optional: the export extra
 
     model.eval()
     graph = export_graph(model).eval()
@@ -363,8 +363,6 @@ def verify(model: nn.Module, path: str, batched_inputs_list, threads: int = 0) -
         all_diffs = np.concatenate(diffs)
         report.head_mean_abs, report.head_max_abs = float(all_diffs.mean()), float(all_diffs.max())
     if report.target and batches:
-        from qdet.export import integer_check
-
         counts = integer_check.optimized_op_counts(path, threads or 1)
         float_calls = integer_check.float_conv_calls(model, torch.from_numpy(batches[0]))
         integer_check.check_kernels(meta, counts, float_calls, report)

@@ -40,14 +40,13 @@ from torch import nn
 from qdet.quantization.folding import FOLDABLE, check_foldable
 from qdet.quantization.integer_ops import requantize
 from qdet.quantization.layers import QConv2d, QLinear, QuantizedInput
+from qdet.quantization.modes import capturing_codes, exporting, output_substitute
 from qdet.quantization.per_level import PerLevelQuantizer
 from qdet.quantization.quantizers import (
-    capturing_codes,
     mark_quantized,
-    output_substitute,
     quantized_source,
 )
-from qdet.quantization.targets import DeployTarget, exporting
+from qdet.quantization.targets import DeployTarget
 
 MakeQuantizer = Callable[[bool | None], nn.Module]  # signed -> an activation quantizer
 # The layers QFD keeps in float (DEFAULT_EXCLUDE) that sit in a deployable graph: with

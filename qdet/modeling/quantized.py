@@ -4,14 +4,14 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
 from detectron2.config import CfgNode
 from torch import nn
 
-from qdet.config import quantize_kwargs
+from qdet.distill.distiller import check_tap_path
 from qdet.distill.taps import LOGITS, resolve_tap
 from qdet.modeling.deployable import EDGE_LAYERS, make_deployable
 from qdet.quantization import (
@@ -23,6 +23,7 @@ from qdet.quantization import (
     select_layers,
 )
 from qdet.quantization.layers import QUANTIZED_LAYERS
+from qdet.quantization.settings import quantize_kwargs
 
 
 @dataclass
@@ -40,19 +41,26 @@ class QuantizationSettings:
 
     @classmethod
     def from_config(cls, cfg: CfgNode) -> QuantizationSettings:
-        quant = quantize_kwargs(cfg) if cfg.QUANT.ENABLED else None
-        if quant and cfg.QUANT.TARGETS and cfg.QUANT.ACT_SIGNED == "auto":
+        """The settings of a yacs config's ``QUANT`` node (:meth:`from_quant`)."""
+        return cls.from_quant(cfg.QUANT)
+
+    @classmethod
+    def from_quant(cls, quant: Mapping) -> QuantizationSettings:
+        """The settings of a mapping of the upper-case ``QUANT`` keys (a yacs ``QUANT``
+        node, or a plain dict), checked (:func:`qdet.quantization.settings.quantize_kwargs`)."""
+        kwargs = quantize_kwargs(quant) if quant["ENABLED"] else None
+        if kwargs and quant["TARGETS"] and quant["ACT_SIGNED"] == "auto":
             # Transformer blocks' Linear inputs (LayerNorm, attention, GELU outputs) are
             # signed: QFD's ViTDet / Swin rule.
-            quant["act_signed"] = True
+            kwargs["act_signed"] = True
         return cls(
-            quant=quant,
-            save_codes=cfg.QUANT.SAVE_CODES,
-            freeze_with_weights=cfg.QUANT.FREEZE_WITH_WEIGHTS,
-            feature_tap=cfg.QUANT.FEATURE_TAP,
-            feature_bits=cfg.QUANT.FEATURE_BITS,
-            feature_signed=cfg.QUANT.FEATURE_SIGNED,
-            edge_bits=cfg.QUANT.TARGET_EDGE_BITS,
+            quant=kwargs,
+            save_codes=quant["SAVE_CODES"],
+            freeze_with_weights=quant["FREEZE_WITH_WEIGHTS"],
+            feature_tap=quant["FEATURE_TAP"],
+            feature_bits=quant["FEATURE_BITS"],
+            feature_signed=quant["FEATURE_SIGNED"],
+            edge_bits=quant["TARGET_EDGE_BITS"],
         )
 
     @property
@@ -146,8 +154,6 @@ def add_feature_quantizer(
     backbone output such as p3, or a module path; :mod:`qdet.distill.taps`), which the rest
     of ``model`` and a distilling student's taps then see. Registered on ``model`` as
     ``feature_quantizer`` (so it is in the checkpoint)."""
-    from qdet.distill.distiller import check_tap_path
-
     try:
         tap = resolve_tap(model, tap_name)
     except ValueError as e:

@@ -8,6 +8,7 @@ import os
 import re
 from collections.abc import Sequence
 
+import cv2
 import numpy as np
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
@@ -60,8 +61,6 @@ def split_config_overrides(inputs: list[str], opts: list[str]) -> tuple[list[str
 
 def read_image(path: str) -> np.ndarray:
     """The image at ``path`` as BGR uint8 (opencv), or an error naming the file."""
-    import cv2
-
     image = cv2.imread(path, cv2.IMREAD_COLOR)
     if image is None:
         raise ValueError(f"cannot read {path!r} as an image (opencv could not decode it)")

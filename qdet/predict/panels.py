@@ -13,10 +13,15 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import cv2
 import numpy as np
 from detectron2.config import CfgNode
+from detectron2.data import MetadataCatalog
+from detectron2.utils.colormap import colormap
+from detectron2.utils.visualizer import Visualizer
 
 from qdet.engine.trained_model import TrainedModel, trained_model_from_cfg
+from qdet.export import OnnxRetinaNet
 
 
 def model_title(cfg: CfgNode, name: str) -> str:
@@ -69,8 +74,6 @@ def panel_model(
     check_onnx_file(onnx)
     trained.set_score_threshold(confidence_threshold)
     if onnx is not None:
-        from qdet.export import OnnxRetinaNet
-
         trained.model = OnnxRetinaNet(trained.model, onnx)
     return PanelModel(trained, title)
 
@@ -87,9 +90,6 @@ def draw_instances(
 ) -> np.ndarray:
     """``instances`` (boxes, and masks where there are) drawn on the image by Detectron2's
     ``Visualizer``, labelled with class and score, one colour per class: BGR uint8."""
-    from detectron2.data import MetadataCatalog
-    from detectron2.utils.visualizer import Visualizer
-
     metadata = MetadataCatalog.get(model.predictor.dataset or "__unused")
     classes = instances.pred_classes.tolist()
     names = metadata.get("thing_classes")
@@ -125,8 +125,6 @@ def class_color(metadata, category: int) -> np.ndarray:
     """The dataset's colour of ``category`` (``thing_colors``), else Detectron2's colormap:
     one colour per class rather than per detection (Visualizer's default, random), so
     panels side by side read alike. RGB in [0, 1]."""
-    from detectron2.utils.colormap import colormap
-
     colors = metadata.get("thing_colors")
     if colors:
         return np.asarray(colors[category % len(colors)], dtype=float) / 255
@@ -136,8 +134,6 @@ def class_color(metadata, category: int) -> np.ndarray:
 
 def put_title(panel: np.ndarray, title: str) -> np.ndarray:
     """``title`` in white on a dark band across the panel's top, shrunk to fit its width."""
-    import cv2
-
     font, thickness = cv2.FONT_HERSHEY_SIMPLEX, 1
     height, width = panel.shape[:2]
     size = max(0.3, min(0.8, height / 400))

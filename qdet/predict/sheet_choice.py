@@ -19,6 +19,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+from detectron2.data import MetadataCatalog
+from detectron2.data.datasets.coco import convert_to_coco_dict
+from detectron2.structures import BoxMode
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
 
 MATCH_IOU = 0.5
 
@@ -56,10 +61,6 @@ class ImageMatches:
 def ground_truth(dataset: str):
     """``dataset``'s annotations as a pycocotools ``COCO``: its ``json_file`` where it is
     registered from one, else Detectron2's conversion of its dicts."""
-    from detectron2.data import MetadataCatalog
-    from detectron2.data.datasets.coco import convert_to_coco_dict
-    from pycocotools.coco import COCO
-
     json_file = MetadataCatalog.get(dataset).get("json_file")
     with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints its progress
         if json_file and os.path.isfile(json_file):
@@ -76,8 +77,6 @@ def match_detections(
     """Per image id of ``gt`` (or of ``image_ids``): its detections from ``results`` (COCO
     result format, boxes) matched by ``COCOeval.evaluate`` at IoU 0.5 over all areas,
     crowd and ignored ones left out."""
-    from pycocotools.cocoeval import COCOeval
-
     ids = list(image_ids) if image_ids is not None else gt.getImgIds()
     per_image: dict[int, list[Detection]] = {i: [] for i in ids}
     if results:
@@ -107,9 +106,6 @@ def match_detections(
 def instances_as_results(instances, image_id: int, dataset: str) -> list[dict]:
     """Detectron2 ``Instances`` of one image in COCO's result format, with ``dataset``'s own
     category ids, as ``COCOEvaluator`` writes them."""
-    from detectron2.data import MetadataCatalog
-    from detectron2.structures import BoxMode
-
     to_dataset = {
         v: k
         for k, v in MetadataCatalog.get(dataset)

@@ -16,7 +16,9 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import cv2
 import numpy as np
+from detectron2.data import DatasetCatalog
 
 from qdet.predict.inputs import read_image
 from qdet.predict.panels import (
@@ -77,8 +79,6 @@ class Sheet:
 
 def put_caption(sheet: np.ndarray, lines: Sequence[str]) -> np.ndarray:
     """``lines`` in white on a black band above ``sheet``."""
-    import cv2
-
     font, size, thickness = cv2.FONT_HERSHEY_SIMPLEX, 0.45, 1
     width = sheet.shape[1]
     while size > 0.3 and max(cv2.getTextSize(t, font, size, 1)[0][0] for t in lines) > width - 8:
@@ -92,8 +92,6 @@ def put_caption(sheet: np.ndarray, lines: Sequence[str]) -> np.ndarray:
 
 
 def write_image(path: str, image: np.ndarray) -> str:
-    import cv2
-
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     if not cv2.imwrite(path, image):
         raise ValueError(f"opencv could not write {path!r} (a .png or .jpg name is needed)")
@@ -116,8 +114,6 @@ def write_study_sheet(
     where the others differ most from it; else the first images at 0.5. Each panel is
     titled with its row's label and bits and what its drawn detections got right. None
     when fewer than two of the runs have finished."""
-    from detectron2.data import DatasetCatalog
-
     runs = []
     for name in names:
         row = study.rows.get(name)

@@ -2,8 +2,9 @@
 
 from qdet.quantization.calibration import calibrate, init_weight_quantizers
 from qdet.quantization.ewgs import update_ewgs_deltas
-from qdet.quantization.functional import fake_quant_reference, fake_quantize, set_backend
+from qdet.quantization.functional import fake_quant_reference, fake_quantize
 from qdet.quantization.layers import QConv2d, QLinear
+from qdet.quantization.modes import set_backend
 from qdet.quantization.packing import (
     deployed_weight_bytes,
     dequantize_weights,
@@ -13,15 +14,16 @@ from qdet.quantization.packing import (
     pack_codes,
     unpack_codes,
 )
-from qdet.quantization.qrelu import QReLUQuantizer  # registers QUANTIZERS['qrelu']
+from qdet.quantization.qrelu import QReLUQuantizer  # registers the 'qrelu' method
 from qdet.quantization.quantizers import (
-    QUANTIZERS,
+    QUANTIZER_REGISTRY,
     EWGSQuantizer,
     LSQQuantizer,
     Quantizer,
     UniformQuantizer,
     build_quantizer,
     name_quantizers,
+    quantizer_methods,
 )
 from qdet.quantization.surgery import (
     DEFAULT_EXCLUDE,
@@ -36,7 +38,7 @@ from qdet.quantization.surgery import (
 __all__ = [
     "DEFAULT_EXCLUDE",
     "deployed_weight_bytes",
-    "QUANTIZERS",
+    "QUANTIZER_REGISTRY",
     "QUANT_TARGETS",
     "EWGSQuantizer",
     "LSQQuantizer",
@@ -47,6 +49,7 @@ __all__ = [
     "UniformQuantizer",
     "build_quantizer",
     "name_quantizers",
+    "quantizer_methods",
     "calibrate",
     "dequantize_weights",
     "export_int_weights",

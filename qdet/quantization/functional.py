@@ -31,10 +31,12 @@ from __future__ import annotations
 import contextlib
 import inspect
 import logging
-import os
 from collections.abc import Callable
 
 import torch
+
+# set_backend: re-exported here, where the backend is used (the flag lives in modes)
+from qdet.quantization.modes import get_backend, set_backend  # noqa: F401
 
 logger = logging.getLogger(__name__)
 
@@ -145,20 +147,7 @@ def _backward_body(
     return grad_x, grad_lower, grad_upper, grad_scale
 
 
-_BACKEND = os.environ.get("QDET_QUANT_BACKEND", "auto")
 _compiled: dict[str, Callable | None] = {}
-
-
-def set_backend(name: str) -> None:
-    """Choose how the fake-quant bodies run: ``auto`` | ``compile`` | ``eager``."""
-    global _BACKEND
-    if name not in ("auto", "compile", "eager"):
-        raise ValueError(f"unknown quantizer backend {name!r}: use 'auto', 'compile' or 'eager'")
-    _BACKEND = name
-
-
-def get_backend() -> str:
-    return _BACKEND
 
 
 # Graph variants: 3 output maps x (per tensor | per channel) x (STE | EWGS) x devices x
@@ -171,12 +160,12 @@ _PER_FUNCTION_LIMIT = "recompile_limit" in inspect.signature(torch.compile).para
 
 
 def _body(name: str, fn: Callable) -> Callable:
-    if _BACKEND == "eager":
+    if get_backend() == "eager":
         return fn
     if name not in _compiled:
         limit = {"recompile_limit": _RECOMPILE_LIMIT} if _PER_FUNCTION_LIMIT else {}
         _compiled[name] = torch.compile(fn, dynamic=True, **limit)
-    if _compiled[name] is None and _BACKEND == "compile":
+    if _compiled[name] is None and get_backend() == "compile":
         # Never eager under "compile": a test or benchmark of the compiled op must not
         # silently measure the eager one.
         raise RuntimeError(
@@ -206,7 +195,7 @@ def _run(name: str, fn: Callable, *args):
         with limit:
             return compiled(*args)
     except Exception as e:  # noqa: BLE001 - any compiler failure means "use eager"
-        if _BACKEND == "compile":
+        if get_backend() == "compile":
             raise
         logger.warning("torch.compile of the quantizer failed (%s); using eager PyTorch", e)
         _compiled[name] = None

@@ -23,38 +23,15 @@ into integer kernels:
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from qdet.quantization.folding import INT32_MAX, folded_steps, norm_affine
+from qdet.quantization.modes import integer_record
 from qdet.quantization.quantizers import IntegerGrid, Quantizer, mark_quantized, quantized_source
-
-
-@dataclass
-class IntegerRecord:
-    """What an integer export wrote, in graph order: every QuantizeLinear (``activations``:
-    a quantizer's output, or a requantisation after a grid-preserving op) and every
-    integer conv."""
-
-    activations: list[dict] = field(default_factory=list)
-    convs: list[str] = field(default_factory=list)
-    paths: dict[int, str] = field(default_factory=dict)  # id(module) -> its path
-
-
-_record: IntegerRecord | None = None
-
-
-@contextlib.contextmanager
-def recording() -> contextlib.AbstractContextManager[IntegerRecord]:
-    global _record
-    outer, _record = _record, IntegerRecord()
-    try:
-        yield _record
-    finally:
-        _record = outer
 
 
 @contextlib.contextmanager
@@ -128,8 +105,8 @@ class IntegerActivation(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         with untraced():
             value = self.quantizer(x)
-        if _record is not None:
-            _record.activations.append({"path": self.path, "grid": self.codes.grid})
+        if (record := integer_record()) is not None:
+            record.activations.append({"path": self.path, "grid": self.codes.grid})
         out = _QuantizeDequantize.apply(x, self.codes, value)
         return mark_quantized(out, self.quantizer)
 
@@ -137,8 +114,8 @@ class IntegerActivation(nn.Module):
 def requantize(y: torch.Tensor, quantizer: Quantizer) -> torch.Tensor:
     """Q / DQ on ``quantizer``'s output grid after a grid-preserving op (module docstring)."""
     codes = activation_codes(quantizer, requantize=True)
-    if _record is not None:
-        _record.activations.append({"path": "", "grid": codes.grid, "requantize": True})
+    if (record := integer_record()) is not None:
+        record.activations.append({"path": "", "grid": codes.grid, "requantize": True})
     return _QuantizeDequantize.apply(y, codes, y)
 
 
@@ -231,6 +208,6 @@ def integer_conv(layer: nn.Module, x_q: torch.Tensor, norm: nn.Module | None) ->
         raise RuntimeError(f"{layer}: its input carries no quantizer; the export cannot fold it")
     with untraced():
         grid = integer_conv_grid(layer, found[0], norm)
-    if _record is not None:
-        _record.convs.append(_record.paths.get(id(layer), ""))
+    if (record := integer_record()) is not None:
+        record.convs.append(record.paths.get(id(layer), ""))
     return _IntegerConv.apply(x_q, grid)

@@ -29,15 +29,15 @@ from qdet.quantization.folding import (
     uses_running_statistics,
 )
 from qdet.quantization.integer_ops import integer_conv
+from qdet.quantization.modes import capturing_codes, exporting
 from qdet.quantization.quantizers import (
     Quantizer,
     build_quantizer,
-    capturing_codes,
     output_key,
     quantized_source,
 )
 from qdet.quantization.saved import SavedActivation, quantized_weight, saving_compactly
-from qdet.quantization.targets import DeployTarget, exporting
+from qdet.quantization.targets import DeployTarget
 
 
 def _make_quantizers(

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from qdet.quantization.functional import MODE_UNSIGNED
-from qdet.quantization.quantizers import QUANTIZERS, Quantizer
+from qdet.quantization.quantizers import QUANTIZER_REGISTRY, Quantizer
 
 # ceil(x / alpha - EPS): a value already on level k (k alpha up to float rounding) stays
 # there, so quantizing twice changes nothing (the codes autograd saves, the export). The
@@ -50,12 +50,15 @@ class _QReLU(torch.autograd.Function):
         return grad_x, grad_alpha, None
 
 
+@QUANTIZER_REGISTRY.register()
 class QReLUQuantizer(Quantizer):
     """FAQD's quantized ReLU as an activation quantizer: one learnable resolution
     ``alpha`` per tensor. Initialised so that the top level n alpha is the unsigned
     uniform quantizer's upper bound, 3 std(x) / sqrt(1 - 2/pi) (averaged over the
     calibration batches). Unsigned by definition: negative inputs become 0, so use it on
     the inputs of layers fed by a ReLU (every quantized conv of a ResNet)."""
+
+    method = "qrelu"  # its QUANT.METHOD name
 
     def __init__(self, bits, kind, signed=False, per_channel=False, num_channels=None, **options):
         if kind != "activation":
@@ -95,5 +98,3 @@ class QReLUQuantizer(Quantizer):
     def _encode(self, x, lower, upper) -> torch.Tensor:
         return qrelu_levels(x, upper / self.n_levels, self.n_levels)
 
-
-QUANTIZERS["qrelu"] = QReLUQuantizer  # QUANT.ACT_METHOD qrelu

@@ -12,13 +12,12 @@ grid for 8-bit weights (:meth:`Quantizer.integer_grid`, :meth:`Quantizer.weight_
 
 from __future__ import annotations
 
-import contextlib
 import math
-import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+from detectron2.utils.registry import Registry
 from torch import nn
 
 from qdet.quantization.calib_range import CALIB_RANGES, activation_range, sample, weight_range
@@ -31,6 +30,7 @@ from qdet.quantization.functional import (
     fake_quantize,
     fake_quantize_values,
 )
+from qdet.quantization.modes import code_sink, output_substitute
 from qdet.quantization.targets import DEPLOY_TARGETS, DeployTarget
 
 VALID_BITS = (1, 2, 3, 4, 5, 6, 7, 8, 32)
@@ -57,44 +57,6 @@ def _percentile(x: torch.Tensor, q: float) -> float:
     if flat.numel() > _PERCENTILE_SAMPLES:
         flat = flat[:: flat.numel() // _PERCENTILE_SAMPLES + 1]
     return torch.quantile(flat, q / 100.0).item()
-
-
-_code_capture = threading.local()
-
-
-@contextlib.contextmanager
-def capturing_codes() -> Iterator[dict]:
-    """Inside, every quantizer call also produces its output's integer codes in the same
-    fused pass, collected as ``{(data_ptr, numel) of the output: uint8 codes}`` (see
-    :mod:`qdet.quantization.saved`). Quantizers without a fused code path
-    (the quantized ReLU) add nothing."""
-    outer = getattr(_code_capture, "sink", None)
-    _code_capture.sink = sink = {}
-    try:
-        yield sink
-    finally:
-        _code_capture.sink = outer
-
-
-_forcing = threading.local()
-
-
-@contextlib.contextmanager
-def substituting_outputs(substitute: Callable) -> Iterator[None]:
-    """Inside, the output of every quantizer built for a deployment target (and of every
-    grid-preserving op on one, :func:`qdet.modeling.deployable.same_grid`) is replaced by
-    ``substitute(quantizer, x, out, requantize)``: the export check feeds each layer the
-    runtime's own codes of its inputs (:mod:`qdet.export.integer_check`)."""
-    outer = getattr(_forcing, "substitute", None)
-    _forcing.substitute = substitute
-    try:
-        yield
-    finally:
-        _forcing.substitute = outer
-
-
-def output_substitute() -> Callable | None:
-    return getattr(_forcing, "substitute", None)
 
 
 def output_key(t: torch.Tensor) -> tuple[int, int]:
@@ -129,6 +91,11 @@ class IntegerGrid:
     offset: int = 0  # int8 containers: codes are stored as k - offset (zero point 0)
 
 
+QUANTIZER_REGISTRY = Registry("QUANTIZER")
+QUANTIZER_REGISTRY.__doc__ = """Quantizer classes, each with its ``method`` name (``QUANT.METHOD``,
+``QUANT.ACT_METHOD``): ``@QUANTIZER_REGISTRY.register()`` adds one (the quantized ReLU,
+:mod:`qdet.quantization.qrelu`, registers itself so)."""
+
 # Extra-state codes of the deployment target a quantizer trained for (0: none).
 _TARGET_CODES = {None: 0, **{name: i + 1 for i, name in enumerate(DEPLOY_TARGETS)}}
 
@@ -143,6 +110,8 @@ class Quantizer(nn.Module):
     ``bound_gradient``: whether the clip passes gradient at exactly l and u
     (:data:`BOUND_GRADIENTS`).
     """
+
+    method = ""  # the QUANT.METHOD name of a registered subclass
 
     def __init__(
         self,
@@ -450,7 +419,7 @@ class Quantizer(nn.Module):
             # No calibration was run: initialise from the first non-empty tensor seen
             # (EWGS does the same on its first training batch).
             self.init_from(x, where="its first input (no calibration was run)")
-        sink = getattr(_code_capture, "sink", None)
+        sink = code_sink()
         if sink is None:
             out, codes = self._fake_quant(x), None
         else:
@@ -485,6 +454,7 @@ class Quantizer(nn.Module):
         return s + (", per_channel" if self.per_channel else "")
 
 
+@QUANTIZER_REGISTRY.register()
 class UniformQuantizer(Quantizer):
     """QFD's uniform quantizer with learnable bounds (QFD Eq. 1-5).
 
@@ -501,6 +471,8 @@ class UniformQuantizer(Quantizer):
     Unsigned u is averaged over the calls seen in calibration (EWGS uses its first batch;
     a shared detection head is called once per FPN level).
     """
+
+    method = "uniform"  # its QUANT.METHOD name
 
     def __init__(
         self,
@@ -613,6 +585,7 @@ class UniformQuantizer(Quantizer):
         return lower, lower + width, width, MODE_SIGNED
 
 
+@QUANTIZER_REGISTRY.register()
 class EWGSQuantizer(UniformQuantizer):
     """The uniform quantizer with EWGS's element-wise gradient scaling (Lee et al. 2021).
 
@@ -624,6 +597,8 @@ class EWGSQuantizer(UniformQuantizer):
     It starts at 0, as in EWGS's Hessian runs; a fixed ``delta`` > 0 without refreshes is
     EWGS's fixed-delta variant (its run script uses 1e-3).
     """
+
+    method = "ewgs"  # its QUANT.METHOD name
 
     def __init__(
         self,
@@ -644,6 +619,7 @@ class EWGSQuantizer(UniformQuantizer):
         return self.delta
 
 
+@QUANTIZER_REGISTRY.register()
 class LSQQuantizer(Quantizer):
     """Learned step size quantization, LSQ (Esser et al. 2020, Eq. 1-5).
 
@@ -661,6 +637,8 @@ class LSQQuantizer(Quantizer):
     ``_LearnableFakeQuantize``, instead masks the input gradient by the *rounded* value,
     which differs from the paper at the clipping edges.)
     """
+
+    method = "lsq"  # its QUANT.METHOD name
 
     def __init__(self, bits, kind, signed=False, per_channel=False, num_channels=None, **options):
         super().__init__(bits, kind, signed, per_channel, num_channels, **options)
@@ -710,11 +688,10 @@ def name_quantizers(model: nn.Module) -> None:
             module.path = name
 
 
-QUANTIZERS: dict[str, type[Quantizer]] = {
-    "uniform": UniformQuantizer,
-    "ewgs": EWGSQuantizer,
-    "lsq": LSQQuantizer,
-}
+def quantizer_methods() -> dict[str, type[Quantizer]]:
+    """``QUANT.METHOD`` / ``QUANT.ACT_METHOD`` name -> class, for every quantizer registered
+    in :data:`QUANTIZER_REGISTRY` (in registration order)."""
+    return {cls.method: cls for _, cls in QUANTIZER_REGISTRY}
 
 
 def build_quantizer(
@@ -730,6 +707,7 @@ def build_quantizer(
 
     ``options``: ``bound_gradient`` (any method), ``delta`` (``ewgs``: the initial delta).
     """
-    if method not in QUANTIZERS:
-        raise ValueError(f"unknown quantization method {method!r}: choose from {list(QUANTIZERS)}")
-    return QUANTIZERS[method](bits, kind, signed, per_channel, num_channels, **options)
+    methods = quantizer_methods()
+    if method not in methods:
+        raise ValueError(f"unknown quantization method {method!r}: choose from {list(methods)}")
+    return methods[method](bits, kind, signed, per_channel, num_channels, **options)

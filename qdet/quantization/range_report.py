@@ -102,10 +102,10 @@ def plot_ranges(records: list[dict], path: str, title: str = "") -> None:
     """Per quantizer in network order: [l, u] as a bar, the step (log scale), and the share
     of values clipped; activations and weights in separate columns (their scales differ by
     orders of magnitude)."""
-    import matplotlib
+    import matplotlib  # matplotlib only where a plot is drawn (its import is slow)
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # matplotlib only where a plot is drawn (its import is slow)
 
     kinds = [k for k in ("activation", "weight") if any(r["kind"] == k for r in records)]
     longest = max(sum(r["kind"] == k for r in records) for k in kinds)

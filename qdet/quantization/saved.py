@@ -18,12 +18,12 @@ FPN level) quantizes each weight once per call: :func:`reuse_quantized_weights_w
 from __future__ import annotations
 
 import contextlib
-import threading
 from collections.abc import Callable, Iterator
 
 import torch
 from torch import nn
 
+from qdet.quantization.modes import close_weight_reuse, open_weight_reuse, weight_reuse_cache
 from qdet.quantization.quantizers import Quantizer
 
 
@@ -84,9 +84,6 @@ def saving_compactly(records: list) -> Iterator[None]:
 
 
 # -- one weight quantization per call of a module that reuses its layers ----------------
-_reuse = threading.local()
-
-
 def reuse_quantized_weights_within(module: nn.Module) -> None:
     """While ``module`` runs, each quantized layer in it fake-quantizes its weight once
     and reuses the result (and its backward rebuild) on later calls: RetinaNet's head runs
@@ -95,10 +92,10 @@ def reuse_quantized_weights_within(module: nn.Module) -> None:
     (autograd sums the uses into one backward of the weight quantizer)."""
 
     def open_cache(_module, _inputs):
-        _reuse.stack = [*getattr(_reuse, "stack", []), {}]
+        open_weight_reuse()
 
     def close_cache(_module, _inputs, _output):
-        _reuse.stack = _reuse.stack[:-1]
+        close_weight_reuse()
 
     module.register_forward_pre_hook(open_cache)
     module.register_forward_hook(close_cache, always_call=True)
@@ -108,8 +105,7 @@ def quantized_weight(layer: nn.Module, dtype: torch.dtype, saving: bool):
     """``(w_q, record)``: ``layer``'s fake-quantized weight in ``dtype`` and, when
     ``saving``, its :class:`SavedWeight` (else None); reused within
     :func:`reuse_quantized_weights_within`."""
-    stack = getattr(_reuse, "stack", None)
-    cache = stack[-1] if stack else None
+    cache = weight_reuse_cache()
     quantizer = layer.weight_quantizer
     state = _state(layer, dtype, saving) if cache is not None else None
     if cache is not None and layer in cache:

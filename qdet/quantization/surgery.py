@@ -15,7 +15,7 @@ from tabulate import tabulate
 from torch import nn
 
 from qdet.quantization.layers import QUANTIZED_LAYERS, QConv2d, QLinear
-from qdet.quantization.quantizers import QUANTIZERS, check_bits
+from qdet.quantization.quantizers import check_bits, quantizer_methods
 
 logger = logging.getLogger(__name__)
 
@@ -155,8 +155,9 @@ def quantize_model(
     check_bits(w_bits)
     check_bits(a_bits)
     for m in (method, act_method or method):
-        if m not in QUANTIZERS:
-            raise ValueError(f"unknown quantization method {m!r}: choose from {list(QUANTIZERS)}")
+        if m not in quantizer_methods():
+            known = list(quantizer_methods())
+            raise ValueError(f"unknown quantization method {m!r}: choose from {known}")
     names = select_layers(model, include, exclude)
     for name in names:
         layer = model.get_submodule(name)

@@ -21,8 +21,6 @@ quantizers, the model structure and the export read these fields only.
 
 from __future__ import annotations
 
-import contextlib
-import threading
 from dataclasses import dataclass
 
 import torch
@@ -121,23 +119,3 @@ def check_target_bits(target: DeployTarget, w_bits: int, a_bits: int) -> None:
                 f"{bits} bits would leave them in float. Pick a supported width or "
                 "QUANT.TARGET ''"
             )
-
-
-# -- export mode: quantized layers emit their integer form ------------------------------
-_state = threading.local()
-
-
-@contextlib.contextmanager
-def integer_export() -> contextlib.AbstractContextManager[None]:
-    """Inside, target-trained layers write their integer form (folded int8 weights, int32
-    bias) for the ONNX exporter instead of the float ops they train with."""
-    outer = getattr(_state, "exporting", False)
-    _state.exporting = True
-    try:
-        yield
-    finally:
-        _state.exporting = outer
-
-
-def exporting() -> bool:
-    return getattr(_state, "exporting", False)

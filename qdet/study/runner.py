@@ -11,23 +11,23 @@ with its YAML's SEED, and shared by every seed (a transformer ablation's FP mode
 
 from __future__ import annotations
 
+import contextlib
 import json
+import multiprocessing
 import os
 import statistics
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass
 
 import torch
 from detectron2.config import CfgNode
+from detectron2.utils.logger import setup_logger
 
-from qdet.distill.distiller import qfd_tap, quantized_teacher_weights
-from qdet.engine.stages import (
-    evaluate_final,
-    load_config,
-    needs_teacher_stage,
-    train_stages,
-)
+from qdet.config import load_config
+from qdet.engine.stages import evaluate_final, train_stages
+from qdet.engine.teacher_stage import needs_teacher_stage, qfd_tap, quantized_teacher_weights
 
 
 @dataclass(frozen=True)
@@ -178,9 +178,6 @@ class Study:
 
     def _train_parallel(self, plan, configs, pending) -> None:
         """Train the pending runs ``self.jobs`` at a time (each evaluated in its worker)."""
-        import multiprocessing
-        from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
-
         cpu_threads = torch.get_num_threads()
         # Seed by seed (a run still waits for its start): the rows of a seed finish close
         # together, so an interrupted study leaves whole pairs to compare.
@@ -294,11 +291,8 @@ def _train_in_worker(
     """One run in a worker process, its output in ``OUTPUT_DIR/worker.log``; evaluated
     there too (cached for the study's table) with ``evaluate_fn``, or COCO AP after the
     default training."""
-    import contextlib
-
     torch.set_num_threads(threads)
     os.makedirs(cfg.OUTPUT_DIR, exist_ok=True)
-    from detectron2.utils.logger import setup_logger
 
     log = open(os.path.join(cfg.OUTPUT_DIR, "worker.log"), "w")  # noqa: SIM115
     with log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
