@@ -31,7 +31,8 @@ from torch import nn
 
 from qdet.quantization.folding import INT32_MAX, folded_steps, norm_affine
 from qdet.quantization.modes import integer_record
-from qdet.quantization.quantizers import IntegerGrid, Quantizer, mark_quantized, quantized_source
+from qdet.quantization.quantizers import Quantizer, mark_quantized, quantized_source
+from qdet.quantization.targets import IntegerGrid
 
 
 @contextlib.contextmanager

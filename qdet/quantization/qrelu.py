@@ -97,4 +97,3 @@ class QReLUQuantizer(Quantizer):
 
     def _encode(self, x, lower, upper) -> torch.Tensor:
         return qrelu_levels(x, upper / self.n_levels, self.n_levels)
-

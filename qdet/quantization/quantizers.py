@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 from detectron2.utils.registry import Registry
@@ -31,7 +30,9 @@ from qdet.quantization.functional import (
     fake_quantize_values,
 )
 from qdet.quantization.modes import code_sink, output_substitute
-from qdet.quantization.targets import DEPLOY_TARGETS, DeployTarget
+from qdet.quantization.observer import CalibrationObserver
+from qdet.quantization.quantizer_state import CheckpointState
+from qdet.quantization.targets import DeployTarget, TargetGrids
 
 VALID_BITS = (1, 2, 3, 4, 5, 6, 7, 8, 32)
 KINDS = ("weight", "activation")
@@ -76,32 +77,17 @@ def quantized_source(t: torch.Tensor) -> tuple[Quantizer, torch.Tensor | None] |
     return getattr(t, "_qdet_quantized", None)
 
 
-@dataclass(frozen=True)
-class IntegerGrid:
-    """An activation grid as a runtime stores it: code k = clip(round(x / q_step) +
-    zero_point, 0, n) (QuantizeLinear, then a Clip below the container's range) and value
-    dq_step * (k - zero_point) (DequantizeLinear). The two steps differ only where QFD's
-    learnable output scale alpha differs from the input range (unsigned grids, whose zero
-    point is 0 on both sides). An int8 container stores k - offset."""
-
-    q_step: float
-    dq_step: float
-    zero_point: int
-    n: int
-    offset: int = 0  # int8 containers: codes are stored as k - offset (zero point 0)
-
-
 QUANTIZER_REGISTRY = Registry("QUANTIZER")
 QUANTIZER_REGISTRY.__doc__ = """Quantizer classes, each with its ``method`` name (``QUANT.METHOD``,
 ``QUANT.ACT_METHOD``): ``@QUANTIZER_REGISTRY.register()`` adds one (the quantized ReLU,
 :mod:`qdet.quantization.qrelu`, registers itself so)."""
 
-# Extra-state codes of the deployment target a quantizer trained for (0: none).
-_TARGET_CODES = {None: 0, **{name: i + 1 for i, name in enumerate(DEPLOY_TARGETS)}}
 
-
-class Quantizer(nn.Module):
-    """Base class: bit width, kind, calibration bookkeeping and serialised flags.
+class Quantizer(CheckpointState, CalibrationObserver, TargetGrids, nn.Module):
+    """Base class: bit width, kind, the quantization map with its integer codes, and the
+    forward. Mixed in: calibration bookkeeping (:mod:`qdet.quantization.observer`), the
+    flags a checkpoint carries (:mod:`qdet.quantization.quantizer_state`) and the grids a
+    deployment target runs (:class:`qdet.quantization.targets.TargetGrids`).
 
     ``signed=None`` (activations only) means "decide at calibration": signed when the
     calibration data has negative values. Post-ReLU inputs then get the unsigned map and
@@ -158,11 +144,6 @@ class Quantizer(nn.Module):
         return self.bits != 32
 
     @property
-    def num_observed(self) -> int:
-        """Calibration tensors observed since the last ``finish_calibration``."""
-        return len(self._observed)
-
-    @property
     def n_levels(self) -> int:
         """n, the top code: 2^b - 1, except for a deployment target's 8-bit weights, 254
         (the narrow int8 range [-127, 127]; QFD's zero-less grids of 7 bits and below,
@@ -171,109 +152,6 @@ class Quantizer(nn.Module):
         if self.target is not None and self.kind == "weight" and self.bits == 8:
             return n - 1
         return n
-
-    # Flags that are not tensors travel in the state dict as extra state, so a checkpoint
-    # restores whether the quantizer was calibrated and which output map it chose.
-    # Encoded as a small int tensor: Detectron2's (fvcore's) checkpointer accepts tensors
-    # only. [initialized, signed (-1 = undecided), bits], then the deployment target's code
-    # for a quantizer trained for one.
-    _SIGN_CODES = {None: -1, False: 0, True: 1}
-
-    def get_extra_state(self) -> torch.Tensor:
-        state = [int(self.initialized), self._SIGN_CODES[self.signed], self.bits]
-        if self.target is not None:  # checkpoints of simulated models keep their 3 entries
-            state.append(_TARGET_CODES[self.target.name])
-        return torch.tensor(state)
-
-    def set_extra_state(self, state) -> None:
-        values = [int(v) for v in torch.as_tensor(state).tolist()]
-        initialized, sign, bits = values[:3]
-        if bits != self.bits:
-            raise ValueError(
-                f"checkpoint quantizer has {bits} bits, this model {self.bits}: "
-                "build the model with the bit widths the checkpoint was trained with"
-            )
-        names = {code: name for name, code in _TARGET_CODES.items()}
-        trained_for = names.get(values[3] if len(values) > 3 else 0)
-        mine = self.target.name if self.target else None
-        if trained_for is not None and trained_for != mine:
-            raise ValueError(
-                f"checkpoint quantizer was trained for QUANT.TARGET {trained_for!r}, this "
-                f"model is built for {mine or ''!r}: set QUANT.TARGET {trained_for!r}"
-            )
-        self.initialized = bool(initialized)
-        self.signed = {-1: None, 0: False, 1: True}[sign]
-
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        # Per-channel parameters are created lazily; take their size from the checkpoint.
-        for name, param in self._parameters.items():
-            key = prefix + name
-            if key in state_dict and state_dict[key].shape != param.shape:
-                param.data = torch.empty_like(state_dict[key], device=param.device)
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-
-    def _resize(self, shape: tuple[int, ...]) -> None:
-        for p in self._parameters.values():
-            if p.shape != shape:
-                p.data = torch.zeros(shape, dtype=p.dtype, device=p.device)
-
-    # -- calibration ---------------------------------------------------------------
-    # Each observed tensor is reduced to a few statistics at once, so calibrating a
-    # detector on several large batches holds no activations in memory.
-    def observe(self, x: torch.Tensor, where: str = "calibration") -> None:
-        """Record one calibration tensor (weights: the weight; activations: a batch).
-
-        An empty tensor (a mask head that got no ROI) is skipped: the layer calibrates on
-        the next non-empty one. Non-finite values raise ``FloatingPointError`` naming this
-        layer and ``where`` (the calibration batch): bounds of inf / NaN would quantize
-        everything to one code."""
-        if x.numel() == 0:
-            self._empty_seen += 1
-            return
-        with torch.no_grad():
-            finite = torch.isfinite(x)
-            if not bool(finite.all()):
-                bad = x.numel() - int(finite.sum())
-                raise FloatingPointError(
-                    f"{self.path or type(self).__name__}: {bad} of {x.numel()} values of its "
-                    f"input are inf or NaN in {where}; bounds cannot be set from them. Find "
-                    "where they arise (the input images, a diverged checkpoint) before "
-                    "calibrating"
-                )
-            self._observed.append(self._statistics(x.detach().float()))
-
-    @property
-    def num_empty_skipped(self) -> int:
-        """Empty tensors ``observe`` skipped since the last ``finish_calibration``."""
-        return self._empty_seen
-
-    def finish_calibration(self) -> None:
-        """Set the parameters from what ``observe`` recorded, then forget it."""
-        if not self._observed:
-            seen = f" ({self._empty_seen} empty ones were skipped)" if self._empty_seen else ""
-            raise RuntimeError(
-                f"{self.path or type(self).__name__}: finish_calibration() called before any "
-                f"non-empty observe(x){seen}"
-            )
-        stats = self._observed
-        if self.kind == "activation" and self.signed is None:
-            self.signed = bool(min(s["min"] for s in stats) < 0)
-        with torch.no_grad():
-            self._init_from_statistics(stats)
-        self._observed = []
-        self._empty_seen = 0
-        self.initialized = True
-
-    def init_from(self, x: torch.Tensor, where: str = "calibration") -> None:
-        """Calibrate from one (non-empty, finite) tensor."""
-        self.observe(x, where)
-        self.finish_calibration()
-
-    def _statistics(self, x: torch.Tensor) -> dict:
-        raise NotImplementedError
-
-    def _init_from_statistics(self, stats: list[dict]) -> None:
-        raise NotImplementedError
 
     # -- the quantization map --------------------------------------------------------
     def _affine(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
@@ -364,50 +242,6 @@ class Quantizer(nn.Module):
 
     def _decode(self, codes, lower, scale, mode) -> torch.Tensor:
         return decode_codes(codes, lower, scale, self.bits, mode, self.per_channel, self.n_levels)
-
-    # -- the grid as integers (deployment) ---------------------------------------------
-    @torch.no_grad()
-    def integer_grid(self) -> IntegerGrid:
-        """This activation quantizer's grid as a runtime's codes (:class:`IntegerGrid`).
-        Only grids with an integer zero point have one: a deployment target's."""
-        if self.kind != "activation":
-            raise ValueError("integer_grid() describes activations; weights: weight_integers()")
-        lower, upper, scale = (float(t) for t in self._affine()[:3])
-        n = self.n_levels
-        q_step = (upper - lower) / n
-        exact = -lower / q_step
-        zero_point = round(exact)
-        if self.target is None or abs(exact - zero_point) > 1e-3 or not 0 <= zero_point <= n:
-            raise ValueError(
-                f"this quantizer's zero point {exact:.4g} is not an integer in 0..{n}: only "
-                "quantizers built for a deployment target (QUANT.TARGET) have integer grids"
-            )
-        symmetric = self.target.activation_zero_point == "zero"
-        return IntegerGrid(q_step, scale / n, zero_point, n, zero_point if symmetric else 0)
-
-    @torch.no_grad()
-    def weight_step(self) -> torch.Tensor:
-        """The step s_w between consecutive integers of this weight quantizer's output
-        (per output channel when per-channel): w_q = s_w * q, q integer."""
-        lower, _, scale, mode = self._affine()
-        n = self.n_levels
-        if mode == MODE_WEIGHT:  # s (2k - n) / n: odd integers (n odd) or k - n / 2
-            return (scale / n if n % 2 else 2 * scale / n).detach().float()
-        return (scale / n).detach().float()  # lower + scale k / n (LSQ)
-
-    @torch.no_grad()
-    def weight_integers(self, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(q, s_w)``: int32 integers and their step with ``self(weight) = s_w * q``
-        (s_w broadcast per output channel), for the integer export and the bias grid."""
-        lower, _, scale, mode = self._affine()
-        codes = self.to_codes(weight)
-        n = self.n_levels
-        if mode == MODE_WEIGHT:
-            q = 2 * codes - n if n % 2 else codes - n // 2
-        else:
-            offset = torch.round(self._view(lower * n / scale, codes)).long()
-            q = codes + offset
-        return q.int(), self.weight_step()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.enabled:
@@ -559,30 +393,6 @@ class UniformQuantizer(Quantizer):
         if self.target is None or self.kind == "weight":
             return self.lower, self.upper, self.scale, self.mode
         return self._target_affine()
-
-    def _target_affine(self):
-        """The grid a deployment target runs (QFD's map with 0 as a level):
-
-        - zero point 0 (symmetric targets, int8): every grid is signed with its zero at
-          code 2^(b-1), l' = -2^(b-1) (u - l) / n, u' = l' + (u - l), alpha = u - l;
-        - unsigned (post-ReLU) inputs: l = 0 exactly, u and alpha learned as in QFD;
-        - signed inputs: l nudged onto the grid, l' = -z (u - l) / n with the integer zero
-          point z = clip(round(-l n / (u - l)), 0, n), u' = l' + (u - l); alpha = u - l
-          (tied, so the runtime's one zero point serves both its QuantizeLinear and its
-          DequantizeLinear). The nudge passes the gradient straight through (as TF's
-          nudged fake-quant and torch.ao's rounded zero point do), so l and u stay learned.
-        """
-        n = self.n_levels
-        width = self.upper - self.lower
-        step = width.detach() / n
-        if self.target.activation_zero_point == "zero":
-            zero_point = torch.tensor(float((n + 1) // 2))  # int8: codes k - 128
-        elif not self.signed:
-            return torch.zeros_like(self.lower), self.upper, self.scale, MODE_UNSIGNED
-        else:
-            zero_point = torch.clamp(torch.round(-self.lower.detach() / step), 0, n)
-        lower = self.lower + (-zero_point * step - self.lower).detach()
-        return lower, lower + width, width, MODE_SIGNED
 
 
 @QUANTIZER_REGISTRY.register()
