@@ -47,14 +47,11 @@ def test_yacs_and_lazy_configs_describe_the_same_stage(tmp_path):
     assert b.init_weights == lazy.distill.teacher_weights
 
     tcfg = teacher_stage.teacher_stage_config(yacs)
-    assert (tcfg.SOLVER.MAX_ITER, tcfg.SOLVER.WARMUP_ITERS, tuple(tcfg.SOLVER.STEPS)) == (
-        40,
-        20,
-        (),
-    )
-    assert tcfg.OUTPUT_DIR == os.path.dirname(a.weights)
-    assert tcfg.MODEL.WEIGHTS == a.init_weights
-    assert (tcfg.QUANT.FEATURE_TAP, tcfg.QUANT.FEATURE_BITS) == ("p3", 8)
+    solver, quant = tcfg.SOLVER, tcfg.QUANT
+    assert (solver.MAX_ITER, solver.WARMUP_ITERS, tuple(solver.STEPS)) == (40, 20, ())
+    folder, weights = tcfg.OUTPUT_DIR, tcfg.MODEL.WEIGHTS
+    assert folder == os.path.dirname(a.weights) and weights == a.init_weights
+    assert (quant.FEATURE_TAP, quant.FEATURE_BITS) == ("p3", 8)
     stage = teacher_stage.lazy_teacher_stage_config(lazy)
     assert stage.train.max_iter == 40 and stage.train.output_dir == os.path.dirname(b.weights)
     multiplier = instantiate(stage.lr_multiplier)
