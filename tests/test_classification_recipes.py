@@ -28,7 +28,8 @@ from classification import (
 )
 
 from qdet.config import add_qdet_config  # noqa: E402
-from qdet.distill.distiller import Distiller, TermSpec  # noqa: E402
+from qdet.distill.distiller import Distiller  # noqa: E402
+from qdet.distill.terms import TermSpec  # noqa: E402
 from qdet.quantization import UniformQuantizer  # noqa: E402
 
 TRAIN_NET = "projects/Classification/train_net.py"
@@ -219,7 +220,7 @@ def test_every_recipe_loads_and_builds_its_model(name):
     """Every YAML of the project: its keys exist, its distillation terms are valid, and its
     model builds (on the CPU)."""
     from qdet.config import load_config
-    from qdet.distill.distiller import term_specs
+    from qdet.distill.terms import term_specs
 
     cfg = load_config(_recipes()[name], ["MODEL.DEVICE", "cpu"], add_classification_config)
     if cfg.DISTILL.ENABLED:

@@ -28,8 +28,9 @@ from torch import nn
 from train_net_cli import run_train_net
 
 from qdet.distill import distiller as distiller_module
-from qdet.distill.distiller import Distiller, TermSpec, term_specs
+from qdet.distill.distiller import Distiller
 from qdet.distill.taps import expand_taps, resolve_tap
+from qdet.distill.terms import TermSpec, term_specs
 from qdet.engine import QDetTrainer, teacher_stage
 from qdet.quantization import deployed_weight_bytes
 

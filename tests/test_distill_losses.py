@@ -59,8 +59,8 @@ def test_a_loss_registered_by_a_user_is_configured_and_built_like_qdets():
     from detectron2.config import get_cfg
 
     from qdet.config import add_distill_term_config, add_qdet_config
-    from qdet.distill.distiller import term_specs
     from qdet.distill.loss_base import DistillLoss
+    from qdet.distill.terms import term_specs
 
     @DISTILL_LOSS_REGISTRY.register()
     class ScaledL1Loss(DistillLoss):

@@ -3,16 +3,7 @@ frozen teacher and adds each configured term to the student's losses."""
 
 from qdet.distill.affinity import FastFeatureAffinityLoss, FeatureAffinityLoss
 from qdet.distill.attention import RFDLoss
-from qdet.distill.distiller import (
-    Distiller,
-    DistillTerm,
-    TermSpec,
-    attach_distiller,
-    qfd_term_tap,
-    specs_from_terms,
-    term_spec,
-    term_specs,
-)
+from qdet.distill.distiller import Distiller, DistillTerm, attach_distiller
 from qdet.distill.loss_base import DistillLoss
 from qdet.distill.losses import (
     DISTILL_LOSS_REGISTRY,
@@ -26,6 +17,7 @@ from qdet.distill.losses import (
 )
 from qdet.distill.recipes import RECIPES, TermRecipe
 from qdet.distill.taps import Tap, TapRecorder, expand_taps, resolve_tap
+from qdet.distill.terms import TermSpec, qfd_term_tap, specs_from_terms, term_spec, term_specs
 
 __all__ = [
     "RECIPES",

@@ -19,7 +19,7 @@ from detectron2.utils.env import seed_all_rng
 from detectron2.utils.logger import setup_logger
 
 from qdet.config import load_config
-from qdet.distill.distiller import term_specs
+from qdet.distill.terms import term_specs
 from qdet.engine.checks import check_run_inputs
 from qdet.engine.hooks import unwrap_model
 from qdet.engine.teacher_stage import (

@@ -32,7 +32,8 @@ from fvcore.common.param_scheduler import MultiStepParamScheduler
 from torch import nn
 
 from qdet.config import add_qdet_config
-from qdet.distill.distiller import Distiller, qfd_term_tap, specs_from_terms, term_specs
+from qdet.distill.distiller import Distiller
+from qdet.distill.terms import qfd_term_tap, specs_from_terms, term_specs
 from qdet.engine.lazy_config import check_distill_node, plain
 from qdet.modeling.quantized import add_feature_quantizer
 
