@@ -56,7 +56,7 @@ def term_spec(
     if not (number and math.isfinite(weight) and weight >= 0):
         raise ValueError(f"{where}={weight!r}: a term's weight must be a finite number >= 0")
     if not taps:
-        raise ValueError(f"{node}.TAPS is empty: name at least one tap")
+        raise ValueError(f"DISTILL.{name.upper()}.TAPS is empty: name at least one tap")
     options = dict(options)
     # Unknown or bad options fail here, before any model is built ("auto" is resolved
     # against the student by the Distiller).

@@ -83,13 +83,24 @@ class _CheckedCheckpointer(DetectionCheckpointer):
         super()._log_incompatible_keys(incompatible)
 
 
-def load_checked(
-    teacher: nn.Module, weights: str, quantized_feature: bool, model_key: str, stage_hint: str
-) -> nn.Module:
+# What load_checked's messages name, by kind of config: the model the teacher is built
+# from, the command that runs the teacher stage, and QFD's float alternative.
+CONFIG_NAMES = {
+    "yacs": (
+        "DISTILL.TEACHER_CONFIG",
+        "tools/train_net.py --stage teacher",
+        "DISTILL.LOSS feature_kd",
+    ),
+    "lazy": ("distill.teacher_model", "tools/lazy_train_net.py", "a feature_kd term"),
+}
+
+
+def load_checked(teacher: nn.Module, weights: str, quantized_feature: bool, kind: str) -> nn.Module:
     """Load ``weights`` into ``teacher``, refusing a checkpoint that does not fit the model
-    ``model_key`` describes (other shapes, missing parameters) and, for the stage's model
-    (``quantized_feature``), one without a trained feature quantizer (``stage_hint``: the
-    command that makes it)."""
+    (other shapes, missing parameters) and, for the stage's model (``quantized_feature``),
+    one without a trained feature quantizer. ``kind``: "yacs" or "lazy", the kind of config
+    the messages name keys of (:data:`CONFIG_NAMES`)."""
+    model_key, stage_command, float_alternative = CONFIG_NAMES[kind]
     checkpointer = _CheckedCheckpointer(teacher)
     checkpointer.load(weights, checkpointables=[])
     result = checkpointer.incompatible
@@ -104,7 +115,7 @@ def load_checked(
     if quantized_feature and any(k.startswith("feature_quantizer.") for k in missing):
         raise ValueError(
             f"teacher checkpoint {weights} has no trained feature quantizer: QFD needs the "
-            f"teacher stage's output ({stage_hint}), or use DISTILL.LOSS feature_kd"
+            f"teacher stage's output ({stage_command}), or use {float_alternative}"
         )
     if missing:
         raise ValueError(
@@ -115,9 +126,6 @@ def load_checked(
 
 
 # -- yacs ---------------------------------------------------------------------------------
-YACS_STAGE_HINT = "tools/train_net.py --stage teacher"
-
-
 def qfd_tap(cfg: CfgNode) -> str | None:
     """The teacher feature a yacs config's qfd term distils, or None without one."""
     return qfd_term_tap(term_specs(cfg) if cfg.DISTILL.ENABLED else [])
@@ -202,12 +210,14 @@ def teacher_stage_config(cfg: CfgNode) -> CfgNode:
 def load_teacher(cfg: CfgNode, weights: str, quantized_feature: bool) -> nn.Module:
     """Build the teacher and load ``weights``, refusing a checkpoint that does not fit."""
     if not weights or not os.path.isfile(weights):
-        hint = f" Run the teacher stage first ({YACS_STAGE_HINT})." if quantized_feature else ""
+        hint = (
+            " Run the teacher stage first (tools/train_net.py --stage teacher)."
+            if quantized_feature
+            else ""
+        )
         raise FileNotFoundError(f"teacher checkpoint {weights!r} does not exist.{hint}")
     teacher = build_model(teacher_config(cfg, quantized_feature))
-    return load_checked(
-        teacher, weights, quantized_feature, "DISTILL.TEACHER_CONFIG", YACS_STAGE_HINT
-    )
+    return load_checked(teacher, weights, quantized_feature, "yacs")
 
 
 def build_distiller(cfg: CfgNode, student: nn.Module) -> Distiller:
@@ -243,13 +253,6 @@ def build_distiller(cfg: CfgNode, student: nn.Module) -> Distiller:
 
 
 # -- LazyConfig ---------------------------------------------------------------------------
-LAZY_STAGE_HINT = "tools/lazy_train_net.py runs it first"
-LAZY_FP_HINT = (
-    "train the FP model first (tools/lazy_train_net.py with quant.enabled=False writes "
-    "<train.output_dir>/model_final.pth)"
-)
-
-
 def lazy_qfd_tap(cfg) -> str | None:
     """The teacher feature a LazyConfig's qfd term (``distill.terms``) distils, or None."""
     if "distill" not in cfg:
@@ -317,7 +320,9 @@ def check_lazy_stage_input(cfg) -> None:
     weights = cfg.distill.get("teacher_weights", "")
     if not weights or not os.path.isfile(weights):
         raise FileNotFoundError(
-            f"distill.teacher_weights={weights!r} does not exist: {LAZY_FP_HINT}"
+            f"distill.teacher_weights={weights!r} does not exist: train the FP model first "
+            "(tools/lazy_train_net.py with quant.enabled=False writes "
+            "<train.output_dir>/model_final.pth)"
         )
 
 
@@ -332,12 +337,12 @@ def build_lazy_teacher(cfg, device) -> nn.Module:
         raise FileNotFoundError(
             f"the teacher checkpoint {weights!r} does not exist: "
             + (
-                f"QFD's teacher stage writes it ({LAZY_STAGE_HINT})"
+                "QFD's teacher stage writes it (tools/lazy_train_net.py runs it first)"
                 if stage is not None
-                else f"{LAZY_FP_HINT} and set distill.teacher_weights"
+                else "train the FP model first (tools/lazy_train_net.py with "
+                "quant.enabled=False writes <train.output_dir>/model_final.pth) and set "
+                "distill.teacher_weights"
             )
         )
     teacher = lazy_teacher_model(cfg, with_feature_quantizer=stage is not None).to(device)
-    return load_checked(
-        teacher, weights, stage is not None, "distill.teacher_model", LAZY_STAGE_HINT
-    )
+    return load_checked(teacher, weights, stage is not None, "lazy")

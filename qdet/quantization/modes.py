@@ -28,10 +28,21 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 _local = threading.local()
+
+
+@contextlib.contextmanager
+def _flag(name: str, value):
+    """Inside, the thread's flag ``name`` is ``value`` (yielded); the outer value after."""
+    outer = getattr(_local, name, None)
+    setattr(_local, name, value)
+    try:
+        yield value
+    finally:
+        setattr(_local, name, outer)
 
 # -- fake-quant backend ---------------------------------------------------------------------
 BACKENDS = ("auto", "compile", "eager")
@@ -51,18 +62,12 @@ def get_backend() -> str:
 
 
 # -- code capture ---------------------------------------------------------------------------
-@contextlib.contextmanager
-def capturing_codes() -> Iterator[dict]:
+def capturing_codes() -> contextlib.AbstractContextManager[dict]:
     """Inside, every quantizer call also produces its output's integer codes in the same
     fused pass, collected as ``{(data_ptr, numel) of the output: uint8 codes}`` (see
     :mod:`qdet.quantization.saved`). Quantizers without a fused code path
     (the quantized ReLU) add nothing."""
-    outer = getattr(_local, "sink", None)
-    _local.sink = sink = {}
-    try:
-        yield sink
-    finally:
-        _local.sink = outer
+    return _flag("sink", {})
 
 
 def code_sink() -> dict | None:
@@ -71,18 +76,12 @@ def code_sink() -> dict | None:
 
 
 # -- output substitution --------------------------------------------------------------------
-@contextlib.contextmanager
-def substituting_outputs(substitute: Callable) -> Iterator[None]:
+def substituting_outputs(substitute: Callable) -> contextlib.AbstractContextManager:
     """Inside, the output of every quantizer built for a deployment target (and of every
     grid-preserving op on one, :func:`qdet.modeling.deployable.same_grid`) is replaced by
     ``substitute(quantizer, x, out, requantize)``: the export check feeds each layer the
     runtime's own codes of its inputs (:mod:`qdet.export.integer_check`)."""
-    outer = getattr(_local, "substitute", None)
-    _local.substitute = substitute
-    try:
-        yield
-    finally:
-        _local.substitute = outer
+    return _flag("substitute", substitute)
 
 
 def output_substitute() -> Callable | None:
@@ -107,20 +106,14 @@ def weight_reuse_cache() -> dict | None:
 
 
 # -- integer export -------------------------------------------------------------------------
-@contextlib.contextmanager
-def integer_export() -> Iterator[None]:
+def integer_export() -> contextlib.AbstractContextManager:
     """Inside, target-trained layers write their integer form (folded int8 weights, int32
     bias) for the ONNX exporter instead of the float ops they train with."""
-    outer = getattr(_local, "exporting", False)
-    _local.exporting = True
-    try:
-        yield
-    finally:
-        _local.exporting = outer
+    return _flag("exporting", True)
 
 
 def exporting() -> bool:
-    return getattr(_local, "exporting", False)
+    return bool(getattr(_local, "exporting", False))
 
 
 @dataclass
@@ -134,15 +127,9 @@ class IntegerRecord:
     paths: dict[int, str] = field(default_factory=dict)  # id(module) -> its path
 
 
-@contextlib.contextmanager
-def recording() -> Iterator[IntegerRecord]:
+def recording() -> contextlib.AbstractContextManager[IntegerRecord]:
     """Inside, the integer ops list what they write in the yielded :class:`IntegerRecord`."""
-    outer = getattr(_local, "record", None)
-    _local.record = record = IntegerRecord()
-    try:
-        yield record
-    finally:
-        _local.record = outer
+    return _flag("record", IntegerRecord())
 
 
 def integer_record() -> IntegerRecord | None:
