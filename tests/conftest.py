@@ -27,3 +27,14 @@ def _load_tool(name: str):
 def load_tool():
     """``load_tool("predict")``: a tool script as a module, to call its ``main``."""
     return _load_tool
+
+
+@pytest.fixture(scope="module")
+def fp_retinanet():
+    """The FP RetinaNet-R18 of tests/retinanet_r18.py, seeded, in eval mode (one per module)."""
+    import torch
+    from detectron2.modeling import build_model
+    from retinanet_r18 import _retinanet_cfg
+
+    torch.manual_seed(0)
+    return build_model(_retinanet_cfg()).eval()

@@ -11,12 +11,11 @@ import pytest
 import torch
 
 from qdet.engine import QDetTrainer
+from qdet.study import accuracy as accuracy_study
 from qdet.study import runner as study_module
 from qdet.study.runner import Study, StudyRow
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "tools"))
-import accuracy_study  # noqa: E402
 
 SMALL = ["SOLVER.IMS_PER_BATCH", "2", "INPUT.MIN_SIZE_TRAIN", "(80, 96, 112)"]  # random scale
 

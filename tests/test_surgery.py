@@ -1,18 +1,15 @@
 """Model surgery on Detectron2's RetinaNet: which convs are quantized, FP checkpoints load."""
 
 import copy
-import math
 
 import pytest
 import torch
-from detectron2 import model_zoo
-from detectron2.config import get_cfg
 from detectron2.layers import Conv2d
 from detectron2.modeling import build_model
 from detectron2.utils.events import EventStorage
+from retinanet_r18 import _retinanet_cfg
 from torch import nn
 
-from qdet.config import add_qdet_config, quantize_kwargs
 from qdet.quantization import (
     QConv2d,
     QLinear,
@@ -21,26 +18,10 @@ from qdet.quantization import (
     quantize_model,
     quantized_layers,
 )
+from qdet.quantization.settings import quantize_kwargs
 
 # The layers SPEC.md keeps in full precision in RetinaNet.
 RETINANET_FP = {"backbone.bottom_up.stem.conv1", "head.cls_score", "head.bbox_pred"}
-
-
-def _retinanet_cfg():
-    cfg = get_cfg()
-    cfg.merge_from_file(model_zoo.get_config_file("COCO-Detection/retinanet_R_50_FPN_1x.yaml"))
-    add_qdet_config(cfg)
-    cfg.MODEL.DEVICE = "cpu"
-    cfg.MODEL.RESNETS.DEPTH = 18
-    cfg.MODEL.RESNETS.RES2_OUT_CHANNELS = 64
-    cfg.MODEL.RETINANET.NUM_CLASSES = 10
-    return cfg
-
-
-@pytest.fixture(scope="module")
-def fp_retinanet():
-    torch.manual_seed(0)
-    return build_model(_retinanet_cfg()).eval()
 
 
 def _images(n=2, size=96, seed=0):
@@ -177,99 +158,13 @@ def test_linear_layers_and_table():
 
 def test_config_defaults_and_errors():
     cfg = _retinanet_cfg()
-    kw = quantize_kwargs(cfg)
+    kw = quantize_kwargs(cfg.QUANT)
     assert kw["w_bits"] == 4 and kw["a_bits"] == 4 and kw["method"] == "uniform"
     assert kw["include"] is None and kw["exclude"] is None and kw["act_signed"] is None
     cfg.QUANT.W_BITS = 9
     with pytest.raises(ValueError, match="out of range"):
-        quantize_kwargs(cfg)
+        quantize_kwargs(cfg.QUANT)
     cfg.QUANT.W_BITS = 4
     cfg.QUANT.METHOD = "apot"
     with pytest.raises(ValueError, match="QUANT.METHOD"):
-        quantize_kwargs(cfg)
-
-
-def test_calibration_errors():
-    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
-    quantize_model(model, 4, 4, exclude=[])
-    with pytest.raises(ValueError, match="no batches"):
-        calibrate(model, [], num_batches=2)
-    with pytest.raises(ValueError, match="at least one batch"):
-        calibrate(model, [torch.randn(2, 4)], num_batches=0)
-    # A layer the forward never reaches is named.
-    with pytest.raises(RuntimeError, match="never ran during calibration: \\['2.input"):
-        calibrate(model, [torch.randn(2, 4)], run=lambda m, b: m[0](b))
-
-
-def test_calibration_observes_fp_inputs_and_leaves_bn_alone():
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 4, 1))
-    quantize_model(model, 4, 4, exclude=[])
-    running_mean = model[1].running_mean.clone()
-    x = torch.randn(8, 3, 10, 10)
-    calibrate(model.train(), [x], num_batches=1)
-    assert model.training  # restored
-    assert torch.equal(model[1].running_mean, running_mean)
-    q = model[3].input_quantizer
-    with torch.no_grad():  # calibration runs in eval mode: BN uses its running statistics
-        conv0 = nn.functional.conv2d(x, model[0].weight, model[0].bias)
-        fp_input = model[2](model[1].eval()(conv0))
-    # Unsigned rule on the FP (not quantized) input of the second conv.
-    assert q.signed is False
-    assert q.upper.item() == pytest.approx(
-        3 * fp_input.std().item() / (1 - 2 / math.pi) ** 0.5, rel=1e-4
-    )
-
-
-def test_qat_optimizer_puts_quantizer_params_in_their_own_group(fp_retinanet):
-    from qdet.engine import build_qat_optimizer
-    from qdet.engine.optimizer import quantizer_parameters
-
-    model = copy.deepcopy(fp_retinanet)
-    quantize_model(model, 4, 4)
-    cfg = _retinanet_cfg()
-    cfg.SOLVER.BASE_LR, cfg.SOLVER.WEIGHT_DECAY = 0.01, 1e-4
-    cfg.QUANT.BASE_LR, cfg.QUANT.WEIGHT_DECAY = 0.001, 0.0
-    opt = build_qat_optimizer(cfg, model)
-    qids = {id(p) for p in quantizer_parameters(model)}
-    assert len(qids) == 3 * 2 * len(quantized_layers(model))
-    groups = [g for g in opt.param_groups if any(id(p) in qids for p in g["params"])]
-    assert len(groups) == 1 and {id(p) for p in groups[0]["params"]} == qids
-    assert groups[0]["lr"] == pytest.approx(0.001) and groups[0]["weight_decay"] == 0.0
-    assert groups[0]["adam"] and not any(
-        g.get("adam") for g in opt.param_groups if g is not groups[0]
-    )
-    # Every trainable parameter is in exactly one group.
-    seen = [id(p) for g in opt.param_groups for p in g["params"]]
-    assert sorted(seen) == sorted(id(p) for p in model.parameters() if p.requires_grad)
-
-
-def test_sgd_with_adam_groups_matches_torch_optimizers():
-    from qdet.engine.optimizer import SGDWithAdamGroups
-
-    torch.manual_seed(0)
-    w, q = torch.randn(5, requires_grad=True), torch.randn(3, requires_grad=True)
-    w_ref, q_ref = (t.detach().clone().requires_grad_(True) for t in (w, q))
-    ours = SGDWithAdamGroups(
-        [
-            {"params": [w], "lr": 0.1, "weight_decay": 1e-4},
-            {"params": [q], "lr": 0.01, "weight_decay": 0.0, "adam": True},
-        ],
-        lr=0.1,
-        momentum=0.9,
-    )
-    sgd = torch.optim.SGD([w_ref], lr=0.1, momentum=0.9, weight_decay=1e-4)
-    adam = torch.optim.Adam([q_ref], lr=0.01)
-    for _ in range(5):
-        grads = torch.randn(5) * 100, torch.randn(3) * 100
-        for (a, b), g in zip(((w, w_ref), (q, q_ref)), grads):
-            a.grad, b.grad = g.clone(), g.clone()
-        ours.step()
-        sgd.step()
-        adam.step()
-        torch.testing.assert_close(w, w_ref)
-        torch.testing.assert_close(q, q_ref)
-    # Adam's step is about lr whatever the gradient's scale: what the quantizer group needs.
-    assert (q - q_ref).abs().max() == 0
-    state = ours.state_dict()
-    assert state["state"][1]["step"] == 5
+        quantize_kwargs(cfg.QUANT)

@@ -20,7 +20,6 @@ the pipeline, not which method is better: the demo says so and points to the stu
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import sys
@@ -35,64 +34,10 @@ from detectron2.utils.logger import setup_logger  # noqa: E402
 import qdet  # noqa: E402,F401  (registers qdet's datasets and models)
 from qdet.engine.cli import run_cli  # noqa: E402
 from qdet.predict import write_study_sheet  # noqa: E402
-from qdet.study import Study, StudyRow  # noqa: E402
+from qdet.study import Study  # noqa: E402
+from qdet.study.demo import SHEET, demo_rows, demo_table, plot, write_summary  # noqa: E402
 
 OUT = "output/demo"
-DEMO = "configs/digits/demo_"
-LOW_BITS = 2  # where the study's methods differ most (docs/studies.md, "Accuracy study")
-SHEET = ("fp", "baseline_4bit", "qfd_4bit")  # the models drawn side by side
-
-
-def demo_rows() -> list[StudyRow]:
-    rows = [StudyRow("fp", "FP teacher", DEMO + "fp.yaml")]
-    for bits in (4, LOW_BITS):
-        opts = ("QUANT.W_BITS", str(bits), "QUANT.A_BITS", str(bits))
-        for method, label in (("baseline", "baseline QAT"), ("qfd", "QFD")):
-            rows.append(
-                StudyRow(
-                    f"{method}_{bits}bit",
-                    f"{bits}-bit {label}",
-                    f"{DEMO}{method}.yaml",
-                    opts,
-                    f"{bits}/{bits}",
-                    init="fp",
-                )
-            )
-    return rows
-
-
-def plot(rows: list[dict], path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.4, 3.6))
-    colors = ["black"] + ["tab:blue", "tab:orange"] * ((len(rows) - 1) // 2)
-    bars = ax.bar(range(len(rows)), [r["AP"] for r in rows], color=colors)
-    ax.bar_label(bars, fmt="%.1f")
-    ax.set_xticks(range(len(rows)), [r["model"] for r in rows], rotation=20, ha="right")
-    ax.set_ylabel("box AP (qdet_digits_val)")
-    ax.set_title("make demo: one seed, short schedules")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-def write_summary(rows: list[dict], sheet, seconds: float, path: str) -> None:
-    """The table, the sheet's threshold and images, and the wall time: the demo's figures
-    as README quotes them (docs/demo/demo.json is a copy of one run's)."""
-    summary = {"rows": rows, "seconds": round(seconds, 1)}
-    if sheet:
-        t = sheet.threshold
-        summary["sheet"] = {
-            "score": sheet.score,
-            "precision": t.precision if t else None,
-            "recall": t.recall if t else None,
-            "images": [os.path.basename(f) for f in sheet.files],
-        }
-    with open(path, "w") as f:
-        json.dump(summary, f, indent=1)
 
 
 def main() -> None:
@@ -116,21 +61,7 @@ def run(args) -> None:
     jobs = 2 if (os.cpu_count() or 1) >= 2 else 1  # two one-thread runs beat one (Study)
     log = lambda m: print(m, flush=True)  # noqa: E731
     study = Study(demo_rows(), [1], OUT, args.opts, tag="demo", log=log, jobs=jobs)
-    results = study.run()
-    rows = []
-    for row in study.rows.values():
-        m = results[row.name][1]
-        rows.append(
-            {
-                "model": row.label,
-                "W/A": m["W/A"],
-                "AP": m["AP"],
-                "AP50": m["AP50"],
-                "AP75": m["AP75"],
-                "weights MiB": m["weights MiB"],
-                "train s": m["train s"],
-            }
-        )
+    rows = demo_table(study, study.run())
     plot(rows, os.path.join(OUT, "demo.png"))
     sheet = write_study_sheet(study, SHEET, 1, os.path.join(OUT, "detections.png"))
     seconds = time.time() - start

@@ -5,18 +5,12 @@ simulated and for the onnxruntime target, paired over seeds, on the embedded dig
     tools/deployment_study.py --seeds 1 2 3 --jobs 2      # writes output/deploy_study/
 
 Per seed, the FP RetinaNet-R18 is trained from scratch (the accuracy study's row ``fp``,
-reused if there) and every other row starts from it, with the same batches (SEED):
-
-- ``ptq_onnxruntime_minmax`` / ``_percentile``: onnxruntime's ``quantize_static`` of the FP
-  model's ONNX (W8A8; ``quant_pre_process``, per-channel s8 / u8 QDQ), calibrated on the
-  first 64 training images: what a user gets without qdet. AP through onnxruntime.
-- ``ptq_qdet_<wa>``: the FP model built for ``QUANT.TARGET onnxruntime`` and calibrated
-  only (``QUANT.CALIB_BATCHES`` training batches, as QAT starts): qdet's PTQ.
-- ``baseline_sim_<wa>`` / ``qfd_sim_<wa>``: QAT simulated (``QUANT.TARGET ''``, the
-  papers' form); ``baseline_ort_<wa>`` / ``qfd_ort_<wa>``: the same recipe trained for
-  onnxruntime. All these calibrate their ranges with ``--calib-range`` (default ``mse``);
-  ``ptq_qdet_w8a8_ewgs`` and the W4A4 ``baseline_4bit`` / ``qfd_4bit`` (the accuracy
-  study's runs, reused when there) show EWGS's rule, the papers' default, beside them.
+reused if there) and every other row starts from it, with the same batches (SEED): the
+rows ``ptq_onnxruntime_*`` (onnxruntime's ``quantize_static``), ``ptq_qdet_<wa>`` (qdet's
+calibration only, ``QUANT.TARGET onnxruntime``), ``baseline_sim_<wa>`` / ``qfd_sim_<wa>``
+(QAT simulated) and ``baseline_ort_<wa>`` / ``qfd_ort_<wa>`` (QAT for onnxruntime), all
+calibrating with ``--calib-range`` (default ``mse``), beside rows with EWGS's rule. What
+each row is and how it is made and scored: :mod:`qdet.study.deployment`.
 
 Target rows report PyTorch's AP and onnxruntime's (their integer export, checked layer by
 layer on 8 val images). ``deployment.md`` / ``.json`` in ``--out``: AP per row and W/A
@@ -26,290 +20,26 @@ layer on 8 val images). ``deployment.md`` / ``.json`` in ``--out``: AP per row a
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import shutil
 import sys
 import time
 
 import quiet_console  # noqa: F401  (first: quiets third-party warnings in a tool's console)
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from detectron2.config import CfgNode as CN  # noqa: E402
 from detectron2.utils.logger import setup_logger  # noqa: E402
 
 import qdet  # noqa: E402,F401
 from qdet.engine.cli import run_cli  # noqa: E402
-from qdet.study import Study, StudyRow, add_study_arguments, mean_std, spread, write_report  # noqa: E402
-
-DIGITS = "configs/digits/retinanet_r18_"
-WIDTHS = {"w8a8": (8, 8), "w4a8": (4, 8), "w4a4": (4, 4)}
-PTQ_WIDTHS = ("w8a8", "w4a8")
-CALIBRATION_IMAGES = 64
-CHECK_IMAGES = 8
-ORT = ("QUANT.TARGET", "onnxruntime")
-
-
-def add_deploy_config(cfg) -> None:
-    """``DEPLOY_STUDY.KIND``: how a row's run is made (module docstring)."""
-    cfg.DEPLOY_STUDY = CN()
-    cfg.DEPLOY_STUDY.KIND = "qat"  # "qat" | "ptq_qdet" | "ptq_onnxruntime"
-    cfg.DEPLOY_STUDY.CALIBRATION = "minmax"  # ptq_onnxruntime: quantize_static's method
-
-
-def _ort(method: str, wa: str) -> str:
-    return f"{method}_ort_{wa}"
-
-
-def _sim_name(method: str, wa: str) -> str:
-    return f"{method}_sim_{wa}"
-
-
-# The accuracy study's names of its W4A4 runs with EWGS's range rule (reused if there).
-EWGS_RULE = {"baseline": "baseline_4bit", "qfd": "qfd_4bit"}
-METHOD_LABELS = {"baseline": "baseline QAT", "qfd": "QFD"}
-
-
-def study_rows(widths: list[str], calib_range: str) -> list[StudyRow]:
-    """Every quantized row calibrates with ``calib_range`` (``QUANT.CALIB_RANGE``), but the
-    rows that show EWGS's rule beside it."""
-    fp = DIGITS + "fp.yaml"
-    rows = [StudyRow("fp", "FP", fp)]
-    no_steps = ("SOLVER.MAX_ITER", "1")  # a PTQ row trains nothing (the progress's count)
-    for method in ("minmax", "percentile"):
-        opts = ("DEPLOY_STUDY.KIND", "ptq_onnxruntime", "DEPLOY_STUDY.CALIBRATION", method)
-        rows.append(
-            StudyRow(f"ptq_onnxruntime_{method}", "", fp, (*opts, *no_steps), "8/8", init="fp")
-        )
-    ptq = ("QUANT.ENABLED", "True", *ORT, "DEPLOY_STUDY.KIND", "ptq_qdet", *no_steps)
-    eight = ("QUANT.W_BITS", "8", "QUANT.A_BITS", "8")
-    rows.append(StudyRow("ptq_qdet_w8a8_ewgs", "", fp, (*ptq, *eight), "8/8", init="fp"))
-    for wa in widths:
-        w, a = WIDTHS[wa]
-        bits = ("QUANT.W_BITS", str(w), "QUANT.A_BITS", str(a), "QUANT.CALIB_RANGE", calib_range)
-        if wa in PTQ_WIDTHS:
-            rows.append(StudyRow(f"ptq_qdet_{wa}", "", fp, (*ptq, *bits), f"{w}/{a}", init="fp"))
-        for method in METHOD_LABELS:
-            config = DIGITS + f"4bit_{method}.yaml"
-            rows.append(StudyRow(_sim_name(method, wa), "", config, bits, f"{w}/{a}", init="fp"))
-            rows.append(
-                StudyRow(f"{method}_ort_{wa}", "", config, (*ORT, *bits), f"{w}/{a}", init="fp")
-            )
-            if wa == "w4a4":
-                rows.append(StudyRow(EWGS_RULE[method], "", config, (), "4/4", init="fp"))
-    return rows
-
-
-def make_run(cfg) -> None:
-    """Train a QAT row (QFD's two stages where needed), or make a PTQ row's model."""
-    from qdet.engine.stages import train_stages
-
-    kind = cfg.DEPLOY_STUDY.KIND
-    if kind == "qat":
-        train_stages(cfg)
-        return
-    import torch
-    from detectron2.checkpoint import DetectionCheckpointer
-    from detectron2.modeling import build_model
-
-    os.makedirs(cfg.OUTPUT_DIR, exist_ok=True)
-    if kind == "ptq_onnxruntime":
-        from qdet.export import export_onnx
-        from qdet.export.peer import normalised, quantize_static_peer, train_images
-
-        model = build_model(cfg).eval()
-        DetectionCheckpointer(model).load(cfg.MODEL.WEIGHTS)
-        calibration = normalised(model, train_images(cfg, model, CALIBRATION_IMAGES))
-        fp_onnx = os.path.join(cfg.OUTPUT_DIR, "fp32.onnx")
-        export_onnx(model, fp_onnx, torch.from_numpy(calibration[0]))
-        quantize_static_peer(
-            fp_onnx,
-            os.path.join(cfg.OUTPUT_DIR, "model.onnx"),
-            calibration,
-            cfg.DEPLOY_STUDY.CALIBRATION,
-        )
-        # The FP model's weights: its pre- and post-processing run the ONNX network.
-        shutil.copyfile(cfg.MODEL.WEIGHTS, os.path.join(cfg.OUTPUT_DIR, "model_final.pth"))
-        return
-    from itertools import islice
-
-    from qdet.engine.trainer import QDetTrainer
-    from qdet.quantization import calibrate
-
-    model = build_model(cfg)
-    DetectionCheckpointer(model).load(cfg.MODEL.WEIGHTS)
-    n = cfg.QUANT.CALIB_BATCHES
-    calibrate(model, islice(iter(QDetTrainer.build_train_loader(cfg)), n), num_batches=n)
-    DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).save("model_final")
-
-
-def evaluate_run(cfg) -> dict:
-    """PyTorch's box AP and, for deployable rows, onnxruntime's (cached beside the run)."""
-    from detectron2.checkpoint import DetectionCheckpointer
-    from detectron2.modeling import build_model
-
-    from qdet.engine.stages import evaluate_final
-
-    cache = os.path.join(cfg.OUTPUT_DIR, "eval_deploy.json")
-    final = os.path.join(cfg.OUTPUT_DIR, "model_final.pth")
-    if os.path.isfile(cache) and os.path.getmtime(cache) >= os.path.getmtime(final):
-        with open(cache) as f:
-            return json.load(f)
-    from qdet.export import OnnxRetinaNet, export_onnx, verify
-    from qdet.export.runtime import box_ap
-
-    kind = cfg.DEPLOY_STUDY.KIND
-    metrics = {}
-    if kind != "ptq_onnxruntime":
-        metrics.update(evaluate_final(cfg))
-    path = os.path.join(cfg.OUTPUT_DIR, "model.onnx")
-    if kind != "qat" or cfg.QUANT.TARGET:
-        model = build_model(cfg).eval()
-        DetectionCheckpointer(model).load(final)
-        if kind != "ptq_onnxruntime":
-            from qdet.engine.trainer import QDetTrainer
-
-            loader = QDetTrainer.build_test_loader(cfg, cfg.DATASETS.TEST[0])
-            batches = [b for _, b in zip(range(CHECK_IMAGES), loader)]
-            export_onnx(model, path, model.preprocess_image(batches[0]).tensor)
-            report = verify(model, path, batches)
-            metrics["check"] = {
-                "ok": report.ok,
-                "failures": report.failures[:3],
-                "boundary_flips": report.boundary_flips,
-                "codes": report.activation_values,
-                "kernels": report.integer_kernels,
-                "float_convs": report.float_convs,
-            }
-        bbox = box_ap(cfg, OnnxRetinaNet(model, path))
-        metrics["ort AP"] = bbox["AP"]
-        metrics.setdefault("AP", bbox["AP"])  # the headline: onnxruntime's for its own PTQ
-    with open(cache, "w") as f:
-        json.dump(metrics, f)
-    return metrics
-
-
-# -- the report ---------------------------------------------------------------------------
-def _values(results, row: str, seeds, metric: str) -> list[float]:
-    runs = results.get(row, {})
-    return [runs[s][metric] for s in seeds if s in runs and metric in runs[s]]
-
-
-def _cell(results, row: str, seeds, metric: str = "AP") -> str:
-    values = _values(results, row, seeds, metric)
-    return spread(values) if values else ""
-
-
-def _both(results, row: str, seeds) -> str:
-    """PyTorch's AP / onnxruntime's."""
-    torch_ap, ort_ap = _cell(results, row, seeds), _cell(results, row, seeds, "ort AP")
-    return f"{torch_ap} / {ort_ap}" if torch_ap else ""
-
-
-def _diff(results, row: str, base: str, seeds, metric="AP", base_metric="AP") -> str:
-    """``row``'s metric minus ``base``'s, paired per seed: mean ± std (seeds higher)."""
-    runs, ref = results.get(row, {}), results.get(base, {})
-    shared = [s for s in seeds if s in runs and s in ref and metric in runs[s]]
-    if not shared:
-        return ""
-    d = [runs[s][metric] - ref[s][base_metric] for s in shared]
-    mean, std = mean_std(d)
-    return f"{mean:+.1f} ± {std:.1f} ({sum(v > 0 for v in d)}/{len(d)} higher)"
-
-
-def tables(results, widths, seeds) -> str:
-    from tabulate import tabulate
-
-    def across(fn, only=None) -> list[str]:
-        return [fn(w) if only is None or w in only else "" for w in widths]
-
-    ap = [
-        ["onnxruntime quantize_static MinMax (its AP)"]
-        + across(lambda w: _cell(results, "ptq_onnxruntime_minmax", seeds), ("w8a8",)),
-        ["onnxruntime quantize_static Percentile (its AP)"]
-        + across(lambda w: _cell(results, "ptq_onnxruntime_percentile", seeds), ("w8a8",)),
-        ["qdet calibration only, CALIB_RANGE ewgs"]
-        + across(lambda w: _both(results, "ptq_qdet_w8a8_ewgs", seeds), ("w8a8",)),
-        ["qdet calibration only"]
-        + across(lambda w: _both(results, f"ptq_qdet_{w}", seeds), PTQ_WIDTHS),
-    ]
-    for method, label in METHOD_LABELS.items():
-        ap.append(
-            [f"{label}, simulated, CALIB_RANGE ewgs"]
-            + across(lambda w, m=method: _cell(results, EWGS_RULE[m], seeds), ("w4a4",))
-        )
-        ap.append(
-            [f"{label}, simulated"]
-            + across(lambda w, m=method: _cell(results, _sim_name(m, w), seeds))
-        )
-        ap.append(
-            [f"{label}, TARGET onnxruntime"]
-            + across(lambda w, m=method: _both(results, f"{m}_ort_{w}", seeds))
-        )
-    diffs = []
-    for method, label in METHOD_LABELS.items():
-        diffs += [
-            [f"{label}: TARGET (onnxruntime AP) - simulated"]
-            + across(
-                lambda w, m=method: _diff(results, _ort(m, w), _sim_name(m, w), seeds, "ort AP")
-            ),
-            [f"{label}: TARGET, onnxruntime - PyTorch"]
-            + across(lambda w, m=method: _diff(results, _ort(m, w), _ort(m, w), seeds, "ort AP")),
-            [f"{label}: TARGET (onnxruntime AP) - quantize_static MinMax W8A8"]
-            + across(
-                lambda w, m=method: _diff(
-                    results, _ort(m, w), "ptq_onnxruntime_minmax", seeds, "ort AP"
-                )
-            ),
-            [f"{label}: TARGET - qdet calibration only (onnxruntime AP)"]
-            + across(
-                lambda w, m=method: _diff(
-                    results, _ort(m, w), f"ptq_qdet_{w}", seeds, "ort AP", "ort AP"
-                ),
-                PTQ_WIDTHS,
-            ),
-            [f"{label}: simulated, the study's CALIB_RANGE - ewgs"]
-            + across(
-                lambda w, m=method: _diff(results, _sim_name(m, w), EWGS_RULE[m], seeds), ("w4a4",)
-            ),
-        ]
-    per_seed = []
-    for name, runs in results.items():
-        for metric in ("AP", "ort AP"):
-            values = [runs[s].get(metric) if s in runs else None for s in seeds]
-            if any(v is not None for v in values):
-                cells = ", ".join("-" if v is None else f"{v:.1f}" for v in values)
-                per_seed.append([f"{name} ({metric})", cells])
-    checks = []
-    for name, runs in results.items():
-        done = [(s, r["check"]) for s, r in sorted(runs.items()) if "check" in r]
-        if done:
-            checks.append(
-                [name]
-                + [
-                    ", ".join(
-                        f"seed {s}: {'ok' if c['ok'] else 'FAILED'}, {c['boundary_flips']} of "
-                        f"{c['codes']} codes at a tie"
-                        for s, c in done
-                    )
-                ]
-            )
-    heads = ["row", *[f"W/A {WIDTHS[w][0]}/{WIDTHS[w][1]}" for w in widths]]
-    seed_list = ", ".join(map(str, seeds))
-    return "\n\n".join(
-        [
-            f"COCO box AP on qdet_digits_val, mean ± sample std over seeds {seed_list} "
-            f"(FP: {_cell(results, 'fp', seeds)}); two figures: PyTorch / onnxruntime:",
-            tabulate(ap, heads, tablefmt="github"),
-            "Paired differences (same FP model and batches per seed), mean ± sample std, and "
-            "on how many seeds the first is higher:",
-            tabulate(diffs, heads, tablefmt="github"),
-            "AP per seed:",
-            tabulate(per_seed, ["run", f"seeds {seed_list}"], tablefmt="github"),
-            f"The integer exports' layer-wise check on {CHECK_IMAGES} val images:",
-            tabulate(checks, ["run", "check"], tablefmt="github"),
-        ]
-    )
+from qdet.study import Study, add_study_arguments, write_report  # noqa: E402
+from qdet.study.deployment import (  # noqa: E402
+    WIDTHS,
+    add_deploy_config,
+    evaluate_run,
+    make_run,
+    study_rows,
+    tables,
+)
 
 
 def main() -> None:

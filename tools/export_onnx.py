@@ -31,8 +31,13 @@ import sys
 import quiet_console  # noqa: F401  (first: quiets third-party warnings in a tool's console)
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from detectron2.utils.logger import setup_logger  # noqa: E402
+
 import qdet  # noqa: E402,F401  (registers qdet's datasets and models)
 from qdet.engine.cli import run_cli  # noqa: E402
+from qdet.engine.trained_model import load_trained_model  # noqa: E402
+from qdet.export import OnnxRetinaNet, export_onnx, save_packed_weights, verify  # noqa: E402
+from qdet.export.runtime import loader_box_ap  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -63,11 +68,6 @@ def _mib(n: int) -> str:
 
 
 def main(args) -> int:
-    from detectron2.utils.logger import setup_logger
-
-    from qdet.engine.trained_model import load_trained_model
-    from qdet.export import OnnxRetinaNet, export_onnx, save_packed_weights, verify
-
     setup_logger()  # Detectron2: inference progress
     setup_logger(name="qdet")
     log = logging.getLogger("qdet").info
@@ -108,8 +108,6 @@ def main(args) -> int:
     if args.eval:
         if info["graph"] != "retinanet":
             raise ValueError("--eval evaluates RetinaNet exports; this model exports a backbone")
-        from qdet.export.runtime import loader_box_ap
-
         dataset = trained.dataset
         runners = {"pytorch": model, "onnxruntime": OnnxRetinaNet(model, args.output, args.threads)}
         aps = {

@@ -15,6 +15,7 @@ data (or the data unlike the training set's).
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import logging
 import os
@@ -23,8 +24,18 @@ import sys
 import quiet_console  # noqa: F401  (first: quiets third-party warnings in a tool's console)
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from detectron2.checkpoint import DetectionCheckpointer  # noqa: E402
+from detectron2.data import build_detection_test_loader  # noqa: E402
+from detectron2.modeling import build_model  # noqa: E402
+from detectron2.utils.logger import setup_logger  # noqa: E402
+from tabulate import tabulate  # noqa: E402
+
 import qdet  # noqa: E402,F401  (registers qdet's datasets and models)
+from qdet.config import load_config  # noqa: E402
+from qdet.engine.checks import check_datasets, require_trained_weights  # noqa: E402
 from qdet.engine.cli import run_cli  # noqa: E402
+from qdet.predict import list_images, predictor_batches, split_config_overrides  # noqa: E402
+from qdet.quantization.range_report import plot_ranges, quantizer_ranges  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -39,40 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _image_batches(cfg, files: list[str]):
-    """Each image as a batch of one, resized as Detectron2's predictor resizes it."""
-    import detectron2.data.transforms as T
-    import torch
-
-    from qdet.predict import read_image
-
-    resize = T.ResizeShortestEdge(
-        [cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MIN_SIZE_TEST], cfg.INPUT.MAX_SIZE_TEST
-    )
-    for path in files:
-        image = read_image(path)  # BGR
-        if cfg.INPUT.FORMAT == "RGB":
-            image = image[:, :, ::-1]
-        height, width = image.shape[:2]
-        resized = resize.get_transform(image).apply_image(image)
-        tensor = torch.as_tensor(resized.astype("float32").transpose(2, 0, 1))
-        yield [{"image": tensor, "height": height, "width": width}]
-
-
 def main(args) -> dict:
-    import itertools
-
-    from detectron2.checkpoint import DetectionCheckpointer
-    from detectron2.data import build_detection_test_loader
-    from detectron2.modeling import build_model
-    from detectron2.utils.logger import setup_logger
-    from tabulate import tabulate
-
-    from qdet.config import load_config
-    from qdet.engine.checks import check_datasets, require_trained_weights
-    from qdet.predict import list_images, split_config_overrides
-    from qdet.quantization.range_report import plot_ranges, quantizer_ranges
-
     setup_logger(name="qdet")
     if args.num_images < 1:
         raise ValueError(f"--num-images {args.num_images} must be at least 1")
@@ -88,7 +66,7 @@ def main(args) -> dict:
         loader = build_detection_test_loader(cfg, cfg.DATASETS.TEST[0])
         batches, source = itertools.islice(loader, args.num_images), cfg.DATASETS.TEST[0]
     else:
-        batches, source = _image_batches(cfg, files), f"{len(files)} input image(s)"
+        batches, source = predictor_batches(cfg, files), f"{len(files)} input image(s)"
     records = quantizer_ranges(model, batches)
 
     os.makedirs(args.output, exist_ok=True)

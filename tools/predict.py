@@ -25,8 +25,23 @@ import sys
 import quiet_console  # noqa: F401  (first: quiets third-party warnings in a tool's console)
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import cv2  # noqa: E402
+import tqdm  # noqa: E402
+from detectron2.utils.logger import setup_logger  # noqa: E402
+
 import qdet  # noqa: E402,F401  (registers qdet's datasets and models)
 from qdet.engine.cli import run_cli  # noqa: E402
+from qdet.engine.trained_model import checkpoint_overrides, load_trained_model  # noqa: E402
+from qdet.predict import (  # noqa: E402
+    check_onnx_file,
+    draw_detections,
+    list_images,
+    output_names,
+    panel_model,
+    read_image,
+    side_by_side,
+    split_config_overrides,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -57,22 +72,6 @@ def _name(path: str) -> str:
 
 
 def main(args) -> list[str]:
-    import cv2
-    import tqdm
-    from detectron2.utils.logger import setup_logger
-
-    from qdet.engine.trained_model import checkpoint_overrides, load_trained_model
-    from qdet.predict import (
-        check_onnx_file,
-        draw_detections,
-        list_images,
-        output_names,
-        panel_model,
-        read_image,
-        side_by_side,
-        split_config_overrides,
-    )
-
     setup_logger(name="qdet")
     inputs, opts = split_config_overrides(args.input, args.opts)
     files = list_images(inputs)  # bad inputs fail before any model is built

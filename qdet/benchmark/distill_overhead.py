@@ -30,9 +30,8 @@ from tabulate import tabulate
 
 from qdet.benchmark.machine import fmt, machine, machine_note, print_targets, sync
 from qdet.config import load_config
-from qdet.distill import teacher_config
 from qdet.engine import QDetTrainer
-from qdet.engine.stages import needs_teacher_stage
+from qdet.engine.teacher_stage import needs_teacher_stage, teacher_config
 from qdet.quantization import calibrate
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

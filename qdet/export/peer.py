@@ -9,8 +9,11 @@ import os
 from collections.abc import Iterable
 
 import numpy as np
+import torch
+from detectron2.data import DatasetCatalog, DatasetMapper
 
-from qdet.export.graphs import INPUT_NAME
+from qdet.engine.checks import check_datasets
+from qdet.export.graphs import INPUT_NAME, export_onnx
 
 CALIBRATIONS = ("minmax", "percentile")
 
@@ -32,6 +35,7 @@ def quantize_static_peer(
     """onnxruntime's ``quantize_static`` of ``fp_onnx`` into ``out`` (QDQ, per-channel s8
     weights, u8 activations), calibrated on ``calibration`` (normalised input batches,
     one shape) with ``method`` (:data:`CALIBRATIONS`). Returns ``out``."""
+    # optional: the export extra
     from onnxruntime.quantization import (
         CalibrationDataReader,
         CalibrationMethod,
@@ -80,10 +84,6 @@ def train_images(cfg, model, count: int) -> list[list[dict]]:
     """The first ``count`` images of ``cfg.DATASETS.TRAIN[0]`` in dataset order, as
     Detectron2 test-time inputs (resized, not augmented), one per batch: the calibration
     images of both quantizers, so the two PTQs see the same data."""
-    from detectron2.data import DatasetCatalog, DatasetMapper
-
-    from qdet.engine.checks import check_datasets
-
     check_datasets(cfg.DATASETS.TRAIN[:1])
     mapper = DatasetMapper(cfg, is_train=False)
     dataset = DatasetCatalog.get(cfg.DATASETS.TRAIN[0])[:count]
@@ -93,10 +93,19 @@ def train_images(cfg, model, count: int) -> list[list[dict]]:
 def normalised(model, batches: list[list[dict]]) -> list[np.ndarray]:
     """Each batch as the network's input (``preprocess_image``), numpy, one size: padded
     to the largest."""
-    import torch
-
     with torch.no_grad():
         arrays = [model.preprocess_image(b).tensor.numpy() for b in batches]
     height = max(a.shape[2] for a in arrays)
     width = max(a.shape[3] for a in arrays)
     return padded(arrays, height, width)
+
+
+def export_fp32(cfg, model, fp_onnx: str, count: int) -> tuple[list[list[dict]], list[np.ndarray]]:
+    """The FP model's side of the peer: its first ``count`` training images
+    (:func:`train_images`) as the network's input (:func:`normalised`), and the model
+    exported to ``fp_onnx`` with the first of them as the trace's sample: the file
+    :func:`quantize_static_peer` quantizes. Returns (the images, the calibration inputs)."""
+    batches = train_images(cfg, model, count)
+    calibration = normalised(model, batches)
+    export_onnx(model, fp_onnx, torch.from_numpy(calibration[0]))
+    return batches, calibration

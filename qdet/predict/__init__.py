@@ -4,7 +4,13 @@
 and on images chosen from the val split's evaluation (:mod:`qdet.predict.sheets`,
 :mod:`qdet.predict.sheet_choice`)."""
 
-from qdet.predict.inputs import list_images, output_names, read_image, split_config_overrides
+from qdet.predict.inputs import (
+    list_images,
+    output_names,
+    predictor_batches,
+    read_image,
+    split_config_overrides,
+)
 from qdet.predict.panels import (
     PanelModel,
     build_panel_model,
@@ -25,6 +31,7 @@ __all__ = [
     "list_images",
     "model_title",
     "output_names",
+    "predictor_batches",
     "panel_model",
     "read_image",
     "side_by_side",

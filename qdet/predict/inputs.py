@@ -1,15 +1,18 @@
 """What ``tools/predict.py`` and ``tools/inspect_quantizers.py`` read: image files and
-folders, and the config overrides argparse mixes into ``--input``."""
+folders, the config overrides argparse mixes into ``--input``, and images as the
+predictor's batches."""
 
 from __future__ import annotations
 
 import glob
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import cv2
+import detectron2.data.transforms as T
 import numpy as np
+import torch
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 
@@ -76,3 +79,19 @@ def output_names(files: Sequence[str]) -> list[str]:
         f"{os.path.basename(os.path.dirname(os.path.abspath(f)))}_{n}" if n in clashes else n
         for f, n in zip(files, names)
     ]
+
+
+def predictor_batches(cfg, files: Sequence[str]) -> Iterator[list[dict]]:
+    """Each image of ``files`` as a batch of one, in the config's ``INPUT.FORMAT``, resized
+    as Detectron2's predictor resizes it (``ResizeShortestEdge`` to ``MIN_SIZE_TEST``)."""
+    resize = T.ResizeShortestEdge(
+        [cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MIN_SIZE_TEST], cfg.INPUT.MAX_SIZE_TEST
+    )
+    for path in files:
+        image = read_image(path)  # BGR
+        if cfg.INPUT.FORMAT == "RGB":
+            image = image[:, :, ::-1]
+        height, width = image.shape[:2]
+        resized = resize.get_transform(image).apply_image(image)
+        tensor = torch.as_tensor(resized.astype("float32").transpose(2, 0, 1))
+        yield [{"image": tensor, "height": height, "width": width}]

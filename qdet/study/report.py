@@ -16,7 +16,7 @@ from collections.abc import Mapping, Sequence
 
 from tabulate import tabulate
 
-from qdet.study.runner import SHARE_PREFIX, mean_std, paired_differences, spread
+from qdet.study.runner import SHARE_PREFIX, Study, mean_std, paired_differences, spread
 
 
 def _values(runs: dict, seeds, metric: str) -> list[float]:
@@ -142,7 +142,7 @@ def plot_vs_bits(
 ) -> None:
     """``metric`` against W/A bits per method, error bars = sample std over seeds; the FP
     model's mean as a dashed line with its std as a band. No line across a width not run."""
-    import matplotlib
+    import matplotlib  # when plotting only: slow to import; Agg chosen before pyplot
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -171,6 +171,47 @@ def plot_vs_bits(
     ax.set_ylabel(ylabel)
     ax.set_title(title or f"mean ± std over {len(seeds)} seeds")
     ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def ap_curve(run_dir: str) -> tuple[list[int], list[float]]:
+    """(iterations, val box AP) from a run's metrics.json (its periodic evaluations)."""
+    points = []
+    path = os.path.join(run_dir, "metrics.json")
+    if os.path.isfile(path):
+        with open(path) as f:
+            for line in f:
+                m = json.loads(line)
+                if "bbox/AP" in m:
+                    points.append((m["iteration"] + 1, m["bbox/AP"]))
+    return [p[0] for p in points], [p[1] for p in points]
+
+
+def plot_curves(study: Study, names: Sequence[str], seed: int, path: str) -> None:
+    """Val box AP during training of the rows ``names`` on ``seed``: the FP row (``fp``,
+    from scratch) left, its fine-tunes right."""
+    import matplotlib  # when plotting only: slow to import; Agg chosen before pyplot
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
+    for name in names:
+        row = study.rows.get(name)
+        if row is None:
+            continue
+        iters, ap = ap_curve(study.run_dir(row, seed))
+        ax = axes[0] if name == "fp" else axes[1]
+        ax.plot(iters, ap, marker="o", label=f"{row.label} {row.bits}".strip())
+    axes[0].set_title("FP teacher, from scratch")
+    axes[1].set_title("4-bit fine-tunes of it")
+    for ax in axes:
+        ax.set_xlabel("iteration")
+        ax.set_ylabel("val box AP")
+        ax.legend(fontsize=8)
+    fig.suptitle(f"qdet_digits_val AP during training (seed {seed})")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

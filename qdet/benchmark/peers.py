@@ -14,12 +14,14 @@ from __future__ import annotations
 
 from torch import nn
 
+from qdet.quantization import QConv2d
+
 BREVITAS_NOTE = "brevitas not installed (pip install -e .[bench]): its rows are skipped"
 
 
 def brevitas_version() -> str | None:
     try:
-        import brevitas
+        import brevitas  # optional: the bench extra
     except ImportError:
         return None
     return brevitas.__version__
@@ -31,6 +33,7 @@ class BrevitasConv(nn.Module):
 
     def __init__(self, conv: nn.Conv2d, bits: int, signed_input: bool):
         super().__init__()
+        # optional: the bench extra
         from brevitas.nn import QuantConv2d, QuantIdentity
         from brevitas.quant import Int8ActPerTensorFloat, Uint8ActPerTensorFloat
 
@@ -72,8 +75,6 @@ def swap_to_brevitas(model: nn.Module, quantized: nn.Module, bits: int) -> int:
     """Replace, in ``model`` (FP), every conv that ``quantized`` (the same architecture,
     quantized and calibrated by qdet) quantizes with a :class:`BrevitasConv`; returns how
     many. The same layers, and each input's sign as qdet's calibration found it."""
-    from qdet.quantization import QConv2d
-
     count = 0
     for name, layer in quantized.named_modules():
         if not isinstance(layer, QConv2d):

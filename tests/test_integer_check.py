@@ -1,0 +1,103 @@
+"""The check of an integer export (qdet/export/integer_check.py): every quantized conv one
+QLinearConv in the graph onnxruntime runs (counted on the model), and the check fails on a
+wrong folded weight and on a conv left in float."""
+
+import collections
+
+import onnx
+import pytest
+import torch
+from onnx import numpy_helper
+from target_models import _export, _images, _target_model
+
+from qdet.export import verify as verify_export
+from qdet.export.integer_check import optimized_op_counts
+from qdet.quantization import QConv2d
+
+
+@pytest.mark.parametrize(
+    "w_bits,a_bits,method", [(8, 8, "uniform"), (4, 8, "uniform"), (4, 4, "uniform"), (4, 4, "lsq")]
+)
+def test_onnxruntime_runs_every_quantized_conv_as_one_integer_op(tmp_path, w_bits, a_bits, method):
+    model = _target_model(
+        "QUANT.W_BITS", str(w_bits), "QUANT.A_BITS", str(a_bits), "QUANT.METHOD", method
+    )
+    path = tmp_path / "m.onnx"
+    _export(model, path)
+    counts = optimized_op_counts(str(path))
+    # Counted on the model: each quantized conv once per call (the head's per level).
+    calls = collections.Counter()
+    hooks = [
+        m.register_forward_pre_hook(lambda mod, _i: calls.update(["conv"]))
+        for m in model.modules()
+        if isinstance(m, QConv2d)
+    ]
+    with torch.no_grad():
+        model(_images(1))
+    for h in hooks:
+        h.remove()
+    assert counts.get("QLinearConv") == calls["conv"]
+    assert counts.get("Conv", 0) == 0 and counts.get("FusedConv", 0) == 0
+    assert counts.get("QLinearAdd") == 8 + 2  # residual adds and FPN sums
+    # The graph's 10 float outputs, and P7's input: ReLU(P6) requantized in float, DQ -> Q
+    # (onnxruntime drops the ReLU into the Q) on a map 1/64 of P3's.
+    assert counts.get("DequantizeLinear", 0) == 10 + 1
+    assert counts.get("QuantizeLinear", 0) == 1 + 1  # the input images, and P7's input
+    clips = counts.get("Clip", 0)
+    assert (clips > 0) == (a_bits < 8)  # the exact form below 8 bits: integer Clips
+
+    report = verify_export(model, str(path), [_images(seed=5), _images(seed=6)])
+    assert report.ok, report.failures
+    assert report.activations_checked > 50
+    assert report.boundary_flips <= 1e-4 * report.activation_values
+
+
+def test_check_fails_on_a_wrong_folded_weight(tmp_path, monkeypatch):
+    """A negative control: one folded weight step doubled at export."""
+    import qdet.quantization.integer_ops as integer
+
+    model = _target_model()
+    original = integer.integer_conv_grid
+    calls = [0]
+
+    def wrong(layer, source, norm):
+        grid = original(layer, source, norm)
+        calls[0] += 1
+        if calls[0] == 3:
+            return integer.IntegerConvGrid(
+                grid.weight,
+                grid.weight_step * 2,
+                grid.bias,
+                grid.bias_step * 2,
+                grid.stride,
+                grid.padding,
+                grid.dilation,
+                grid.groups,
+            )
+        return grid
+
+    monkeypatch.setattr(integer, "integer_conv_grid", wrong)
+    _export(model, tmp_path / "m.onnx")
+    monkeypatch.setattr(integer, "integer_conv_grid", original)
+    report = verify_export(model, str(tmp_path / "m.onnx"), [_images()])
+    assert not report.ok
+    assert any("differ from PyTorch" in f for f in report.failures), report.failures
+
+
+def test_check_fails_when_a_conv_runs_in_float(tmp_path):
+    """A bias step the runtime rejects (2x s_x s_w): its conv stays float, the check says so."""
+    model = _target_model()
+    path = tmp_path / "m.onnx"
+    _export(model, path)
+    proto = onnx.load(str(path))
+    producer = {o: n for n in proto.graph.node for o in n.output}
+    conv = next(n for n in proto.graph.node if n.op_type == "Conv")
+    bias_scale = producer[conv.input[2]].input[1]
+    for node in proto.graph.node:
+        if node.op_type == "Constant" and node.output[0] == bias_scale:
+            t = node.attribute[0].t
+            t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t) * 2, t.name))
+    onnx.save(proto, str(path))
+    report = verify_export(model, str(path), [_images()])
+    assert not report.ok
+    assert any("did not fuse" in f for f in report.failures), report.failures
