@@ -100,7 +100,7 @@ class VerifyReport:
 
 
 def _constants(proto) -> dict[str, np.ndarray]:
-    from onnx import numpy_helper
+    from onnx import numpy_helper  # optional: the export extra
 
     values = {init.name: numpy_helper.to_array(init) for init in proto.graph.initializer}
     for node in proto.graph.node:
