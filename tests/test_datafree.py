@@ -216,7 +216,7 @@ def test_datafree_student_trains_on_generated_images_only(tmp_path, monkeypatch,
         raise AssertionError("the data-free path built the real training loader")
 
     monkeypatch.setattr(DatasetCatalog, "get", get_but_not_train)
-    monkeypatch.setattr(trainer_module, "build_detection_train_loader", refuse)
+    monkeypatch.setattr(trainer_module, "resumable_train_loader", refuse)
     monkeypatch.setattr(trainer_module, "get_detection_dataset_dicts", refuse)
     out = tmp_path / "df"
     # Both terms weighted, so that every gradient the student gets is from the teacher.

@@ -34,6 +34,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from detectron2.utils.logger import setup_logger  # noqa: E402
 
 import qdet  # noqa: E402,F401  (registers qdet's datasets and models)
+from qdet.engine.checks import refuse_overwriting_inputs  # noqa: E402
 from qdet.engine.cli import run_cli  # noqa: E402
 from qdet.engine.trained_model import load_trained_model  # noqa: E402
 from qdet.export import OnnxRetinaNet, export_onnx, save_packed_weights, verify  # noqa: E402
@@ -73,6 +74,12 @@ def main(args) -> int:
     log = logging.getLogger("qdet").info
     # onnxruntime's CPU provider is the reference
     trained = load_trained_model(args.config_file, args.opts, "to export", device="cpu")
+    packed = args.packed_weights or args.output.removesuffix(".onnx") + ".weights.safetensors"
+    report_path = args.output.removesuffix(".onnx") + ".export.json"
+    refuse_overwriting_inputs(
+        {"--output": args.output, "--packed-weights": packed, "the export's JSON": report_path},
+        {"--config-file": args.config_file, "the checkpoint": trained.checkpoint},
+    )
     model = trained.model
     sample = model.preprocess_image(next(iter(trained.test_loader()))).tensor
 
@@ -83,7 +90,6 @@ def main(args) -> int:
         f"{_mib(os.path.getsize(args.output))}"
     )
     sizes = {"onnx_bytes": os.path.getsize(args.output), "fp32_bytes": fp32_ckpt}
-    packed = args.packed_weights or args.output.removesuffix(".onnx") + ".weights.safetensors"
     if packed.lower() != "none":
         written = save_packed_weights(model, packed)
         sizes["packed_bytes"] = written["file_bytes"]
@@ -119,7 +125,7 @@ def main(args) -> int:
             f"box AP on {dataset}: PyTorch {aps['pytorch']['AP']:.2f}, "
             f"onnxruntime {aps['onnxruntime']['AP']:.2f}"
         )
-    with open(args.output.removesuffix(".onnx") + ".export.json", "w") as f:
+    with open(report_path, "w") as f:
         json.dump(result, f, indent=1, default=str)
     return status
 

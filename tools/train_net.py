@@ -26,7 +26,6 @@ from detectron2.engine import default_argument_parser
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import qdet  # noqa: E402,F401  (registers qdet's datasets and models)
 from qdet.engine import stages  # noqa: E402
-from qdet.engine.checks import check_run_inputs  # noqa: E402
 from qdet.engine.cli import launch_main  # noqa: E402
 from qdet.engine.stages import STAGES, evaluate_checkpoint, train_stages  # noqa: E402
 
@@ -36,11 +35,11 @@ def setup(args) -> CfgNode:
 
 
 def main(args):
-    cfg = setup(args)
-    check_run_inputs(cfg, resume=args.resume, eval_only=args.eval_only)
+    cfg = setup(args)  # checks the run's inputs and OUTPUT_DIR first
     if args.eval_only:
         return evaluate_checkpoint(cfg, args.resume)
-    return train_stages(cfg, args.resume, args.stage, log=logging.getLogger("qdet").info)
+    log = logging.getLogger("qdet").info
+    return train_stages(cfg, args.resume, args.stage, log=log, restart=args.restart)
 
 
 def build_parser():
@@ -52,6 +51,12 @@ def build_parser():
         help="with DISTILL.LOSS qfd: run the teacher stage, the student "
         "stage, or both (default; the teacher stage is skipped when its "
         "output exists)",
+    )
+    parser.add_argument(
+        "--restart",
+        action="store_true",
+        help="start over in an OUTPUT_DIR that holds a run's checkpoints (they are replaced); "
+        "without it such a folder is refused unless --resume continues its run",
     )
     parser.add_argument(
         "--debug",

@@ -41,7 +41,6 @@ from classification import (  # noqa: E402  (registers the project's datasets an
 
 import qdet  # noqa: E402,F401  (registers qdet's datasets and models)
 from qdet.engine import stages  # noqa: E402
-from qdet.engine.checks import check_run_inputs  # noqa: E402
 from qdet.engine.cli import launch_main  # noqa: E402
 from qdet.engine.stages import STAGES, evaluate_checkpoint, train_stages  # noqa: E402
 
@@ -67,16 +66,13 @@ def recipe_config(name: str) -> str:
 
 
 def setup(args) -> CfgNode:
-    cfg = stages.setup(args, add_classification_config)
-    register_cifar(cfg)
-    return cfg
+    return stages.setup(args, add_classification_config, register_cifar)
 
 
 def main(args):
     if args.recipe:
         args.config_file = recipe_config(args.recipe)
-    cfg = setup(args)
-    check_run_inputs(cfg, resume=args.resume, eval_only=args.eval_only)
+    cfg = setup(args)  # checks the run's inputs and OUTPUT_DIR first
     if args.eval_only:
         return evaluate_checkpoint(cfg, args.resume, ClassificationTrainer)
     log = logging.getLogger("qdet").info

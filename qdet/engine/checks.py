@@ -130,9 +130,48 @@ def check_teacher(cfg: CfgNode) -> None:
     raise FileNotFoundError(missing_checkpoint_message("DISTILL.TEACHER_WEIGHTS", weights))
 
 
-def check_run_inputs(cfg: CfgNode, resume: bool = False, eval_only: bool = False) -> None:
-    """Weights, teacher and datasets of a run (``eval_only``: weights and test sets)."""
+def check_output_dir(cfg: CfgNode, resume: bool = False, restart: bool = False) -> None:
+    """A run that neither resumes nor starts over explicitly (``restart``) refuses an
+    OUTPUT_DIR that holds another run's checkpoints: Detectron2 would overwrite them and
+    repoint ``last_checkpoint`` without a word."""
+    folder = cfg.OUTPUT_DIR
+    if resume or restart or not os.path.isdir(folder):
+        return
+    found = sorted(glob.glob(os.path.join(folder, "model_*.pth")))
+    marker = os.path.join(folder, "last_checkpoint")
+    if not found and not os.path.isfile(marker):
+        return
+    last = ""
+    if os.path.isfile(marker):
+        with open(marker) as f:
+            last = f", last {f.read().strip()}"
+    raise FileExistsError(
+        f"OUTPUT_DIR {folder!r} holds a run's checkpoints ({len(found)} model_*.pth{last}): "
+        "continue that run with --resume, give this one a new OUTPUT_DIR, or start over in "
+        "it with --restart (its checkpoints are then replaced)"
+    )
+
+
+def refuse_overwriting_inputs(outputs: dict[str, str], inputs: dict[str, str]) -> None:
+    """No output file is one of the command's inputs (``{what: path}`` each): writing it
+    would destroy what the command reads."""
+    for out_name, out in outputs.items():
+        for in_name, source in inputs.items():
+            if out and source and os.path.abspath(out) == os.path.abspath(source):
+                raise ValueError(
+                    f"{out_name} {out!r} is {in_name}: writing it would overwrite the "
+                    f"command's own input; choose another {out_name}"
+                )
+
+
+def check_run_inputs(
+    cfg: CfgNode, resume: bool = False, eval_only: bool = False, restart: bool = False
+) -> None:
+    """Weights, teacher and datasets of a run (``eval_only``: weights and test sets); a
+    training run's OUTPUT_DIR holds no other run's checkpoints (:func:`check_output_dir`)."""
     check_weights(cfg, resume)
+    if not eval_only:
+        check_output_dir(cfg, resume, restart)
     if not eval_only:
         check_teacher(cfg)
     check_datasets((() if eval_only else tuple(cfg.DATASETS.TRAIN)) + tuple(cfg.DATASETS.TEST))

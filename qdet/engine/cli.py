@@ -15,7 +15,7 @@ _OWN_CODE = tuple(
     for d in ("qdet", "tools", "projects")
 )
 # Raised by qdet's own checks for bad input: unknown keys, bits, losses, taps, missing files.
-USER_ERRORS = (ValueError, KeyError, FileNotFoundError, RuntimeError)
+USER_ERRORS = (ValueError, KeyError, FileNotFoundError, FileExistsError, RuntimeError)
 
 
 def raised_by_qdet(error: BaseException) -> bool:

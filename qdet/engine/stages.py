@@ -32,13 +32,28 @@ from qdet.engine.trainer import TRAINER_REGISTRY, QDetTrainer
 from qdet.quantization import deployed_weight_bytes
 
 
-def setup(args, add_config: Callable[[CfgNode], object] | None = None) -> CfgNode:
+def setup(
+    args,
+    add_config: Callable[[CfgNode], object] | None = None,
+    register_datasets: Callable[[CfgNode], object] | None = None,
+) -> CfgNode:
     """A ``train_net.py``'s config from its arguments (:func:`load_config`), checked
-    (distillation terms fail before any training), frozen, with Detectron2's run setup
-    (output folder, config dump, seeds) and qdet's logger."""
+    (distillation terms, weights, teacher, datasets, an OUTPUT_DIR holding another run:
+    all before anything is written), frozen, with Detectron2's run setup (output folder,
+    config dump, seeds) and qdet's logger. ``register_datasets``: a project's datasets,
+    registered from the config before they are checked."""
     cfg = load_config(args.config_file, args.opts, add_config)
+    if register_datasets is not None:
+        register_datasets(cfg)
     if cfg.DISTILL.ENABLED:
         term_specs(cfg)  # unknown losses, options and bad weights fail before any training
+    # Before default_setup writes OUTPUT_DIR/config.yaml: a refused run leaves it as it was.
+    check_run_inputs(
+        cfg,
+        resume=getattr(args, "resume", False),
+        eval_only=getattr(args, "eval_only", False),
+        restart=getattr(args, "restart", False),
+    )
     cfg.freeze()
     default_setup(cfg, args)
     setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="qdet")
@@ -51,12 +66,17 @@ def trainer_class(cfg: CfgNode) -> type[QDetTrainer]:
     return TRAINER_REGISTRY.get("DataFreeTrainer" if cfg.ZEROSHOT.ENABLED else "QDetTrainer")
 
 
-def train(cfg: CfgNode, resume: bool, trainer_cls: type[QDetTrainer] | None = None):
+def train(
+    cfg: CfgNode,
+    resume: bool,
+    trainer_cls: type[QDetTrainer] | None = None,
+    restart: bool = False,
+):
     """Train one stage with ``trainer_cls`` (default :func:`trainer_class`; resuming from
     OUTPUT_DIR if asked); returns the evaluation after the last step (Detectron2's test
     results), if any."""
     # Seeded per run, as default_setup does, so both stages of one process are repeatable.
-    check_run_inputs(cfg, resume=resume)
+    check_run_inputs(cfg, resume=resume, restart=restart)
     seed_all_rng(None if cfg.SEED < 0 else cfg.SEED + comm.get_rank())
     trainer = (trainer_cls or trainer_class(cfg))(cfg)
     trainer.resume_or_load(resume=resume)
@@ -91,6 +111,7 @@ def train_stages(
     stage: str = "all",
     trainer_cls: type[QDetTrainer] | None = None,
     log=print,
+    restart: bool = False,
 ):
     """QFD's two stages, or the one stage of any other run; returns the student's last
     evaluation. ``stage`` "all": the teacher stage unless its output exists, then the
@@ -100,10 +121,10 @@ def train_stages(
     teacher_missing = not os.path.isfile(quantized_teacher_weights(cfg))
     if needs_teacher_stage(cfg) and (stage == "teacher" or (stage == "all" and teacher_missing)):
         log(f"teacher stage: {qfd_tap(cfg)} quantized to {cfg.DISTILL.TEACHER_FEATURE_BITS} bits")
-        train(teacher_stage_config(cfg), resume=resume, trainer_cls=trainer_cls)
+        train(teacher_stage_config(cfg), resume, trainer_cls, restart)
     if stage == "teacher":
         return None
-    return train(cfg, resume=resume, trainer_cls=trainer_cls)
+    return train(cfg, resume, trainer_cls, restart)
 
 
 def evaluate_final(cfg: CfgNode) -> dict:

@@ -50,6 +50,7 @@ class TrainedModel:
     augmentations: list  # what Detectron2's predictor applies to a picture (resize)
     input_format: str  # "BGR" or "RGB": the channel order the model reads
     bits: str  # "FP32" or "W4/A4"
+    checkpoint: str = ""  # the loaded weights (MODEL.WEIGHTS / train.init_checkpoint)
 
     def set_score_threshold(self, threshold: float) -> None:
         """Every head's test score threshold (what Detectron2's demo sets from
@@ -122,6 +123,7 @@ def trained_model_from_cfg(
         augmentations=[resize],
         input_format=cfg.INPUT.FORMAT,
         bits=f"W{quant.W_BITS}/A{quant.A_BITS}" if quant.ENABLED else "FP32",
+        checkpoint=cfg.MODEL.WEIGHTS,
     )
 
 
@@ -169,4 +171,5 @@ def _lazy_model(config_file, opts, purpose, device, weights_optional) -> Trained
         augmentations=[instantiate(a) for a in test.mapper.augmentations],
         input_format=test.mapper.image_format,
         bits="FP32" if bits is None else "W{}/A{}".format(*bits),
+        checkpoint=weights,
     )

@@ -13,10 +13,8 @@ from detectron2.data import (
     DatasetCatalog,
     DatasetMapper,
     build_detection_test_loader,
-    build_detection_train_loader,
     get_detection_dataset_dicts,
 )
-from detectron2.data.samplers import TrainingSampler
 from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer, TrainerBase
 from detectron2.engine.defaults import create_ddp_model
 from detectron2.engine.hooks import PeriodicCheckpointer
@@ -27,8 +25,15 @@ from detectron2.utils.logger import setup_logger
 from detectron2.utils.registry import Registry
 
 from qdet.engine.checkpoint import AtomicCheckpointer
-from qdet.engine.hooks import CalibrationHook, EWGSDeltaHook, FreezeBNHook, epoch_iterations
+from qdet.engine.hooks import (
+    CalibrationHook,
+    EWGSDeltaHook,
+    FreezeBNHook,
+    epoch_iterations,
+    unwrap_model,
+)
 from qdet.engine.optimizer import build_qat_optimizer
+from qdet.engine.resumable_loader import PlannedBatches, resumable_train_loader
 from qdet.engine.teacher_stage import build_distiller
 from qdet.quantization.quantizers import EWGSQuantizer
 
@@ -94,22 +99,76 @@ class QDetTrainer(DefaultTrainer):
 
     @classmethod
     def build_train_loader(cls, cfg):
-        """Detectron2's training loader, whose batches are a function of ``cfg.SEED`` alone
-        (when >= 0): the sampler's shuffle is seeded with it and the mapper's augmentations
-        draw from a generator seeded per (SEED, sample position). Runs of one study seed
-        (FP, baseline, QFD, ...) then see the same images in the same order with the same
-        augmentations, whatever else consumed randomness: paired comparisons."""
+        """The training loader, whose batches are a function of ``cfg.SEED`` alone (when
+        >= 0): Detectron2's seeded sampler stream and aspect-ratio grouping, each sample
+        augmented with generators seeded by its place in the stream
+        (:mod:`qdet.engine.resumable_loader`). Runs of one study seed (FP, baseline, QFD,
+        ...) then see the same images in the same order with the same augmentations,
+        whatever else consumed randomness (paired comparisons), and a resumed run goes on
+        with the batches the uninterrupted run would have seen (:meth:`resume_or_load`)."""
         if cfg.SEED < 0:
             return super().build_train_loader(cfg)
         dataset = get_detection_dataset_dicts(
             cfg.DATASETS.TRAIN, filter_empty=cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS
         )
-        return build_detection_train_loader(
-            cfg,
-            dataset=dataset,
-            mapper=SeededMapper(DatasetMapper(cfg, True), cfg.SEED),
-            sampler=TrainingSampler(len(dataset), seed=cfg.SEED),
+        return resumable_train_loader(
+            dataset,
+            DatasetMapper(cfg, True),
+            cfg.SEED,
+            cfg.SOLVER.IMS_PER_BATCH,
+            cfg.DATALOADER.ASPECT_RATIO_GROUPING,
+            cfg.DATALOADER.NUM_WORKERS,
         )
+
+    def resume_or_load(self, resume: bool = True) -> None:
+        """Detectron2's resume (weights, optimizer, scheduler, iteration, hooks), then the
+        training loader moved to the resumed iteration: its first batch is the one the
+        uninterrupted run trained on at ``start_iter``. The loader's iterator is made here,
+        before torch's generator is put back to the checkpoint's state: making it draws one
+        number, which the uninterrupted run drew before its first step."""
+        self._resumed_rng = None
+        super().resume_or_load(resume=resume)
+        sampler = getattr(self._trainer.data_loader, "batch_sampler", None)
+        if isinstance(sampler, PlannedBatches):
+            sampler.start = self.start_iter
+        if self._resumed_rng is not None:
+            self._trainer._data_loader_iter  # noqa: B018  (made now: see above)
+            torch.set_rng_state(self._resumed_rng)
+
+    def run_step(self):
+        """One step with TorchScript's optimising executor off: it runs a scripted
+        function (Detectron2's focal loss, ``sigmoid_focal_loss_jit``) as profiled first and
+        fused afterwards, whose gradients differ in the last bits, so a resumed run's first
+        steps would differ from the uninterrupted run's. Off, every call computes the
+        same."""
+        with torch.jit.optimized_execution(False):
+            super().run_step()
+
+    # Model state Detectron2 keeps outside the state dict: dense detectors' (RetinaNet's,
+    # FCOS's) EMA of the foreground-anchor count that normalises their losses.
+    MODEL_EMA_ATTRIBUTES = ("loss_normalizer",)
+
+    def state_dict(self) -> dict:
+        """Detectron2's trainer state plus what a resumed step needs to compute what the
+        uninterrupted one computed: torch's random generator (drop-path, generated noise)
+        and the model's loss-normaliser EMA (:data:`MODEL_EMA_ATTRIBUTES`)."""
+        state = super().state_dict()
+        state["torch_rng"] = torch.get_rng_state()
+        model = unwrap_model(self._trainer.model)
+        state["model_ema"] = {
+            name: float(getattr(model, name))
+            for name in self.MODEL_EMA_ATTRIBUTES
+            if hasattr(model, name)
+        }
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        if "torch_rng" in state:  # set by resume_or_load, once the loader is made
+            self._resumed_rng = state["torch_rng"]
+        model = unwrap_model(self._trainer.model)
+        for name, value in state.get("model_ema", {}).items():
+            setattr(model, name, value)
 
     @classmethod
     def build_optimizer(cls, cfg, model):

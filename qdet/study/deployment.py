@@ -106,7 +106,7 @@ def make_run(cfg) -> None:
     """Train a QAT row (QFD's two stages where needed), or make a PTQ row's model."""
     kind = cfg.DEPLOY_STUDY.KIND
     if kind == "qat":
-        train_stages(cfg)
+        train_stages(cfg, restart=True)  # a study run: an interrupted attempt starts over
         return
     os.makedirs(cfg.OUTPUT_DIR, exist_ok=True)
     if kind == "ptq_onnxruntime":

@@ -87,7 +87,8 @@ class Study:
                 raise ValueError(f"row {r.name!r} starts from {r.init!r}, which is not a row")
         self.seeds, self.out, self.opts = list(seeds), out, list(opts)
         self.run_opts = run_opts or (lambda row, seed: [])
-        self.train_fn = train_fn or (lambda cfg: train_stages(cfg, log=self._log))
+        # restart: an interrupted attempt's checkpoints are replaced (its metrics too, _timed)
+        self.train_fn = train_fn or (lambda cfg: train_stages(cfg, log=self._log, restart=True))
         self.tag, self.log = tag, log
         if jobs < 1:
             raise ValueError(f"jobs={jobs} must be >= 1")
@@ -297,7 +298,7 @@ def _train_in_worker(
     log = open(os.path.join(cfg.OUTPUT_DIR, "worker.log"), "w")  # noqa: SIM115
     with log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
         setup_logger(name="qdet")
-        _timed(train_fn or train_stages, cfg)
+        _timed(train_fn or (lambda c: train_stages(c, restart=True)), cfg)
         if evaluate_fn is not None:
             evaluate_fn(cfg)
         elif train_fn is None:

@@ -20,7 +20,7 @@ from .trainer import ClassificationTrainer, trainer_class
 def train_classifier(cfg: CfgNode) -> None:
     """One run as ``train_net.py`` trains it (the teacher stage first for a qfd term)."""
     register_cifar(cfg)
-    train_stages(cfg, trainer_cls=trainer_class(cfg), log=lambda message: None)
+    train_stages(cfg, trainer_cls=trainer_class(cfg), log=lambda message: None, restart=True)
 
 
 def evaluate_classifier(cfg: CfgNode) -> dict:

@@ -1,0 +1,85 @@
+"""Nothing overwritten by mistake (qdet/engine/checks.py): a training run refuses an
+OUTPUT_DIR that holds another run's checkpoints unless it resumes or starts over
+explicitly, and leaves that folder's files (config.yaml included) as they were; a tool's
+output that is one of its inputs is refused before anything is written."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+
+import pytest
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.config import get_cfg
+from detectron2.modeling import build_model
+from train_net_cli import ROOT, run_train_net
+
+from qdet.config import add_qdet_config, load_config
+from qdet.engine.checks import check_output_dir, refuse_overwriting_inputs
+
+FP = os.path.join(ROOT, "configs/digits/retinanet_r18_fp.yaml")
+TINY = ["MODEL.WEIGHTS", "", "MODEL.RESNETS.DEPTH", "18", "MODEL.FPN.OUT_CHANNELS", "32"]
+TINY += ["MODEL.RETINANET.NUM_CONVS", "1", "SOLVER.IMS_PER_BATCH", "2"]
+TINY += ["INPUT.MIN_SIZE_TRAIN", "(96,)", "INPUT.MAX_SIZE_TRAIN", "128", "SOLVER.MAX_ITER", "1"]
+TINY += ["TEST.EVAL_PERIOD", "0", "DATASETS.TEST", "()"]
+
+
+def _digests(folder) -> dict[str, str]:
+    return {
+        name: hashlib.sha256(open(os.path.join(folder, name), "rb").read()).hexdigest()
+        for name in sorted(os.listdir(folder))
+        if os.path.isfile(os.path.join(folder, name))
+    }
+
+
+def test_output_dir_with_checkpoints_needs_resume_or_restart(tmp_path):
+    cfg = add_qdet_config(get_cfg())
+    cfg.OUTPUT_DIR = str(tmp_path)
+    check_output_dir(cfg)  # empty: fine
+    (tmp_path / "metrics.json").write_text("{}")
+    check_output_dir(cfg)  # no checkpoint: fine
+    (tmp_path / "model_0000009.pth").write_bytes(b"x")
+    (tmp_path / "last_checkpoint").write_text("model_0000009.pth")
+    with pytest.raises(FileExistsError, match=r"1 model_\*.pth, last model_0000009.pth.*--resume"):
+        check_output_dir(cfg)
+    check_output_dir(cfg, resume=True)
+    check_output_dir(cfg, restart=True)
+
+
+def test_outputs_that_are_inputs_are_refused(tmp_path):
+    weights = str(tmp_path / "model_final.pth")
+    same = os.path.join(str(tmp_path), "sub", "..", "model_final.pth")  # the same file
+    with pytest.raises(ValueError, match="--output .* is the checkpoint.*another --output"):
+        refuse_overwriting_inputs({"--output": same}, {"the checkpoint": weights})
+    refuse_overwriting_inputs({"--output": str(tmp_path / "m.onnx")}, {"the checkpoint": weights})
+
+
+def test_train_net_refuses_a_used_folder_and_leaves_it_as_it_was(tmp_path):
+    out = str(tmp_path / "run")
+    run_train_net("--config-file", FP, *TINY, "OUTPUT_DIR", out)
+    before = _digests(out)
+    refused = run_train_net(
+        "--config-file", FP, *TINY, "SOLVER.BASE_LR", "0.5", "OUTPUT_DIR", out, check=False
+    )
+    assert refused.returncode == 2
+    assert "--resume" in refused.stderr and "--restart" in refused.stderr
+    assert _digests(out) == before  # config.yaml and the checkpoints untouched
+    run_train_net(
+        "--restart", "--config-file", FP, *TINY, "SOLVER.BASE_LR", "0.5", "OUTPUT_DIR", out
+    )
+    assert load_config(os.path.join(out, "config.yaml"), []).SOLVER.BASE_LR == 0.5
+
+
+def test_export_refuses_to_write_over_its_checkpoint(tmp_path):
+    cfg = load_config(FP, TINY)
+    weights = str(tmp_path / "model.pth")
+    DetectionCheckpointer(build_model(cfg), save_dir=str(tmp_path)).save("model")
+    before = _digests(tmp_path)
+    cmd = [sys.executable, os.path.join(ROOT, "tools/export_onnx.py"), "--config-file", FP]
+    cmd += ["--output", weights, *TINY, "MODEL.WEIGHTS", weights]
+    done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "--output" in done.stderr and "is the checkpoint" in done.stderr
+    assert _digests(tmp_path) == before
