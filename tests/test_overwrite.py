@@ -11,6 +11,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import get_cfg
 from detectron2.modeling import build_model
@@ -83,3 +84,24 @@ def test_export_refuses_to_write_over_its_checkpoint(tmp_path):
     assert done.returncode == 2, done.stderr[-2000:]
     assert "--output" in done.stderr and "is the checkpoint" in done.stderr
     assert _digests(tmp_path) == before
+
+
+def test_divergence_keeps_the_last_good_checkpoint_and_names_it(tmp_path):
+    """A diverging run (learning rate 100): whether a loss or the weights after an update
+    turn inf / NaN first, nothing non-finite is saved; the error names the last checkpoint,
+    whose weights are finite, and the newest file on disk is that one."""
+    out = str(tmp_path / "nan")
+    opts = [*TINY, "SOLVER.MAX_ITER", "30", "SOLVER.CHECKPOINT_PERIOD", "1"]
+    opts += ["SOLVER.WARMUP_ITERS", "0", "SOLVER.BASE_LR", "100.0", "OUTPUT_DIR", out]
+    done = run_train_net("--config-file", FP, *opts, check=False)
+    assert done.returncode == 2, done.stderr[-2000:]
+    line = done.stderr.strip().splitlines()[-1]
+    assert "inf or NaN" in line or "infinite or NaN" in line
+    with open(os.path.join(out, "last_checkpoint")) as f:
+        last = f.read().strip()
+    assert f"the last checkpoint, {os.path.join(out, last)}," in line and "resume from it" in line
+    saved = sorted(n for n in os.listdir(out) if n.startswith("model_"))
+    assert saved[-1] == last and "model_final.pth" not in saved
+    for name in saved:  # every file on disk is finite
+        state = torch.load(os.path.join(out, name), weights_only=False)["model"]
+        assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())

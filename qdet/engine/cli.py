@@ -15,7 +15,14 @@ _OWN_CODE = tuple(
     for d in ("qdet", "tools", "projects")
 )
 # Raised by qdet's own checks for bad input: unknown keys, bits, losses, taps, missing files.
-USER_ERRORS = (ValueError, KeyError, FileNotFoundError, FileExistsError, RuntimeError)
+USER_ERRORS = (
+    ValueError,
+    KeyError,
+    FileNotFoundError,
+    FileExistsError,
+    FloatingPointError,
+    RuntimeError,
+)
 
 
 def raised_by_qdet(error: BaseException) -> bool:

@@ -142,7 +142,24 @@ class QDetTrainer(DefaultTrainer):
         steps would differ from the uninterrupted run's. Off, every call computes the
         same."""
         with torch.jit.optimized_execution(False):
-            super().run_step()
+            try:
+                super().run_step()
+            except FloatingPointError as e:
+                raise FloatingPointError(self._non_finite_message(e)) from e
+
+    def _non_finite_message(self, error: FloatingPointError) -> str:
+        """Detectron2's (or qdet's) non-finite message in one line, with the checkpoint to
+        resume from: the error comes before this step's update and checkpoint, so the last
+        checkpoint on disk is from a step whose losses were finite."""
+        message = " ".join(str(error).split())
+        if not self.checkpointer.has_checkpoint():
+            return f"{message}; training stopped before its update; no checkpoint was written yet"
+        last = self.checkpointer.get_checkpoint_file()
+        return (
+            f"{message}; training stopped before its update; the last checkpoint, {last}, is "
+            "from a step whose losses were finite: resume from it (--resume) once the cause "
+            "is found (a lower SOLVER.BASE_LR, the data)"
+        )
 
     # Model state Detectron2 keeps outside the state dict: dense detectors' (RetinaNet's,
     # FCOS's) EMA of the foreground-anchor count that normalises their losses.
