@@ -11,7 +11,7 @@ import pytest
 import torch
 from detectron2 import model_zoo
 from detectron2.modeling import build_model
-from detectron2.structures import BitMasks, Boxes, Instances
+from detectron2.structures import BitMasks, Boxes, ImageList, Instances
 from detectron2.utils.events import EventStorage
 from torch import nn
 
@@ -170,6 +170,34 @@ def test_non_finite_pixels_raise_floating_point_error(arch, stage, value):
         model.train(training)
         with EventStorage(), pytest.raises(FloatingPointError, match=r"non-finite.*bad\.png"):
             model(batch)
+
+
+@pytest.mark.parametrize("value", [float("inf"), float("nan")])
+@pytest.mark.parametrize("stage", STAGES)
+@pytest.mark.parametrize("arch", ARCHS)
+def test_non_finite_features_pass_through_the_heads_in_eval(arch, stage, value):
+    """Detectron2's own model tests (``test_inf_nan_data``, ``test_roiheads_inf_nan_data``):
+    inf / NaN features given to the heads of a model in eval give no exception; NaN ones no
+    detection (an uncalibrated quantizer passes them on, a calibrated one passes NaN on; a
+    calibrated one clamps inf to its bounds, so inf features may give finite boxes)."""
+    model = STAGES[stage](arch).eval()
+    images = ImageList(torch.full((1, 3, H, W), value), [(H, W)])
+    features = {
+        name: torch.full((1, s.channels, max(H // s.stride, 1), max(W // s.stride, 1)), value)
+        for name, s in model.backbone.output_shape().items()
+    }
+    with torch.no_grad():
+        if arch == "retinanet":
+            levels = [features[f] for f in model.head_in_features]
+            found = model.forward_inference(images, levels, model.head(levels))[0]
+        else:
+            proposals = Instances((H, W))
+            proposals.proposal_boxes = Boxes(torch.tensor([[10.0, 10.0, 20.0, 20.0]]))
+            proposals.objectness_logits = torch.tensor([1.0])
+            found = model.roi_heads(images, features, [proposals])[0][0]
+    assert len(found.pred_boxes) == len(found.scores) == len(found.pred_classes)
+    if value != value:  # NaN
+        assert len(found) == 0
 
 
 def test_mask_head_calibrates_on_the_first_batch_that_reaches_it():

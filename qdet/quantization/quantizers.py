@@ -246,7 +246,11 @@ class Quantizer(CheckpointState, CalibrationObserver, TargetGrids, nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.enabled:
             return x if self.target is None else mark_quantized(x, self)
-        if x.numel() == 0:
+        if x.numel() == 0 or (not self.initialized and not self._any_finite(x)):
+            # Empty (a ROI head given no box), or nothing finite to set a range from in
+            # inference (Detectron2's models pass inf / NaN features on): passed through,
+            # the quantizer still uncalibrated. A calibrated one clamps inf to its bounds
+            # and passes NaN on, as the fused op does.
             out = self._empty_output(x)
             return out if self.target is None else mark_quantized(out, self)
         if not self.initialized:
@@ -266,6 +270,11 @@ class Quantizer(CheckpointState, CalibrationObserver, TargetGrids, nn.Module):
         if substitute is not None and self.kind == "activation":
             out, codes = substitute(self, x, out, False), None
         return mark_quantized(out, self, codes)
+
+    def _any_finite(self, x: torch.Tensor) -> bool:
+        """Whether ``x`` holds a finite value; in training always True, so that a
+        non-finite first training batch raises (``observe``) as calibration does."""
+        return self.training or bool(torch.isfinite(x).any())
 
     def _empty_output(self, x: torch.Tensor) -> torch.Tensor:
         """The output for an empty ``x`` (a ROI head given no box): empty, of ``x``'s shape
