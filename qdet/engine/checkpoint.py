@@ -6,6 +6,10 @@ import os
 
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
+from torch import nn
+
+from qdet.quantization.per_level import PerLevelQuantizer
+from qdet.quantization.quantizers import Quantizer
 
 
 def _atomic_write(path: str, write) -> None:
@@ -15,6 +19,68 @@ def _atomic_write(path: str, write) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)  # atomic on POSIX: a crash leaves the old file or the new one
+
+
+def _expected_missing(model: nn.Module) -> tuple[str, ...]:
+    """Key prefixes a checkpoint of the model's FP form lacks: its quantizers' (the FP ->
+    quantized fine-tune) and the distiller's connectors."""
+    prefixes = ["distiller."]
+    for name, module in model.named_modules():
+        if name and isinstance(module, Quantizer | PerLevelQuantizer):
+            prefixes.append(name + ".")
+    return tuple(prefixes)
+
+
+def incompatibility(model: nn.Module, incompatible) -> str:
+    """Why a loaded checkpoint is another model's (fvcore's incompatible keys), or "":
+    parameters of other shapes; parameters of the model's own modules that the model does
+    not have (another depth or backbone); or, for a whole detector's checkpoint (one with
+    any parameter outside the backbone), missing parameters beyond the FP -> quantized
+    case. A backbone's pretrained weights may leave the rest of the model to train."""
+    problems = []
+    shapes = incompatible.incorrect_shapes
+    if shapes:
+        name, got, want = shapes[0]
+        problems.append(
+            f"{len(shapes)} parameters of other shapes (e.g. {name}: {tuple(got)} in the "
+            f"checkpoint, {tuple(want)} in the model)"
+        )
+    children = {name for name, _ in model.named_children()}
+    unexpected = [k for k in incompatible.unexpected_keys if k.split(".")[0] in children]
+    if unexpected:
+        problems.append(f"{len(unexpected)} parameters the model lacks (e.g. {unexpected[:3]})")
+    model_keys = list(model.state_dict())
+    missing = set(incompatible.missing_keys)
+    # (BN's num_batches_tracked is never reported missing: it does not tell.)
+    loaded = [k for k in model_keys if k not in missing and not k.endswith("num_batches_tracked")]
+    whole_detector = any(not k.startswith("backbone.") for k in loaded)
+    allowed = _expected_missing(model)
+    lacking = [
+        k
+        for k in incompatible.missing_keys
+        if not k.startswith(allowed) and not k.endswith("num_batches_tracked")
+    ]
+    if whole_detector and lacking:
+        problems.append(f"{len(lacking)} of the model's parameters missing (e.g. {lacking[:3]})")
+    return "; ".join(problems)
+
+
+def check_calibrated(model: nn.Module, weights: str) -> None:
+    """An evaluated quantized model's quantizers come calibrated from its checkpoint: an FP
+    checkpoint in a quantized config would otherwise calibrate itself on the first test
+    batch and report an AP as if the model were trained."""
+    pending = [
+        name
+        for name, m in model.named_modules()
+        if isinstance(m, Quantizer) and m.enabled and not m.initialized
+    ]
+    if pending:
+        raise ValueError(
+            f"{len(pending)} quantizers of this quantized model are not calibrated after loading "
+            f"{weights!r} (e.g. {pending[0]}): it is not a trained checkpoint of this config. "
+            "Evaluate the checkpoint this config trains (tools/train_net.py writes "
+            "OUTPUT_DIR/model_final.pth), or an FP checkpoint with its FP config"
+        )
 
 
 class AtomicCheckpointer(DetectionCheckpointer):
@@ -56,6 +122,22 @@ class AtomicCheckpointer(DetectionCheckpointer):
             "with finite weights: resume from it (--resume) once the cause is found (a lower "
             "SOLVER.BASE_LR, the data)"
         )
+
+    def load(self, path: str, *args, **kwargs):
+        self._loading = path
+        return super().load(path, *args, **kwargs)
+
+    def _log_incompatible_keys(self, incompatible) -> None:
+        """Detectron2 logs these and trains or evaluates a model that is partly random;
+        here a checkpoint of another model is an error (:func:`incompatibility`)."""
+        super()._log_incompatible_keys(incompatible)
+        problem = incompatibility(self.model, incompatible)
+        if problem:
+            raise ValueError(
+                f"checkpoint {getattr(self, '_loading', '')} does not fit this config's model: "
+                f"{problem}. Give the checkpoint the config that trained it (or this config's "
+                "own MODEL.WEIGHTS / train.init_checkpoint)"
+            )
 
     def tag_last_checkpoint(self, last_filename_basename: str) -> None:
         path = os.path.join(self.save_dir, "last_checkpoint")

@@ -31,7 +31,7 @@ from detectron2.utils import comm
 from torch import nn
 
 from qdet.distill.distiller import attach_distiller
-from qdet.engine.checkpoint import AtomicCheckpointer
+from qdet.engine.checkpoint import AtomicCheckpointer, check_calibrated
 from qdet.engine.hooks import CalibrationHook
 from qdet.engine.lazy_config import plain, quant_bits, quant_settings
 from qdet.engine.optimizer import SGDWithAdamGroups, with_quantizer_group
@@ -188,7 +188,8 @@ def do_eval(cfg):
             "trained checkpoint (tools/lazy_train_net.py writes <train.output_dir>/"
             "model_final.pth)"
         )
-    DetectionCheckpointer(model).load(weights)
+    AtomicCheckpointer(model).load(weights)
+    check_calibrated(model, weights)
     return do_test(cfg, create_ddp_model(model))
 
 

@@ -20,6 +20,7 @@ from detectron2.utils.logger import setup_logger
 
 from qdet.config import load_config
 from qdet.distill.terms import term_specs
+from qdet.engine.checkpoint import AtomicCheckpointer, check_calibrated
 from qdet.engine.checks import check_run_inputs
 from qdet.engine.hooks import unwrap_model
 from qdet.engine.teacher_stage import (
@@ -96,9 +97,9 @@ def evaluate_checkpoint(
     """``--eval-only``: MODEL.WEIGHTS (or, resuming, OUTPUT_DIR's last checkpoint) on
     DATASETS.TEST with ``trainer_cls``'s evaluators."""
     model = build_model(cfg)
-    DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
-        cfg.MODEL.WEIGHTS, resume=resume
-    )
+    checkpointer = AtomicCheckpointer(model, save_dir=cfg.OUTPUT_DIR)
+    checkpointer.resume_or_load(cfg.MODEL.WEIGHTS, resume=resume)
+    check_calibrated(model, getattr(checkpointer, "_loading", cfg.MODEL.WEIGHTS))
     return trainer_cls.test(cfg, model)
 
 

@@ -16,13 +16,13 @@ from dataclasses import dataclass
 import detectron2.data.transforms as T
 import numpy as np
 import torch
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import instantiate
 from detectron2.evaluation import COCOEvaluator
 from detectron2.modeling import build_model
 from torch import nn
 
 from qdet.config import load_config
+from qdet.engine.checkpoint import AtomicCheckpointer
 from qdet.engine.checks import check_datasets, require_trained_weights
 from qdet.engine.lazy import build_model as build_lazy_model
 from qdet.engine.lazy_config import is_lazy_config, load_lazy_config, quant_bits, quant_settings
@@ -109,7 +109,7 @@ def trained_model_from_cfg(
         check_datasets([dataset])
     model = build_model(cfg).eval()
     if cfg.MODEL.WEIGHTS:
-        DetectionCheckpointer(model).load(cfg.MODEL.WEIGHTS)
+        AtomicCheckpointer(model).load(cfg.MODEL.WEIGHTS)
     # Detectron2's DefaultPredictor resize.
     size = cfg.INPUT.MIN_SIZE_TEST
     resize = T.ResizeShortestEdge([size, size], cfg.INPUT.MAX_SIZE_TEST)
@@ -160,7 +160,7 @@ def _lazy_model(config_file, opts, purpose, device, weights_optional) -> Trained
     check_datasets([dataset])
     model = build_lazy_model(cfg).eval()
     if weights:
-        DetectionCheckpointer(model).load(weights)
+        AtomicCheckpointer(model).load(weights)
     bits = quant_bits(cfg)
     return TrainedModel(
         model=model,
