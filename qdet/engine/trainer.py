@@ -11,8 +11,8 @@ import numpy as np
 import torch
 from detectron2.data import (
     DatasetCatalog,
-    DatasetMapper,
     build_detection_test_loader,
+    build_detection_train_loader,
     get_detection_dataset_dicts,
 )
 from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer, TrainerBase
@@ -24,6 +24,7 @@ from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 from detectron2.utils.registry import Registry
 
+from qdet.data.mapper import SizedBoxMapper
 from qdet.engine.checkpoint import AtomicCheckpointer
 from qdet.engine.hooks import (
     CalibrationHook,
@@ -107,13 +108,13 @@ class QDetTrainer(DefaultTrainer):
         whatever else consumed randomness (paired comparisons), and a resumed run goes on
         with the batches the uninterrupted run would have seen (:meth:`resume_or_load`)."""
         if cfg.SEED < 0:
-            return super().build_train_loader(cfg)
+            return build_detection_train_loader(cfg, mapper=SizedBoxMapper(cfg, True))
         dataset = get_detection_dataset_dicts(
             cfg.DATASETS.TRAIN, filter_empty=cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS
         )
         return resumable_train_loader(
             dataset,
-            DatasetMapper(cfg, True),
+            SizedBoxMapper(cfg, True),
             cfg.SEED,
             cfg.SOLVER.IMS_PER_BATCH,
             cfg.DATALOADER.ASPECT_RATIO_GROUPING,
