@@ -100,6 +100,8 @@ def _metadata(model: nn.Module, graph, record, dynamic: bool) -> dict[str, str]:
     }
     if graph.kind == "retinanet":
         meta["num_classes"] = model.num_classes
+        # The anchors the outputs are read against: a runner checks its config's are these.
+        meta["cell_anchors"] = [a.tolist() for a in model.anchor_generator.cell_anchors]
     if record.target:  # the integer graph (qdet.quantization.integer_ops): what the check counts
         meta["target"] = record.target
         meta["integer_convs"] = record.integer.convs

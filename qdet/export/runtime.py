@@ -50,6 +50,44 @@ def onnx_metadata(session) -> dict:
     }
 
 
+def check_file_fits(model: nn.Module, path: str, session) -> None:
+    """The RetinaNet export at ``path`` was made from a model like ``model`` (the config the
+    runner builds): same normalisation, channel order, classes, anchors and output
+    channels; else an error naming what differs."""
+    meta = onnx_metadata(session)
+    expected = {
+        "pixel_mean": [round(v, 6) for v in model.pixel_mean.flatten().tolist()],
+        "pixel_std": [round(v, 6) for v in model.pixel_std.flatten().tolist()],
+        "input_format": getattr(model, "input_format", "BGR"),
+        "num_classes": model.num_classes,
+        "cell_anchors": [
+            [[round(v, 4) for v in row] for row in a.tolist()]
+            for a in model.anchor_generator.cell_anchors
+        ],
+    }
+    found = dict(meta)
+    for key in ("pixel_mean", "pixel_std"):
+        if key in found:
+            found[key] = [round(v, 6) for v in found[key]]
+    if "cell_anchors" in found:
+        found["cell_anchors"] = [
+            [[round(v, 4) for v in row] for row in a] for a in found["cell_anchors"]
+        ]
+    levels = len(model.head_in_features)
+    anchors = model.anchor_generator.num_cell_anchors
+    channels = [a * model.num_classes for a in anchors] + [a * 4 for a in anchors]
+    outputs = [o.shape[1] for o in session.get_outputs()]
+    expected["output channels"], found["output channels"] = channels, outputs
+    for key, want in expected.items():
+        if key in found and found[key] != want:
+            raise ValueError(
+                f"{path} was exported from another model than this config's: its {key} is "
+                f"{found[key]}, the config's {want} ({levels} levels). Export the model again "
+                "with tools/export_onnx.py and this --config-file, or give the config it was "
+                "exported with"
+            )
+
+
 class OnnxRetinaNet(nn.Module):
     """``model``'s inference with the network run by onnxruntime from ``path``.
 
@@ -61,6 +99,7 @@ class OnnxRetinaNet(nn.Module):
             raise ValueError("OnnxRetinaNet runs RetinaNet exports; this model exports a backbone")
         self.model = model.eval()
         self.session = inference_session(path, threads)
+        check_file_fits(model, path, self.session)
 
     def head_outputs(self, images: torch.Tensor) -> list[torch.Tensor]:
         outs = self.session.run(None, {INPUT_NAME: images.detach().cpu().numpy()})
