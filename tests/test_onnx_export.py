@@ -329,3 +329,76 @@ def test_per_level_head_quantizers_are_exported_once_each(tmp_path):
     head_convs = [n for n, m in model.head.named_modules() if isinstance(m, QConv2d)]
     per_level = {g["path"] for g in grids if ".levels." in g["path"]}
     assert len(per_level) == levels * len(head_convs)
+
+
+def _chain_node(proto, op: str, after_q: bool):
+    """The first activation chain's ``op`` node: the Sub / Clip before a QuantizeLinear
+    (``after_q`` False) or the DequantizeLinear / Add after it."""
+    producers = {out: n for n in proto.graph.node for out in n.output}
+    consumers: dict[str, list] = {}
+    for n in proto.graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    for q in (n for n in proto.graph.node if n.op_type == "QuantizeLinear"):
+        if after_q:
+            (dq,) = [c for c in consumers[q.output[0]] if c.op_type == "DequantizeLinear"]
+            if op == "DequantizeLinear":
+                return dq
+            after = consumers.get(dq.output[0], [])
+            if len(after) == 1 and after[0].op_type == op:
+                return after[0]
+        else:
+            node = producers.get(q.input[0])
+            while node is not None and node.op_type in ("Sub", "Clip"):
+                if node.op_type == op:
+                    return node
+                node = producers.get(node.input[0])
+    raise AssertionError(f"no {op} in an activation chain")
+
+
+@pytest.mark.parametrize(
+    "op, after_q, operand, factor",
+    [
+        ("DequantizeLinear", True, 1, 2.0),  # the activation's output step
+        ("Add", True, 1, 0.5),  # the signed map's output offset
+        ("Clip", False, 2, 0.5),  # the top code's bound
+        ("Sub", False, 1, 0.5),  # the input offset l
+    ],
+)
+def test_check_fails_on_each_constant_of_an_activation_chain(
+    tmp_path, op, after_q, operand, factor
+):
+    """Each constant of an activation's chain, tampered with alone (its metadata left
+    as it was), fails the check and is named."""
+    model = _quantized_model(RETINANET)
+    path = tmp_path / "m.onnx"
+    _export(model, path)
+    proto = onnx.load(str(path))
+    node = _chain_node(proto, op, after_q)
+    _scale_constant(proto, node.input[operand], factor)
+    onnx.save(proto, str(path))
+    report = verify_export(model, str(path), [_images()])
+    key = {
+        "DequantizeLinear": "dq_step",
+        "Add": "offset_out",
+        "Clip": "clip_max",
+        "Sub": "offset_in",
+    }
+    assert not report.ok
+    assert any(key[op] in f for f in report.failures), report.failures
+
+
+def test_check_fails_on_a_weight_step(tmp_path):
+    model = _quantized_model(RETINANET)
+    path = tmp_path / "m.onnx"
+    _export(model, path)
+    proto = onnx.load(str(path))
+    constants = {i.name for i in proto.graph.initializer}
+    constants |= {n.output[0] for n in proto.graph.node if n.op_type == "Constant"}
+    dq = next(
+        n for n in proto.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in constants
+    )  # a weight's DequantizeLinear: its integers are a constant
+    _scale_constant(proto, dq.input[1], 1.5)
+    onnx.save(proto, str(path))
+    report = verify_export(model, str(path), [_images()])
+    assert not report.ok and any("dequantized weight differs" in f for f in report.failures)

@@ -176,6 +176,67 @@ def _activation_input(proto, node, constants: dict) -> str:
     return name
 
 
+def _scalar(constants: dict, name: str) -> float | None:
+    if name == "" or name not in constants:
+        return None
+    return float(np.asarray(constants[name]).reshape(-1)[0])
+
+
+def _chain_constants(proto, node, constants: dict) -> dict:
+    """Every constant of an activation's chain in the file (module docstring of
+    :mod:`qdet.export.qdq`): the Sub before it, the Clip's bounds, QuantizeLinear's and
+    DequantizeLinear's scale and zero point, the Add after it."""
+    producers = {out: n for n in proto.graph.node for out in n.output}
+    consumers: dict[str, list] = {}
+    for n in proto.graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    found = {"offset_in": None, "clip_min": None, "clip_max": None, "offset_out": None}
+    name = node.input[0]
+    while name in producers and producers[name].op_type in ("Sub", "Clip"):
+        before = producers[name]
+        if not all(i in constants or i == "" for i in before.input[1:]):
+            break
+        if before.op_type == "Sub":
+            found["offset_in"] = _scalar(constants, before.input[1])
+        else:
+            found["clip_min"] = _scalar(constants, before.input[1])
+            found["clip_max"] = _scalar(constants, before.input[2] if len(before.input) > 2 else "")
+        name = before.input[0]
+    found["q_step"] = _scalar(constants, node.input[1])
+    found["q_zero"] = _scalar(constants, node.input[2]) if len(node.input) > 2 else 0.0
+    (dq,) = [n for n in consumers.get(node.output[0], []) if n.op_type == "DequantizeLinear"]
+    found["dq_step"] = _scalar(constants, dq.input[1])
+    found["dq_zero"] = _scalar(constants, dq.input[2]) if len(dq.input) > 2 else 0.0
+    after = consumers.get(dq.output[0], [])
+    if len(after) == 1 and after[0].op_type == "Add" and after[0].input[1] in constants:
+        found["offset_out"] = _scalar(constants, after[0].input[1])
+    return found
+
+
+def _chain_problems(grid, found: dict) -> list[str]:
+    """What in the file's chain is not the model quantizer's grid ``grid``."""
+    expected = {
+        "offset_in": grid.offset_in,
+        "clip_max": grid.clip_max,
+        "q_zero": 0.0,
+        "dq_step": grid.dq_step,
+        "dq_zero": 0.0,
+        "offset_out": grid.offset_out,
+    }
+    if grid.clip_min is not None:
+        expected["clip_min"] = grid.clip_min
+    problems = []
+    for key, want in expected.items():
+        got = found.get(key)
+        if want is None or got is None:
+            if (want is None) != (got is None or (key == "clip_min" and got == -np.inf)):
+                problems.append(f"{key} {got} in the file, {want} in the model")
+        elif not np.isclose(got, want, rtol=1e-6, atol=0.0):
+            problems.append(f"{key} {got:.6g} in the file, {want:.6g} in the model")
+    return problems
+
+
 def model_grids(model: nn.Module, meta: dict, proto, report: VerifyReport) -> list[dict] | None:
     """Each QuantizeLinear's grid from the model's own quantizer (named by the export's
     metadata, in graph order), its step checked against the node's scale in the file: the
@@ -195,13 +256,17 @@ def model_grids(model: nn.Module, meta: dict, proto, report: VerifyReport) -> li
         except AttributeError:
             report.failures.append(f"{info['path']!r}: no such quantizer in the model")
             return None
-        grid = activation_grid(quantizer, info["path"]).as_dict()
+        full = activation_grid(quantizer, info["path"])
+        grid = full.as_dict()
         scale = float(np.asarray(constants.get(node.input[1], np.nan)).reshape(-1)[0])
         if not np.isclose(scale, grid["q_step"], rtol=1e-6, atol=0.0):
             report.failures.append(
                 f"{info['path']}: QuantizeLinear's scale {scale:.6g} is not the model "
                 f"quantizer's step {grid['q_step']:.6g}"
             )
+        # Every other constant of the chain, DequantizeLinear's included.
+        for problem in _chain_problems(full, _chain_constants(proto, node, constants)):
+            report.failures.append(f"{info['path']}: {problem}")
         grids.append(grid)
     return grids
 
