@@ -402,3 +402,24 @@ def test_check_fails_on_a_weight_step(tmp_path):
     onnx.save(proto, str(path))
     report = verify_export(model, str(path), [_images()])
     assert not report.ok and any("dequantized weight differs" in f for f in report.failures)
+
+
+def test_export_tool_checks_an_existing_file(tmp_path):
+    """``tools/export_onnx.py --check FILE``: exit 0 for the model's own export, 1 once a
+    constant of the file is changed; nothing written."""
+    model = _quantized_model(RETINANET)
+    weights = str(tmp_path / "model_final.pth")
+    DetectionCheckpointer(model, save_dir=str(tmp_path)).save("model_final")
+    path = tmp_path / "m.onnx"
+    _export(model, path)
+    cmd = [sys.executable, os.path.join(ROOT, "tools/export_onnx.py"), "--config-file", RETINANET]
+    cmd += ["--check", str(path), "--verify-images", "1", *TINY[2:], "MODEL.WEIGHTS", weights]
+    files = sorted(os.listdir(tmp_path))
+    good = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert good.returncode == 0, good.stderr[-3000:]
+    proto = onnx.load(str(path))
+    _scale_constant(proto, _chain_node(proto, "DequantizeLinear", True).input[1], 2.0)
+    onnx.save(proto, str(path))
+    bad = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert bad.returncode == 1 and "dq_step" in bad.stderr + bad.stdout
+    assert sorted(os.listdir(tmp_path)) == files

@@ -44,7 +44,13 @@ from qdet.export.runtime import loader_box_ap  # noqa: E402
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--config-file", required=True, metavar="FILE")
-    p.add_argument("--output", required=True, help="the .onnx file to write")
+    p.add_argument("--output", help="the .onnx file to write")
+    p.add_argument(
+        "--check",
+        metavar="FILE.onnx",
+        help="check an existing export against the config and its weights instead of "
+        "exporting (exit 1 when it fails; writes nothing)",
+    )
     p.add_argument(
         "--packed-weights",
         default=None,
@@ -73,7 +79,18 @@ def main(args) -> int:
     setup_logger(name="qdet")
     log = logging.getLogger("qdet").info
     # onnxruntime's CPU provider is the reference
+    if bool(args.output) == bool(args.check):
+        raise ValueError("give --output FILE.onnx (export) or --check FILE.onnx (check), one")
     trained = load_trained_model(args.config_file, args.opts, "to export", device="cpu")
+    if args.check:
+        if not os.path.isfile(args.check):
+            raise FileNotFoundError(f"--check {args.check!r} does not exist")
+        batches = itertools.islice(trained.test_loader(), max(args.verify_images, 1))
+        report = verify(trained.model, args.check, batches, threads=args.threads)
+        log(f"check of {args.check}: {report.summary()}")
+        for failure in report.failures:
+            logging.getLogger("qdet").error(f"check failed: {failure}")
+        return 0 if report.ok else 1
     packed = args.packed_weights or args.output.removesuffix(".onnx") + ".weights.safetensors"
     report_path = args.output.removesuffix(".onnx") + ".export.json"
     refuse_overwriting_inputs(
