@@ -144,10 +144,13 @@ def recompiles_over_sizes(model, optimizer, size: tuple[int, int], device: str, 
     every step (detector batches do): 0 means the quantizer's compiled op does not
     recompile per image size."""
     h, w = size
+    # A backbone that pads to a square (ViTDet's SimpleFeaturePyramid) takes no side above it.
+    square = getattr(model.backbone, "padding_constraints", {}).get("square_size", 0) or 10**9
     before = counters["stats"]["unique_graphs"]
     for i in range(steps):
         dh, dw = (37 * i) % 97 - 48, (53 * i) % 131 - 65  # sizes within about +-25%
-        batch = make_batch(2, max(64, h + dh), max(64, w + dw), device)
+        height, width = min(max(64, h + dh), square), min(max(64, w + dw), square)
+        batch = make_batch(2, height, width, device)
         step(model, optimizer, batch, False, device)
     return counters["stats"]["unique_graphs"] - before
 
