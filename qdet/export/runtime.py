@@ -54,25 +54,15 @@ def check_file_fits(model: nn.Module, path: str, session) -> None:
     """The RetinaNet export at ``path`` was made from a model like ``model`` (the config the
     runner builds): same normalisation, channel order, classes, anchors and output
     channels; else an error naming what differs."""
-    meta = onnx_metadata(session)
+    # The fields as the export writes them (qdet.export.graphs): floats survive JSON exactly.
+    found = onnx_metadata(session)
     expected = {
-        "pixel_mean": [round(v, 6) for v in model.pixel_mean.flatten().tolist()],
-        "pixel_std": [round(v, 6) for v in model.pixel_std.flatten().tolist()],
+        "pixel_mean": model.pixel_mean.flatten().tolist(),
+        "pixel_std": model.pixel_std.flatten().tolist(),
         "input_format": getattr(model, "input_format", "BGR"),
         "num_classes": model.num_classes,
-        "cell_anchors": [
-            [[round(v, 4) for v in row] for row in a.tolist()]
-            for a in model.anchor_generator.cell_anchors
-        ],
+        "cell_anchors": [a.tolist() for a in model.anchor_generator.cell_anchors],
     }
-    found = dict(meta)
-    for key in ("pixel_mean", "pixel_std"):
-        if key in found:
-            found[key] = [round(v, 6) for v in found[key]]
-    if "cell_anchors" in found:
-        found["cell_anchors"] = [
-            [[round(v, 4) for v in row] for row in a] for a in found["cell_anchors"]
-        ]
     levels = len(model.head_in_features)
     anchors = model.anchor_generator.num_cell_anchors
     channels = [a * model.num_classes for a in anchors] + [a * 4 for a in anchors]
