@@ -13,11 +13,12 @@ import sys
 import pytest
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
-from detectron2.config import get_cfg
+from detectron2.config import LazyConfig, get_cfg
 from detectron2.modeling import build_model
 from train_net_cli import ROOT, run_train_net
 
 from qdet.config import add_qdet_config, load_config
+from qdet.engine import lazy
 from qdet.engine.checks import check_output_dir, refuse_overwriting_inputs
 
 FP = os.path.join(ROOT, "configs/digits/retinanet_r18_fp.yaml")
@@ -38,15 +39,26 @@ def _digests(folder) -> dict[str, str]:
 def test_output_dir_with_checkpoints_needs_resume_or_restart(tmp_path):
     cfg = add_qdet_config(get_cfg())
     cfg.OUTPUT_DIR = str(tmp_path)
-    check_output_dir(cfg)  # empty: fine
+    check_output_dir(cfg.OUTPUT_DIR)  # empty: fine
     (tmp_path / "metrics.json").write_text("{}")
-    check_output_dir(cfg)  # no checkpoint: fine
+    check_output_dir(cfg.OUTPUT_DIR)  # no checkpoint: fine
     (tmp_path / "model_0000009.pth").write_bytes(b"x")
     (tmp_path / "last_checkpoint").write_text("model_0000009.pth")
     with pytest.raises(FileExistsError, match=r"1 model_\*.pth, last model_0000009.pth.*--resume"):
-        check_output_dir(cfg)
-    check_output_dir(cfg, resume=True)
-    check_output_dir(cfg, restart=True)
+        check_output_dir(cfg.OUTPUT_DIR)
+    check_output_dir(cfg.OUTPUT_DIR, resume=True)
+    check_output_dir(cfg.OUTPUT_DIR, restart=True)
+
+
+def test_lazy_run_checks_its_output_dir_before_writing(tmp_path):
+    cfg = LazyConfig.load(os.path.join(ROOT, "configs/lazy/digits/retinanet_r18_fp.py"))
+    cfg.train.output_dir = str(tmp_path)
+    lazy.check_run(cfg)
+    (tmp_path / "model_0000009.pth").write_bytes(b"x")
+    with pytest.raises(FileExistsError, match=r"^train.output_dir .* new train.output_dir"):
+        lazy.check_run(cfg)
+    lazy.check_run(cfg, resume=True)
+    lazy.check_run(cfg, restart=True)
 
 
 def test_outputs_that_are_inputs_are_refused(tmp_path):

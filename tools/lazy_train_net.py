@@ -26,6 +26,8 @@ from qdet.engine.lazy_config import load_lazy_config, quant_settings  # noqa: E4
 def main(args):
     cfg = load_lazy_config(args.config_file, args.opts)
     quant_settings(cfg)  # a config without a quant node: say what to add, first
+    if not args.eval_only:
+        lazy.check_run(cfg, resume=args.resume, restart=args.restart)  # before config.yaml
     default_setup(cfg, args)
     if args.eval_only:
         return lazy.do_eval(cfg)
@@ -35,4 +37,9 @@ def main(args):
 if __name__ == "__main__":
     parser = default_argument_parser()
     parser.add_argument("--debug", action="store_true", help="tracebacks for bad input")
+    parser.add_argument(
+        "--restart",
+        action="store_true",
+        help="train in a train.output_dir that holds a run's checkpoints, replacing them",
+    )
     launch_main(main, parser.parse_args())

@@ -19,4 +19,7 @@ train.max_iter = 18438
 lr_multiplier.scheduler.milestones = [16389, 17754]
 optimizer.lr = 0.01
 train.output_dir = "output/lazy/mask_rcnn_R_50_FPN_4bit"
+# Seeds the model, and plans the batches ahead so that a killed run resumes bit-identical
+# (qdet.engine.lazy.build_train_loader); -1 draws a seed, as Detectron2 does.
+train.seed = 0
 quant = dict(w_bits=4, a_bits=4)

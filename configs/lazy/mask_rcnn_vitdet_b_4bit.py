@@ -38,6 +38,9 @@ train.ddp.fp16_compression = True
 train.init_checkpoint = "output/lazy/mask_rcnn_vitdet_b_fp/model_final.pth"
 train.max_iter = 18438  # a tenth of upstream's 100 epochs: a fine-tune
 train.output_dir = "output/lazy/mask_rcnn_vitdet_b_4bit"
+# Seeds the model, and plans the batches ahead so that a killed run resumes bit-identical
+# (qdet.engine.lazy.build_train_loader); -1 draws a seed, as Detectron2 does.
+train.seed = 0
 
 optimizer = model_zoo.get_config("common/optim.py").AdamW
 optimizer.lr = 1e-5

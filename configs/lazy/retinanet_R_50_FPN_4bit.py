@@ -19,4 +19,7 @@ train.max_iter = 30000
 lr_multiplier.scheduler.milestones = [20000, 26667]
 optimizer.lr = 0.001
 train.output_dir = "output/lazy/retinanet_R_50_FPN_4bit"
+# Seeds the model, and plans the batches ahead so that a killed run resumes bit-identical
+# (qdet.engine.lazy.build_train_loader); -1 draws a seed, as Detectron2 does.
+train.seed = 0
 quant = dict(w_bits=4, a_bits=4)

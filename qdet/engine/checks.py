@@ -130,11 +130,12 @@ def check_teacher(cfg: CfgNode) -> None:
     raise FileNotFoundError(missing_checkpoint_message("DISTILL.TEACHER_WEIGHTS", weights))
 
 
-def check_output_dir(cfg: CfgNode, resume: bool = False, restart: bool = False) -> None:
+def check_output_dir(
+    folder: str, resume: bool = False, restart: bool = False, key: str = "OUTPUT_DIR"
+) -> None:
     """A run that neither resumes nor starts over explicitly (``restart``) refuses an
-    OUTPUT_DIR that holds another run's checkpoints: Detectron2 would overwrite them and
-    repoint ``last_checkpoint`` without a word."""
-    folder = cfg.OUTPUT_DIR
+    output ``folder`` (the config's ``key``) that holds another run's checkpoints:
+    Detectron2 would overwrite them and repoint ``last_checkpoint`` without a word."""
     if resume or restart or not os.path.isdir(folder):
         return
     found = sorted(glob.glob(os.path.join(folder, "model_*.pth")))
@@ -146,8 +147,8 @@ def check_output_dir(cfg: CfgNode, resume: bool = False, restart: bool = False) 
         with open(marker) as f:
             last = f", last {f.read().strip()}"
     raise FileExistsError(
-        f"OUTPUT_DIR {folder!r} holds a run's checkpoints ({len(found)} model_*.pth{last}): "
-        "continue that run with --resume, give this one a new OUTPUT_DIR, or start over in "
+        f"{key} {folder!r} holds a run's checkpoints ({len(found)} model_*.pth{last}): "
+        f"continue that run with --resume, give this one a new {key}, or start over in "
         "it with --restart (its checkpoints are then replaced)"
     )
 
@@ -171,7 +172,7 @@ def check_run_inputs(
     training run's OUTPUT_DIR holds no other run's checkpoints (:func:`check_output_dir`)."""
     check_weights(cfg, resume)
     if not eval_only:
-        check_output_dir(cfg, resume, restart)
+        check_output_dir(cfg.OUTPUT_DIR, resume, restart)
     if not eval_only:
         check_teacher(cfg)
     check_datasets((() if eval_only else tuple(cfg.DATASETS.TRAIN)) + tuple(cfg.DATASETS.TEST))

@@ -24,7 +24,8 @@ import torch
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import instantiate
 from detectron2.config.instantiate import locate
-from detectron2.engine import AMPTrainer, SimpleTrainer, default_writers, hooks, launch
+from detectron2.data import build_detection_train_loader
+from detectron2.engine import default_writers, hooks, launch
 from detectron2.engine.defaults import create_ddp_model
 from detectron2.evaluation import inference_on_dataset, print_csv_format
 from detectron2.utils import comm
@@ -32,9 +33,12 @@ from torch import nn
 
 from qdet.distill.distiller import attach_distiller
 from qdet.engine.checkpoint import AtomicCheckpointer, check_calibrated
+from qdet.engine.checks import check_output_dir
+from qdet.engine.exact_resume import ResumableAMPTrainer, ResumableSimpleTrainer
 from qdet.engine.hooks import CalibrationHook
 from qdet.engine.lazy_config import plain, quant_bits, quant_settings
 from qdet.engine.optimizer import SGDWithAdamGroups, with_quantizer_group
+from qdet.engine.resumable_loader import resumable_train_loader
 from qdet.engine.teacher_stage import (
     build_lazy_teacher,
     check_lazy_stage_input,
@@ -93,8 +97,9 @@ def build_optimizer(cfg, model: nn.Module) -> torch.optim.Optimizer:
 
 
 def do_test(cfg, model: nn.Module):
-    """COCO (or the config's) evaluation of ``model`` on ``cfg.dataloader.test``."""
-    if "evaluator" not in cfg.dataloader:
+    """COCO (or the config's) evaluation of ``model`` on ``cfg.dataloader.test``; none
+    without a ``dataloader.evaluator`` (or with ``dataloader.evaluator=null``)."""
+    if cfg.dataloader.get("evaluator") is None:
         return {}
     ret = inference_on_dataset(
         model, instantiate(cfg.dataloader.test), instantiate(cfg.dataloader.evaluator)
@@ -130,19 +135,18 @@ def _train(cfg, model: nn.Module, resume: bool, calib_batches: int) -> None:
     """Detectron2's LazyConfig training loop on ``model``; quantizers calibrated on
     ``calib_batches`` training batches first (0: none)."""
     optimizer = build_optimizer(cfg, model)
-    train_loader = instantiate(cfg.dataloader.train)
+    train_loader = build_train_loader(cfg)
     ddp = plain(cfg.train.ddp)
     if model.device.type == "cpu":
         ddp.pop("fp16_compression", None)  # a CUDA communication hook
     model = create_ddp_model(model, **ddp)
-    trainer = (AMPTrainer if cfg.train.amp.enabled else SimpleTrainer)(
+    trainer = (ResumableAMPTrainer if cfg.train.amp.enabled else ResumableSimpleTrainer)(
         model, train_loader, optimizer
     )
     checkpointer = AtomicCheckpointer(model, cfg.train.output_dir, trainer=trainer)
     calibration = []
     if calib_batches:
-        loader = lambda: instantiate(cfg.dataloader.train)  # noqa: E731
-        calibration = [CalibrationHook(loader, calib_batches)]
+        calibration = [CalibrationHook(lambda: build_train_loader(cfg), calib_batches)]
     main = comm.is_main_process()
     trainer.register_hooks(
         [
@@ -161,7 +165,50 @@ def _train(cfg, model: nn.Module, resume: bool, calib_batches: int) -> None:
     )
     checkpointer.resume_or_load(cfg.train.init_checkpoint, resume=resume)
     start_iter = trainer.iter + 1 if resume and checkpointer.has_checkpoint() else 0
+    trainer.start_loader_at(start_iter)
     trainer.train(start_iter, cfg.train.max_iter)
+
+
+def build_train_loader(cfg):
+    """``cfg.dataloader.train``; when it is Detectron2's ``build_detection_train_loader``
+    with its own sampler and ``train.seed`` >= 0, the same batches from the loader whose
+    position is part of the checkpoint (:func:`qdet.engine.resumable_loader.
+    resumable_train_loader`: Detectron2's seeded ``TrainingSampler`` stream and
+    aspect-ratio grouping, each sample augmented with generators seeded by its place in the
+    stream), so a killed run resumes bit-identical. Any other loader is instantiated as it
+    is (a resumed run then starts it again)."""
+    node = cfg.dataloader.train
+    target = node.get("_target_")
+    target = locate(target) if isinstance(target, str) else target
+    seed = int(cfg.train.get("seed", -1))
+    planned = (
+        target is build_detection_train_loader
+        and seed >= 0
+        and node.get("sampler") is None
+        and node.get("dataset") is not None
+        and node.get("mapper") is not None
+    )
+    if not planned:
+        return instantiate(node)
+    dataset = instantiate(node.dataset)
+    if isinstance(dataset, torch.utils.data.IterableDataset):
+        return instantiate(node)
+    return resumable_train_loader(
+        dataset,
+        instantiate(node.mapper),
+        seed,
+        int(node.total_batch_size),
+        bool(node.get("aspect_ratio_grouping", True)),
+        int(node.get("num_workers", 0)),
+    )
+
+
+def check_run(cfg, resume: bool = False, restart: bool = False) -> None:
+    """What a training run checks before it writes anything (``config.yaml`` included): its
+    ``train.init_checkpoint`` exists, and its ``train.output_dir`` holds no other run's
+    checkpoints unless it resumes or starts over (``restart``)."""
+    _check_init_checkpoint(cfg, resume)
+    check_output_dir(cfg.train.output_dir, resume, restart, key="train.output_dir")
 
 
 def _check_init_checkpoint(cfg, resume: bool) -> None:

@@ -15,7 +15,7 @@ from detectron2.data import (
     build_detection_train_loader,
     get_detection_dataset_dicts,
 )
-from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer, TrainerBase
+from detectron2.engine import DefaultTrainer, TrainerBase
 from detectron2.engine.defaults import create_ddp_model
 from detectron2.engine.hooks import PeriodicCheckpointer
 from detectron2.evaluation import COCOEvaluator
@@ -26,15 +26,19 @@ from detectron2.utils.registry import Registry
 
 from qdet.data.mapper import SizedBoxMapper
 from qdet.engine.checkpoint import AtomicCheckpointer
+from qdet.engine.exact_resume import (
+    ResumableAMPTrainer,
+    ResumableSimpleTrainer,
+    jit_unoptimized,
+)
 from qdet.engine.hooks import (
     CalibrationHook,
     EWGSDeltaHook,
     FreezeBNHook,
     epoch_iterations,
-    unwrap_model,
 )
 from qdet.engine.optimizer import build_qat_optimizer
-from qdet.engine.resumable_loader import PlannedBatches, resumable_train_loader
+from qdet.engine.resumable_loader import resumable_train_loader
 from qdet.engine.teacher_stage import build_distiller
 from qdet.quantization.quantizers import EWGSQuantizer
 
@@ -80,9 +84,9 @@ class QDetTrainer(DefaultTrainer):
             # Label-free, the heads' parts no term reaches get no gradient.
             find_unused_parameters=cfg.DISTILL.ENABLED and cfg.DISTILL.LABEL_FREE,
         )
-        trainer_cls = SimpleTrainer
+        trainer_cls = ResumableSimpleTrainer
         if cfg.SOLVER.AMP.ENABLED:
-            trainer_cls = CPUAutocastTrainer if on_cpu else AMPTrainer
+            trainer_cls = CPUAutocastTrainer if on_cpu else ResumableAMPTrainer
         self._trainer = trainer_cls(model, data_loader, optimizer)
         self.scheduler = self.build_lr_scheduler(cfg, optimizer)
         self.checkpointer = AtomicCheckpointer(model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
@@ -123,30 +127,22 @@ class QDetTrainer(DefaultTrainer):
 
     def resume_or_load(self, resume: bool = True) -> None:
         """Detectron2's resume (weights, optimizer, scheduler, iteration, hooks), then the
-        training loader moved to the resumed iteration: its first batch is the one the
-        uninterrupted run trained on at ``start_iter``. The loader's iterator is made here,
-        before torch's generator is put back to the checkpoint's state: making it draws one
-        number, which the uninterrupted run drew before its first step."""
-        self._resumed_rng = None
+        training loader moved to the resumed iteration and torch's generator put back
+        (:meth:`qdet.engine.exact_resume.ExactResumeMixin.start_loader_at`)."""
         super().resume_or_load(resume=resume)
-        sampler = getattr(self._trainer.data_loader, "batch_sampler", None)
-        if isinstance(sampler, PlannedBatches):
-            sampler.start = self.start_iter
-        if self._resumed_rng is not None:
-            self._trainer._data_loader_iter  # noqa: B018  (made now: see above)
-            torch.set_rng_state(self._resumed_rng)
+        self._trainer.start_loader_at(self.start_iter)
+
+    def train(self):
+        """Detectron2's training (hooks, steps, the evaluation after them) with TorchScript's
+        optimising executor off (:func:`qdet.engine.exact_resume.jit_unoptimized`)."""
+        with jit_unoptimized():
+            return super().train()
 
     def run_step(self):
-        """One step with TorchScript's optimising executor off: it runs a scripted
-        function (Detectron2's focal loss, ``sigmoid_focal_loss_jit``) as profiled first and
-        fused afterwards, whose gradients differ in the last bits, so a resumed run's first
-        steps would differ from the uninterrupted run's. Off, every call computes the
-        same."""
-        with torch.jit.optimized_execution(False):
-            try:
-                super().run_step()
-            except FloatingPointError as e:
-                raise FloatingPointError(self._non_finite_message(e)) from e
+        try:
+            super().run_step()
+        except FloatingPointError as e:
+            raise FloatingPointError(self._non_finite_message(e)) from e
 
     def _non_finite_message(self, error: FloatingPointError) -> str:
         """Detectron2's (or qdet's) non-finite message in one line, with the checkpoint to
@@ -161,32 +157,6 @@ class QDetTrainer(DefaultTrainer):
             "from a step whose losses were finite: resume from it (--resume) once the cause "
             "is found (a lower SOLVER.BASE_LR, the data)"
         )
-
-    # Model state Detectron2 keeps outside the state dict: dense detectors' (RetinaNet's,
-    # FCOS's) EMA of the foreground-anchor count that normalises their losses.
-    MODEL_EMA_ATTRIBUTES = ("loss_normalizer",)
-
-    def state_dict(self) -> dict:
-        """Detectron2's trainer state plus what a resumed step needs to compute what the
-        uninterrupted one computed: torch's random generator (drop-path, generated noise)
-        and the model's loss-normaliser EMA (:data:`MODEL_EMA_ATTRIBUTES`)."""
-        state = super().state_dict()
-        state["torch_rng"] = torch.get_rng_state()
-        model = unwrap_model(self._trainer.model)
-        state["model_ema"] = {
-            name: float(getattr(model, name))
-            for name in self.MODEL_EMA_ATTRIBUTES
-            if hasattr(model, name)
-        }
-        return state
-
-    def load_state_dict(self, state: dict) -> None:
-        super().load_state_dict(state)
-        if "torch_rng" in state:  # set by resume_or_load, once the loader is made
-            self._resumed_rng = state["torch_rng"]
-        model = unwrap_model(self._trainer.model)
-        for name, value in state.get("model_ema", {}).items():
-            setattr(model, name, value)
 
     @classmethod
     def build_optimizer(cls, cfg, model):
@@ -250,7 +220,7 @@ class QDetTrainer(DefaultTrainer):
         return self.build_train_loader(self.cfg)
 
 
-class CPUAutocastTrainer(SimpleTrainer):
+class CPUAutocastTrainer(ResumableSimpleTrainer):
     """``SOLVER.AMP.ENABLED`` on a CPU: each step under ``torch.autocast("cpu", bfloat16)``
     (Detectron2's AMPTrainer is CUDA-only). Convolutions and matmuls run in bfloat16, which
     oneDNN runs about 1.8x faster than float32 on CPUs with AVX512-BF16 (the digits FP

@@ -44,6 +44,7 @@ def _flag(name: str, value):
     finally:
         setattr(_local, name, outer)
 
+
 # -- fake-quant backend ---------------------------------------------------------------------
 BACKENDS = ("auto", "compile", "eager")
 _backend = os.environ.get("QDET_QUANT_BACKEND", "auto")

@@ -35,6 +35,9 @@ train.max_iter = 1500
 train.eval_period = 0
 train.checkpointer = dict(period=500, max_to_keep=1)
 train.output_dir = "output/lazy/digits/retinanet_r18_fp"
+# Seeds the model, and plans the batches ahead so that a killed run resumes bit-identical
+# (qdet.engine.lazy.build_train_loader); -1 draws a seed, as Detectron2 does.
+train.seed = 0
 
 optimizer = model_zoo.get_config("common/optim.py").SGD
 optimizer.lr = 0.02

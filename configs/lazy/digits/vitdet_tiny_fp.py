@@ -47,6 +47,9 @@ train.max_iter = 600
 train.eval_period = 0
 train.checkpointer = dict(period=200, max_to_keep=1)
 train.output_dir = "output/lazy/digits/vitdet_tiny_fp"
+# Seeds the model, and plans the batches ahead so that a killed run resumes bit-identical
+# (qdet.engine.lazy.build_train_loader); -1 draws a seed, as Detectron2 does.
+train.seed = 0
 optimizer = model_zoo.get_config("common/optim.py").AdamW
 optimizer.lr = 4e-4
 optimizer.weight_decay = 0.05
