@@ -12,6 +12,7 @@ from target_models import _export, _images, _target_model
 
 from qdet.export import verify as verify_export
 from qdet.export.integer_check import optimized_op_counts
+from qdet.export.verify import MAX_TIE_RATE
 from qdet.quantization import QConv2d
 
 
@@ -46,10 +47,11 @@ def test_onnxruntime_runs_every_quantized_conv_as_one_integer_op(tmp_path, w_bit
     clips = counts.get("Clip", 0)
     assert (clips > 0) == (a_bits < 8)  # the exact form below 8 bits: integer Clips
 
+    model.requires_grad_(True)  # as the tool loads a trained model: the check needs none
     report = verify_export(model, str(path), [_images(seed=5), _images(seed=6)])
     assert report.ok, report.failures
     assert report.activations_checked > 50
-    assert report.boundary_flips <= 1e-4 * report.activation_values
+    assert report.boundary_flips <= MAX_TIE_RATE * report.activation_values
 
 
 def test_check_fails_on_a_wrong_folded_weight(tmp_path, monkeypatch):

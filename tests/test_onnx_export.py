@@ -20,6 +20,7 @@ from qdet.config import load_config
 from qdet.export import export_onnx, inference_session, read_packed_weights, save_packed_weights
 from qdet.export import verify as verify_export
 from qdet.export.qdq import onnx_export_mode
+from qdet.export.verify import MAX_TIE_RATE, VerifyReport, check_tie_rate
 from qdet.quantization import (
     QConv2d,
     calibrate,
@@ -423,3 +424,18 @@ def test_export_tool_checks_an_existing_file(tmp_path):
     bad = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert bad.returncode == 1 and "dq_step" in bad.stderr + bad.stdout
     assert sorted(os.listdir(tmp_path)) == files
+
+
+def test_check_fails_when_boundary_ties_exceed_the_documented_rate():
+    """Ties at a rounding boundary are float rounding: up to MAX_TIE_RATE of the codes
+    checked pass (counted); one more fails the check, naming both counts."""
+    values = 2_000_000
+    allowed = int(MAX_TIE_RATE * values)
+    assert allowed == 200  # 1e-4: one tie in ten thousand codes
+    within = VerifyReport(activation_values=values, boundary_flips=allowed)
+    check_tie_rate(within)
+    assert within.ok
+    above = VerifyReport(activation_values=values, boundary_flips=allowed + 1)
+    check_tie_rate(above)
+    assert not above.ok
+    assert above.failures[0].startswith("201 of 2000000 activation codes are one code apart")
