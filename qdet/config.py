@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import difflib
 import os
+import re
 from collections.abc import Callable
 
+import yaml
 from detectron2.config import CfgNode as CN
 from detectron2.config import get_cfg
 
@@ -334,18 +336,65 @@ def load_config(
     cfg = add_qdet_config(get_cfg())
     if add_config is not None:
         add_config(cfg)
+    flags = [o for o in opts if isinstance(o, str) and o.startswith("--")]
+    if flags:
+        raise ValueError(
+            f"{flags[0]!r} comes after the KEY VALUE overrides, which take the rest of the "
+            f"command line: put {flags[0]} before them (--config-file FILE {flags[0]} ... "
+            "KEY VALUE ...)"
+        )
     try:
         cfg.merge_from_file(config_file)
-        cfg.merge_from_list(opts)
     except (KeyError, AssertionError) as e:
-        message = str(e)
-        if "Non-existent" not in message:  # e.g. an odd number of KEY VALUE overrides
-            raise ValueError(f"bad config or overrides: {message}") from e
-        bad = message.split(":")[-1].strip().strip("'\"")
-        near = difflib.get_close_matches(bad, _all_keys(cfg), n=5, cutoff=0.5)
-        raise KeyError(
-            f"unknown config key {bad!r}; did you mean one of {near}? qdet's keys "
-            "are declared in qdet/config.py, Detectron2's in detectron2/config/"
-            "defaults.py"
+        _raise_config_error(cfg, e)
+    except ValueError as e:
+        raise ValueError(f"--config-file {config_file!r}: {_type_mismatch_message(str(e))}") from e
+    except yaml.YAMLError as e:
+        raise ValueError(
+            f"--config-file {config_file!r} (or a _BASE_ of it) is not valid YAML: "
+            f"{' '.join(str(e).split())}"
         ) from e
+    except FileNotFoundError as e:
+        raise FileNotFoundError(
+            f"--config-file {config_file!r}: its _BASE_ {e.filename!r} does not exist (a "
+            "_BASE_ path is relative to the file that names it)"
+        ) from e
+    try:
+        cfg.merge_from_list(opts)
+    except ValueError as e:
+        raise ValueError(_type_mismatch_message(str(e))) from e
+    except (KeyError, AssertionError) as e:
+        _raise_config_error(cfg, e)
     return cfg
+
+
+def _raise_config_error(cfg: CN, error: Exception) -> None:
+    """yacs' KeyError / AssertionError of a merge as qdet's: an unknown key with the keys
+    close to it, or the problem in one line."""
+    message = str(error)
+    if "Non-existent" not in message:  # e.g. an odd number of KEY VALUE overrides
+        raise ValueError(f"bad config or overrides: {message}") from error
+    bad = message.split(":")[-1].strip().strip("'\"")
+    near = difflib.get_close_matches(bad, _all_keys(cfg), n=5, cutoff=0.5)
+    raise KeyError(
+        f"unknown config key {bad!r}; did you mean one of {near}? qdet's keys "
+        "are declared in qdet/config.py, Detectron2's in detectron2/config/"
+        "defaults.py"
+    ) from error
+
+
+def _type_mismatch_message(message: str) -> str:
+    """yacs' "Type mismatch (<class 'int'> vs. <class 'str'>) with values (4 vs. 4) for
+    config key: QUANT.W_BITS" as what to write instead."""
+    found = re.search(
+        r"<class '(\w+)'> vs\. <class '(\w+)'>\) with values \((.*) vs\. (.*)\) for "
+        r"config key: (\S+)",
+        message,
+    )
+    if not found:
+        return f"bad config or overrides: {message}"
+    want, got, default, value, key = found.groups()
+    return (
+        f"{key} takes a value of type {want}, not {value!r} (type {got}): write it as its "
+        f"default is written ({key} {default})"
+    )

@@ -6,6 +6,7 @@ pretrained weights into a detector."""
 from __future__ import annotations
 
 import os
+import pathlib
 
 import pytest
 import torch
@@ -75,3 +76,20 @@ def test_evaluating_an_uncalibrated_quantized_model_is_refused(tmp_path):
     calibrate(model.eval(), [images], num_batches=1)
     assert all(m.initialized for m in model.modules() if isinstance(m, Quantizer) and m.enabled)
     check_calibrated(model, fp)
+
+
+def test_unreadable_or_missing_checkpoint_is_one_error_naming_it(tmp_path):
+    whole = _saved(tmp_path, FP)
+    truncated = tmp_path / "truncated.pth"
+    truncated.write_bytes(pathlib.Path(whole).read_bytes()[:10000])
+    with pytest.raises(ValueError, match=r"cannot read checkpoint '.*truncated.pth' .*truncated"):
+        AtomicCheckpointer(_model(FP)).load(str(truncated))
+    with pytest.raises(FileNotFoundError, match=r"checkpoint '.*gone.pth' does not exist"):
+        AtomicCheckpointer(_model(FP)).load(str(tmp_path / "gone.pth"))
+
+
+def test_checkpoint_of_another_target_says_so(tmp_path):
+    simulated = _saved(tmp_path, QAT, "MODEL.RESNETS.DEPTH", "18")
+    for_runtime = _model(QAT, "MODEL.RESNETS.DEPTH", "18", "QUANT.TARGET", "onnxruntime")
+    with pytest.raises(ValueError, match=r"trained without a QUANT.TARGET and this config builds"):
+        AtomicCheckpointer(for_runtime).load(simulated)

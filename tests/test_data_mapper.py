@@ -3,16 +3,20 @@ zero size is; Detectron2's own mapper, the negative control, turns it into a val
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 
 import cv2
 import numpy as np
+import pytest
 import torch
 from detectron2.data import DatasetMapper
 from detectron2.structures import BoxMode
 
 from qdet.config import load_config
 from qdet.data.mapper import SizedBoxMapper, has_positive_size
+from qdet.engine.cli import run_cli
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(ROOT, "configs/digits/retinanet_r18_fp.yaml")
@@ -45,3 +49,26 @@ def test_negative_and_zero_size_boxes_are_dropped(tmp_path):
         False,
         False,
     ]
+
+
+def test_unreadable_training_image_names_the_file(tmp_path):
+    """A deleted image, and one whose bytes are not an image: errors naming the file, in
+    the main process and from a DataLoader worker (one line through run_cli)."""
+    cfg = load_config(CONFIG, [])
+    mapper = SizedBoxMapper(cfg, True)
+    missing = str(tmp_path / "deleted.png")
+    with pytest.raises(FileNotFoundError, match=r"training image .*deleted.png' cannot be read"):
+        mapper(_record(missing))
+    corrupt = tmp_path / "corrupt.png"
+    corrupt.write_bytes(b"\x89PNG not really")
+    with pytest.raises(ValueError, match=r"corrupt.png' cannot be read \(UnidentifiedImageError"):
+        mapper(_record(str(corrupt)))
+    loader = torch.utils.data.DataLoader(
+        [_record(missing)], batch_size=None, num_workers=1, collate_fn=mapper
+    )
+    err = io.StringIO()
+    with pytest.raises(SystemExit) as stop, contextlib.redirect_stderr(err):
+        run_cli(lambda: next(iter(loader)))
+    assert stop.value.code == 2
+    (line,) = err.getvalue().splitlines()
+    assert "error: training image" in line and "deleted.png' cannot be read" in line

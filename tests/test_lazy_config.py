@@ -261,3 +261,27 @@ def test_lazy_qfd_teacher_stage_schedule_fits_its_length():
     student.scheduler.num_updates = 40
     with pytest.raises(ValueError, match="Milestone must be smaller"):
         instantiate(student)
+
+
+def test_lazy_divergence_names_the_last_finite_checkpoint(tmp_path):
+    """Learning rate 100: the lazy loop stops with the non-finite message in one line,
+    naming the last checkpoint, whose weights are finite."""
+    out = str(tmp_path / "nan")
+    cfg = _config(
+        "retinanet_r18_fp.py",
+        f"train.output_dir={out}",
+        "train.max_iter=30",
+        "train.checkpointer.period=1",
+        "train.checkpointer.max_to_keep=100",
+        "optimizer.lr=100.0",
+        "lr_multiplier.warmup_length=0.0",
+    )
+    with pytest.raises(FloatingPointError) as stop:
+        lazy.do_train(cfg)
+    message = str(stop.value)
+    assert "\n" not in message and "training stopped before its update" in message
+    with open(os.path.join(out, "last_checkpoint")) as f:
+        last = os.path.join(out, f.read().strip())
+    assert f"the last checkpoint, {last}, is from a step whose losses were finite" in message
+    state = torch.load(last, weights_only=False)["model"]
+    assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())

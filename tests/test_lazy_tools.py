@@ -7,6 +7,7 @@ import json
 import os
 
 import cv2
+import detectron2.data.transforms as T
 import numpy as np
 import pytest
 import torch
@@ -15,7 +16,7 @@ from detectron2.config import LazyConfig, instantiate
 
 import qdet  # noqa: F401  (registers the digits datasets)
 from qdet.engine import lazy
-from qdet.engine.trained_model import load_trained_model
+from qdet.engine.trained_model import check_resizable, load_trained_model
 from qdet.predict import split_config_overrides
 from qdet.quantization import calibrate
 
@@ -104,3 +105,11 @@ def test_lazy_tool_errors(lazy_checkpoint, tmp_path):
     images = lazy_checkpoint["images"]
     overrides = ["train.init_checkpoint=x.pth", "train.device=cpu"]
     assert split_config_overrides([*images, *overrides], []) == (images, overrides)
+
+
+def test_a_picture_too_thin_to_resize_is_an_error_naming_its_size():
+    resize = [T.ResizeShortestEdge([160, 160], 192)]
+    check_resizable(120, 160, resize)  # an ordinary picture
+    check_resizable(4000, 30, resize)  # thin, but 1 x 192 after the resize
+    with pytest.raises(ValueError, match=r"a 3 x 4000 picture resizes to 0 x 192 .*short edge 160"):
+        check_resizable(4000, 3, resize)

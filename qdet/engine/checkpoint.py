@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import pickle
 
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
@@ -45,6 +46,21 @@ def incompatibility(model: nn.Module, incompatible) -> str:
             f"{len(shapes)} parameters of other shapes (e.g. {name}: {tuple(got)} in the "
             f"checkpoint, {tuple(want)} in the model)"
         )
+        # A quantizer's extra state holds its deployment target only under one
+        # (qdet.quantization.quantizer_state): lengths 3 and 4 are a target mismatch.
+        targets = [
+            (tuple(got), tuple(want))
+            for name, got, want in shapes
+            if name.endswith("quantizer._extra_state")
+        ]
+        if targets and targets[0] in (((3,), (4,)), ((4,), (3,))):
+            trained_with = "without" if targets[0][0] == (3,) else "with"
+            problems.append(
+                f"its quantizers were trained {trained_with} a QUANT.TARGET and this config "
+                f"builds them {'with' if trained_with == 'without' else 'without'} one: give "
+                "the QUANT.TARGET of the run that trained it (its OUTPUT_DIR/config.yaml); a "
+                "model for a runtime is trained for it (docs/deployment.md)"
+            )
     children = {name for name, _ in model.named_children()}
     unexpected = [k for k in incompatible.unexpected_keys if k.split(".")[0] in children]
     if unexpected:
@@ -125,7 +141,28 @@ class AtomicCheckpointer(DetectionCheckpointer):
 
     def load(self, path: str, *args, **kwargs):
         self._loading = path
+        remote = "://" in path
+        if path and not remote and not os.path.isfile(path):
+            # fvcore would stop with an assertion ("Checkpoint ... not found!").
+            raise FileNotFoundError(
+                f"checkpoint {path!r} does not exist: give a checkpoint that tools/train_net.py "
+                "(or tools/lazy_train_net.py) wrote, e.g. <OUTPUT_DIR>/model_final.pth"
+            )
         return super().load(path, *args, **kwargs)
+
+    def _load_file(self, filename: str) -> dict:
+        """Detectron2's reading of a ``.pth`` / ``.pkl``; a file that is not a whole
+        checkpoint is one error naming it (torch's own is a 45-line traceback)."""
+        try:
+            return super()._load_file(filename)
+        except (RuntimeError, OSError, EOFError, pickle.UnpicklingError, ValueError) as e:
+            detail = " ".join(str(e).split())[:160]
+            raise ValueError(
+                f"cannot read checkpoint {filename!r} ({type(e).__name__}: {detail}): it is "
+                "truncated or not a checkpoint (a copy or download that stopped early, or "
+                "another kind of file); give a complete one, e.g. the run's previous "
+                "model_*.pth"
+            ) from e
 
     def _log_incompatible_keys(self, incompatible) -> None:
         """Detectron2 logs these and trains or evaluates a model that is partly random;
@@ -142,3 +179,18 @@ class AtomicCheckpointer(DetectionCheckpointer):
     def tag_last_checkpoint(self, last_filename_basename: str) -> None:
         path = os.path.join(self.save_dir, "last_checkpoint")
         _atomic_write(path, lambda f: f.write(last_filename_basename.encode()))
+
+
+def non_finite_message(error: FloatingPointError, checkpointer: AtomicCheckpointer) -> str:
+    """Detectron2's (or qdet's) non-finite-loss message in one line, with the checkpoint to
+    resume from: the error comes before the step's update and checkpoint, so the last
+    checkpoint on disk is from a step whose losses were finite."""
+    message = " ".join(str(error).split())
+    if not checkpointer.has_checkpoint():
+        return f"{message}; training stopped before its update; no checkpoint was written yet"
+    last = checkpointer.get_checkpoint_file()
+    return (
+        f"{message}; training stopped before its update; the last checkpoint, {last}, is "
+        "from a step whose losses were finite: resume from it (--resume) once the cause "
+        "is found (a lower SOLVER.BASE_LR, the data)"
+    )

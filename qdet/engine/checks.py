@@ -39,18 +39,24 @@ def producing_config(checkpoint: str) -> str | None:
     return None
 
 
-def missing_checkpoint_message(key: str, checkpoint: str) -> str:
-    """``key`` = the checkpoint does not exist, and how to make it."""
+def missing_checkpoint_message(key: str, checkpoint: str, from_scratch: bool = False) -> str:
+    """``key`` = the checkpoint does not exist, and how to make it; ``from_scratch``: the
+    key may also be "" (a training run's MODEL.WEIGHTS; not a trained model's or a
+    teacher's)."""
     message = f"{key}={checkpoint!r} does not exist."
     source = producing_config(checkpoint)
     if source:
+        scratch = f', or set {key} "" to start from scratch' if from_scratch else ""
         return (
             f"{message} It is the model that `tools/train_net.py --config-file {source}` "
-            f'trains: run that first, or set {key} "" to start from scratch.'
+            f"trains: run that first{scratch}."
         )
-    return (
-        f'{message} Point {key} at a Detectron2 checkpoint, or set it to "" to start from scratch.'
-    )
+    if from_scratch:
+        return (
+            f'{message} Point {key} at a Detectron2 checkpoint, or set it to "" to start '
+            "from scratch."
+        )
+    return f"{message} Point {key} at the checkpoint a training run wrote (its model_final.pth)."
 
 
 def check_weights(cfg: CfgNode, resume: bool = False) -> None:
@@ -60,7 +66,7 @@ def check_weights(cfg: CfgNode, resume: bool = False) -> None:
         return
     if resume and os.path.isfile(os.path.join(cfg.OUTPUT_DIR, "last_checkpoint")):
         return
-    raise FileNotFoundError(missing_checkpoint_message("MODEL.WEIGHTS", weights))
+    raise FileNotFoundError(missing_checkpoint_message("MODEL.WEIGHTS", weights, from_scratch=True))
 
 
 def require_trained_weights(cfg: CfgNode, purpose: str) -> None:

@@ -4,6 +4,7 @@ the rest (and for developers: ``--debug`` or ``QDET_DEBUG=1``)."""
 from __future__ import annotations
 
 import os
+import re
 import sys
 from collections.abc import Callable
 
@@ -33,6 +34,20 @@ def raised_by_qdet(error: BaseException) -> bool:
     return tb is not None and tb.tb_frame.f_code.co_filename.startswith(_OWN_CODE)
 
 
+def _worker_error(error: BaseException) -> str | None:
+    """The one-line message of an error qdet raised inside a DataLoader worker process, or
+    None. torch re-raises it in the main process as "Caught <type> in DataLoader worker
+    process N. Original Traceback ...", its last frame the worker's."""
+    text = str(error)
+    if not text.startswith("Caught ") or "DataLoader worker" not in text:
+        return None
+    files = re.findall(r'File "([^"]+)"', text)
+    if not files or not files[-1].startswith(_OWN_CODE):
+        return None
+    last = text.strip().splitlines()[-1]
+    return last.split(": ", 1)[1] if ": " in last else last
+
+
 def debug_requested(debug: bool = False) -> bool:
     return debug or os.environ.get("QDET_DEBUG", "") not in ("", "0")
 
@@ -43,9 +58,11 @@ def run_cli(fn: Callable, *args, debug: bool = False, **kwargs):
     try:
         return fn(*args, **kwargs)
     except USER_ERRORS as e:
-        if debug_requested(debug) or not raised_by_qdet(e):
+        from_worker = _worker_error(e)
+        if debug_requested(debug) or not (raised_by_qdet(e) or from_worker):
             raise
         message = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+        message = from_worker or message
         prog = os.path.basename(sys.argv[0]) or "qdet"
         print(f"{prog}: error: {message} (--debug shows the traceback)", file=sys.stderr)
         sys.exit(2)

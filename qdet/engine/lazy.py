@@ -32,7 +32,7 @@ from detectron2.utils import comm
 from torch import nn
 
 from qdet.distill.distiller import attach_distiller
-from qdet.engine.checkpoint import AtomicCheckpointer, check_calibrated
+from qdet.engine.checkpoint import AtomicCheckpointer, check_calibrated, non_finite_message
 from qdet.engine.checks import check_output_dir
 from qdet.engine.exact_resume import ResumableAMPTrainer, ResumableSimpleTrainer
 from qdet.engine.hooks import CalibrationHook
@@ -166,7 +166,10 @@ def _train(cfg, model: nn.Module, resume: bool, calib_batches: int) -> None:
     checkpointer.resume_or_load(cfg.train.init_checkpoint, resume=resume)
     start_iter = trainer.iter + 1 if resume and checkpointer.has_checkpoint() else 0
     trainer.start_loader_at(start_iter)
-    trainer.train(start_iter, cfg.train.max_iter)
+    try:
+        trainer.train(start_iter, cfg.train.max_iter)
+    except FloatingPointError as e:
+        raise FloatingPointError(non_finite_message(e, checkpointer)) from e
 
 
 def build_train_loader(cfg):

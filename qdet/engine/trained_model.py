@@ -67,9 +67,25 @@ class TrainedModel:
         picture's size."""
         image = image_bgr[:, :, ::-1] if self.input_format == "RGB" else image_bgr
         height, width = image.shape[:2]
+        check_resizable(height, width, self.augmentations)
         resized = T.AugmentationList(self.augmentations)(T.AugInput(image)).apply_image(image)
         tensor = torch.as_tensor(np.ascontiguousarray(resized.transpose(2, 0, 1)))
         return self.model([{"image": tensor.float(), "height": height, "width": width}])[0]
+
+
+def check_resizable(height: int, width: int, augmentations: list) -> None:
+    """A picture whose test-time resize (``ResizeShortestEdge``) leaves an edge under one
+    pixel (e.g. 4000 x 3) is an error naming its size, not a crash inside the resize."""
+    for aug in augmentations:
+        if isinstance(aug, T.ResizeShortestEdge):
+            short = max(aug.short_edge_length)
+            new_h, new_w = T.ResizeShortestEdge.get_output_shape(height, width, short, aug.max_size)
+            if min(new_h, new_w) < 1:
+                raise ValueError(
+                    f"a {width} x {height} picture resizes to {new_w} x {new_h} (the config's "
+                    f"test resize: short edge {short}, long edge at most {aug.max_size}): an "
+                    "edge under one pixel; crop it to a less extreme aspect ratio first"
+                )
 
 
 def load_trained_model(

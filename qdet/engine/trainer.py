@@ -25,7 +25,7 @@ from detectron2.utils.logger import setup_logger
 from detectron2.utils.registry import Registry
 
 from qdet.data.mapper import SizedBoxMapper
-from qdet.engine.checkpoint import AtomicCheckpointer
+from qdet.engine.checkpoint import AtomicCheckpointer, non_finite_message
 from qdet.engine.exact_resume import (
     ResumableAMPTrainer,
     ResumableSimpleTrainer,
@@ -142,21 +142,7 @@ class QDetTrainer(DefaultTrainer):
         try:
             super().run_step()
         except FloatingPointError as e:
-            raise FloatingPointError(self._non_finite_message(e)) from e
-
-    def _non_finite_message(self, error: FloatingPointError) -> str:
-        """Detectron2's (or qdet's) non-finite message in one line, with the checkpoint to
-        resume from: the error comes before this step's update and checkpoint, so the last
-        checkpoint on disk is from a step whose losses were finite."""
-        message = " ".join(str(error).split())
-        if not self.checkpointer.has_checkpoint():
-            return f"{message}; training stopped before its update; no checkpoint was written yet"
-        last = self.checkpointer.get_checkpoint_file()
-        return (
-            f"{message}; training stopped before its update; the last checkpoint, {last}, is "
-            "from a step whose losses were finite: resume from it (--resume) once the cause "
-            "is found (a lower SOLVER.BASE_LR, the data)"
-        )
+            raise FloatingPointError(non_finite_message(e, self.checkpointer)) from e
 
     @classmethod
     def build_optimizer(cls, cfg, model):
