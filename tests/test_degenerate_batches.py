@@ -81,6 +81,13 @@ def _train_step(model: nn.Module, batch: list[dict]) -> dict[str, torch.Tensor]:
     total.backward()
     grads = [p.grad for p in model.parameters() if p.requires_grad and p.grad is not None]
     assert grads and all(torch.isfinite(g).all() for g in grads)
+    # Every quantizer that ran takes part in the gradient (a zero one for a layer given an
+    # empty input), as DistributedDataParallel needs of every parameter each step.
+    for name, q in model.named_modules():
+        if isinstance(q, Quantizer) and q.enabled and q.initialized:
+            for p in q.parameters():
+                if p.requires_grad:
+                    assert p.grad is not None, f"{name}: no gradient"
     return losses
 
 

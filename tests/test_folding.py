@@ -20,8 +20,11 @@ from qdet.quantization.folding import (
 
 @pytest.mark.parametrize("norm_kind", ["bn", "frozen", "cycle"])
 def test_folded_conv_in_eval_equals_conv_then_norm(norm_kind):
-    """Conv (on quantized operands) then BN in eval, computed with F.batch_norm, against
-    the target conv: equal but for the bias grid, whose rounding is at most half a step."""
+    """The target conv in eval against its formula computed here in float64 from the
+    quantized operands and the norm's statistics: z = conv(x_q, f w_q) + round(c / t) t,
+    with f = gamma / sqrt(var + eps), c = beta - f mean + f b and t = s_x s_w |f| the
+    int32 bias step. The bias's rounding is visible (the unrounded bias is further off
+    than the tolerance), so leaving it out, or truncating, fails."""
     torch.manual_seed(0)
     conv = torch.nn.Conv2d(5, 6, 3, padding=1, bias=norm_kind == "cycle")
     net = torch.nn.Sequential(conv)
@@ -38,30 +41,31 @@ def test_folded_conv_in_eval_equals_conv_then_norm(norm_kind):
     _randomize_norms(norm_net, 1)
     x = torch.randn(2, 5, 7, 7) * 2
     calibrate(net, [x], num_batches=1)
-    x_q = layer.input_quantizer(x)
-    w_q = layer.weight_quantizer(layer.weight)
-    outs = [layer(x, norm=norm) for _ in range(2)]  # a CycleBatchNormList: both levels
+    x_q = layer.input_quantizer(x).detach().double()
+    w_q = layer.weight_quantizer(layer.weight).detach().double()
+    s_x = float(layer.input_quantizer.integer_grid().dq_step)
+    s_w = (layer.weight_quantizer.scale.detach() / layer.weight_quantizer.n_levels).double()
+    outs = [layer(x, norm=norm).detach() for _ in range(2)]  # a CycleBatchNormList: both
     for level, got in enumerate(outs):
-        z = F.conv2d(x_q, w_q, conv.bias, padding=1)
         bn = norm[level] if norm_kind == "cycle" else norm
-        mean, var = bn.running_mean, bn.running_var
-        gamma = norm.weight
-        beta = norm.bias
-        want = (z - mean.view(1, -1, 1, 1)) / torch.sqrt(var.view(1, -1, 1, 1) + bn.eps)
-        want = want * gamma.view(1, -1, 1, 1) + beta.view(1, -1, 1, 1)
-        # The bias grid's step per channel: s_x * s_w * |f|.
-        s_x = layer.input_quantizer.integer_grid().dq_step
-        s_w = layer.weight_quantizer.scale.detach() / layer.weight_quantizer.n_levels
-        f = gamma / torch.sqrt(var + bn.eps)
-        step = (s_x * s_w * f.abs()).view(1, -1, 1, 1)
-        err = (got - want).abs()
-        assert torch.all(err <= step / 2 + 1e-5), float((err - step / 2).max())
-        assert float(err.max()) > 0  # the bias is rounded, not passed through
+        mean, var = bn.running_mean.double(), bn.running_var.double()
+        f = norm.weight.detach().double() / torch.sqrt(var + bn.eps)
+        b = conv.bias.detach().double() if conv.bias is not None else torch.zeros(6).double()
+        c = norm.bias.detach().double() - f * mean + f * b
+        t = s_x * s_w.flatten() * f.abs()
+        z = F.conv2d(x_q, w_q * f.view(-1, 1, 1, 1), padding=1)
+        want = z + (torch.round(c / t) * t).view(1, -1, 1, 1)
+        unrounded = z + c.view(1, -1, 1, 1)
+        err = (got.double() - want).abs().max()
+        assert err < 1e-4, float(err)
+        # The test sees the rounding: without it the output would be this far off.
+        assert float((unrounded - want).abs().max()) > 10 * 1e-4
     # Training (batch statistics, trainable BN): the float simulation, no bias rounding.
     if norm_kind == "bn":
         norm.train()
         got = layer(x, norm=norm)
-        want = F.batch_norm(F.conv2d(x_q, w_q, padding=1), None, None, norm.weight, norm.bias, True)
+        z = F.conv2d(x_q.float(), w_q.float(), padding=1)
+        want = F.batch_norm(z, None, None, norm.weight, norm.bias, True)
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 

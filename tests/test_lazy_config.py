@@ -15,8 +15,9 @@ from detectron2.config import LazyConfig, instantiate
 from detectron2.data import DatasetCatalog, MetadataCatalog
 
 import qdet  # noqa: F401  (registers the digits datasets)
+from qdet.engine import hooks as hooks_module
 from qdet.engine import lazy, teacher_stage
-from qdet.quantization import QConv2d
+from qdet.quantization import QConv2d, Quantizer, calibrate
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DIGITS = os.path.join(ROOT, "configs", "lazy", "digits")
@@ -55,7 +56,7 @@ def _metrics(output_dir: str) -> list[dict]:
 
 
 def test_lazy_trainer_trains_fp_then_a_distilled_4bit_student_and_evaluates(
-    tmp_path, first_val_images
+    tmp_path, first_val_images, monkeypatch
 ):
     fp_dir, student_dir = str(tmp_path / "fp"), str(tmp_path / "student")
     torch.manual_seed(0)
@@ -69,7 +70,20 @@ def test_lazy_trainer_trains_fp_then_a_distilled_4bit_student_and_evaluates(
         f"train.init_checkpoint={fp_weights}",
         f"distill.teacher_weights={fp_weights}",
     )
+    calls = []
+
+    def spy(model, batches, num_batches, **kwargs):
+        pending = [m for m in model.modules() if isinstance(m, Quantizer) and not m.initialized]
+        calls.append((len(pending), num_batches))
+        return calibrate(model, batches, num_batches=num_batches, **kwargs)
+
+    monkeypatch.setattr(hooks_module, "calibrate", spy)
     lazy.do_train(cfg)
+    # Calibrated once, before the first step, on quant.calib_batches training batches, with
+    # every quantizer of the student waiting for it.
+    student = lazy.build_model(cfg)
+    quantizers = [m for m in student.modules() if isinstance(m, Quantizer)]
+    assert calls == [(len(quantizers), 1)]
     logged = _metrics(student_dir)
     assert any("loss_distill_feature_kd" in m and "loss_cls" in m for m in logged)
     assert any("bbox/AP" in m for m in logged)  # Detectron2's EvalHook at the end

@@ -27,6 +27,25 @@ ZOO = {
 }
 
 
+STEM = "backbone.bottom_up.stem.conv1"
+RPN = {f"proposal_generator.rpn_head.{p}" for p in ("objectness_logits", "anchor_deltas")}
+BOX = {"roi_heads.box_predictor.cls_score", "roi_heads.box_predictor.bbox_pred"}
+CASCADE_BOX = {
+    f"roi_heads.box_predictor.{i}.{p}" for i in range(3) for p in ("cls_score", "bbox_pred")
+}
+MASK, SEM_SEG = "roi_heads.mask_head.predictor", "sem_seg_head.predictor"
+# The layers each model keeps in FP, named one by one: the stem and every predictor. Every
+# other Conv2d / Linear (RPN and ROI heads, mask and sem-seg heads included) is quantized.
+FP_KEPT = {
+    "GeneralizedRCNN": {STEM, *RPN, *BOX, MASK},
+    "GeneralizedRCNN (Cascade)": {STEM, *RPN, *CASCADE_BOX, MASK},
+    "RetinaNet": {STEM, "head.cls_score", "head.bbox_pred"},
+    "FCOS": {STEM, "head.cls_score", "head.bbox_pred", "head.ctrness"},
+    "PanopticFPN": {STEM, *RPN, *BOX, MASK, SEM_SEG},
+    "SemanticSegmentor": {STEM, SEM_SEG},
+}
+
+
 def _build(name: str) -> torch.nn.Module:
     path, _ = ZOO[name]
     torch.manual_seed(0)
@@ -77,9 +96,9 @@ def test_every_detectron2_meta_architecture_quantizes_trains_and_infers(name):
     }
     summary = qdet.quantize_model(model, w_bits=4, a_bits=4)
     assert summary.layers and all(bits == (4, 4) for bits in summary.layers.values())
-    assert set(summary.layers) <= layers and str(summary).count("4/4") == len(summary)
-    # The stem and every predictor stay FP (qdet's default exclusions).
-    assert not any(n.endswith("stem.conv1") or "predictor" in n for n in summary.layers)
+    assert str(summary).count("4/4") == len(summary)
+    assert FP_KEPT[name] <= layers  # the names above are the model's
+    assert set(summary.layers) == layers - FP_KEPT[name]
     # Parameter names unchanged: the FP state loads, only quantizer keys are missing.
     result = model.load_state_dict(fp_state, strict=False)
     assert not result.unexpected_keys

@@ -13,6 +13,12 @@ from qdet.quantization.targets import DEPLOY_TARGETS
 
 
 def test_every_grid_has_an_integer_zero_point_that_decodes_to_zero():
+    """Each activation grid against the rule written out here from the quantizer's learned
+    bounds l, u (float64): z = clip(round(-l n / (u - l)), 0, n) (0 for a post-ReLU input),
+    l' = -z (u - l) / n; the code of x is k = clip(round((x - l') / t), 0, n) with
+    t = (u - l) / n, its value d (k - z) with d = t (a post-ReLU input: d = alpha / n,
+    QFD's learned output scale), and 0 comes out as 0. A zero point off by one, in
+    the model and the export alike, fails here."""
     model = _target_model("QUANT.W_BITS", "8", "QUANT.A_BITS", "4")
     activations = [
         m for m in model.modules() if isinstance(m, Quantizer) and m.kind == "activation"
@@ -21,15 +27,24 @@ def test_every_grid_has_an_integer_zero_point_that_decodes_to_zero():
     signed = 0
     for q in activations:
         grid = q.integer_grid()
-        lower_t, _, scale, mode = (t.detach() if torch.is_tensor(t) else t for t in q._affine())
-        lower = float(lower_t)
-        # -l / step is an integer within float rounding, and that code decodes to 0.
-        assert abs(-lower / grid.q_step - grid.zero_point) < 1e-4
-        zero = q._decode(torch.tensor([float(grid.zero_point)]), lower_t, scale, mode)
-        assert abs(float(zero)) <= 1e-5 * grid.dq_step * grid.n
-        signed += grid.zero_point > 0
-        if not q.signed:
-            assert grid.zero_point == 0 and lower == 0.0  # ReLU outputs: l is exactly 0
+        n = q.n_levels
+        l, u = float(q.lower), float(q.upper)
+        if q.signed:
+            z = min(max(round(-l * n / (u - l)), 0), n)
+        else:
+            z, l = 0, 0.0  # a ReLU's output: l is exactly 0
+        t = (u - l) / n
+        d = t if q.signed else float(q.scale) / n
+        lower = -z * t
+        assert grid.zero_point == z
+        assert abs(grid.q_step - t) <= 1e-6 * t and abs(grid.dq_step - d) <= 1e-6 * d
+        x = torch.linspace(lower - 3 * t, lower + (n + 3) * t, 200, dtype=torch.float64)
+        x = torch.cat([x, torch.zeros(1, dtype=torch.float64)])
+        want = d * (torch.clamp(torch.round((x - lower) / t), 0, n) - z)
+        got = q(x.float()).double()
+        assert torch.allclose(got, want, rtol=0, atol=1e-5 * d * n), q
+        assert abs(float(got[-1])) <= 1e-5 * d * n  # zero is a level (to float32 rounding)
+        signed += z > 0
     assert signed > 10  # residuals, shortcuts and FPN levels have a mid-range zero point
     for m in model.modules():  # 8-bit weights: integers on the narrow int8 grid
         if isinstance(m, QConv2d):
