@@ -103,3 +103,66 @@ def test_check_fails_when_a_conv_runs_in_float(tmp_path):
     report = verify_export(model, str(path), [_images()])
     assert not report.ok
     assert any("did not fuse" in f for f in report.failures), report.failures
+
+
+def _set_constant(proto, name: str, edit) -> None:
+    """Replace the value of the Constant node or initializer ``name`` by ``edit(value)``."""
+    for node in proto.graph.node:
+        if node.op_type == "Constant" and node.output[0] == name:
+            t = node.attribute[0].t
+            t.CopyFrom(numpy_helper.from_array(edit(numpy_helper.to_array(t)), t.name))
+            return
+    for init in proto.graph.initializer:
+        if init.name == name:
+            init.CopyFrom(numpy_helper.from_array(edit(numpy_helper.to_array(init)), name))
+            return
+    raise KeyError(name)
+
+
+def _times(f):
+    return lambda a: (a * f).astype(a.dtype)
+
+
+def _plus(k):
+    return lambda a: (a + k).astype(a.dtype)
+
+
+# (what is tampered with, [(operand of the conv's input chain, edit)], what the check says)
+TAMPERS = {
+    "weight step": ([("w_dq", 1, _times(1.5))], "did not fuse"),
+    "weight and bias steps together (still fused)": (
+        [("w_dq", 1, _times(1.5)), ("b_dq", 1, _times(1.5))],
+        "differ from PyTorch",
+    ),
+    "int32 bias": ([("b_dq", 0, _plus(5))], "differ from PyTorch"),
+    "activation DequantizeLinear step": ([("x_dq", 1, _times(3.0))], "did not fuse"),
+    "activation QuantizeLinear step": ([("x_q", 1, _times(1.5))], "differ from PyTorch"),
+    "zero point": ([("x_q", 2, _plus(1))], "did not fuse"),
+    "Clip bound": ([("clip", 2, _plus(-1))], "differ from PyTorch"),
+}
+
+
+@pytest.mark.parametrize("tamper", TAMPERS)
+def test_check_fails_on_each_kind_of_tampered_constant(tmp_path, tamper):
+    """One constant of the integer file changed (a conv's weight or bias DequantizeLinear,
+    its input's QuantizeLinear or DequantizeLinear, a zero point, a Clip bound): the check
+    fails, by a conv that no longer fuses or by codes that differ from PyTorch's."""
+    model = _target_model()
+    path = str(tmp_path / "m.onnx")
+    _export(model, path)
+    proto = onnx.load(path)
+    producer = {o: n for n in proto.graph.node for o in n.output}
+    conv = [n for n in proto.graph.node if n.op_type == "Conv"][4]
+    x_dq, w_dq, b_dq = (producer[name] for name in conv.input[:3])
+    x_q = producer[x_dq.input[0]]
+    while x_q.op_type != "QuantizeLinear":  # past the Clip of a narrow grid
+        x_q = producer[x_q.input[0]]
+    clip = next(n for n in proto.graph.node if n.op_type == "Clip")
+    nodes = {"x_dq": x_dq, "w_dq": w_dq, "b_dq": b_dq, "x_q": x_q, "clip": clip}
+    edits, says = TAMPERS[tamper]
+    for node, operand, edit in edits:
+        _set_constant(proto, nodes[node].input[operand], edit)
+    onnx.save(proto, path)
+    report = verify_export(model, path, [_images()])
+    assert not report.ok
+    assert any(says in f for f in report.failures), report.failures

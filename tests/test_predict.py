@@ -129,6 +129,13 @@ def test_bad_inputs_are_clear_errors(tiny, tmp_path, load_tool):
         argv = ["--config-file", tiny["config"], "--input", tiny["images"][0], "--output"]
         argv += [str(tmp_path / "o"), "MODEL.WEIGHTS", str(tmp_path / "none.pth")]
         _predict(load_tool, argv)
+    # --output the folder of the pictures: drawing would overwrite them; nothing is written.
+    folder = os.path.dirname(tiny["images"][0])
+    before = sorted(os.listdir(folder))
+    with pytest.raises(ValueError, match=r"--output .* would overwrite input picture .*another"):
+        argv = ["--config-file", tiny["config"], "--input", *tiny["images"], "--output", folder]
+        _predict(load_tool, [*argv, "MODEL.WEIGHTS", tiny["weights"]])
+    assert sorted(os.listdir(folder)) == before
 
 
 def test_inspect_quantizers_writes_the_ranges_plot_and_json(tiny, tmp_path, load_tool):

@@ -24,7 +24,6 @@ import sys
 import quiet_console  # noqa: F401  (first: quiets third-party warnings in a tool's console)
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from detectron2.checkpoint import DetectionCheckpointer  # noqa: E402
 from detectron2.data import build_detection_test_loader  # noqa: E402
 from detectron2.modeling import build_model  # noqa: E402
 from detectron2.utils.logger import setup_logger  # noqa: E402
@@ -32,7 +31,12 @@ from tabulate import tabulate  # noqa: E402
 
 import qdet  # noqa: E402,F401  (registers qdet's datasets and models)
 from qdet.config import load_config  # noqa: E402
-from qdet.engine.checks import check_datasets, require_trained_weights  # noqa: E402
+from qdet.engine.checkpoint import AtomicCheckpointer  # noqa: E402
+from qdet.engine.checks import (  # noqa: E402
+    check_datasets,
+    refuse_overwriting_inputs,
+    require_trained_weights,
+)
 from qdet.engine.cli import run_cli  # noqa: E402
 from qdet.predict import list_images, predictor_batches, split_config_overrides  # noqa: E402
 from qdet.quantization.range_report import plot_ranges, quantizer_ranges  # noqa: E402
@@ -59,8 +63,13 @@ def main(args) -> dict:
     cfg = load_config(args.config_file, opts)
     require_trained_weights(cfg, "whose ranges to plot")
     weights = cfg.MODEL.WEIGHTS
+    plot_path = os.path.join(args.output, "ranges.png")
+    json_path = os.path.join(args.output, "ranges.json")
+    inputs = {"--config-file": args.config_file, "the checkpoint": weights}
+    inputs.update({f"input {f}": f for f in files or []})
+    refuse_overwriting_inputs({"ranges.png": plot_path, "ranges.json": json_path}, inputs)
     model = build_model(cfg).eval()
-    DetectionCheckpointer(model).load(weights)
+    AtomicCheckpointer(model).load(weights)  # a checkpoint of another model is an error
     if files is None:
         check_datasets(cfg.DATASETS.TEST[:1])
         loader = build_detection_test_loader(cfg, cfg.DATASETS.TEST[0])
@@ -71,11 +80,9 @@ def main(args) -> dict:
 
     os.makedirs(args.output, exist_ok=True)
     name = os.path.splitext(os.path.basename(args.config_file))[0]
-    plot_path = os.path.join(args.output, "ranges.png")
     plot_ranges(records, plot_path, title=f"{name}: quantizer ranges on {source}")
     result = {"config": args.config_file, "weights": weights, "images": source}
     result["quantizers"] = records
-    json_path = os.path.join(args.output, "ranges.json")
     with open(json_path + ".tmp", "w") as f:
         json.dump(result, f, indent=1)
     os.replace(json_path + ".tmp", json_path)

@@ -36,7 +36,7 @@ from qdet.predict import (  # noqa: E402
     check_onnx_file,
     draw_detections,
     list_images,
-    output_names,
+    output_paths,
     panel_model,
     read_image,
     side_by_side,
@@ -75,6 +75,7 @@ def main(args) -> list[str]:
     setup_logger(name="qdet")
     inputs, opts = split_config_overrides(args.input, args.opts)
     files = list_images(inputs)  # bad inputs fail before any model is built
+    outputs = output_paths(files, args.output)
     threshold = args.confidence_threshold
     if not 0.0 <= threshold <= 1.0:
         raise ValueError(f"--confidence-threshold {threshold} must lie in [0, 1]")
@@ -93,10 +94,9 @@ def main(args) -> list[str]:
     os.makedirs(args.output, exist_ok=True)
     written = []
     compare = len(models) > 1
-    for path, name in tqdm.tqdm(list(zip(files, output_names(files))), desc="predict"):
+    for path, out in tqdm.tqdm(list(zip(files, outputs)), desc="predict"):
         image = read_image(path)
         panels = [draw_detections(m, image, threshold, args.scale, titled=compare) for m in models]
-        out = os.path.join(args.output, name)
         if not cv2.imwrite(out, side_by_side(panels)):
             raise ValueError(f"opencv could not write {out!r}")
         written.append(out)

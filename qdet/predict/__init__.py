@@ -7,6 +7,7 @@ and on images chosen from the val split's evaluation (:mod:`qdet.predict.sheets`
 from qdet.predict.inputs import (
     list_images,
     output_names,
+    output_paths,
     predictor_batches,
     read_image,
     split_config_overrides,
@@ -31,6 +32,7 @@ __all__ = [
     "list_images",
     "model_title",
     "output_names",
+    "output_paths",
     "predictor_batches",
     "panel_model",
     "read_image",

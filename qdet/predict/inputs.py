@@ -81,6 +81,21 @@ def output_names(files: Sequence[str]) -> list[str]:
     ]
 
 
+def output_paths(files: Sequence[str], folder: str) -> list[str]:
+    """Where each picture of ``files`` is drawn: ``folder`` / its output name
+    (:func:`output_names`). A path that is one of the inputs is refused: drawing would
+    overwrite the picture it draws."""
+    paths = [os.path.join(folder, name) for name in output_names(files)]
+    inputs = {os.path.abspath(f) for f in files}
+    clashes = [p for p in paths if os.path.abspath(p) in inputs]
+    if clashes:
+        raise ValueError(
+            f"--output {folder!r} would overwrite input picture {clashes[0]!r} (and "
+            f"{len(clashes) - 1} more) with its drawing: choose another --output folder"
+        )
+    return paths
+
+
 def predictor_batches(cfg, files: Sequence[str]) -> Iterator[list[dict]]:
     """Each image of ``files`` as a batch of one, in the config's ``INPUT.FORMAT``, resized
     as Detectron2's predictor resizes it (``ResizeShortestEdge`` to ``MIN_SIZE_TEST``)."""
