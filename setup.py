@@ -31,6 +31,9 @@ setup(
     version="0.1.0",
     description="Low-bit quantization-aware training with feature distillation for Detectron2",
     packages=find_packages(include=["qdet", "qdet.*"]),
+    # The torch-free runner of whole-detector files: one module, onnxruntime + numpy +
+    # opencv only (a deployment copies it beside the .onnx file).
+    py_modules=["qdet_runner"],
     python_requires=">=3.10",
     install_requires=install_requires,
     extras_require={

@@ -143,3 +143,405 @@ def test_quote_check_catches_a_changed_figure():
     assert added != text and any(
         "no JSON source ['61.2']" in p for p in quote_problems(added, quotes)
     )
+
+
+# --- The other pages' quoted figures ----------------------------------------------------
+#
+# Each page's figures in prose and in tables without a source marker, as the page writes
+# them, computed here from the JSON the run wrote. A page's figures that no JSON records
+# were removed from it or say so; see tests/README.md.
+
+
+def _values(runs: dict, metric: str = "AP") -> list[float]:
+    return [runs[s][metric] for s in sorted(runs, key=int)]
+
+
+def _mean(runs: dict, metric: str = "AP") -> float:
+    return statistics.mean(_values(runs, metric))
+
+
+def _paired(runs: dict, ref: dict, metric: str = "AP", ref_metric: str | None = None) -> str:
+    """mean ± std of the per-seed differences and (higher/seeds), as the pages print them."""
+    seeds = sorted(set(runs) & set(ref), key=int)
+    d = [runs[s][metric] - ref[s][ref_metric or metric] for s in seeds]
+    wins = sum(v > 0 for v in d)
+    return f"{statistics.mean(d):+.1f} ± {statistics.stdev(d):.1f} ({wins}/{len(d)}"
+
+
+def _bare(paired: str) -> str:
+    return paired.split(" (")[0]
+
+
+def readme_quotes() -> list[str]:
+    demo = _json("docs/demo/demo.json")
+    sheet = demo["sheet"]
+    return [
+        f"{demo['seconds']:.0f} s by the demo's own count",
+        f"({sheet['score']:.2f} here; it finds {sheet['recall']:.0%} of the digits there)",
+    ]
+
+
+def getting_started_quotes() -> list[str]:
+    demo = _json("docs/demo/demo.json")
+    train = {r["model"]: r["train s"] for r in demo["rows"]}
+    tunes = [v for k, v in train.items() if k != "FP teacher"]
+    sheet = demo["sheet"]
+    lazy = _json("docs/lazy/table8_lazy_vitdet.json")["runs"]
+    box = {k: v[0]["AP"] for k, v in lazy.items()}
+    mask = [v[0]["mask AP"] for k, v in lazy.items() if k != "fp"]
+    spread = max(abs(box[k] - box["fp_finetune"]) for k in box if k not in ("fp", "fp_finetune"))
+    return [
+        f"{demo['seconds']:.0f} s by the demo's count",
+        f"FP {train['FP teacher']:.0f} s of training, the four fine-tunes "
+        f"{min(tunes):.0f}-{max(tunes):.0f} s each",
+        f"score >= {sheet['score']:.2f} (FP precision {sheet['precision']:.0%}, "
+        f"recall {sheet['recall']:.0%})",
+        f"FP {box['fp']:.1f} box AP after 600 iterations; its 200-iteration fine-tunes FP "
+        f"{box['fp_finetune']:.1f}, 8/8 {box['8bit']:.1f}, 6/6 {box['6bit']:.1f}, 4/4 "
+        f"{box['4bit']:.1f}, MHA only {box['4bit_mha']:.1f}, MLP only {box['4bit_mlp']:.1f} "
+        f"(mask AP {min(mask):.1f}-{max(mask):.1f})",
+        f"within {spread:.1f} of the FP fine-tune",
+    ]
+
+
+def studies_quotes() -> list[str]:
+    acc = _json("docs/study/accuracy.json")
+    frozen = _json("docs/study/freeze_quantizers/accuracy.json")
+    demo = {r["model"]: r["AP"] for r in _json("docs/demo/demo.json")["rows"]}
+    datafree = _json("docs/datafree/ablations_4bit.json")
+    rfd4 = _json("docs/classification/akt_rfd_weight_4bit.json")
+    rfd3 = _json("docs/classification/akt_rfd_weight_3bit.json")
+    one = _json("docs/classification/akt_one_attention_4bit.json")
+    top1 = _json("docs/classification/top1.json")
+
+    def p(method: str, bits: int, ref: str = "baseline") -> str:
+        return _bare(_paired(acc[f"{method}_{bits}bit"], acc[f"{ref}_{bits}bit"]))
+
+    def apart(a: str, b: str, bits: int) -> float:
+        x, y = acc[f"{a}_{bits}bit"], acc[f"{b}_{bits}bit"]
+        return max(abs(x[s]["AP"] - y[s]["AP"]) for s in x)
+
+    def share(runs: dict) -> str:
+        return f"{_mean(runs, 'share rfd'):.0%}"
+
+    fp, two_bit = (
+        _mean(acc["fp"]),
+        [_mean(acc[f"{m}_2bit"]) for m in ("baseline", "qfd", "feature_kd", "fa", "ffa", "rfd")]
+        + [_mean(acc["logit_kd_2bit"])],
+    )
+    df, base4 = datafree["datafree_4bit"], acc["baseline_4bit"]
+    untrained = _values(datafree["datafree_untrained_4bit"], "train s")
+    akt_pairs = [
+        statistics.mean(_values(d[k], "top1")) - statistics.mean(_values(d[ref], "top1"))
+        for d, ref in (
+            (rfd4, "zs_logit_kd_4bit"),
+            (rfd3, "zs_logit_kd_3bit"),
+            (one, "zs_logit_kd_4bit"),
+        )
+        for k in d
+        if "share rfd" in d[k]["1"]
+    ]
+    return [
+        f"the demo's teacher then reaches {demo['FP teacher']:.1f} AP in 600 iterations",
+        _bare(_paired(frozen["freeze_quantizers_4bit"], frozen["baseline_4bit"])),
+        "reaches {:.1f}, {:.1f} and {:.1f} box AP".format(*_values(acc["fp"]))
+        + f" on `qdet_digits_val` (seeds 1-3; {_spread(acc['fp'])})",
+        f"The teacher generalises ({_spread(acc['fp'])} AP)",
+        f"the baseline loses {fp - _mean(base4):.1f} AP, 3 bits lose "
+        f"{fp - _mean(acc['baseline_3bit']):.1f}, 2 bits collapse "
+        f"({_mean(acc['baseline_2bit']):.1f} AP)",
+        f"QFD {p('qfd', 4)} and {p('qfd', 3)}, float feature KD {p('feature_kd', 4)} and "
+        f"{p('feature_kd', 3)}",
+        f"the inclusive bound gradient {p('inclusive', 4)} and EWGS {p('ewgs', 4)} at 4 bits",
+        f"At 2 bits QFD is higher on all 3 seeds ({p('qfd', 2)}) and float KD too "
+        f"({p('feature_kd', 2)})",
+        f"every 2-bit student is near {_mean(acc['baseline_2bit']):.0f} AP against {fp:.0f}",
+        f"`fa` {p('fa', 4)}, `ffa` {p('ffa', 4)} (FFA and exact FA within "
+        f"{apart('fa', 'ffa', 4):.1f} AP",
+        f"`rfd` {p('rfd', 4)}, `logit_kd` {p('logit_kd', 4)}",
+        f"costs {p('akt', 4).lstrip('-')} AP at 4 bits",
+        f"({_mean(acc['akt_4bit']):.1f} against {_mean(base4):.1f})",
+        f"by {p('logit_kd', 2).lstrip('+')} AP** ({_mean(acc['logit_kd_2bit']):.1f} against "
+        f"{_mean(acc['baseline_2bit']):.1f}; QFD {p('qfd', 2).split(' ')[0]}, float feature KD "
+        f"{p('feature_kd', 2).split(' ')[0]})",
+        f"`fa` and `rfd` are not ({p('fa', 2)}, {p('rfd', 2)})",
+        f"At 3 bits `fa` ({p('fa', 3)}) and `rfd` ({p('rfd', 3)})",
+        f"`logit_kd` is level ({p('logit_kd', 3)})",
+        f"seed spread ({statistics.stdev(_values(acc['baseline_3bit'])):.1f} AP)",
+        f"({p('ffa', 3)} and {p('ffa', 2)}; within {apart('fa', 'ffa', 3):.1f} and "
+        f"{apart('fa', 'ffa', 2):.1f} AP of `fa`",
+        f"{p('akt', 3)} AP at 3 bits ({_mean(acc['akt_3bit']):.1f}) and {p('akt', 2)} at 2 "
+        f"bits, where it collapses to {_mean(acc['akt_2bit']):.1f} AP",
+        f"near {min(two_bit):.0f}-{max(two_bit):.0f} AP against {fp:.0f} for FP",
+        # classification
+        f"official {share(rfd4['akt_official_4bit'])} at 4 bits, "
+        f"{share(rfd3['akt_official_3bit'])} at 3; 1/5: {share(rfd4['akt_fifth_4bit'])} and "
+        f"{share(rfd3['akt_fifth_3bit'])}",
+        f"spatial official {share(one['akt_spatial_official_4bit'])}, spatial 1/5 "
+        f"{share(one['akt_spatial_fifth_4bit'])}, channel official "
+        f"{share(one['akt_channel_official_4bit'])}, channel 1/5 "
+        f"{share(one['akt_channel_fifth_4bit'])}",
+        f"(at most {max(akt_pairs):+.1f}, ",
+        "seed ({:.1f}, {:.1f}, {:.1f})".format(*_values(rfd4["zs_logit_kd_4bit"], "top1")),
+        f"seed 1 {rfd4['zs_logit_kd_4bit']['1']['top1']:.1f} against "
+        f"{top1['zs_logit_kd_4bit']['1']['top1']:.1f}",
+        # data-free
+        "(seed 1's data-free run from an earlier invocation, {:.0f} s; seeds 2 and 3 two at "
+        "a time, {:.0f} s and {:.0f} s".format(*_values(df, "train s")),
+        f"keeps {_mean(df) / fp:.0%} of its teacher's AP ({_mean(df):.1f} of {fp:.1f}) and is "
+        f"{_bare(_paired(df, base4)).lstrip('-')} AP below",
+        f"label-free recipe on the real images ({_spread(acc['akt_4bit'])}, accuracy study)",
+        "{:.0f}-{:.0f} s each two at a time, {:.0f} s alone".format(
+            *sorted(untrained)[1:], min(untrained)
+        ),
+        f"({_spread(datafree['datafree_untrained_4bit'])} against {_spread(df)}; "
+        f"{_bare(_paired(datafree['datafree_untrained_4bit'], df))} paired)",
+        f"the {abs(statistics.mean(_values(df)) - _mean(base4)):.0f} AP between data-free",
+    ]
+
+
+def _export_row(bits: str, path: str) -> str:
+    """A row of deployment.md's table of the seed-1 QFD exports."""
+    e = _json(path)
+    pt, ort, v, mib = e["eval"]["pytorch"]["AP"], e["eval"]["onnxruntime"]["AP"], e["verify"], 2**20
+    sizes = [e["sizes"][k] / mib for k in ("onnx_bytes", "packed_bytes", "fp32_bytes")]
+    return (
+        f"| {bits} | {pt:.2f} | {ort:.2f} | {ort - pt:+.2f} | {v['head_mean_abs']:.3f} / "
+        f"{v['head_max_abs']:.1f} | " + " | ".join(f"{x:.1f} MiB" for x in sizes) + " |"
+    )
+
+
+def deployment_quotes() -> list[str]:
+    dep = _json("docs/deploy/deployment.json")
+    four, three = (_json(f"docs/export/qfd_{b}bit_seed1.export.json") for b in (4, 3))
+    clips = _json("docs/export/benchmark_export.json")["ops"]["qdet W4A4 (calibration only)"]
+    check = dep["qfd_ort_w4a4"]["1"]["check"]
+    checks = [r["check"] for runs in dep.values() for r in runs.values() if "check" in r]
+    ties = [c["boundary_flips"] for c in checks]
+    fp, minmax = dep["fp"], dep["ptq_onnxruntime_minmax"]
+    ort_runs = {k: v for k, v in dep.items() if "check" in v["1"]}
+    gaps = [r["ort AP"] - r["AP"] for runs in ort_runs.values() for r in runs.values()]
+    worst = min(gaps)
+    row_means = [
+        statistics.mean(r["ort AP"] - r["AP"] for r in v.values()) for v in ort_runs.values()
+    ]
+
+    latency = _latency_ratios()
+    w4a4_cost = "{:.0f}-{:.0f}%".format(*_span(latency["w4a4 / minmax"], -1, 100))
+    loss_w4a4_qs = _mean(dep["qfd_ort_w4a4"], "ort AP") - _mean(minmax)
+
+    def p(run: str, ref: str, ref_metric: str = "ort AP") -> str:
+        metric = "ort AP" if "ort AP" in dep[run]["1"] else "AP"
+        ref_metric = ref_metric if ref_metric in dep[ref]["1"] else "AP"
+        return _paired(dep[run], dep[ref], metric, ref_metric)
+
+    same8, same4 = (
+        _bare(p(f"qfd_ort_{w}", f"baseline_ort_{w}")).split(" ")[0] for w in ("w8a8", "w4a8")
+    )
+
+    def loss(run: str) -> float:
+        return _mean(fp) - _mean(dep[run], "ort AP")
+
+    return [
+        f"by {four['verify']['head_mean_abs']:.2f} on average (max "
+        f"{four['verify']['head_max_abs']:.1f})",
+        f"{four['verify']['boundary_flips']} of "
+        f"{four['verify']['activation_values'] / 1e6:.1f} million values on "
+        f"{four['verify']['images']} digits images)",
+        f"{four['verify']['confident_found']} of {four['verify']['confident_torch']} at 4 bits, "
+        f"{three['verify']['confident_found']} of {three['verify']['confident_torch']} at 3 bits",
+        _export_row("4/4", "docs/export/qfd_4bit_seed1.export.json"),
+        _export_row("3/3", "docs/export/qfd_3bit_seed1.export.json"),
+        f"{four['sizes']['packed_bytes'] / 2**20:.2f} MiB against "
+        f"{four['sizes']['fp32_bytes'] / 2**20:.2f} MiB in FP32 "
+        f"({four['sizes']['fp32_bytes'] / four['sizes']['packed_bytes']:.1f}x",
+        f"the ONNX file is {four['sizes']['onnx_bytes'] / 2**20:.1f} MiB",
+        f"found {check['kernels']['QLinearConv']} QLinearConv, {check['kernels']['QLinearAdd']} "
+        f"QLinearAdd, {check['float_convs']} float convs; {check['boundary_flips']} of "
+        f"{check['codes'] / 1e6:.1f} million codes at a tie",
+        f"writes; it is the only node W4A4 adds ({clips['counts']['Clip']} Clips)",
+        f"loses about {loss('ptq_qdet_w8a8_ewgs'):.0f} AP before any training",
+        f"(`qdet.quantization.calib_range`) {loss('ptq_qdet_w8a8'):.1f}",
+        f"compares {checks[0]['codes']:,} codes",
+        f"the study's checks counted {min(ties)} to {max(ties)} ties each, at most "
+        f"{max(ties) / checks[0]['codes']:.1e}".replace("e-0", "e-"),
+        f"(FP: {_spread(fp)})",
+        f"(`quantize_static` {_bare(_paired(minmax, fp)).split(' ')[0]} against FP, qdet's "
+        f"calibration alone {_bare(p('ptq_qdet_w8a8', 'fp')).split(' ')[0]})",
+        f"(baseline {_bare(p('baseline_ort_w8a8', 'ptq_onnxruntime_minmax'))}, QFD "
+        f"{_bare(p('qfd_ort_w8a8', 'ptq_onnxruntime_minmax'))}, 3/3) and "
+        f"{_bare(p('qfd_ort_w8a8', 'ptq_qdet_w8a8')).split(' ')[0]} over calibration",
+        f"W4A8: calibration alone loses {loss('ptq_qdet_w4a8'):.1f} AP; target QAT recovers "
+        f"it, {p('qfd_ort_w4a8', 'ptq_qdet_w4a8')}) over calibration",
+        f"(onnxruntime minus FP: baseline {_bare(p('baseline_ort_w4a8', 'fp', 'AP'))}, QFD "
+        f"{_bare(p('qfd_ort_w4a8', 'fp', 'AP'))}) and "
+        f"{_bare(p('qfd_ort_w4a8', 'ptq_onnxruntime_minmax'))} over `quantize_static` W8A8",
+        f"QFD {_bare(p('qfd_ort_w4a4', 'qfd_sim_w4a4', 'AP'))}, baseline "
+        f"{_bare(p('baseline_ort_w4a4', 'baseline_sim_w4a4', 'AP'))} (0/3 each)",
+        f"{_bare(p('baseline_ort_w4a4', 'ptq_onnxruntime_minmax'))} (baseline) and "
+        f"{_bare(p('qfd_ort_w4a4', 'ptq_onnxruntime_minmax'))} (QFD)",
+        f"W4A4 pays about {-statistics.mean([loss_w4a4_qs]):.0f} AP here",
+        f"(its {clips['counts']['Clip']} Clips cost {w4a4_cost})",
+        f"{p('qfd_ort_w4a4', 'baseline_ort_w4a4')}) at W4A4",
+        f"at W4A4, {same8} at W8A8 and W4A8" if same8 == same4 else "W8A8 and W4A8 differ",
+        f"between {min(row_means):+.1f} and {max(row_means):+.1f} AP on average per row; per "
+        f"run within 0.25 AP in {sum(abs(g) < 0.25 for g in gaps)} of the {len(gaps)} target "
+        f"files",
+        f"and {worst:.2f} for one",
+        f"({min(ties)}-{max(ties)} of {checks[0]['codes'] / 1e6:.1f} million codes",
+        f"and adds {_bare(p('qfd_ort_w8a8', 'ptq_onnxruntime_minmax'))[1:4]} AP",
+        f"(where calibration alone loses {loss('ptq_qdet_w4a8'):.1f} AP)",
+    ]
+
+
+def _span(values: list[float], shift: float = 0.0, scale: float = 1.0) -> tuple[float, float]:
+    return (min(values) + shift) * scale, (max(values) + shift) * scale
+
+
+def _latency_ratios() -> dict[str, list[float]]:
+    """benchmark_export.json's median ratios over its four sizes and thread counts."""
+    timings = _json("docs/export/benchmark_export.json")["timings"]
+    qdet = "qdet {} (calibration only)"
+
+    def ratio(model: str, ref: str) -> list[float]:
+        return [t[model]["median_ms"] / t[ref]["median_ms"] for t in timings.values()]
+
+    integer = [m for m in next(iter(timings.values())) if m != "FP32"]
+    return {
+        "integer / fp32": [r for m in integer for r in ratio(m, "FP32")],
+        "w8 w4a8 / minmax": ratio(qdet.format("W8A8"), "quantize_static MinMax")
+        + ratio(qdet.format("W4A8"), "quantize_static MinMax"),
+        "w4a4 / minmax": ratio(qdet.format("W4A4"), "quantize_static MinMax"),
+        "w4a4 / minmax, 1 thread": [
+            t[qdet.format("W4A4")]["median_ms"] / t["quantize_static MinMax"]["median_ms"]
+            for k, t in timings.items()
+            if k.endswith("@1")
+        ],
+    }
+
+
+def benchmarks_quotes() -> list[str]:
+    frozen = _json("docs/study/freeze_quantizers/accuracy.json")
+    acc = _json("docs/study/accuracy.json")
+    export = _json("docs/export/benchmark_export.json")
+    ops = {(r["case"], r["impl"]): r for r in _ops_rows()}
+    act, weight = "act signed 2x256x100x168", "weight 256x256x3x3"
+    counts = export["ops"]["quantize_static MinMax"]["counts"]
+    lat = _latency_ratios()
+    return [
+        f"seed 3 came out at {frozen['fp']['3']['AP']:.1f} here against "
+        f"{acc['fp']['3']['AP']:.1f} in the study",
+        f"activation qdet's compiled op reaches {ops[act, 'ours (compiled)']['GB/s']:.1f} GB/s "
+        f"against the copy's {ops[act, 'copy (reference)']['GB/s']:.1f} "
+        f"({ops[act, 'ours (compiled)']['GB/s / copy']:.2f}x",
+        f"{ops[weight, 'ours (compiled)']['GB/s']:.0f} GB/s against "
+        f"{ops[weight, 'copy (reference)']['GB/s']:.0f} "
+        f"({ops[weight, 'ours (compiled)']['GB/s / copy']:.2f}x",
+        f"torch.ao's fused kernel: {ops[act, 'fused']['GB/s']:.1f} GB/s on the activation",
+        f"({counts['QLinearConv']} QLinearConv, {counts['QLinearAdd']} QLinearAdd, "
+        f"{counts['DequantizeLinear']} DQ, {counts['QuantizeLinear']} Q, {counts['Resize']} "
+        f"Resize, {counts['NhwcMaxPool']} MaxPool, {counts['Transpose']} Transpose)",
+        "within {:.0f}-{:.0f}% of it".format(*_span(lat["w8 w4a8 / minmax"], -1, 100)),
+        "W4A4 adds its {} integer Clips, the price of exact 4-bit activations: {:.0f}-{:.0f}% at "
+        "one thread, up to {:.0f}% at 800x1344 on two".format(
+            export["ops"]["qdet W4A4 (calibration only)"]["counts"]["Clip"],
+            *_span(lat["w4a4 / minmax, 1 thread"], -1, 100),
+            (max(lat["w4a4 / minmax"]) - 1) * 100,
+        ),
+        "All integer models run at {:.2f}-{:.2f}x FP32".format(*_span(lat["integer / fp32"])),
+        *_layer_rows(),
+    ]
+
+
+def _layer_rows() -> list[str]:
+    """benchmarks.md's one-layer table, row by row, from benchmark_layer.json."""
+    rows = _json("docs/benchmarks/benchmark_layer.json")["devices"]["cpu"]["layer"]
+    labels = {
+        "FP conv": "FP conv",
+        "qdet compiled, code saving": "qdet, compiled, code saving (default)",
+        "qdet compiled, float saving": "qdet, compiled, float saving",
+        "qdet eager, code saving": "qdet, eager, code saving",
+        "qdet eager, float saving": "qdet, eager, float saving",
+        "brevitas": "Brevitas 0.13.4 (QuantIdentity + QuantConv2d)",
+        "torch.ao fused LSQ": "torch.ao fused LSQ-style fake-quant (input and weight)",
+    }
+    bold = "qdet compiled, code saving"
+    out = []
+    for r in rows:
+        ratio = f"{r['time / FP']:.2f}"
+        ratio = f"**{ratio}**" if r["layer"] == bold else ratio
+        out.append(f"| {labels[r['layer']]} | {ratio} | {r['saved MiB']:.1f} |")
+    return out
+
+
+def _ops_rows() -> list[dict]:
+    return _json("docs/benchmarks/benchmark_ops_cpu.json")["devices"]["cpu"]["rows"]
+
+
+def methods_quotes() -> list[str]:
+    """The quantizer op's table (methods.md, "The quantizer") from benchmark_ops_cpu.json."""
+    rows = {(r["case"], r["impl"]): r for r in _ops_rows()}
+    labels = {
+        "act signed 2x256x100x168": "activation 2x256x100x168, signed",
+        "act unsigned 2x256x100x168": "activation 2x256x100x168, unsigned",
+        "weight 256x256x3x3": "weight 256x256x3x3",
+        "weight 2048x512x1x1": "weight 2048x512x1x1",
+    }
+    quotes = [
+        f"| {label} | {rows[case, 'ours (compiled)']['time / fused']:.2f} | "
+        f"{rows[case, 'ours (compiled)']['saved / plain']:.2f} |"
+        for case, label in labels.items()
+    ]
+    eager = [rows[c, "ours (eager)"]["time / plain"] for c in labels]
+    grad = max(rows[c, "ours (compiled)"]["max |dx - plain|"] for c in labels)
+    return quotes + [
+        f"within {grad:.0e} in gradient".replace("e-0", "e-"),
+        "the eager fallback takes {:.1f}-{:.1f}x the plain composition's time".format(
+            *_span(eager)
+        ),
+    ]
+
+
+PAGE_QUOTES = {
+    "README.md": readme_quotes,
+    "docs/getting_started.md": getting_started_quotes,
+    "docs/studies.md": studies_quotes,
+    "docs/deployment.md": deployment_quotes,
+    "docs/benchmarks.md": benchmarks_quotes,
+    "docs/methods.md": methods_quotes,
+}
+
+
+def flat(text: str) -> str:
+    return " ".join(text.split())  # line breaks anywhere
+
+
+def missing_quotes(text: str, quotes: list[str]) -> list[str]:
+    return [q for q in quotes if q not in flat(text)]
+
+
+def test_pages_quote_their_json_figures():
+    problems = {}
+    for page, quotes in PAGE_QUOTES.items():
+        missing = missing_quotes((ROOT / page).read_text(), quotes())
+        if missing:
+            problems[page] = missing
+    assert not problems
+    assert sum(len(q()) for q in PAGE_QUOTES.values()) >= 80
+
+
+FIRST_FIGURE = re.compile(r"\d+\.\d+|\d+")
+
+
+def test_page_quote_check_catches_a_changed_figure():
+    """On every page, each quote with its first figure changed is caught."""
+    for page, make in PAGE_QUOTES.items():
+        quotes, text = make(), flat((ROOT / page).read_text())
+        for quote in quotes:
+            m = FIRST_FIGURE.search(quote)
+            assert m, f"{page}: {quote!r} holds no figure"
+            digit = str((int(m.group()[-1]) + 1) % 10)
+            wrong = quote[: m.end() - 1] + digit + quote[m.end() :]
+            broken = text.replace(quote, wrong)
+            assert broken != text, f"{page}: {quote!r} is not in the page"
+            assert quote in missing_quotes(broken, quotes), f"{page}: a changed {quote!r} passed"

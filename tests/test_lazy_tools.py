@@ -17,6 +17,7 @@ from detectron2.config import LazyConfig, instantiate
 import qdet  # noqa: F401  (registers the digits datasets)
 from qdet.engine import lazy
 from qdet.engine.trained_model import check_resizable, load_trained_model
+from qdet.export.runtime import inference_session, onnx_metadata
 from qdet.predict import split_config_overrides
 from qdet.quantization import calibrate
 
@@ -59,9 +60,13 @@ def test_export_onnx_from_a_lazy_config(lazy_checkpoint, tmp_path, load_tool):
         CONFIG, [f"train.init_checkpoint={lazy_checkpoint['weights']}"], "to export"
     )
     quantizers = [m for n, m in trained.model.named_modules() if n.endswith("_quantizer")]
-    assert result["graph"] == "retinanet" and result["quantizers"] == len(quantizers) > 0
+    assert result["graph"] == "qdet-detector-1" and result["quantizers"] == len(quantizers) > 0
     check = result["verify"]
-    assert not check["failures"] and check["images"] == 2 and check["activations_checked"] > 0
+    assert not check["failures"] and check["images"] == 2 and check["quantized"]
+    # What a runner needs, read from the LazyConfig (its test mapper and resize).
+    meta = onnx_metadata(inference_session(out))
+    assert (meta["input_format"], meta["min_size_test"], meta["max_size_test"]) == ("RGB", 160, 192)
+    assert meta["bits"] == "W4/A4" and len(meta["class_names"]) == 10
     assert os.path.isfile(out.removesuffix(".onnx") + ".weights.safetensors")
 
 

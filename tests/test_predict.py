@@ -164,3 +164,26 @@ def test_inspect_quantizers_writes_the_ranges_plot_and_json(tiny, tmp_path, load
     (got,) = [r for r in records if r["name"] == f"{name}.weight_quantizer"]
     assert got["clipped"] == pytest.approx(want, abs=1e-12)
     assert got["step"] == pytest.approx(2 * q.scale.item() / (2**q.bits - 1), rel=1e-6)
+
+
+def test_predict_runs_a_whole_detector_file_with_the_runners_post_processing(tiny, tmp_path):
+    """--onnx with a whole-detector file: the panel's detections are the file's, run by the
+    torch-free runner (a picture at the test size: no resize on either side)."""
+    import qdet_runner
+    from qdet.export.whole import export_whole_detector
+    from qdet.export.whole_check import WholeFileDetector
+
+    cfg = load_config(tiny["config"], ["MODEL.WEIGHTS", tiny["weights"]])
+    trained = build_panel_model(cfg, "torch", 0.0).predictor
+    path = str(tmp_path / "whole.onnx")
+    export_whole_detector(
+        trained.model, path, torch.zeros(3, HEIGHT, WIDTH), trained.deployment_info()
+    )
+    whole = build_panel_model(cfg, "whole", 0.0, onnx=path).predictor
+    assert isinstance(whole.model, WholeFileDetector)
+    image = read_image(tiny["images"][0])
+    got = whole(image)["instances"]
+    want = qdet_runner.Detector(path)(image)
+    assert len(got) == len(want["boxes"]) == 1
+    assert np.allclose(got.pred_boxes.tensor.numpy(), want["boxes"], atol=1e-4)
+    assert got.pred_classes.tolist() == want["classes"].tolist()

@@ -9,14 +9,17 @@ low-bit weight file, then check the ONNX model in onnxruntime against PyTorch.
         --output output/export/lazy_qfd_4bit.onnx \\
         train.init_checkpoint=output/lazy/digits/retinanet_r18_4bit_qfd/model_final.pth
 
-Writes ``--output`` and, beside it, ``<output>.weights.safetensors`` (``--packed-weights``
-to choose the path), prints the sizes against FP32, and runs the check on
-``--verify-images`` validation images (default 8; 0 skips it): head outputs within the
-stated tolerance and the same detections, or exit status 1. ``--eval`` adds COCO AP of the
-onnxruntime model and of the PyTorch model on the whole of ``DATASETS.TEST[0]`` (a
-LazyConfig: ``dataloader.test`` and ``dataloader.evaluator``).
-RetinaNet exports through its head (post-processing in Python, Detectron2's own code);
-ViTDet / Swin Mask R-CNN export their backbone. Needs the ``export`` extra.
+Writes ``--output``: the whole detector in one file (Detectron2's inference traced by its
+``TracingAdapter``, qdet's quantized layers inside; one resized picture in, instances out;
+``qdet_runner.py`` runs it without torch), and beside it ``<output>.weights.safetensors``
+(``--packed-weights`` to choose the path). The check runs on ``--verify-images`` test
+pictures (default 8; 0 skips it): an FP file's instances equal PyTorch's to float
+rounding; a quantized file finds PyTorch's confident detections (a target's file runs every
+quantized conv as one integer op); otherwise exit status 1. ``--eval`` adds COCO AP (box;
+mask for mask models) of the file run by the runner's post-processing and of PyTorch on
+the whole test set. ``--network-only`` writes the network alone as before (RetinaNet's
+head outputs, an R-CNN's backbone features; checked layer by layer). Needs the ``export``
+extra.
 """
 
 from __future__ import annotations
@@ -38,7 +41,14 @@ from qdet.engine.checks import refuse_overwriting_inputs  # noqa: E402
 from qdet.engine.cli import run_cli  # noqa: E402
 from qdet.engine.trained_model import load_trained_model  # noqa: E402
 from qdet.export import OnnxRetinaNet, export_onnx, save_packed_weights, verify  # noqa: E402
-from qdet.export.runtime import loader_box_ap  # noqa: E402
+from qdet.export.whole import export_whole_detector  # noqa: E402
+from qdet.export.whole_check import (  # noqa: E402
+    WholeFileDetector,
+    check_whole,
+    is_whole_file,
+    loader_aps,
+    test_pictures,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -61,6 +71,12 @@ def build_parser() -> argparse.ArgumentParser:
         action=argparse.BooleanOptionalAction,
         default=True,
         help="check the file in onnxruntime against PyTorch (on by default; exit 1 on failure)",
+    )
+    p.add_argument(
+        "--network-only",
+        action="store_true",
+        help="write the network alone (RetinaNet: head outputs; R-CNNs: backbone features), "
+        "the post-processing left to Detectron2: the layer-wise check and latency benchmark",
     )
     p.add_argument("--verify-images", type=int, default=8, help="images the check runs")
     p.add_argument("--eval", action="store_true", help="COCO AP of onnxruntime vs PyTorch")
@@ -85,8 +101,7 @@ def main(args) -> int:
     if args.check:
         if not os.path.isfile(args.check):
             raise FileNotFoundError(f"--check {args.check!r} does not exist")
-        batches = itertools.islice(trained.test_loader(), max(args.verify_images, 1))
-        report = verify(trained.model, args.check, batches, threads=args.threads)
+        report = _check(trained, args.check, max(args.verify_images, 1), args.threads)
         log(f"check of {args.check}: {report.summary()}")
         for failure in report.failures:
             logging.getLogger("qdet").error(f"check failed: {failure}")
@@ -98,9 +113,13 @@ def main(args) -> int:
         {"--config-file": args.config_file, "the checkpoint": trained.checkpoint},
     )
     model = trained.model
-    sample = model.preprocess_image(next(iter(trained.test_loader()))).tensor
-
-    info = export_onnx(model, args.output, sample)
+    first = next(iter(trained.test_loader()))
+    if args.network_only:
+        info = export_onnx(model, args.output, model.preprocess_image(first).tensor)
+    else:
+        info = export_whole_detector(
+            model, args.output, first[0]["image"], trained.deployment_info()
+        )
     fp32_ckpt = sum(4 * p.numel() for p in model.state_dict().values() if p.is_floating_point())
     log(
         f"wrote {args.output} ({info['graph']} graph, {info['quantizers']} quantizers in QDQ): "
@@ -118,8 +137,7 @@ def main(args) -> int:
     result = {"sizes": sizes, **info}
     status = 0
     if args.verify and args.verify_images > 0:
-        batches = itertools.islice(trained.test_loader(), args.verify_images)
-        report = verify(model, args.output, batches, threads=args.threads)
+        report = _check(trained, args.output, args.verify_images, args.threads)
         result["verify"] = dict(vars(report))
         log(f"check: {report.summary()}")
         for warning in report.warnings:
@@ -129,22 +147,40 @@ def main(args) -> int:
                 logging.getLogger("qdet").error(f"check failed: {failure}")
             status = 1
     if args.eval:
-        if info["graph"] != "retinanet":
-            raise ValueError("--eval evaluates RetinaNet exports; this model exports a backbone")
-        dataset = trained.dataset
-        runners = {"pytorch": model, "onnxruntime": OnnxRetinaNet(model, args.output, args.threads)}
-        aps = {
-            name: loader_box_ap(runner, trained.test_loader(), trained.evaluator())
-            for name, runner in runners.items()
-        }
-        result["eval"] = aps
-        log(
-            f"box AP on {dataset}: PyTorch {aps['pytorch']['AP']:.2f}, "
-            f"onnxruntime {aps['onnxruntime']['AP']:.2f}"
-        )
+        result["eval"] = _evaluate(trained, args.output, info["graph"], args.threads)
+        for kind, aps in result["eval"]["onnxruntime"].items():
+            log(
+                f"{kind} AP on {trained.dataset}: PyTorch "
+                f"{result['eval']['pytorch'][kind]['AP']:.2f}, onnxruntime {aps['AP']:.2f}"
+            )
     with open(report_path, "w") as f:
         json.dump(result, f, indent=1, default=str)
     return status
+
+
+def _check(trained, path: str, images: int, threads: int):
+    """The whole file against PyTorch's inference (:mod:`qdet.export.whole_check`), or a
+    network-only file layer by layer (:func:`qdet.export.verify`)."""
+    if is_whole_file(path):
+        pictures = test_pictures(trained.test_loader(), images)
+        return check_whole(trained.model, path, pictures, threads=threads)
+    batches = itertools.islice(trained.test_loader(), images)
+    return verify(trained.model, path, batches, threads=threads)
+
+
+def _evaluate(trained, path: str, graph: str, threads: int) -> dict:
+    """COCO AP (box; mask for mask models) of PyTorch and of the file on the test set."""
+    if graph == "retinanet":  # a network-only RetinaNet: Detectron2's post-processing
+        runner = OnnxRetinaNet(trained.model, path, threads)
+    elif graph == "backbone":
+        raise ValueError("--eval evaluates whole files and RetinaNet exports; this is a backbone")
+    else:
+        runner = WholeFileDetector(path, threads)
+    runners = {"pytorch": trained.model, "onnxruntime": runner}
+    return {
+        name: loader_aps(runner, trained.test_loader(), trained.evaluator())
+        for name, runner in runners.items()
+    }
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ import detectron2.data.transforms as T
 import numpy as np
 import torch
 from detectron2.config import instantiate
+from detectron2.data import MetadataCatalog
 from detectron2.evaluation import COCOEvaluator
 from detectron2.modeling import build_model
 from torch import nn
@@ -51,6 +52,31 @@ class TrainedModel:
     input_format: str  # "BGR" or "RGB": the channel order the model reads
     bits: str  # "FP32" or "W4/A4"
     checkpoint: str = ""  # the loaded weights (MODEL.WEIGHTS / train.init_checkpoint)
+
+    def score_threshold(self) -> float:
+        """The test score threshold the model applies (RetinaNet's, or the ROI box
+        predictor's)."""
+        if hasattr(self.model, "test_score_thresh"):
+            return float(self.model.test_score_thresh)
+        return float(self.model.roi_heads.box_predictor.test_score_thresh)
+
+    def deployment_info(self) -> dict:
+        """What a runner of the whole-detector file needs beside the graph
+        (:func:`qdet.export.whole.export_whole_detector`): the channel order, the test
+        resize, the score threshold, the class names, the bits and the target."""
+        resize = next((a for a in self.augmentations if isinstance(a, T.ResizeShortestEdge)), None)
+        quantizers = [m for m in self.model.modules() if getattr(m, "target", None) is not None]
+        target = getattr(getattr(quantizers[0], "target", None), "name", "") if quantizers else ""
+        classes = MetadataCatalog.get(self.dataset).get("thing_classes") if self.dataset else None
+        return {
+            "input_format": self.input_format,
+            "min_size_test": int(max(resize.short_edge_length)) if resize else 0,
+            "max_size_test": int(resize.max_size) if resize else 0,
+            "score_threshold": self.score_threshold(),
+            "class_names": list(classes or []),
+            "bits": self.bits,
+            "target": target,
+        }
 
     def set_score_threshold(self, threshold: float) -> None:
         """Every head's test score threshold (what Detectron2's demo sets from

@@ -42,12 +42,13 @@ def inference_session(path: str, threads: int = 0, spinning: bool = True):
     return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
 
 
+# Metadata kept as text in qdet's files; every other entry is JSON.
+TEXT_METADATA = ("producer", "graph", "input", "input_format", "target")
+
+
 def onnx_metadata(session) -> dict:
     meta = session.get_modelmeta().custom_metadata_map
-    return {
-        k: v if k in ("producer", "graph", "input", "input_format", "target") else json.loads(v)
-        for k, v in meta.items()
-    }
+    return {k: v if k in TEXT_METADATA else json.loads(v) for k, v in meta.items()}
 
 
 def check_file_fits(model: nn.Module, path: str, session) -> None:

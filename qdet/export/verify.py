@@ -394,7 +394,6 @@ def _confident_found(t: Instances, o: Instances) -> tuple[int, int]:
     return len(t), int((iou.max(dim=1).values >= BOX_IOU).sum())
 
 
-@torch.no_grad()
 def check_tie_rate(report: VerifyReport) -> None:
     """A failure when more than :data:`MAX_TIE_RATE` of the activation codes checked are one
     code apart at a rounding boundary: ties are float rounding, which is rare; a file whose

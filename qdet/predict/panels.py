@@ -22,6 +22,7 @@ from detectron2.utils.visualizer import Visualizer
 
 from qdet.engine.trained_model import TrainedModel, trained_model_from_cfg
 from qdet.export import OnnxRetinaNet
+from qdet.export.whole_check import WholeFileDetector, is_whole_file
 
 
 def model_title(cfg: CfgNode, name: str) -> str:
@@ -68,13 +69,18 @@ def panel_model(
     onnx: str | None = None,
 ) -> PanelModel:
     """``trained`` as a predictor (its config's test resize and input format), every head's
-    test threshold at ``confidence_threshold``; with ``onnx``, the network runs in
-    onnxruntime from that file and the model only pre- and post-processes
-    (``qdet.export.OnnxRetinaNet``)."""
+    test threshold at ``confidence_threshold``; with ``onnx``, onnxruntime runs that file:
+    a whole-detector file with the torch-free runner's post-processing
+    (:class:`qdet.export.whole_check.WholeFileDetector`; the file's own score threshold
+    applies first), a network-only RetinaNet file with Detectron2's
+    (:class:`qdet.export.OnnxRetinaNet`)."""
     check_onnx_file(onnx)
     trained.set_score_threshold(confidence_threshold)
     if onnx is not None:
-        trained.model = OnnxRetinaNet(trained.model, onnx)
+        if is_whole_file(onnx):
+            trained.model = WholeFileDetector(onnx)
+        else:
+            trained.model = OnnxRetinaNet(trained.model, onnx)
     return PanelModel(trained, title)
 
 

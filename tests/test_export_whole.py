@@ -1,0 +1,208 @@
+"""The whole detector in one file (qdet/export/whole.py, whole_check.py) and the torch-free
+runner (qdet_runner.py): the file's instances equal PyTorch's on pictures other than the
+traced one and at another size; nothing detected gives empty outputs; the runner, with
+torch and Detectron2 blocked from import, gives PyTorch's instances; a target's file runs
+every quantized conv as one integer op; bad files and pictures are named."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import cv2
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+from detectron2.modeling import build_model
+from target_models import _target_model
+
+import qdet_runner
+from qdet.config import load_config
+from qdet.export import export_onnx
+from qdet.export.whole import export_whole_detector
+from qdet.export.whole_check import check_whole
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FP = os.path.join(ROOT, "configs/digits/retinanet_r18_fp.yaml")
+VITDET = os.path.join(ROOT, "configs/digits/vitdet_tiny_fp.yaml")
+TINY = ["MODEL.WEIGHTS", "", "MODEL.RESNETS.DEPTH", "18", "MODEL.FPN.OUT_CHANNELS", "32"]
+TINY += ["MODEL.RETINANET.NUM_CONVS", "1", "INPUT.MIN_SIZE_TEST", "64", "INPUT.MAX_SIZE_TEST", "96"]
+# Every anchor scores: a random head's detections, 20 a picture.
+ALL = ["MODEL.RETINANET.SCORE_THRESH_TEST", "0.0", "TEST.DETECTIONS_PER_IMAGE", "20"]
+
+
+def _info(cfg, bits: str = "FP32", target: str = "") -> dict:
+    return {
+        "input_format": cfg.INPUT.FORMAT,
+        "min_size_test": cfg.INPUT.MIN_SIZE_TEST,
+        "max_size_test": cfg.INPUT.MAX_SIZE_TEST,
+        "score_threshold": cfg.MODEL.RETINANET.SCORE_THRESH_TEST,
+        "class_names": [str(i) for i in range(10)],
+        "bits": bits,
+        "target": target,
+    }
+
+
+def _picture(height: int, width: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (3, height, width), generator=g).float()
+
+
+def _retinanet(*opts):
+    cfg = load_config(FP, [*TINY, *opts])
+    torch.manual_seed(0)
+    model = build_model(cfg).eval()
+    with torch.no_grad():  # a trained head's small box deltas (random ones: exp() of noise)
+        model.head.bbox_pred.weight.mul_(0.1)
+    return model, cfg
+
+
+@pytest.fixture(scope="module")
+def fp_file(tmp_path_factory):
+    model, cfg = _retinanet(*ALL)
+    path = str(tmp_path_factory.mktemp("whole") / "fp.onnx")
+    export_whole_detector(model, path, _picture(64, 96, 0), _info(cfg))
+    return model, cfg, path
+
+
+def test_fp_file_equals_pytorch_on_other_pictures_and_sizes(fp_file):
+    model, _, path = fp_file
+    pictures = [_picture(64, 96, 1), _picture(64, 96, 2), _picture(96, 64, 3), _picture(80, 72, 4)]
+    report = check_whole(model, path, pictures)
+    assert report.ok, report.failures
+    assert report.instances_torch == report.instances_onnx == 4 * 20
+    assert report.box_max_abs <= 1e-3 and report.score_max_abs <= 1e-5
+    names = [o.name for o in ort.InferenceSession(path).get_outputs()]
+    assert names == ["pred_boxes", "pred_classes", "scores", "image_size"]
+
+
+def test_nothing_detected_gives_empty_outputs(tmp_path):
+    model, cfg = _retinanet("MODEL.RETINANET.SCORE_THRESH_TEST", "1.1")
+    path = str(tmp_path / "none.onnx")
+    export_whole_detector(model, path, _picture(64, 96, 0), _info(cfg))
+    session = ort.InferenceSession(path)
+    boxes, classes, scores, _ = session.run(None, {"image": _picture(64, 96, 1).numpy()})
+    assert boxes.shape == (0, 4) and classes.shape == (0,) and scores.shape == (0,)
+    found = qdet_runner.Detector(path)(np.zeros((64, 96, 3), np.uint8))
+    assert found["boxes"].shape == (0, 4) and len(found["scores"]) == 0
+
+
+RUN_BLOCKED = """
+import json, sys
+sys.modules["torch"] = None  # any import of torch or Detectron2 now fails
+sys.modules["detectron2"] = None
+sys.path.insert(0, {root!r})
+import qdet_runner
+found = qdet_runner.Detector({path!r})(qdet_runner.read_image({picture!r}))
+print(json.dumps({{k: v.tolist() for k, v in found.items()}}))
+"""
+
+
+def test_runner_without_torch_gives_pytorchs_instances(fp_file, tmp_path):
+    """A picture already at the test size (no resize), BGR on disk: the runner in a
+    process where torch and Detectron2 cannot be imported, against PyTorch's inference
+    with Detectron2's post-processing to the picture's size."""
+    model, cfg, path = fp_file
+    picture = str(tmp_path / "p.png")
+    bgr = _picture(64, 96, 5).numpy().transpose(1, 2, 0).astype(np.uint8)
+    cv2.imwrite(picture, bgr)
+    code = RUN_BLOCKED.format(root=ROOT, path=path, picture=picture)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    found = {k: np.array(v) for k, v in json.loads(done.stdout).items()}
+    image = bgr[:, :, ::-1] if cfg.INPUT.FORMAT == "RGB" else bgr
+    chw = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))).float()
+    with torch.no_grad():
+        want = model([{"image": chw, "height": 64, "width": 96}])[0]["instances"]
+    assert len(found["boxes"]) == len(want) == 20
+    np.testing.assert_allclose(found["boxes"], want.pred_boxes.tensor.numpy(), atol=1e-3)
+    np.testing.assert_allclose(found["scores"], want.scores.numpy(), atol=1e-5)
+    assert (found["classes"] == want.pred_classes.numpy()).all()
+
+
+def test_target_file_runs_every_quantized_conv_as_one_integer_op(tmp_path):
+    model = _target_model("MODEL.RETINANET.SCORE_THRESH_TEST", "0.0")
+    cfg = load_config(FP, TINY)
+    path = str(tmp_path / "target.onnx")
+    export_whole_detector(model, path, _picture(64, 96, 0), _info(cfg, "W4/A4", "onnxruntime"))
+    report = check_whole(model, path, [_picture(64, 96, 1)])
+    assert report.ok, report.failures
+    assert report.quantized and report.target == "onnxruntime"
+    assert report.integer_kernels["QLinearConv"] == 48 and report.float_convs == 0
+
+
+def test_mask_model_file_equals_pytorch(tmp_path):
+    """Tiny ViTDet Mask R-CNN (random weights, every proposal kept): boxes, classes,
+    scores and 28 x 28 masks as PyTorch's, on another picture."""
+    opts = ["MODEL.WEIGHTS", "", "MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.0"]
+    cfg = load_config(VITDET, opts)
+    torch.manual_seed(0)
+    model = build_model(cfg).eval()
+    path = str(tmp_path / "mask.onnx")
+    info = {**_info(cfg), "score_threshold": 0.0}
+    size = cfg.INPUT.MIN_SIZE_TEST
+    export_whole_detector(model, path, _picture(size, size + 32, 0), info)
+    pictures = [_picture(size, size + 32, 1), _picture(size + 16, size, 2)]
+    with torch.no_grad():  # the masks compared are not all empty
+        masks = model.inference([{"image": pictures[0]}], do_postprocess=False)[0].pred_masks
+    assert (masks > 0.5).any() and (masks < 0.5).any()
+    report = check_whole(model, path, pictures)
+    assert report.ok, report.failures
+    assert report.instances_torch > 0 and report.mask_min_iou >= 0.99
+    names = [o.name for o in ort.InferenceSession(path).get_outputs()]
+    assert names == ["pred_boxes", "pred_classes", "pred_masks", "scores", "image_size"]
+
+
+def test_runner_names_what_it_cannot_run(fp_file, tmp_path):
+    model, _, path = fp_file
+    network = str(tmp_path / "network.onnx")
+    export_onnx(model, network, model.preprocess_image([{"image": _picture(64, 96, 0)}]).tensor)
+    with pytest.raises(
+        ValueError, match=r"network-only export .* not a whole detector.*export_onnx"
+    ):
+        qdet_runner.Detector(network)
+    with pytest.raises(FileNotFoundError, match=r"nope.onnx' does not exist"):
+        qdet_runner.Detector(str(tmp_path / "nope.onnx"))
+    broken = tmp_path / "pictures"
+    broken.mkdir()
+    (broken / "bad.png").write_bytes(b"not a picture")
+    gray = np.full((64, 96), 128, np.uint8)
+    cv2.imwrite(str(broken / "gray.png"), gray)
+    cv2.imwrite(str(broken / "rgba.png"), np.dstack([gray, gray, gray, gray]))
+    out = tmp_path / "out"
+    argv = ["--onnx", path, "--input", str(broken), "--output", str(out)]
+    assert qdet_runner.main(argv) == 0
+    written = json.loads((out / "detections.json").read_text())
+    assert sorted(written) == ["gray.png", "rgba.png"]  # bad.png named and skipped
+    assert len(written["gray.png"]) == 20
+    assert qdet_runner.main([*argv[:4], "--output", str(broken)]) == 2  # would overwrite
+
+
+def test_runner_resize_and_mask_paste_are_detectron2s():
+    """The runner's numpy versions against Detectron2's: ResizeShortestEdge's size and PIL's
+    bilinear resize (pixels within 1), paste_masks_in_image (the same pixels but for a
+    few on the 0.5 boundary)."""
+    import detectron2.data.transforms as T
+    from detectron2.layers.mask_ops import paste_masks_in_image
+    from detectron2.structures import Boxes
+
+    rng = np.random.default_rng(0)
+    for h, w, short, longest in [(161, 183, 160, 192), (480, 640, 800, 1333), (37, 50, 64, 96)]:
+        want = T.ResizeShortestEdge.get_output_shape(h, w, short, longest)
+        assert qdet_runner.resized_shape(h, w, short, longest) == want
+        image = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+        theirs = T.ResizeTransform(h, w, *want).apply_image(image).astype(int)
+        ours = qdet_runner.resize(image, *want).astype(int)
+        assert np.abs(theirs - ours).max() <= 1 and (theirs != ours).mean() < 0.02
+    masks = torch.rand(5, 28, 28)
+    boxes = torch.tensor(
+        [[3.2, 4.7, 40.1, 30.0], [0.0, 0.0, 96.0, 64.0], [50.5, 10.2, 60.3, 62.9],
+         [10.0, 10.0, 12.0, 11.0], [-5.0, 20.0, 30.0, 80.0]]
+    )  # fmt: skip
+    theirs = paste_masks_in_image(masks, Boxes(boxes), (64, 96)).numpy()
+    ours = qdet_runner.paste_masks(masks.numpy(), boxes.numpy(), 64, 96)
+    assert theirs.shape == ours.shape and theirs.sum() > 100
+    assert (theirs != ours).sum() <= 0.001 * theirs.size
