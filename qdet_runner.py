@@ -25,8 +25,6 @@ import sys
 import numpy as np
 
 FORMAT = "qdet-detector-1"  # the metadata "graph" of a whole-detector file
-INSTALL = "pip install onnxruntime numpy opencv-python-headless"
-EXPORT = "tools/export_onnx.py --config-file CONFIG --output FILE.onnx MODEL.WEIGHTS CHECKPOINT"
 TEXT_METADATA = ("producer", "graph", "input", "input_format", "target")  # the rest is JSON
 IMAGE_TYPES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 
@@ -35,7 +33,9 @@ def _require(module: str):
     try:
         return __import__(module)
     except ImportError as e:
-        raise ImportError(f"qdet_runner needs {module}: {INSTALL}") from e
+        raise ImportError(
+            f"qdet_runner needs {module}: pip install onnxruntime numpy opencv-python-headless"
+        ) from e
 
 
 # -- pictures -------------------------------------------------------------------------------
@@ -154,7 +154,10 @@ class Detector:
     def __init__(self, path: str, threads: int = 0):
         ort = _require("onnxruntime")
         if not os.path.isfile(path):
-            raise FileNotFoundError(f"--onnx {path!r} does not exist; {EXPORT} writes it")
+            raise FileNotFoundError(
+                f"--onnx {path!r} does not exist; tools/export_onnx.py --config-file CONFIG "
+                "--output FILE.onnx MODEL.WEIGHTS CHECKPOINT writes it"
+            )
         options = ort.SessionOptions()
         if threads:
             options.intra_op_num_threads = threads
@@ -172,8 +175,9 @@ class Detector:
                 else "not a qdet file"
             )
             raise ValueError(
-                f"{path!r} is {what}, not a whole detector; write one with {EXPORT} "
-                "(without --network-only)"
+                f"{path!r} is {what}, not a whole detector; write one with "
+                "tools/export_onnx.py --config-file CONFIG --output FILE.onnx MODEL.WEIGHTS "
+                "CHECKPOINT; a --network-only file holds the network alone"
             )
         self.meta = {k: v if k in TEXT_METADATA else json.loads(v) for k, v in meta.items()}
         self.path = path

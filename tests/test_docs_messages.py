@@ -28,10 +28,11 @@ def _text(node: ast.AST) -> str | None:
 
 @functools.cache
 def code_strings() -> tuple[str, ...]:
-    """Every string literal (f-strings with holes) of qdet's package, tools and projects."""
+    """Every string literal (f-strings with holes) of qdet's package, tools, projects and
+    the torch-free runner."""
     out = []
-    for top in ("qdet", "tools", "projects"):
-        for path in sorted((ROOT / top).rglob("*.py")):
+    for top in ("qdet", "tools", "projects", "qdet_runner.py"):
+        for path in sorted((ROOT / top).rglob("*.py")) if (ROOT / top).is_dir() else [ROOT / top]:
             for node in ast.walk(_parse(path)):
                 text = _text(node)
                 if text and len(text) > 8:

@@ -12,8 +12,11 @@ from __future__ import annotations
 import json
 import re
 import statistics
+from pathlib import Path
 
+import yaml
 from docs_markdown import DOCS, ROOT
+from test_docs_tables import check_table, marked_tables
 
 MODEL_ZOO = DOCS / "model_zoo.md"
 CODE = re.compile(r"`[^`]*`")
@@ -479,7 +482,8 @@ def _ops_rows() -> list[dict]:
 
 
 def methods_quotes() -> list[str]:
-    """The quantizer op's table (methods.md, "The quantizer") from benchmark_ops_cpu.json."""
+    """The quantizer op's table (methods.md, "The quantizer") from benchmark_ops_cpu.json,
+    and the accuracy study's EWGS and inclusive-bound rows that "EWGS" quotes."""
     rows = {(r["case"], r["impl"]): r for r in _ops_rows()}
     labels = {
         "act signed 2x256x100x168": "activation 2x256x100x168, signed",
@@ -494,11 +498,157 @@ def methods_quotes() -> list[str]:
     ]
     eager = [rows[c, "ours (eager)"]["time / plain"] for c in labels]
     grad = max(rows[c, "ours (compiled)"]["max |dx - plain|"] for c in labels)
+    acc = _json("docs/study/accuracy.json")
+
+    def vs_baseline(run: str) -> str:
+        return f"{_paired(acc[run], acc['baseline_4bit'])} seeds higher) AP against the"
+
     return quotes + [
+        f"accuracy study's EWGS row ([studies.md](studies.md#accuracy-study)): "
+        f"{vs_baseline('ewgs_4bit')}",
+        f"[studies.md](studies.md#accuracy-study)): {vs_baseline('inclusive_4bit')}",
         f"within {grad:.0e} in gradient".replace("e-0", "e-"),
         "the eager fallback takes {:.1f}-{:.1f}x the plain composition's time".format(
             *_span(eager)
         ),
+    ]
+
+
+def _pair(runs: dict, ref: dict, metric: str = "top1") -> tuple[str, int, int]:
+    """(mean ± std of the per-seed differences, seeds higher, seeds)."""
+    p = _paired(runs, ref, metric)
+    wins, n = p.split(" (")[1].split("/")
+    return _bare(p), int(wins), int(n)
+
+
+def _solver(path: Path) -> dict:
+    """A yacs config's SOLVER keys, its _BASE_ chain merged."""
+    cfg = yaml.safe_load(path.read_text())
+    base = _solver(path.parent / cfg["_BASE_"]) if "_BASE_" in cfg else {}
+    return {**base, **cfg.get("SOLVER", {})}
+
+
+def _epochs(config: str) -> float:
+    """Epochs of the 20000 crops one run of a digits32 config trains (the study's count)."""
+    solver = _solver(ROOT / "projects/Classification/configs/digits32" / config)
+    return solver["MAX_ITER"] * solver["IMS_PER_BATCH"] / 20000
+
+
+def classification_quotes() -> list[str]:
+    """projects/Classification/README.md's prose, from the classification study's JSON."""
+    top1 = _json("docs/classification/top1.json")
+    rfd4 = _json("docs/classification/akt_rfd_weight_4bit.json")
+    rfd3 = _json("docs/classification/akt_rfd_weight_3bit.json")
+    one = _json("docs/classification/akt_one_attention_4bit.json")
+
+    def s(runs: dict) -> str:
+        return _spread(runs, "top1")
+
+    def m(run: str) -> float:
+        return _mean(top1[run], "top1")
+
+    def p(run: str, ref: str) -> str:
+        return _bare(_paired(top1[run], top1[ref], "top1"))
+
+    def secs(*runs: str) -> str:
+        t = [v for r in runs for v in _values(top1[r], "train s")]
+        return f"{min(t):.0f}-{max(t):.0f} s"
+
+    def share(runs: dict) -> str:
+        return f"{_mean(runs, 'share rfd'):.0%}"
+
+    def akt(d: dict, run: str, ref: str, long: bool) -> str:
+        diff, wins, n = _pair(d[run], d[ref])
+        higher = f"higher on {wins} of {n} seeds" if long else f"{wins} of {n}"
+        return f"{s(d[run])} ({diff}, {higher}"
+
+    def one_row(run: str, how: str) -> str:
+        diff, wins, n = _pair(one[run], one["zs_logit_kd_4bit"])
+        return f"{s(one[run])} ({how}, {diff}, {wins}/{n}"
+
+    per_epoch = {
+        k: [v / _epochs(c) for v in _values(top1[k], "train s")]
+        for k, c in (
+            ("faqd_4bit", "faqd_table6_resnet20_w4a4_finetune.yaml"),
+            ("faqd_2bit", "faqd_table6_resnet20_w4a4_finetune.yaml"),
+            ("ffa_4bit", "faqd_table7_resnet20_w4a4_ffa.yaml"),
+            ("ffa_2bit", "faqd_table7_resnet20_w4a4_ffa.yaml"),
+        )
+    }
+    fa_ffa = [
+        statistics.mean(per_epoch[f"faqd_{b}bit"]) / statistics.mean(per_epoch[f"ffa_{b}bit"])
+        for b in (4, 2)
+    ]
+
+    def epoch(run: str) -> str:
+        v = per_epoch[run]
+        return f"{statistics.mean(v):.0f} ± {statistics.stdev(v):.0f}"
+
+    real4 = ["qfd_4bit", "baseline_qrelu_4bit", "faqd_4bit", "faqd_label_free_4bit", "ffa_4bit"]
+    base4, fp = m("baseline_4bit"), m("fp")
+    qfd2, qfd2_wins, _ = _pair(top1["qfd_2bit"], top1["baseline_2bit"])
+    faqd2 = _paired(top1["faqd_2bit"], top1["baseline_qrelu_2bit"], "top1")
+    ffa_fa = [
+        top1["ffa_2bit"][k]["top1"] - top1["faqd_2bit"][k]["top1"]
+        for k in sorted(top1["ffa_2bit"], key=int)
+    ]
+    spatial, channel = (p(f"akt_{a}_4bit", "zs_logit_kd_4bit") for a in ("spatial", "channel"))
+    one_attention = (
+        f"spatial only and channel only {spatial}"
+        if spatial == channel
+        else f"spatial only {spatial}, channel only {channel}"
+    )
+    seed1 = rfd3["akt_official_3bit"]["1"]["top1"] - rfd3["zs_logit_kd_3bit"]["1"]["top1"]
+    return [
+        f"single runs took {secs('baseline_4bit')} for the 4-bit baseline, "
+        f"{secs('faqd_4bit', 'faqd_label_free_4bit')} for FA, "
+        f"{secs('zs_logit_kd_3bit', 'akt_3bit', 'akt_spatial_4bit', 'akt_channel_4bit')} for "
+        "a zero-shot run",
+        f"FA vs FFA: {epoch('faqd_4bit')} vs {epoch('ffa_4bit')} at 4 bits, "
+        f"{epoch('faqd_2bit')} vs {epoch('ffa_2bit')} at 2 bits",
+        f"a rough ratio, {min(fa_ffa):.1f}-{max(fa_ffa):.1f}x",
+        f"every real-data row is within {max(abs(m(r) - base4) for r in real4):.1f} of the "
+        f"baseline's {base4:.1f} (FP {fp:.1f}; the baseline is {fp - base4:.1f} below FP)",
+        f"(e.g. FFA {p('ffa_4bit', 'baseline_qrelu_4bit')} on "
+        f"{_pair(top1['ffa_4bit'], top1['baseline_qrelu_4bit'])[1]}/3 seeds, FAQD "
+        f"{p('faqd_4bit', 'baseline_qrelu_4bit')} on "
+        f"{_pair(top1['faqd_4bit'], top1['baseline_qrelu_4bit'])[1]}/3)",
+        f"at 2 bits with labels it does, {faqd2} seeds higher) over the same quantized-ReLU",
+        f"it matches that baseline ({p('faqd_label_free_2bit', 'baseline_qrelu_2bit')})",
+        f"FFA gives {p('ffa_2bit', 'baseline_qrelu_2bit')} against FA's "
+        f"{p('faqd_2bit', 'baseline_qrelu_2bit')} at 2 bits",
+        "(FFA - FA per seed: " + ", ".join(f"{d:.2f}" for d in ffa_fa) + ")",
+        "each epoch took {:.0f}-{:.0f}% of FA's time".format(*sorted(100 / r for r in fa_ffa)),
+        f"costs the 2-bit baseline {m('baseline_2bit') - m('baseline_qrelu_2bit'):.1f} points "
+        f"here ({m('baseline_qrelu_2bit'):.1f} against {m('baseline_2bit'):.1f}",
+        f"costs nothing measurable ({m('baseline_qrelu_4bit'):.1f} vs {base4:.1f})",
+        f"the student is {qfd2.lstrip('-')} below the plain 2-bit baseline ("
+        + ("lower on all three seeds" if qfd2_wins == 0 else f"higher on {qfd2_wins}")
+        + f"), and {p('qfd_4bit', 'baseline_4bit').lstrip('-')} below at 4 bits",
+        f"({p('akt_4bit', 'zs_logit_kd_4bit')} at 4 bits, {p('akt_3bit', 'zs_logit_kd_3bit')} "
+        f"at 3 bits; {one_attention};",
+        f"RFD {share(rfd4['akt_official_4bit'])} of the loss over the run",
+        f"19600, RFD {share(rfd4['akt_fifth_4bit'])})",
+        f"logit KD alone {s(rfd4['zs_logit_kd_4bit'])}, AKT official "
+        f"{akt(rfd4, 'akt_official_4bit', 'zs_logit_kd_4bit', True)}), AKT at a fifth "
+        f"{akt(rfd4, 'akt_fifth_4bit', 'zs_logit_kd_4bit', False)})",
+        f"seed 1 is {rfd4['zs_logit_kd_4bit']['1']['top1']:.1f} here, "
+        f"{top1['zs_logit_kd_4bit']['1']['top1']:.1f} there",
+        f"logit KD alone {s(rfd3['zs_logit_kd_3bit'])}, AKT official "
+        f"{akt(rfd3, 'akt_official_3bit', 'zs_logit_kd_3bit', True)}; RFD "
+        f"{share(rfd3['akt_official_3bit'])} of the loss), AKT at a fifth "
+        f"{akt(rfd3, 'akt_fifth_3bit', 'zs_logit_kd_3bit', False)}; RFD "
+        f"{share(rfd3['akt_fifth_3bit'])})",
+        f"(seed 1, the weak one, gains {seed1:.1f})",
+        f"spatial only {one_row('akt_spatial_official_4bit', 'official')}; RFD "
+        f"{share(one['akt_spatial_official_4bit'])}) and "
+        f"{one_row('akt_spatial_fifth_4bit', 'a fifth')}), channel only "
+        f"{one_row('akt_channel_official_4bit', 'official')}; RFD "
+        f"{share(one['akt_channel_official_4bit'])}) and "
+        f"{one_row('akt_channel_fifth_4bit', 'a fifth')}), against logit KD alone "
+        f"{s(one['zs_logit_kd_4bit'])}",
+        f"reach {s(top1['zs_logit_kd_4bit'])} at 4 bits and {s(top1['zs_logit_kd_3bit'])} at 3 "
+        f"bits in the earlier run (FP {fp:.1f})",
     ]
 
 
@@ -509,6 +659,7 @@ PAGE_QUOTES = {
     "docs/deployment.md": deployment_quotes,
     "docs/benchmarks.md": benchmarks_quotes,
     "docs/methods.md": methods_quotes,
+    "projects/Classification/README.md": classification_quotes,
 }
 
 
@@ -545,3 +696,33 @@ def test_page_quote_check_catches_a_changed_figure():
             broken = text.replace(quote, wrong)
             assert broken != text, f"{page}: {quote!r} is not in the page"
             assert quote in missing_quotes(broken, quotes), f"{page}: a changed {quote!r} passed"
+
+
+# --- The project READMEs' marked tables -------------------------------------------------
+#
+# test_docs_tables.py reads README.md and docs/*.md; the project READMEs' tables marked
+# ``<!-- source: ... -->`` are checked here with its checker.
+
+PROJECT_READMES = sorted(ROOT.glob("projects/*/README.md"))
+
+
+def test_project_readme_tables_are_the_json_figures():
+    problems, checked = [], 0
+    for f in PROJECT_READMES:
+        for sources, rows in marked_tables(f.read_text()):
+            found, n = check_table(sources, rows)
+            problems += [f"{f.relative_to(ROOT)} ({sources[0]}): {p}" for p in found]
+            checked += n
+    assert not problems, "\n".join(problems)
+    assert checked >= 30  # the classification study's table (31 cells)
+
+
+def test_project_readme_table_check_catches_a_changed_figure():
+    text = (ROOT / "projects/Classification/README.md").read_text()
+    sources, rows = next(
+        (s, r) for s, r in marked_tables(text) if s[0] == "docs/classification/top1.json"
+    )
+    assert check_table(sources, rows)[0] == []
+    old, new = "+1.1 ± 0.2 (3/3)", "+1.1 ± 0.2 (2/3)"
+    changed = [[new if c == old else c for c in row] for row in rows]
+    assert changed != rows and check_table(sources, changed)[0]

@@ -439,3 +439,29 @@ def test_check_fails_when_boundary_ties_exceed_the_documented_rate():
     check_tie_rate(above)
     assert not above.ok
     assert above.failures[0].startswith("201 of 2000000 activation codes are one code apart")
+
+
+def test_weights_are_initializers_and_large_files_keep_external_data(tmp_path, monkeypatch):
+    """A quantized export holds its weights (and every other non-scalar constant) as
+    initializers, states opset and IR version; past protobuf's 2 GB (here: the limit
+    lowered to 1 byte) its tensors go to ``<file>.data`` and onnxruntime runs it the same."""
+    import qdet.export.graphs as graphs
+
+    model = _quantized_model(RETINANET)
+    small = tmp_path / "small.onnx"
+    _export(model, small)
+    proto = onnx.load(str(small))
+    tensors = [n for n in proto.graph.node if n.op_type == "Constant" and n.attribute[0].t.dims]
+    assert not tensors and len(proto.graph.initializer) > 2 * len(
+        [m for m in model.modules() if isinstance(m, QConv2d)]
+    )
+    meta = {p.key: p.value for p in proto.metadata_props}
+    assert meta["opset"] == "17" and int(meta["ir_version"]) == proto.ir_version
+    monkeypatch.setattr(graphs, "PROTOBUF_LIMIT", 1)
+    large = tmp_path / "large.onnx"
+    _export(model, large)
+    assert os.path.isfile(str(large) + ".data") and not os.path.isfile(str(large) + ".tmp.data")
+    assert os.path.getsize(large) < os.path.getsize(small) / 10
+    feed = {"images": model.preprocess_image(_images()).tensor.numpy()}
+    outs = [inference_session(str(p)).run(None, feed) for p in (small, large)]
+    assert all(np.array_equal(a, b) for a, b in zip(*outs))

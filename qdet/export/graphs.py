@@ -116,6 +116,46 @@ def _metadata(model: nn.Module, graph, record, dynamic: bool) -> dict[str, str]:
     return {k: v if isinstance(v, str) else json.dumps(v) for k, v in meta.items()}
 
 
+PROTOBUF_LIMIT = 2**31  # bytes: a larger model keeps its tensors in an external data file
+
+
+def constants_as_initializers(proto) -> int:
+    """Every tensor a ``Constant`` node holds (the QDQ stand-ins' weights, integers, steps
+    and offsets) moved into the graph's initializers, where ONNX tools expect weights;
+    returns how many. Names are kept, so every reference still holds."""
+    moved = []
+    for node in proto.graph.node:
+        if node.op_type == "Constant" and len(node.attribute) == 1 and node.attribute[0].t.dims:
+            tensor = node.attribute[0].t
+            tensor.name = node.output[0]
+            proto.graph.initializer.append(tensor)
+            moved.append(node)
+    for node in moved:
+        proto.graph.node.remove(node)
+    return len(moved)
+
+
+def save_model(proto, path: str, final_path: str | None = None) -> None:
+    """``onnx.save`` to ``path``, checked first; a model that would pass protobuf's 2 GB
+    (ViT-H sizes) keeps its tensors in ``<final_path>.data`` beside it (``final_path``: the
+    name ``path`` is renamed to afterwards, default ``path``)."""
+    import onnx  # optional: the export extra
+
+    large = proto.ByteSize() >= PROTOBUF_LIMIT
+    if large:
+        onnx.checker.check_model(proto, full_check=False)  # (in memory: no size limit)
+        onnx.save(
+            proto,
+            path,
+            save_as_external_data=True,
+            all_tensors_to_one_file=True,
+            location=os.path.basename(final_path or path) + ".data",
+        )
+        return
+    onnx.checker.check_model(proto)
+    onnx.save(proto, path)
+
+
 def export_onnx(
     model: nn.Module,
     path: str,
@@ -161,9 +201,11 @@ def export_onnx(
             do_constant_folding=True,
         )
     proto = onnx.load(tmp)
-    for key, value in _metadata(model, graph, record, dynamic).items():
+    constants_as_initializers(proto)
+    meta = _metadata(model, graph, record, dynamic)
+    meta.update(opset=str(opset), ir_version=str(proto.ir_version))
+    for key, value in meta.items():
         proto.metadata_props.add(key=key, value=value)
-    onnx.checker.check_model(proto)
-    onnx.save(proto, tmp)
+    save_model(proto, tmp, path)
     os.replace(tmp, path)  # never a half-written model under the final name
     return {"graph": graph.kind, "outputs": names, "quantizers": record.quantizers, "path": path}

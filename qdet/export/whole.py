@@ -28,7 +28,7 @@ import torch
 from detectron2.export import TracingAdapter
 from torch import nn
 
-from qdet.export.graphs import OPSET
+from qdet.export.graphs import OPSET, constants_as_initializers, save_model
 from qdet.export.qdq import onnx_export_mode
 from qdet.export.runtime import TEXT_METADATA
 
@@ -109,6 +109,7 @@ def export_whole_detector(
             do_constant_folding=True,
         )
     proto = onnx.load(tmp)
+    constants_as_initializers(proto)
     meta = {
         "producer": "qdet",
         "graph": FORMAT,
@@ -125,8 +126,7 @@ def export_whole_detector(
     for key, value in meta.items():
         text = value if key in TEXT_METADATA else json.dumps(value)
         proto.metadata_props.add(key=key, value=text)
-    onnx.checker.check_model(proto)
-    onnx.save(proto, tmp)
+    save_model(proto, tmp, path)
     os.replace(tmp, path)  # never a half-written file under the final name
     return {"graph": FORMAT, "outputs": names, "quantizers": record.quantizers, "path": path}
 
