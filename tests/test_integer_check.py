@@ -94,11 +94,7 @@ def test_check_fails_when_a_conv_runs_in_float(tmp_path):
     proto = onnx.load(str(path))
     producer = {o: n for n in proto.graph.node for o in n.output}
     conv = next(n for n in proto.graph.node if n.op_type == "Conv")
-    bias_scale = producer[conv.input[2]].input[1]
-    for node in proto.graph.node:
-        if node.op_type == "Constant" and node.output[0] == bias_scale:
-            t = node.attribute[0].t
-            t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t) * 2, t.name))
+    _set_constant(proto, producer[conv.input[2]].input[1], _times(2.0))
     onnx.save(proto, str(path))
     report = verify_export(model, str(path), [_images()])
     assert not report.ok
@@ -142,15 +138,23 @@ TAMPERS = {
 }
 
 
+@pytest.fixture(scope="module")
+def target_export(tmp_path_factory):
+    """A target model and its integer file, exported once for the tampering cases."""
+    model = _target_model()
+    path = str(tmp_path_factory.mktemp("tamper") / "m.onnx")
+    _export(model, path)
+    return model, path
+
+
 @pytest.mark.parametrize("tamper", TAMPERS)
-def test_check_fails_on_each_kind_of_tampered_constant(tmp_path, tamper):
+def test_check_fails_on_each_kind_of_tampered_constant(tmp_path, tamper, target_export):
     """One constant of the integer file changed (a conv's weight or bias DequantizeLinear,
     its input's QuantizeLinear or DequantizeLinear, a zero point, a Clip bound): the check
     fails, by a conv that no longer fuses or by codes that differ from PyTorch's."""
-    model = _target_model()
+    model, original = target_export
     path = str(tmp_path / "m.onnx")
-    _export(model, path)
-    proto = onnx.load(path)
+    proto = onnx.load(original)
     producer = {o: n for n in proto.graph.node for o in n.output}
     conv = [n for n in proto.graph.node if n.op_type == "Conv"][4]
     x_dq, w_dq, b_dq = (producer[name] for name in conv.input[:3])
