@@ -16,6 +16,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
+from detectron2 import model_zoo
 from detectron2.modeling import build_model
 from target_models import _target_model
 
@@ -134,13 +135,37 @@ def test_target_file_runs_every_quantized_conv_as_one_integer_op(tmp_path):
     assert report.integer_kernels["QLinearConv"] == 48 and report.float_convs == 0
 
 
-def test_mask_model_file_equals_pytorch(tmp_path):
-    """Tiny ViTDet Mask R-CNN (random weights, every proposal kept): boxes, classes,
-    scores and 28 x 28 masks as PyTorch's, on another picture."""
-    opts = ["MODEL.WEIGHTS", "", "MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.0"]
-    cfg = load_config(VITDET, opts)
+MASK_MODELS = {
+    "vitdet": (VITDET, []),
+    "swin": (os.path.join(ROOT, "configs/digits/swin_tiny_fp.yaml"), []),
+    # Detectron2's own Mask R-CNN R-FPN config on qdet's meta-architecture, tiny.
+    "resnet_fpn": (
+        model_zoo.get_config_file("COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_3x.yaml"),
+        ["MODEL.META_ARCHITECTURE", "QuantMaskRCNN", "MODEL.DEVICE", "cpu"]
+        + ["MODEL.ROI_HEADS.NUM_CLASSES", "3", "MODEL.RESNETS.DEPTH", "18"]
+        + ["MODEL.RESNETS.RES2_OUT_CHANNELS", "64", "MODEL.FPN.OUT_CHANNELS", "32"]
+        + ["MODEL.ROI_MASK_HEAD.CONV_DIM", "32", "MODEL.ROI_BOX_HEAD.FC_DIM", "64"]
+        + ["INPUT.MIN_SIZE_TEST", "128", "INPUT.MAX_SIZE_TEST", "160"]
+        # Every detection kept: an untrained head's scores tie, and which of them a cut
+        # at 100 keeps is either runtime's own choice.
+        + ["TEST.DETECTIONS_PER_IMAGE", "1000", "MODEL.RPN.POST_NMS_TOPK_TEST", "50"],
+    ),
+}
+
+
+@pytest.mark.parametrize("arch", MASK_MODELS)
+def test_mask_model_file_equals_pytorch(tmp_path, arch):
+    """Mask R-CNN (tiny ViTDet, tiny Swin, an R18-FPN; random weights, every proposal
+    kept): boxes, classes, scores and 28 x 28 masks as PyTorch's, on other pictures and
+    at another size."""
+    config, opts = MASK_MODELS[arch]
+    cfg = load_config(
+        config, [*opts, "MODEL.WEIGHTS", "", "MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.0"]
+    )
     torch.manual_seed(0)
     model = build_model(cfg).eval()
+    with torch.no_grad():  # a trained predictor's moderate logits (random ones: large)
+        model.roi_heads.box_predictor.cls_score.weight.mul_(0.1)
     path = str(tmp_path / "mask.onnx")
     info = {**_info(cfg), "score_threshold": 0.0}
     size = cfg.INPUT.MIN_SIZE_TEST

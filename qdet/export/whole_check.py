@@ -83,6 +83,21 @@ def _iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return inter / np.maximum(area(a)[:, None] + area(b)[None, :] - inter, 1e-12)
 
 
+def _aligned(want: dict, got: dict) -> dict:
+    """``got``'s instances reordered to match ``want``'s one by one (greedily: the same
+    class, a score within :data:`SCORE_ATOL`, the nearest box). Detections whose scores tie
+    to float rounding (an untrained head's) leave NMS in either runtime's own order."""
+    dist = np.abs(want["pred_boxes"][:, None, :] - got["pred_boxes"][None]).max(axis=2)
+    dist += 1e9 * (want["pred_classes"][:, None] != got["pred_classes"][None])
+    dist += 1e9 * (np.abs(want["scores"][:, None] - got["scores"][None]) > SCORE_ATOL)
+    free, order = np.ones(len(got["scores"]), dtype=bool), []
+    for row in dist:
+        j = int(np.argmin(np.where(free, row, np.inf)))
+        free[j] = False
+        order.append(j)
+    return {k: v[order] if k != "image_size" else v for k, v in got.items()}
+
+
 def _compare(report: WholeReport, want: dict, got: dict, size: tuple[int, int]) -> None:
     """One picture's instances: PyTorch's (``want``) against the file's (``got``)."""
     n_want, n_got = len(want["pred_boxes"]), len(got["pred_boxes"])
@@ -102,6 +117,7 @@ def _compare(report: WholeReport, want: dict, got: dict, size: tuple[int, int]) 
         return
     if not n_want:
         return
+    got = _aligned(want, got)
     box = float(np.abs(want["pred_boxes"] - got["pred_boxes"]).max())
     score = float(np.abs(want["scores"] - got["scores"]).max())
     report.box_max_abs = max(report.box_max_abs, box)
