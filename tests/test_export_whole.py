@@ -13,6 +13,7 @@ import sys
 
 import cv2
 import numpy as np
+import onnx
 import onnxruntime as ort
 import pytest
 import torch
@@ -29,6 +30,7 @@ from qdet.export.whole_check import check_whole
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FP = os.path.join(ROOT, "configs/digits/retinanet_r18_fp.yaml")
 VITDET = os.path.join(ROOT, "configs/digits/vitdet_tiny_fp.yaml")
+QUANTIZED = os.path.join(ROOT, "configs/digits/retinanet_r18_4bit_baseline.yaml")
 TINY = ["MODEL.WEIGHTS", "", "MODEL.RESNETS.DEPTH", "18", "MODEL.FPN.OUT_CHANNELS", "32"]
 TINY += ["MODEL.RETINANET.NUM_CONVS", "1", "INPUT.MIN_SIZE_TEST", "64", "INPUT.MAX_SIZE_TEST", "96"]
 # Every anchor scores: a random head's detections, 20 a picture.
@@ -231,3 +233,45 @@ def test_runner_resize_and_mask_paste_are_detectron2s():
     ours = qdet_runner.paste_masks(masks.numpy(), boxes.numpy(), 64, 96)
     assert theirs.shape == ours.shape and theirs.sum() > 100
     assert (theirs != ours).sum() <= 0.001 * theirs.size
+
+
+def _doubled(a: np.ndarray) -> np.ndarray:
+    return np.asarray(a * 2, dtype=a.dtype)
+
+
+def test_quantized_file_is_checked_layer_by_layer_and_a_tampered_step_fails(tmp_path):
+    """A simulated 4-bit file: its QDQ inside the whole graph passes the layer-wise check
+    (weights on their grids, every QuantizeLinear's codes PyTorch's); one activation
+    DequantizeLinear step doubled in the file fails it, named."""
+    from onnx import numpy_helper
+
+    from qdet.quantization import calibrate
+
+    cfg = load_config(QUANTIZED, [*TINY, *ALL])
+    torch.manual_seed(0)
+    model = build_model(cfg).eval()
+    calibrate(model, [[{"image": _picture(64, 96, 9)}]], num_batches=1)
+    path = str(tmp_path / "q.onnx")
+    export_whole_detector(model, path, _picture(64, 96, 0), _info(cfg, "W4/A4"))
+    report = check_whole(model, path, [_picture(64, 96, 1)])
+    assert report.ok, report.failures
+    assert report.quantized and report.weights_checked > 20 and report.activations_checked > 30
+
+    proto = onnx.load(path)
+    constants = {i.name for i in proto.graph.initializer}
+    constants |= {n.output[0] for n in proto.graph.node if n.op_type == "Constant"}
+    dq = next(
+        n
+        for n in proto.graph.node
+        if n.op_type == "DequantizeLinear" and n.input[0] not in constants
+    )  # an activation's: its codes come from a QuantizeLinear
+    for node in proto.graph.node:
+        if node.op_type == "Constant" and node.output[0] == dq.input[1]:
+            t = node.attribute[0].t
+            t.CopyFrom(numpy_helper.from_array(_doubled(numpy_helper.to_array(t)), t.name))
+    for init in proto.graph.initializer:
+        if init.name == dq.input[1]:
+            init.CopyFrom(numpy_helper.from_array(_doubled(numpy_helper.to_array(init)), init.name))
+    onnx.save(proto, path)
+    tampered = check_whole(model, path, [_picture(64, 96, 1)])
+    assert not tampered.ok and any("dq_step" in f for f in tampered.failures), tampered.failures

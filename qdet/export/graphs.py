@@ -79,6 +79,17 @@ def export_graph(model: nn.Module) -> RetinaNetGraph | BackboneGraph:
     )
 
 
+def qdq_metadata(record) -> dict:
+    """What the layer-wise check reads of an export's QDQ (:mod:`qdet.export.verify`): each
+    activation's grid and each quantized weight, in graph order."""
+    return {
+        "qdq_activations": [grid.as_dict() for grid in record.activations],
+        "qdq_weights": [
+            {"path": g.path, "bits": g.bits, "offset": g.offset is not None} for g in record.weights
+        ],
+    }
+
+
 def _metadata(model: nn.Module, graph, record, dynamic: bool) -> dict[str, str]:
     meta = {
         "producer": "qdet",
@@ -93,10 +104,7 @@ def _metadata(model: nn.Module, graph, record, dynamic: bool) -> dict[str, str]:
         "quantizers": record.quantizers,
         "dynamic_shapes": dynamic,
         # In graph order, for the layer-wise check (qdet.export.verify).
-        "qdq_activations": [grid.as_dict() for grid in record.activations],
-        "qdq_weights": [
-            {"path": g.path, "bits": g.bits, "offset": g.offset is not None} for g in record.weights
-        ],
+        **qdq_metadata(record),
     }
     if graph.kind == "retinanet":
         meta["num_classes"] = model.num_classes

@@ -28,7 +28,7 @@ import torch
 from detectron2.export import TracingAdapter
 from torch import nn
 
-from qdet.export.graphs import OPSET, constants_as_initializers, save_model
+from qdet.export.graphs import OPSET, constants_as_initializers, qdq_metadata, save_model
 from qdet.export.qdq import onnx_export_mode
 from qdet.export.runtime import TEXT_METADATA
 
@@ -123,6 +123,8 @@ def export_whole_detector(
     }
     if record.target:  # what the check counts: every quantized conv one integer op
         meta["integer_convs"] = record.integer.convs
+    else:  # the layer-wise check of the QDQ inside (qdet.export.verify)
+        meta.update(qdq_metadata(record))
     for key, value in meta.items():
         text = value if key in TEXT_METADATA else json.dumps(value)
         proto.metadata_props.add(key=key, value=text)

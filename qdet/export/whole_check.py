@@ -26,6 +26,7 @@ from torch import nn
 import qdet_runner
 from qdet.export import integer_check
 from qdet.export.runtime import inference_session, onnx_metadata
+from qdet.export.verify import VerifyReport, check_activations, check_tie_rate, check_weights
 from qdet.export.whole import FORMAT, WHOLE_INPUT, detector_inference
 
 BOX_ATOL = 1e-3  # px
@@ -47,6 +48,11 @@ class WholeReport:
     confident_torch: int = 0
     confident_found: int = 0
     quantized: bool = False
+    # The QDQ inside a simulated quantized file, layer by layer (qdet.export.verify).
+    weights_checked: int = 0
+    activations_checked: int = 0
+    activation_values: int = 0
+    boundary_flips: int = 0
     target: str = ""
     integer_kernels: dict = field(default_factory=dict)
     float_convs: int = 0
@@ -67,6 +73,12 @@ class WholeReport:
             s += (
                 f"; boxes within {self.box_max_abs:.2g} px, scores within "
                 f"{self.score_max_abs:.2g}, masks IoU >= {self.mask_min_iou:.4f}"
+            )
+        if self.weights_checked or self.activations_checked:
+            s += (
+                f"; layer by layer: {self.weights_checked} quantized weights on their grids, "
+                f"{self.activations_checked} QuantizeLinear nodes ({self.activation_values} "
+                f"codes) give PyTorch's codes, {self.boundary_flips} at a rounding boundary"
             )
         if self.target:
             kernels = ", ".join(f"{v} {k}" for k, v in sorted(self.integer_kernels.items()))
@@ -163,6 +175,8 @@ def check_whole(
         got = dict(zip(names, session.run(None, feed)))
         _compare(report, want, got, tuple(image.shape[1:]))
         report.images += 1
+    if report.quantized and not report.target and images:
+        _check_layers(model, path, meta, images, report)
     if report.target and images:
         counts = integer_check.optimized_op_counts(path, threads or 1)
         batch = model.preprocess_image([{"image": images[0]}]).tensor
@@ -202,6 +216,26 @@ class WholeFileDetector(nn.Module):
                 instances.pred_masks = torch.from_numpy(found["masks"])
             outputs.append({"instances": instances})
         return outputs
+
+
+def _check_layers(model: nn.Module, path: str, meta: dict, images, report: WholeReport) -> None:
+    """The layer-wise check of a network-only file (:mod:`qdet.export.verify`) on the QDQ
+    inside the whole file: every quantized weight, and every QuantizeLinear's codes on
+    onnxruntime's own inputs and each constant of its chain, against the model's
+    quantizers; boundary ties counted and capped."""
+    import onnx  # optional: the export extra
+
+    layers = VerifyReport()
+    proto = onnx.load(path)
+    check_weights(model, proto, meta, layers)
+    feeds = [image.float().cpu().numpy() for image in images]
+    check_activations(model, proto, meta, feeds, layers, input_name=WHOLE_INPUT, substituted=False)
+    check_tie_rate(layers)
+    report.weights_checked = layers.weights_checked
+    report.activations_checked = layers.activations_checked
+    report.activation_values = layers.activation_values
+    report.boundary_flips = layers.boundary_flips
+    report.failures += layers.failures
 
 
 def is_whole_file(path: str) -> bool:
