@@ -36,14 +36,8 @@ logger = logging.getLogger(__name__)
 
 WHOLE_INPUT = "image"
 BOX_OUTPUTS = ("pred_boxes", "pred_classes", "scores")
-MASK_OUTPUT = "pred_masks"
 SIZE_OUTPUT = "image_size"
 FORMAT = "qdet-detector-1"  # metadata "graph" of a whole file
-
-
-def has_masks(model: nn.Module) -> bool:
-    roi_heads = getattr(model, "roi_heads", None)
-    return bool(getattr(roi_heads, "mask_on", False))
 
 
 def detector_inference(model: nn.Module):

@@ -15,7 +15,7 @@ tensors, and the instances are compared.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -26,42 +26,34 @@ from torch import nn
 import qdet_runner
 from qdet.export import integer_check
 from qdet.export.runtime import inference_session, onnx_metadata
-from qdet.export.verify import VerifyReport, check_activations, check_tie_rate, check_weights
+from qdet.export.verify import (
+    BOX_IOU,
+    CONFIDENT,
+    MIN_AGREEMENT,
+    VerifyReport,
+    check_activations,
+    check_tie_rate,
+    check_weights,
+)
 from qdet.export.whole import FORMAT, WHOLE_INPUT, detector_inference
 
 BOX_ATOL = 1e-3  # px
 SCORE_ATOL = 1e-5
 MASK_IOU = 0.99
-CONFIDENT = 0.5
-BOX_IOU = 0.9
-MIN_AGREEMENT = 0.9
 
 
 @dataclass
-class WholeReport:
-    images: int = 0
+class WholeReport(VerifyReport):
+    """:class:`qdet.export.verify.VerifyReport` (failures, confident detections, the
+    layer-by-layer counts of a simulated file, a target's kernels) plus the comparison of
+    the whole file's instances with PyTorch's."""
+
     instances_torch: int = 0
     instances_onnx: int = 0
     box_max_abs: float = 0.0
     score_max_abs: float = 0.0
     mask_min_iou: float = 1.0
-    confident_torch: int = 0
-    confident_found: int = 0
     quantized: bool = False
-    # The QDQ inside a simulated quantized file, layer by layer (qdet.export.verify).
-    weights_checked: int = 0
-    activations_checked: int = 0
-    activation_values: int = 0
-    boundary_flips: int = 0
-    target: str = ""
-    integer_kernels: dict = field(default_factory=dict)
-    float_convs: int = 0
-    failures: list = field(default_factory=list)
-    warnings: list = field(default_factory=list)
-
-    @property
-    def ok(self) -> bool:
-        return not self.failures
 
     def summary(self) -> str:
         s = (
@@ -225,17 +217,11 @@ def _check_layers(model: nn.Module, path: str, meta: dict, images, report: Whole
     quantizers; boundary ties counted and capped."""
     import onnx  # optional: the export extra
 
-    layers = VerifyReport()
     proto = onnx.load(path)
-    check_weights(model, proto, meta, layers)
+    check_weights(model, proto, meta, report)
     feeds = [image.float().cpu().numpy() for image in images]
-    check_activations(model, proto, meta, feeds, layers, input_name=WHOLE_INPUT, substituted=False)
-    check_tie_rate(layers)
-    report.weights_checked = layers.weights_checked
-    report.activations_checked = layers.activations_checked
-    report.activation_values = layers.activation_values
-    report.boundary_flips = layers.boundary_flips
-    report.failures += layers.failures
+    check_activations(model, proto, meta, feeds, report, input_name=WHOLE_INPUT, substituted=False)
+    check_tie_rate(report)
 
 
 def is_whole_file(path: str) -> bool:
