@@ -126,15 +126,36 @@ def test_runner_without_torch_gives_pytorchs_instances(fp_file, tmp_path):
     assert (found["classes"] == want.pred_classes.numpy()).all()
 
 
-def test_target_file_runs_every_quantized_conv_as_one_integer_op(tmp_path):
+def test_target_file_is_integer_and_checked_layer_by_layer(tmp_path):
+    """A target's whole file runs every quantized conv as one QLinearConv, and each of its
+    QuantizeLinear nodes gives PyTorch's codes on the runtime's inputs (a picture of
+    another size too); an int32 bias changed by 5 in the file fails that check, named."""
+    from onnx import numpy_helper
+
     model = _target_model("MODEL.RETINANET.SCORE_THRESH_TEST", "0.0")
     cfg = load_config(FP, TINY)
     path = str(tmp_path / "target.onnx")
     export_whole_detector(model, path, _picture(64, 96, 0), _info(cfg, "W4/A4", "onnxruntime"))
-    report = check_whole(model, path, [_picture(64, 96, 1)])
+    pictures = [_picture(64, 96, 1), _picture(80, 72, 2)]
+    report = check_whole(model, path, pictures)
     assert report.ok, report.failures
     assert report.quantized and report.target == "onnxruntime"
     assert report.integer_kernels["QLinearConv"] == 48 and report.float_convs == 0
+    grids = json.loads(
+        ort.InferenceSession(path).get_modelmeta().custom_metadata_map["integer_activations"]
+    )
+    assert report.activations_checked == len(grids) > 48
+    assert report.activation_values > 2 * 64 * 96 * 32
+
+    proto = onnx.load(path)
+    bias = [n for n in proto.graph.node if n.op_type == "Conv"][4].input[2]
+    producer = {o: n for n in proto.graph.node for o in n.output}
+    codes = producer[bias].input[0]  # the int32 bias of its DequantizeLinear
+    init = next(i for i in proto.graph.initializer if i.name == codes)
+    init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init) + np.int32(5), codes))
+    onnx.save(proto, path)
+    tampered = check_whole(model, path, pictures[:1])
+    assert any("differ from PyTorch" in f for f in tampered.failures), tampered.failures
 
 
 MASK_MODELS = {
@@ -181,6 +202,22 @@ def test_mask_model_file_equals_pytorch(tmp_path, arch):
     assert report.instances_torch > 0 and report.mask_min_iou >= 0.99
     names = [o.name for o in ort.InferenceSession(path).get_outputs()]
     assert names == ["pred_boxes", "pred_classes", "pred_masks", "scores", "image_size"]
+
+
+def test_an_op_onnx_cannot_convert_is_named_with_its_layer(tmp_path):
+    """A layer calling an operator with no ONNX conversion: one error naming the operator
+    and the layer (not the exporter's bare "not supported"), and no file written."""
+    model, cfg = _retinanet()
+    layer = model.head.cls_subnet[0]
+    conv = layer.forward
+    layer.forward = lambda x: torch.erfinv(torch.tanh(conv(x)) * 0.5)
+    path = tmp_path / "bad.onnx"
+    with pytest.raises(
+        ValueError,
+        match=r"no conversion for aten::erfinv, which head\.cls_subnet\.0 \(Conv2d\) calls",
+    ):
+        export_whole_detector(model, str(path), _picture(64, 96, 0), _info(cfg))
+    assert not path.exists()
 
 
 def test_runner_names_what_it_cannot_run(fp_file, tmp_path):

@@ -90,6 +90,23 @@ def qdq_metadata(record) -> dict:
     }
 
 
+def integer_metadata(record) -> dict:
+    """What the check of an integer export reads (:mod:`qdet.export.integer_check`): the
+    quantized conv calls that must each be one integer op, and each QuantizeLinear's grid
+    in graph order."""
+    return {
+        "integer_convs": record.integer.convs,
+        "integer_activations": [
+            {
+                "path": a["path"],
+                "requantize": a.get("requantize", False),
+                **{k: getattr(a["grid"], k) for k in ("q_step", "dq_step", "zero_point", "n")},
+            }
+            for a in record.integer.activations
+        ],
+    }
+
+
 def _metadata(model: nn.Module, graph, record, dynamic: bool) -> dict[str, str]:
     meta = {
         "producer": "qdet",
@@ -112,15 +129,7 @@ def _metadata(model: nn.Module, graph, record, dynamic: bool) -> dict[str, str]:
         meta["cell_anchors"] = [a.tolist() for a in model.anchor_generator.cell_anchors]
     if record.target:  # the integer graph (qdet.quantization.integer_ops): what the check counts
         meta["target"] = record.target
-        meta["integer_convs"] = record.integer.convs
-        meta["integer_activations"] = [
-            {
-                "path": a["path"],
-                "requantize": a.get("requantize", False),
-                **{k: getattr(a["grid"], k) for k in ("q_step", "dq_step", "zero_point", "n")},
-            }
-            for a in record.integer.activations
-        ]
+        meta.update(integer_metadata(record))
     return {k: v if isinstance(v, str) else json.dumps(v) for k, v in meta.items()}
 
 

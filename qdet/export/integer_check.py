@@ -19,6 +19,7 @@ from __future__ import annotations
 import collections
 import os
 import tempfile
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -129,8 +130,19 @@ class _Substitute:
 
 
 @torch.no_grad()
-def check_layers(model: nn.Module, path: str, batches: list[np.ndarray], meta: dict, report):
-    """Layer by layer on the integer kernels (module docstring)."""
+def check_layers(
+    model: nn.Module,
+    path: str,
+    batches: list[np.ndarray],
+    meta: dict,
+    report,
+    input_name: str = INPUT_NAME,
+    run_model: Callable[[np.ndarray], object] | None = None,
+):
+    """Layer by layer on the integer kernels (module docstring). Each of ``batches`` is fed
+    as ``input_name`` and given to ``run_model`` (default: the network-only graph of
+    :func:`qdet.export.graphs.export_graph` on it), which must make the quantizer calls the
+    file makes, in its order (a whole file: Detectron2's inference on the picture)."""
     import onnx  # optional: the export extra
 
     proto = onnx.load(path)
@@ -143,12 +155,14 @@ def check_layers(model: nn.Module, path: str, batches: list[np.ndarray], meta: d
         return
     proto.graph.output.extend(onnx.ValueInfoProto(name=n) for n in names)
     session = inference_session(proto.SerializeToString())
-    graph = export_graph(model).eval()
+    if run_model is None:
+        graph = export_graph(model).eval()
+        run_model = lambda images: graph(torch.from_numpy(images))  # noqa: E731
     for images in batches:
-        runtime = session.run(names, {INPUT_NAME: images})
+        runtime = session.run(names, {input_name: images})
         substitute = _Substitute(runtime, grids, report)
         with substituting_outputs(substitute):
-            graph(torch.from_numpy(images))
+            run_model(images)
         if substitute.i != len(grids):
             report.failures.append(
                 f"PyTorch quantized {substitute.i} tensors, the file has {len(grids)}"

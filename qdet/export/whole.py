@@ -19,16 +19,24 @@ the runner's (``qdet_runner``, torch-free). The metadata says what a runner need
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+import re
 import warnings
 
 import torch
 from detectron2.export import TracingAdapter
 from torch import nn
 
-from qdet.export.graphs import OPSET, constants_as_initializers, qdq_metadata, save_model
+from qdet.export.graphs import (
+    OPSET,
+    constants_as_initializers,
+    integer_metadata,
+    qdq_metadata,
+    save_model,
+)
 from qdet.export.qdq import onnx_export_mode
 from qdet.export.runtime import TEXT_METADATA
 
@@ -82,7 +90,12 @@ def export_whole_detector(
     with torch.no_grad():  # once, outside the export's recording: the outputs' schema
         adapter(*adapter.flattened_inputs)
     names = _flat_output_names(adapter.outputs_schema)
-    with onnx_export_mode(model) as record, torch.no_grad(), warnings.catch_warnings():
+    with (
+        onnx_export_mode(model) as record,
+        torch.no_grad(),
+        warnings.catch_warnings(),
+        _naming_what_cannot_export(model, adapter, opset),
+    ):
         if record.quantizers == 0:
             logger.warning("%s has no quantized layers: exporting it as FP32", type(model).__name__)
         # The TorchScript exporter (qdet's QDQ stand-ins have ONNX symbolics); its warnings
@@ -115,8 +128,8 @@ def export_whole_detector(
         "ir_version": proto.ir_version,
         **info,
     }
-    if record.target:  # what the check counts: every quantized conv one integer op
-        meta["integer_convs"] = record.integer.convs
+    if record.target:  # the integer check: every quantized conv one op, codes layer by layer
+        meta.update(integer_metadata(record))
     else:  # the layer-wise check of the QDQ inside (qdet.export.verify)
         meta.update(qdq_metadata(record))
     for key, value in meta.items():
@@ -140,3 +153,58 @@ def _flat_output_names(schema) -> list[str]:
     if missing:
         raise ValueError(f"the traced Instances lack {sorted(missing)}: not a detector's output")
     return [*node.keys, SIZE_OUTPUT]
+
+
+@contextlib.contextmanager
+def _naming_what_cannot_export(model: nn.Module, adapter: nn.Module, opset: int):
+    """An operator the ONNX exporter has no conversion for, as one error naming it, the
+    layer that calls it (found by running the inference once more, watching each aten op
+    with the module stack) and the ways out; instead of a bare "not supported"."""
+    try:
+        yield
+    except torch.onnx.errors.UnsupportedOperatorError as e:
+        found = re.search(r"operator '([\w:.]+)'", str(e))
+        if not found:
+            raise
+        op = found.group(1)
+        layer = _layer_calling(model, adapter, op)
+        where = f"{layer[0]} ({layer[1]})" if layer else f"{type(model).__name__}'s inference"
+        raise ValueError(
+            f"ONNX opset {opset} has no conversion for {op}, which {where} calls: write that "
+            "layer with exportable ops, or give the op a symbolic "
+            "(torch.onnx.register_custom_op_symbolic) before exporting"
+        ) from e
+
+
+def _layer_calling(model: nn.Module, adapter: nn.Module, op: str) -> tuple[str, str] | None:
+    """(name, class) of the innermost layer of ``model`` that calls aten ``op`` while
+    ``adapter`` runs, or None."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    stack: list[tuple[str, str]] = []
+    found: list[tuple[str, str]] = []
+
+    class Watch(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if not found and func._schema.name == op and stack:
+                found.append(stack[-1])
+            return func(*args, **(kwargs or {}))
+
+    def enter(name):
+        return lambda m, _inputs: stack.append((name, type(m).__name__))
+
+    def leave(_module, _inputs, _output):
+        stack.pop()
+
+    handles = []
+    for name, module in model.named_modules():
+        if name:
+            handles.append(module.register_forward_pre_hook(enter(name)))
+            handles.append(module.register_forward_hook(leave))
+    try:
+        with torch.no_grad(), Watch():
+            adapter(*adapter.flattened_inputs)
+    finally:
+        for h in handles:
+            h.remove()
+    return found[0] if found else None

@@ -66,11 +66,16 @@ class WholeReport(VerifyReport):
                 f"; boxes within {self.box_max_abs:.2g} px, scores within "
                 f"{self.score_max_abs:.2g}, masks IoU >= {self.mask_min_iou:.4f}"
             )
-        if self.weights_checked or self.activations_checked:
+        if self.activations_checked:
+            if self.target:  # weights are checked by the integer kernels' codes
+                checked = f"{self.activation_values} codes of the integer kernels, each layer fed "
+                checked += "the runtime's inputs"
+            else:
+                s += f"; {self.weights_checked} quantized weights on their grids"
+                checked = f"{self.activation_values} codes"
             s += (
-                f"; layer by layer: {self.weights_checked} quantized weights on their grids, "
-                f"{self.activations_checked} QuantizeLinear nodes ({self.activation_values} "
-                f"codes) give PyTorch's codes, {self.boundary_flips} at a rounding boundary"
+                f"; layer by layer: {self.activations_checked} QuantizeLinear nodes ({checked}) "
+                f"give PyTorch's codes, {self.boundary_flips} at a rounding boundary"
             )
         if self.target:
             kernels = ", ".join(f"{v} {k}" for k, v in sorted(self.integer_kernels.items()))
@@ -174,6 +179,17 @@ def check_whole(
         batch = model.preprocess_image([{"image": images[0]}]).tensor
         float_calls = integer_check.float_conv_calls(model, batch)
         integer_check.check_kernels(meta, counts, float_calls, report)
+        feeds = [image.float().cpu().numpy() for image in images]
+        integer_check.check_layers(
+            model,
+            path,
+            feeds,
+            meta,
+            report,
+            input_name=WHOLE_INPUT,
+            run_model=lambda x: inference(model, [{"image": torch.from_numpy(x)}]),
+        )
+        check_tie_rate(report)
     if report.confident_torch and report.confident_found < MIN_AGREEMENT * report.confident_torch:
         report.warnings.append(
             f"onnxruntime finds only {report.confident_found} of PyTorch's "
