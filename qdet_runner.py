@@ -26,7 +26,40 @@ import numpy as np
 
 FORMAT = "qdet-detector-1"  # the metadata "graph" of a whole-detector file
 TEXT_METADATA = ("producer", "graph", "input", "input_format", "target")  # the rest is JSON
+MATMULNBITS_ACCURACY_KEY = "session.qdq_matmulnbits_accuracy_level"
 IMAGE_TYPES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+
+
+def session_options(threads: int = 0, spinning: bool = True):
+    """onnxruntime's CPU session options for a qdet file (``threads`` = 0: onnxruntime's
+    default). ``spinning`` False: idle threads sleep rather than spin (several sessions
+    timed in turn in one process would otherwise take each other's cores)."""
+    ort = _require("onnxruntime")
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+    if not spinning:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    # onnxruntime rewrites a DequantizeLinear weight -> MatMul (a quantized Linear: ViT,
+    # Swin) into MatMulNBits, by default at accuracy level 4: activations quantized to int8
+    # per block on the fly, about 1e-3 relative off the dequantized product QAT computed.
+    # Level 1 keeps it in float32: the trained model.
+    options.add_session_config_entry(MATMULNBITS_ACCURACY_KEY, "1")
+    return options
+
+
+def read_metadata(session) -> dict:
+    """A session's ONNX metadata: qdet's entries decoded (JSON but for
+    :data:`TEXT_METADATA`); entries other tools added (onnxruntime's quantizer writes
+    ``onnx.*`` ones) kept as text when they are not JSON."""
+    meta = {}
+    for key, value in session.get_modelmeta().custom_metadata_map.items():
+        try:
+            meta[key] = value if key in TEXT_METADATA else json.loads(value)
+        except ValueError:
+            meta[key] = value
+    return meta
 
 
 def _require(module: str):
@@ -84,34 +117,52 @@ def resized_shape(height: int, width: int, short: int, max_size: int) -> tuple[i
     return new_h, new_w
 
 
-def _pil_bilinear_weights(size_in: int, size_out: int) -> np.ndarray:
-    """(size_out, size_in) weights of PIL's bilinear resampling: a triangle filter
-    widened by the downscale factor (antialiasing), each row normalised."""
+PRECISION_BITS = 22  # PIL's fixed-point weights for 8-bit pictures (Resample.c)
+
+
+def _pil_bilinear_taps(size_in: int, size_out: int) -> tuple[np.ndarray, np.ndarray]:
+    """PIL's bilinear resampling along one axis as taps: (size_out, K) input indices and
+    their integer weights. A triangle filter widened by the downscale factor
+    (antialiasing), normalised over the taps PIL takes (``int(center -+ support + 0.5)``,
+    clipped to the picture), then in PIL's fixed point (times 2**22, rounded half away
+    from zero); unused taps weigh 0."""
     scale = size_in / size_out
     support = max(scale, 1.0)
-    weights = np.zeros((size_out, size_in), dtype=np.float64)
-    for i in range(size_out):
-        center = (i + 0.5) * scale
-        lo = max(int(center - support + 0.5), 0)
-        hi = min(int(center + support + 0.5), size_in)
-        x = (np.arange(lo, hi) - center + 0.5) / support
-        w = np.clip(1.0 - np.abs(x), 0.0, None)
-        weights[i, lo:hi] = w / w.sum() if w.sum() > 0 else 0.0
-    return weights
+    center = (np.arange(size_out) + 0.5) * scale
+    lo = np.maximum((center - support + 0.5).astype(np.int64), 0)
+    hi = np.minimum((center + support + 0.5).astype(np.int64), size_in)
+    index = lo[:, None] + np.arange(int((hi - lo).max()))[None, :]
+    inside = index < hi[:, None]
+    w = np.clip(1.0 - np.abs((index - center[:, None] + 0.5) / support), 0.0, None) * inside
+    total = w.sum(axis=1, keepdims=True)
+    w = np.divide(w, total, out=np.zeros_like(w), where=total > 0)
+    fixed = np.floor(w * (1 << PRECISION_BITS) + 0.5).astype(np.int32)  # w >= 0
+    return np.minimum(index, size_in - 1), fixed
+
+
+def _resample(image: np.ndarray, axis: int, size: int) -> np.ndarray:
+    """One pass of PIL's bilinear resize of a uint8 picture along ``axis`` (0: rows, 1:
+    columns), in PIL's integer arithmetic: the weighted sum plus half a unit, shifted
+    down, clipped to uint8 (exactly PIL's pixels)."""
+    index, weights = _pil_bilinear_taps(image.shape[axis], size)
+    shape = (-1, 1, 1) if axis == 0 else (1, -1, 1)
+    # int32 holds it: the weights of an output sum to 2**22, times 255, plus 2**21.
+    out = np.full(image.shape[:axis] + (size,) + image.shape[axis + 1 :], 1 << 21, np.int32)
+    for k in range(index.shape[1]):  # a few taps: 2 when enlarging, ~2x the factor else
+        out += np.take(image, index[:, k], axis=axis).astype(np.int32) * weights[:, k].reshape(
+            shape
+        )
+    return np.clip(out >> PRECISION_BITS, 0, 255).astype(np.uint8)
 
 
 def resize(image: np.ndarray, height: int, width: int) -> np.ndarray:
     """``image`` (H, W, C uint8) resized as PIL's bilinear resize (what Detectron2's
-    ``ResizeTransform`` runs on uint8 pictures): horizontal pass, rounded to uint8, then
-    vertical pass."""
+    ``ResizeTransform`` runs on uint8 pictures), pixel for pixel: horizontal pass, then
+    vertical pass, each in PIL's fixed point."""
     if image.shape[:2] == (height, width):
         return image
-    rows = _pil_bilinear_weights(image.shape[0], height)
-    cols = _pil_bilinear_weights(image.shape[1], width)
-    across = np.einsum("wx,hxc->hwc", cols, image.astype(np.float64))
-    across = np.clip(np.floor(across + 0.5), 0, 255)
-    down = np.einsum("hy,ywc->hwc", rows, across)
-    return np.clip(np.floor(down + 0.5), 0, 255).astype(np.uint8)
+    across = image if image.shape[1] == width else _resample(image, 1, width)
+    return across if across.shape[0] == height else _resample(across, 0, height)
 
 
 # -- masks ----------------------------------------------------------------------------------
@@ -151,19 +202,17 @@ class Detector:
     XYXY in the picture's pixels, "classes": (N,), "scores": (N,)[, "masks": (N, H, W)
     bool]}``."""
 
-    def __init__(self, path: str, threads: int = 0):
+    def __init__(self, path: str, threads: int = 0, spinning: bool = True):
         ort = _require("onnxruntime")
         if not os.path.isfile(path):
             raise FileNotFoundError(
                 f"--onnx {path!r} does not exist; tools/export_onnx.py --config-file CONFIG "
                 "--output FILE.onnx MODEL.WEIGHTS CHECKPOINT writes it"
             )
-        options = ort.SessionOptions()
-        if threads:
-            options.intra_op_num_threads = threads
-            options.inter_op_num_threads = 1
         try:
-            self.session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+            self.session = ort.InferenceSession(
+                path, session_options(threads, spinning), providers=["CPUExecutionProvider"]
+            )
         except Exception as e:  # onnxruntime's own errors: not an ONNX file, bad graph
             raise ValueError(f"onnxruntime cannot load {path!r}: {e}") from e
         meta = dict(self.session.get_modelmeta().custom_metadata_map)
@@ -179,7 +228,7 @@ class Detector:
                 "tools/export_onnx.py --config-file CONFIG --output FILE.onnx MODEL.WEIGHTS "
                 "CHECKPOINT; a --network-only file holds the network alone"
             )
-        self.meta = {k: v if k in TEXT_METADATA else json.loads(v) for k, v in meta.items()}
+        self.meta = read_metadata(self.session)
         self.path = path
         self.input_format = self.meta["input_format"]
         self.min_size, self.max_size = self.meta["min_size_test"], self.meta["max_size_test"]

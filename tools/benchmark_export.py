@@ -1,6 +1,7 @@
 #!/usr/bin/env python
-"""Deployed latency on onnxruntime's CPU provider: qdet's integer exports against the FP32
-model and onnxruntime's own quantizer of it, side by side in one process.
+"""Deployed latency of a detection on onnxruntime's CPU provider: qdet's integer exports
+against the FP32 model and onnxruntime's own quantizer of it, each as the network alone and
+as the whole detector, side by side in one process.
 
     tools/benchmark_export.py --fp configs/digits/retinanet_r18_fp.yaml FP_WEIGHTS \\
         --qdet W8A8 configs/digits/retinanet_r18_w8a8_baseline_ort.yaml WEIGHTS \\
@@ -9,11 +10,16 @@ model and onnxruntime's own quantizer of it, side by side in one process.
 Models: the FP32 export of ``--fp``; onnxruntime's ``quantize_static`` of that same file
 calibrated with MinMax and with Percentile on ``--calibration-images`` training images;
 every ``--qdet`` export (a model trained with ``QUANT.TARGET``; ``--qdet-calibrated W A``
-instead builds one from the FP weights with qdet's calibration alone). Each is timed at
-batch 1 on every ``--sizes`` and ``--threads`` setting, all models alternating run by run
-(:mod:`qdet.benchmark.export_latency`). Table (median ms and IQR, ratios to FP32 and to
-``quantize_static`` MinMax, the integer / float ops onnxruntime runs, file size) in
-``--out`` as ``benchmark_export.md`` and ``.json``.
+instead builds one from the FP weights with qdet's calibration alone). Each is exported as
+the network-only file and as the whole detector (``quantize_static``'s whole file: its
+MinMax quantization of the FP32 whole file's network; Percentile cannot calibrate one).
+Both are timed at batch 1 on every ``--sizes`` and ``--threads`` setting with the first
+test picture resized to that size, the network-only file on its normalised batch, the whole
+file image in to instances out through ``qdet_runner.Detector``, all files alternating run
+by run (:mod:`qdet.benchmark.export_latency`). Table (per model: both files' median ms and
+IQR, the post-processing's cost, the whole file's ratios to FP32's and to ``quantize_static``
+MinMax's, the integer / float ops onnxruntime runs in it, its size, the instances it
+returns) in ``--out`` as ``benchmark_export.md`` and ``.json``.
 """
 
 from __future__ import annotations
@@ -62,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--qdet-calib-batches", type=int, default=4, help="its calibration batches")
     p.add_argument(
-        "--calibration-images", type=int, default=64, help="quantize_static's calibration"
+        "--calibration-images", type=int, default=64, help="quantize_static's calibration pictures"
     )
     p.add_argument(
         "--sizes",
@@ -70,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
         nargs=2,
         action="append",
         metavar=("H", "W"),
-        help="input sizes (default: 160 192, the digits test size, and 800 1344)",
+        help="picture sizes, H x W (default: 160 192, the digits test size, and 800 1344)",
     )
     p.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     p.add_argument("--repeats", type=int, default=20)

@@ -1,20 +1,24 @@
 #!/usr/bin/env python
-"""`make demo`: FP teacher, then 4-bit and low-bit baseline / QFD students, on the digits data.
+"""`make demo`: FP teacher, 4-bit baseline / QFD students for onnxruntime, each shipped as
+one file and run without torch, on the digits data.
 
 Rows (configs/digits/demo_*.yaml, outputs under output/demo/, one seed, short schedules):
   1. an FP RetinaNet-R18 teacher trained from scratch on qdet_digits_train (600 iterations);
-  2. 4-bit QAT baseline and 4-bit QFD student, fine-tuned from it (QFD runs its teacher
-     stage first: the teacher fine-tuned with an 8-bit quantizer on its p3 feature);
-  3. the same at the lower bit width where the accuracy study's methods differ most;
-then COCO AP on qdet_digits_val for all: a table (also output/demo/demo.json), a bar chart
-(output/demo/demo.png) and the detections of FP, 4-bit baseline and 4-bit QFD side by side
-(output/demo/detections.png) on the three val images where the 4-bit models differ most
-from FP, at the score where the FP teacher's detections are 90% right on val.
-The fine-tunes train two at a time (qdet.study.Study); a progress line with an ETA comes
-at every start and every minute.
+  2. a 4-bit QAT baseline and a 4-bit QFD student fine-tuned from it, both trained for
+     onnxruntime's integer kernels (QUANT.TARGET onnxruntime; QFD runs its teacher stage
+     first: the teacher fine-tuned with an 8-bit quantizer on its p3 feature);
+then COCO AP on qdet_digits_val of each in PyTorch; each exported as one whole-detector
+ONNX file (<run>/model.onnx) and run by the torch-free runner (qdet_runner.py) on every
+val picture: the file's AP and the runner's ms per picture, the files alternating on one
+thread each. A table (also output/demo/demo.json), a bar chart (output/demo/demo.png) and
+the three files' detections side by side (output/demo/detections.png) on the three val
+images where the 4-bit models differ most from FP, at the score where the FP teacher's
+detections are 90% right on val. The fine-tunes train two at a time (qdet.study.Study); a
+progress line with an ETA comes at every start and every minute.
 
-Finished rows are reused; --fresh retrains everything. One seed of a short schedule shows
-the pipeline, not which method is better: the demo says so and points to the study.
+Finished rows and their files are reused; --fresh retrains everything. One seed of a short
+schedule shows the pipeline, not which method is better: the demo says so and points to
+the study.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ from qdet.engine.cli import run_cli  # noqa: E402
 from qdet.predict import write_study_sheet  # noqa: E402
 from qdet.study import Study  # noqa: E402
 from qdet.study.demo import SHEET, demo_rows, demo_table, plot, write_summary  # noqa: E402
+from qdet.study.demo_deploy import deploy  # noqa: E402
 
 OUT = "output/demo"
 
@@ -61,15 +66,27 @@ def run(args) -> None:
     jobs = 2 if (os.cpu_count() or 1) >= 2 else 1  # two one-thread runs beat one (Study)
     log = lambda m: print(m, flush=True)  # noqa: E731
     study = Study(demo_rows(), [1], OUT, args.opts, tag="demo", log=log, jobs=jobs)
-    rows = demo_table(study, study.run())
+    results = study.run()
+    log("[demo] Exporting each model as one whole-detector file; qdet_runner.py runs them")
+    deployed = deploy(study, list(study.rows))
+    rows = demo_table(study, results, deployed)
     plot(rows, os.path.join(OUT, "demo.png"))
-    sheet = write_study_sheet(study, SHEET, 1, os.path.join(OUT, "detections.png"))
+    files = {name: d["file"] for name, d in deployed.items()}
+    sheet = write_study_sheet(study, SHEET, 1, os.path.join(OUT, "detections.png"), files=files)
     seconds = time.time() - start
     write_summary(rows, sheet, seconds, os.path.join(OUT, "demo.json"))
-    print(f"\n[demo] COCO box AP on qdet_digits_val ({seconds:.0f} s in all):")
+    print(
+        f"\n[demo] COCO box AP on qdet_digits_val ({seconds:.0f} s in all); 'file': the "
+        "model's whole-detector ONNX file run by qdet_runner.py (no torch), its AP and "
+        "median ms per picture on one onnxruntime thread:"
+    )
     print(tabulate(rows, headers="keys", tablefmt="github", floatfmt=".1f"))
     if sheet:
         print(f"[demo] Detections, {' | '.join(SHEET)}: {sheet.path}: {sheet.describe()}")
+    print(
+        f"[demo] Run a file without torch: python qdet_runner.py --onnx "
+        f"{deployed[SHEET[-1]]['file']} --input PICTURES --output FOLDER"
+    )
     print(
         f"[demo] Plot: {OUT}/demo.png. One seed of a short schedule: AP differences of a few "
         "points between these rows are within run-to-run noise, not results; the 3-seed "

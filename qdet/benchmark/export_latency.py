@@ -1,6 +1,7 @@
-"""Deployed latency on onnxruntime's CPU provider (``tools/benchmark_export.py``): qdet's
-integer exports against the FP32 model and onnxruntime's own quantizer of it, side by side
-in one process.
+"""Deployed latency of a detection on onnxruntime's CPU provider
+(``tools/benchmark_export.py``): qdet's integer exports against the FP32 model and
+onnxruntime's own quantizer of it, each as the network alone and as the whole detector,
+side by side in one process, so that the table shows what the post-processing costs.
 
 Models: the FP32 export of ``--fp``; onnxruntime's ``quantize_static`` of that same file
 (:mod:`qdet.export.peer`: after ``quant_pre_process``; QDQ, per-channel s8 weights, u8
@@ -8,33 +9,71 @@ activations) calibrated with MinMax and with Percentile on ``--calibration-image
 training images; every ``--qdet`` export (a model trained with ``QUANT.TARGET``;
 ``--qdet-calibrated W A`` instead builds one from the FP weights with qdet's calibration
 alone, :mod:`qdet.study.ptq`, whose latency is a trained one's: the graph is the same).
-Each is exported once (dynamic axes), then timed at batch 1 on every size and thread
-setting, all models alternating run by run so that drift hits them alike (sessions' idle
-threads sleep instead of spinning, so they do not compete with the one being timed). The
-table: median ms and IQR, ratios to FP32 and to ``quantize_static`` MinMax, the integer /
-float ops onnxruntime runs, file size.
+
+Each model is exported twice (dynamic axes): the network-only file
+(:func:`qdet.export.export_onnx`, RetinaNet's head outputs) and the whole detector
+(:func:`qdet.export.whole.export_whole_detector`: normalisation, padding, network, anchors,
+box decoding, score threshold, top-k, NMS; traced on the first test picture).
+``quantize_static``'s whole file is its quantization of the FP32 whole file, calibrated on
+the same training pictures (as the whole file takes them: resized, not normalised), with
+the network quantized and the post-processing left in float, as qdet's; MinMax only, as
+onnxruntime's Percentile cannot calibrate a whole file
+(:func:`~qdet.export.peer.quantize_static_peer`).
+
+Timing, batch 1, on every size H x W and thread setting, with the first test picture
+resized to H x W (a real picture: the detector finds objects and NMS has work): a
+network-only file runs ``session.run`` on it normalised and padded (Detectron2's
+``preprocess_image``); a whole file runs image in to instances out, the torch-free runner
+(:class:`qdet_runner.Detector`) on it as BGR uint8 (channel order, the runner's resize set
+to leave H x W as is, the file, boxes to numpy), so both see the same network input and
+the difference is what surrounds the network. All files alternate run by run so that drift
+hits them alike (sessions' idle threads sleep instead of spinning, so they do not compete
+with the one being timed). The table: per model the median ms (IQR) of both files, the
+post-processing's cost (whole minus network, ms and % of the whole), the whole file's
+ratios to FP32's and to ``quantize_static`` MinMax's whole files, the integer ops / float
+convs onnxruntime runs in it, its size and the instances it returns.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import statistics
 import time
+from functools import partial
 
 import numpy as np
 import torch
-from detectron2.checkpoint import DetectionCheckpointer
-from detectron2.modeling import build_model
+from detectron2.data import DatasetCatalog, DatasetMapper
 
+import qdet_runner
 from qdet.config import load_config
-from qdet.engine.checks import missing_checkpoint_message
+from qdet.engine.checks import check_datasets, missing_checkpoint_message
+from qdet.engine.trained_model import TrainedModel, trained_model_from_cfg
 from qdet.export import export_onnx, inference_session
+from qdet.export.graphs import INPUT_NAME
 from qdet.export.integer_check import INTEGER_OPS, float_convs, optimized_op_counts
 from qdet.export.peer import export_fp32, quantize_static_peer
+from qdet.export.whole import export_whole_detector
 from qdet.study import ptq
 
 PEER = "quantize_static MinMax"
-DIVISIBILITY = 32  # Detectron2's ResNet-FPN size divisibility
+KINDS = {
+    "network": "the network-only file (RetinaNet's head outputs), session.run on the picture "
+    "normalised and padded to a multiple of 32",
+    "whole": "the whole-detector file through qdet_runner.Detector, the BGR uint8 picture in, "
+    "instances out",
+}
+POST_PROCESSING = (
+    "whole minus network: normalisation, padding, anchors, box decoding, top-k and NMS in "
+    "the graph, the runner's numpy around it"
+)
+NO_WHOLE = {
+    "quantize_static Percentile": "no whole file: onnxruntime's histogram calibrators stack "
+    "each tensor's values over the calibration pictures, and the post-processing's tensors "
+    "differ in length from picture to picture (onnxruntime issue #18792); its graph is "
+    "MinMax's, only the scales differ"
+}
 
 
 def _config(config: str, weights: str, opts=()):
@@ -43,17 +82,42 @@ def _config(config: str, weights: str, opts=()):
     return load_config(config, ["MODEL.DEVICE", "cpu", *opts])
 
 
-def _load(config: str, weights: str, opts=()):
-    cfg = _config(config, weights, opts)
-    model = build_model(cfg).eval()
-    DetectionCheckpointer(model).load(weights)
-    return cfg, model
+def _load(config: str, weights: str, opts=()) -> TrainedModel:
+    return trained_model_from_cfg(_config(config, weights, ["MODEL.WEIGHTS", weights, *opts]))
 
 
-def calibrated_target_model(fp_config, fp_weights, w_bits, a_bits, batches, target="onnxruntime"):
-    """qdet's post-training quantization: the FP model with ``QUANT.TARGET``, calibrated."""
-    cfg = _config(fp_config, fp_weights, ptq.target_opts(w_bits, a_bits, target))
-    return ptq.calibrated_target_model(cfg, fp_weights, batches, len(batches))
+def calibrated_target_model(
+    fp: TrainedModel, fp_config: str, w_bits: int, a_bits: int, batches, target="onnxruntime"
+) -> TrainedModel:
+    """qdet's post-training quantization: ``fp``'s model with ``QUANT.TARGET``, calibrated
+    on ``batches`` (``fp``'s test resize and classes)."""
+    cfg = _config(fp_config, fp.checkpoint, ptq.target_opts(w_bits, a_bits, target))
+    model = ptq.calibrated_target_model(cfg, fp.checkpoint, batches, len(batches))
+    return dataclasses.replace(fp, model=model, config=cfg, bits=f"W{w_bits}/A{a_bits}")
+
+
+def first_test_picture(cfg) -> tuple[str, np.ndarray, torch.Tensor]:
+    """The first picture of ``cfg.DATASETS.TEST[0]``: its file, the picture as read (BGR
+    uint8, H x W x 3) and as the test loader gives it ((3, h, w), resized, in the input
+    format). The whole files are traced on the last and timed with the second."""
+    check_datasets(cfg.DATASETS.TEST[:1])
+    record = DatasetCatalog.get(cfg.DATASETS.TEST[0])[0]
+    image = DatasetMapper(cfg, is_train=False)(dict(record))["image"]
+    return record["file_name"], qdet_runner.read_image(record["file_name"]), image
+
+
+def picture_inputs(trained: TrainedModel, picture: np.ndarray, height: int, width: int):
+    """``picture`` (BGR uint8) resized to ``height`` x ``width`` as the two kinds of file
+    take it: BGR uint8 (the runner's input) and the network's input batch (in the input
+    format, normalised and padded by the model's ``preprocess_image``)."""
+    import cv2  # the runner's dependency
+
+    bgr = cv2.resize(picture, (width, height), interpolation=cv2.INTER_LINEAR)
+    image = bgr[:, :, ::-1] if trained.input_format == "RGB" else bgr
+    tensor = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))).float()
+    with torch.no_grad():
+        batch = trained.model.preprocess_image([{"image": tensor}]).tensor.numpy()
+    return bgr, batch
 
 
 def _ops(path: str) -> dict:
@@ -62,83 +126,139 @@ def _ops(path: str) -> dict:
     return {"counts": counts, "integer": integer, "float_convs": float_convs(counts)}
 
 
-def build_models(args) -> dict[str, str]:
-    """name -> ONNX path, exported under ``args.out``."""
+def build_models(args, fp: TrainedModel, traced: torch.Tensor) -> dict[str, dict[str, str]]:
+    """name -> {"network": ONNX path, "whole": ONNX path}, exported under ``args.out``;
+    the whole files traced on ``traced`` (a test picture as the model takes it)."""
     os.makedirs(args.out, exist_ok=True)
-    fp_cfg, fp = _load(*args.fp)
-    paths = {"FP32": os.path.join(args.out, "fp32.onnx")}
-    batches, calibration = export_fp32(fp_cfg, fp, paths["FP32"], args.calibration_images)
-    sample = torch.from_numpy(calibration[0])
+
+    def files(stem: str) -> dict[str, str]:
+        return {
+            "network": os.path.join(args.out, f"{stem}.onnx"),
+            "whole": os.path.join(args.out, f"{stem}.whole.onnx"),
+        }
+
+    paths = {"FP32": files("fp32")}
+    batches, calibration = export_fp32(
+        fp.config, fp.model, paths["FP32"]["network"], args.calibration_images
+    )
+    export_whole_detector(fp.model, paths["FP32"]["whole"], traced, fp.deployment_info())
+    pictures = [b[0]["image"].float().numpy() for b in batches]  # the whole file's input
     for method in ("minmax", "percentile"):
         name = f"quantize_static {'MinMax' if method == 'minmax' else 'Percentile'}"
-        paths[name] = quantize_static_peer(
-            paths["FP32"], os.path.join(args.out, f"ort_{method}.onnx"), calibration, method
-        )
-    models = []
-    for label, config, weights in args.qdet or []:
-        models.append((f"qdet {label}", _load(config, weights)[1]))
+        paths[name] = files(f"ort_{method}")
+        quantize_static_peer(paths["FP32"]["network"], paths[name]["network"], calibration, method)
+        if name in NO_WHOLE:
+            del paths[name]["whole"]
+        else:
+            quantize_static_peer(
+                paths["FP32"]["whole"], paths[name]["whole"], pictures, method, whole=True
+            )
+    models = [
+        (f"qdet {label}", _load(config, weights)) for label, config, weights in args.qdet or []
+    ]
     for w_bits, a_bits in args.qdet_calibrated or []:
-        model = calibrated_target_model(
-            *args.fp, w_bits, a_bits, batches[: args.qdet_calib_batches]
+        calibration_batches = batches[: args.qdet_calib_batches]
+        trained = calibrated_target_model(fp, args.fp[0], w_bits, a_bits, calibration_batches)
+        models.append((f"qdet W{w_bits}A{a_bits} (calibration only)", trained))
+    sample = torch.from_numpy(calibration[0])
+    for name, trained in models:
+        paths[name] = files(name.split()[1].lower())
+        export_onnx(trained.model, paths[name]["network"], sample)
+        export_whole_detector(
+            trained.model, paths[name]["whole"], traced, trained.deployment_info()
         )
-        models.append((f"qdet W{w_bits}A{a_bits} (calibration only)", model))
-    for name, model in models:
-        path = os.path.join(args.out, name.split()[1].lower() + ".onnx")
-        export_onnx(model, path, sample)
-        paths[name] = path
     return paths
 
 
-def time_sessions(paths: dict[str, str], sizes, threads: int, repeats: int, warmup: int, div: int):
+def _summary(seconds: list[float]) -> dict:
+    return {
+        "median_ms": statistics.median(seconds) * 1000,
+        "iqr_ms": float(np.percentile(seconds, 75) - np.percentile(seconds, 25)) * 1000,
+    }
+
+
+def time_files(paths: dict, inputs: dict, threads: int, repeats: int, warmup: int) -> dict:
+    """{size: {model: {kind: {"median_ms", "iqr_ms"}, "instances": the whole file's}}}
+    for every ``inputs`` size (-> (BGR picture, network batch)), every file of ``paths``
+    alternating run by run."""
     # Idle sessions' threads must not spin on the cores the timed one runs on.
-    sessions = {name: inference_session(p, threads, spinning=False) for name, p in paths.items()}
+    networks = {
+        n: inference_session(f["network"], threads, spinning=False) for n, f in paths.items()
+    }
+    wholes = {
+        n: qdet_runner.Detector(f["whole"], threads, spinning=False)
+        for n, f in paths.items()
+        if "whole" in f
+    }
     rows = {}
-    for h, w in sizes:
-        ph, pw = -(-h // div) * div, -(-w // div) * div
-        feed = {"images": np.random.default_rng(0).standard_normal((1, 3, ph, pw), np.float32)}
-        times = {name: [] for name in sessions}
+    for size, (bgr, batch) in inputs.items():
+        height, width = bgr.shape[:2]
+        runs = {}
+        for name in paths:
+            runs[name, "network"] = partial(networks[name].run, None, {INPUT_NAME: batch})
+            if name in wholes:
+                detector = wholes[name]
+                # ResizeShortestEdge(min, max) of an H x W picture is H x W: the network
+                # sees what the network-only file gets.
+                detector.min_size, detector.max_size = min(height, width), max(height, width)
+                runs[name, "whole"] = partial(detector, bgr)
+        times = {key: [] for key in runs}
         for _ in range(warmup):
-            for s in sessions.values():
-                s.run(None, feed)
-        for _ in range(repeats):  # alternate, so drift hits every model alike
-            for name, s in sessions.items():
+            for run in runs.values():
+                run()
+        for _ in range(repeats):  # alternate, so drift hits every file alike
+            for key, run in runs.items():
                 start = time.perf_counter()
-                s.run(None, feed)
-                times[name].append(time.perf_counter() - start)
-        rows[f"{ph}x{pw}"] = {
-            name: {
-                "median_ms": statistics.median(t) * 1000,
-                "iqr_ms": float(np.percentile(t, 75) - np.percentile(t, 25)) * 1000,
-            }
-            for name, t in times.items()
-        }
+                run()
+                times[key].append(time.perf_counter() - start)
+        rows[size] = {name: {} for name in paths}
+        for (name, kind), seconds in times.items():
+            rows[size][name][kind] = _summary(seconds)
+        for name, detector in wholes.items():
+            rows[size][name]["instances"] = len(detector(bgr)["scores"])
     return rows
 
 
+def _ms(t: dict) -> str:
+    return f"{t['median_ms']:.1f} ({t['iqr_ms']:.1f})"
+
+
 def table(result: dict) -> str:
+    """The markdown report of :func:`measure`'s result: per size and threads, a row per
+    model."""
     lines = [
-        f"onnxruntime {result['onnxruntime']} CPU provider, batch 1, median (IQR) of "
-        f"{result['repeats']} runs each, all models alternating in one process",
+        f"onnxruntime {result['onnxruntime']} CPU provider, batch 1, median (IQR) ms of "
+        f"{result['repeats']} runs each, all files alternating in one process, a test picture "
+        f"resized to each size. network: {result['kinds']['network']}; whole: "
+        f"{result['kinds']['whole']}; post-processing: {result['post_processing']}.",
         "",
     ]
+    header = (
+        "| model | network ms | whole ms | post-processing ms (% of whole) | whole vs FP32 | "
+        f"whole vs {PEER} | integer ops / float convs | MiB | instances |"
+    )
     for key, by_model in result["timings"].items():
         size, threads = key.split("@")
-        lines += [
-            f"**{size}, {threads} thread(s)**",
-            "",
-            "| model | ms | vs FP32 | vs " + PEER + " | integer ops / float convs | MiB |",
-            "|---|---|---|---|---|---|",
-        ]
-        fp, peer = by_model["FP32"]["median_ms"], by_model[PEER]["median_ms"]
+        lines += [f"**{size}, {threads} thread(s)**", "", header, "|---" * 9 + "|"]
+        fp, peer = by_model["FP32"]["whole"]["median_ms"], by_model[PEER]["whole"]["median_ms"]
         for name, t in by_model.items():
-            ops = result["ops"][name]
+            if "whole" not in t:
+                lines.append(f"| {name} | {_ms(t['network'])} |" + " — |" * 7)
+                continue
+            whole, post = (
+                t["whole"]["median_ms"],
+                t["whole"]["median_ms"] - t["network"]["median_ms"],
+            )
+            ops = result["ops"][name]["whole"]
             lines.append(
-                f"| {name} | {t['median_ms']:.1f} ({t['iqr_ms']:.1f}) | "
-                f"{t['median_ms'] / fp:.2f}x | {t['median_ms'] / peer:.2f}x | "
-                f"{ops['integer']} / {ops['float_convs']} | {result['mib'][name]:.1f} |"
+                f"| {name} | {_ms(t['network'])} | {_ms(t['whole'])} | "
+                f"{post:.1f} ({100 * post / whole:.0f}%) | {whole / fp:.2f}x | "
+                f"{whole / peer:.2f}x | {ops['integer']} / {ops['float_convs']} | "
+                f"{result['mib'][name]['whole']:.1f} | {t['instances']} |"
             )
         lines.append("")
-    return "\n".join(lines)
+    lines += [f"— {name}: {why}." for name, why in result.get("notes", {}).items()]
+    return "\n".join(lines).rstrip("\n")
 
 
 def measure(args) -> dict:
@@ -146,18 +266,29 @@ def measure(args) -> dict:
     ``args.threads``: what :func:`table` shows and the JSON holds."""
     import onnxruntime  # optional: the export extra
 
-    paths = build_models(args)
+    fp = _load(*args.fp)
+    picture_file, picture, traced = first_test_picture(fp.config)
+    paths = build_models(args, fp, traced)
+    inputs = {f"{h}x{w}": picture_inputs(fp, picture, h, w) for h, w in args.sizes}
     result = {
         "onnxruntime": onnxruntime.__version__,
         "repeats": args.repeats,
+        "warmup": args.warmup,
+        "picture": picture_file,
+        "network_inputs": {size: list(batch.shape) for size, (_, batch) in inputs.items()},
+        "kinds": KINDS,
+        "post_processing": POST_PROCESSING,
         "models": paths,
-        "ops": {name: _ops(p) for name, p in paths.items()},
-        "mib": {name: os.path.getsize(p) / 2**20 for name, p in paths.items()},
+        "notes": {name: why for name, why in NO_WHOLE.items() if name in paths},
+        "ops": {n: {k: _ops(p) for k, p in files.items()} for n, files in paths.items()},
+        "mib": {
+            n: {k: os.path.getsize(p) / 2**20 for k, p in files.items()}
+            for n, files in paths.items()
+        },
         "timings": {},
     }
     for threads in args.threads:
-        for size, by_model in time_sessions(
-            paths, args.sizes, threads, args.repeats, args.warmup, DIVISIBILITY
-        ).items():
+        rows = time_files(paths, inputs, threads, args.repeats, args.warmup)
+        for size, by_model in rows.items():
             result["timings"][f"{size}@{threads}"] = by_model
     return result

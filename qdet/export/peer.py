@@ -1,7 +1,9 @@
 """The peer a deployed qdet model is measured against: onnxruntime's own post-training
 quantizer (``onnxruntime.quantization.quantize_static``) of the same FP model, as a user
 would run it: ``quant_pre_process`` (shape inference, Conv+BN folding), then QDQ with
-per-channel s8 weights and u8 activations, calibrated on real training images."""
+per-channel s8 weights and u8 activations, calibrated on real training images. Of a
+network-only file, or of a whole-detector file (:mod:`qdet.export.whole`) with its
+network quantized and its post-processing left in float."""
 
 from __future__ import annotations
 
@@ -14,8 +16,12 @@ from detectron2.data import DatasetCatalog, DatasetMapper
 
 from qdet.engine.checks import check_datasets
 from qdet.export.graphs import INPUT_NAME, export_onnx
+from qdet.export.whole import WHOLE_INPUT
 
 CALIBRATIONS = ("minmax", "percentile")
+# A RetinaNet whole file's network: the nodes its TracingAdapter's model.backbone and
+# model.head trace to (the graph of the network-only file).
+WHOLE_NETWORK = ("/model/backbone/", "/model/head/")
 
 
 def padded(images: Iterable[np.ndarray], height: int, width: int) -> list[np.ndarray]:
@@ -30,11 +36,28 @@ def padded(images: Iterable[np.ndarray], height: int, width: int) -> list[np.nda
 
 
 def quantize_static_peer(
-    fp_onnx: str, out: str, calibration: list[np.ndarray], method: str = "minmax"
+    fp_onnx: str,
+    out: str,
+    calibration: list[np.ndarray],
+    method: str = "minmax",
+    whole: bool = False,
 ) -> str:
     """onnxruntime's ``quantize_static`` of ``fp_onnx`` into ``out`` (QDQ, per-channel s8
     weights, u8 activations), calibrated on ``calibration`` (normalised input batches,
-    one shape) with ``method`` (:data:`CALIBRATIONS`). Returns ``out``."""
+    one shape) with ``method`` (:data:`CALIBRATIONS`). Returns ``out``.
+
+    ``whole``: ``fp_onnx`` is a RetinaNet whole-detector file and ``calibration`` its input
+    pictures ((3, H, W) float in the input format, resized, each its own size). Only the
+    network's nodes (:data:`WHOLE_NETWORK`, quantize_static's ``nodes_to_quantize``) are
+    quantized, as in a network-only file: by default it also quantizes the anchors' and box
+    decoding's Add / Mul, which onnxruntime 1.32 fuses into QLinearAdd / QLinearMul and
+    crashes running (and box coordinates would sit on an 8-bit grid). The output drops the
+    shapes ONNX's shape inference wrote into it (``value_info``, which quantize_static always
+    adds): on them onnxruntime's ReshapeFusion breaks a Reshape of the box decoding
+    ("cannot reshape {0,1,4} to {0,-1}"); its metadata keeps qdet's entries only. MinMax
+    only: the histogram calibrators (Percentile) stack each tensor's values over the
+    pictures, and the post-processing's tensors differ in length from picture to picture
+    (onnxruntime issue #18792)."""
     # optional: the export extra
     from onnxruntime.quantization import (
         CalibrationDataReader,
@@ -47,6 +70,13 @@ def quantize_static_peer(
 
     if method not in CALIBRATIONS:
         raise ValueError(f"calibration {method!r}: choose from {CALIBRATIONS}")
+    if whole and method != "minmax":
+        raise ValueError(
+            f"calibration {method!r} of a whole-detector file: onnxruntime's histogram "
+            "calibrators cannot take tensors whose length differs between pictures (the "
+            "post-processing's; onnxruntime issue #18792): use minmax"
+        )
+    input_name = WHOLE_INPUT if whole else INPUT_NAME
 
     class Reader(CalibrationDataReader):
         def __init__(self):
@@ -54,12 +84,13 @@ def quantize_static_peer(
 
         def get_next(self):
             x = next(self.batches, None)
-            return None if x is None else {INPUT_NAME: x}
+            return None if x is None else {input_name: x}
 
     pre = out + ".pre.onnx"
     # A detector export has dynamic axes, which symbolic shape inference cannot follow.
     quant_pre_process(fp_onnx, pre, skip_symbolic_shape=True)
     try:
+        network = _whole_network(pre) if whole else None
         quantize_static(
             pre,
             out + ".tmp",
@@ -72,12 +103,43 @@ def quantize_static_peer(
                 "minmax": CalibrationMethod.MinMax,
                 "percentile": CalibrationMethod.Percentile,
             }[method],
+            nodes_to_quantize=network,
         )
+        if whole:
+            _as_whole_file(out + ".tmp")
         os.replace(out + ".tmp", out)
     finally:
         if os.path.exists(pre):
             os.remove(pre)
     return out
+
+
+def _whole_network(path: str) -> list[str]:
+    """The names of the nodes of the whole file at ``path`` that its network traces to."""
+    import onnx  # optional: the export extra
+
+    names = [n.name for n in onnx.load(path).graph.node if n.name.startswith(WHOLE_NETWORK)]
+    if not names:
+        raise ValueError(
+            f"{path} has no node under {WHOLE_NETWORK}: not a RetinaNet whole-detector file "
+            "(qdet.export.whole)"
+        )
+    return names
+
+
+def _as_whole_file(path: str) -> None:
+    """The quantized whole file at ``path`` without ONNX's inferred shapes and without the
+    text markers onnxruntime's quantizer adds to its metadata ("onnx.infer", ...), which
+    qdet_runner would read as JSON like the rest."""
+    import onnx  # optional: the export extra
+
+    proto = onnx.load(path)
+    del proto.graph.value_info[:]
+    kept = [(p.key, p.value) for p in proto.metadata_props if not p.key.startswith("onnx.")]
+    del proto.metadata_props[:]
+    for key, value in kept:
+        proto.metadata_props.add(key=key, value=value)
+    onnx.save(proto, path)
 
 
 def train_images(cfg, model, count: int) -> list[list[dict]]:

@@ -9,46 +9,30 @@ the post-processing is shared code.
 
 from __future__ import annotations
 
-import json
-
 import torch
 from detectron2.evaluation import inference_on_dataset
 from detectron2.modeling.postprocessing import detector_postprocess
 from torch import nn
 
+import qdet_runner
 from qdet.engine.trained_model import coco_evaluator, yacs_test_loader
 from qdet.export.graphs import INPUT_NAME, export_graph
 
-MATMULNBITS_ACCURACY_KEY = "session.qdq_matmulnbits_accuracy_level"
 
-
-def inference_session(path: str, threads: int = 0, spinning: bool = True):
-    """A CPU onnxruntime session (``threads`` = 0: onnxruntime's default). ``spinning``
-    False: its idle threads sleep rather than spin (several sessions timed in turn in one
-    process would otherwise take each other's cores)."""
+def inference_session(path, threads: int = 0, spinning: bool = True):
+    """A CPU onnxruntime session of a file (a path or serialised bytes), with the torch-free
+    runner's options (:func:`qdet_runner.session_options`: ``threads`` = 0 is
+    onnxruntime's default; ``spinning`` False lets idle threads sleep; quantized MatMuls
+    kept in float32)."""
     import onnxruntime as ort  # optional: the export extra
 
-    options = ort.SessionOptions()
-    if threads:
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
-    if not spinning:
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    # onnxruntime rewrites a DequantizeLinear weight -> MatMul (a quantized Linear: ViT,
-    # Swin) into MatMulNBits, by default at accuracy level 4: activations quantized to int8
-    # per block on the fly, about 1e-3 relative off the dequantized product QAT computed
-    # (found by verify's substituted check). Level 1 keeps it in float32: the trained model.
-    options.add_session_config_entry(MATMULNBITS_ACCURACY_KEY, "1")
+    options = qdet_runner.session_options(threads, spinning)
     return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
 
 
-# Metadata kept as text in qdet's files; every other entry is JSON.
-TEXT_METADATA = ("producer", "graph", "input", "input_format", "target")
-
-
 def onnx_metadata(session) -> dict:
-    meta = session.get_modelmeta().custom_metadata_map
-    return {k: v if k in TEXT_METADATA else json.loads(v) for k, v in meta.items()}
+    """qdet's metadata of the file ``session`` runs, decoded (:func:`qdet_runner.read_metadata`)."""
+    return qdet_runner.read_metadata(session)
 
 
 def check_file_fits(model: nn.Module, path: str, session) -> None:

@@ -38,7 +38,7 @@ from qdet.export.graphs import (
     save_model,
 )
 from qdet.export.qdq import onnx_export_mode
-from qdet.export.runtime import TEXT_METADATA
+from qdet_runner import TEXT_METADATA
 
 logger = logging.getLogger(__name__)
 

@@ -216,14 +216,20 @@ class WholeFileDetector(nn.Module):
             raw = dict(zip(self.names, self.session.run(None, {WHOLE_INPUT: image})))
             size = (x.get("height", image.shape[1]), x.get("width", image.shape[2]))
             found = qdet_runner.postprocess(raw, image.shape[1:], size)
-            instances = Instances(size)
-            instances.pred_boxes = Boxes(torch.from_numpy(found["boxes"]))
-            instances.scores = torch.from_numpy(found["scores"])
-            instances.pred_classes = torch.from_numpy(found["classes"])
-            if "masks" in found:
-                instances.pred_masks = torch.from_numpy(found["masks"])
-            outputs.append({"instances": instances})
+            outputs.append({"instances": as_instances(found, size)})
         return outputs
+
+
+def as_instances(found: dict, size: tuple[int, int]) -> Instances:
+    """The runner's numpy detections of a ``size`` picture (:func:`qdet_runner.postprocess`)
+    as Detectron2 ``Instances``, for its evaluators and Visualizer."""
+    instances = Instances(size)
+    instances.pred_boxes = Boxes(torch.from_numpy(found["boxes"]))
+    instances.scores = torch.from_numpy(found["scores"])
+    instances.pred_classes = torch.from_numpy(found["classes"])
+    if "masks" in found:
+        instances.pred_masks = torch.from_numpy(found["masks"])
+    return instances
 
 
 def _check_layers(model: nn.Module, path: str, meta: dict, images, report: WholeReport) -> None:

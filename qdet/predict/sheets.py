@@ -13,7 +13,7 @@ drawn detections get right and how many are false, and the caption states the th
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import cv2
@@ -106,14 +106,17 @@ def write_study_sheet(
     num_images: int = 3,
     target_precision: float = TARGET_PRECISION,
     scale: float = 2.0,
+    files: Mapping[str, str] | None = None,
 ) -> Sheet | None:
     """A study's finished runs ``names`` for ``seed`` (the first: the FP reference, e.g.
     FP, 4-bit baseline, 4-bit QFD) on ``num_images`` val images, one row each. With every
     run's evaluation results on disk: drawn at the FP run's ``target_precision``
     threshold (:func:`~qdet.predict.sheet_choice.precision_threshold`), on the images
     where the others differ most from it; else the first images at 0.5. Each panel is
-    titled with its row's label and bits and what its drawn detections got right. None
-    when fewer than two of the runs have finished."""
+    titled with its row's label and bits and what its drawn detections got right. A run
+    with a whole-detector file in ``files`` (name -> path) is drawn from that file in
+    onnxruntime, with the torch-free runner's post-processing. None when fewer than two of
+    the runs have finished."""
     runs = []
     for name in names:
         row = study.rows.get(name)
@@ -125,13 +128,15 @@ def write_study_sheet(
             cfg.defrost()
             cfg.MODEL.WEIGHTS = final
             cfg.freeze()
-            runs.append((cfg, f"{row.label} {row.bits}".strip()))
+            onnx = (files or {}).get(name)
+            title = f"{row.label} {row.bits}".strip() + (", ONNX file" if onnx else "")
+            runs.append((cfg, title, onnx))
     if len(runs) < 2:
         return None
     dataset = runs[0][0].DATASETS.TEST[0]
     dicts = DatasetCatalog.get(dataset)
     gt = ground_truth(dataset)
-    matches = [load_matches(gt, cfg.OUTPUT_DIR) for cfg, _ in runs]
+    matches = [load_matches(gt, cfg.OUTPUT_DIR) for cfg, _, _ in runs]
     threshold = None
     if all(m is not None for m in matches):
         threshold = precision_threshold(matches[0], target_precision)
@@ -142,7 +147,7 @@ def write_study_sheet(
         chosen = dicts[:num_images]
     sheet = Sheet(path, threshold, tuple(d["file_name"] for d in chosen))
     score = sheet.score
-    models = [build_panel_model(cfg, title, score) for cfg, title in runs]
+    models = [build_panel_model(cfg, title, score, onnx) for cfg, title, onnx in runs]
     rows = []
     for record in chosen:
         image = read_image(record["file_name"])

@@ -1,7 +1,9 @@
 """``make demo``'s rows and figures (``tools/demo.py``): an FP RetinaNet-R18 teacher on
-the digits data (configs/digits/demo_*.yaml, one seed, short schedules), the 4-bit and
-low-bit baseline QAT and QFD students fine-tuned from it, their table
-(:func:`demo_table`), bar chart (:func:`plot`) and summary (:func:`write_summary`)."""
+the digits data (configs/digits/demo_*.yaml, one seed, short schedules), the 4-bit
+baseline QAT and QFD students fine-tuned from it for onnxruntime's integer kernels
+(``QUANT.TARGET``), their table (:func:`demo_table`, with each model's whole-detector
+file's AP and latency from :mod:`qdet.study.demo_deploy`), bar chart (:func:`plot`) and
+summary (:func:`write_summary`)."""
 
 from __future__ import annotations
 
@@ -11,25 +13,22 @@ import os
 from qdet.study.runner import Study, StudyRow
 
 DEMO = "configs/digits/demo_"
-LOW_BITS = 2  # where the study's methods differ most (docs/studies.md, "Accuracy study")
+BITS = 4
 SHEET = ("fp", "baseline_4bit", "qfd_4bit")  # the models drawn side by side
 
 
 def demo_rows() -> list[StudyRow]:
     rows = [StudyRow("fp", "FP teacher", DEMO + "fp.yaml")]
-    for bits in (4, LOW_BITS):
-        opts = ("QUANT.W_BITS", str(bits), "QUANT.A_BITS", str(bits))
-        for method, label in (("baseline", "baseline QAT"), ("qfd", "QFD")):
-            rows.append(
-                StudyRow(
-                    f"{method}_{bits}bit",
-                    f"{bits}-bit {label}",
-                    f"{DEMO}{method}.yaml",
-                    opts,
-                    f"{bits}/{bits}",
-                    init="fp",
-                )
+    for method, label in (("baseline", "baseline QAT"), ("qfd", "QFD")):
+        rows.append(
+            StudyRow(
+                f"{method}_{BITS}bit",
+                f"{BITS}-bit {label}",
+                f"{DEMO}{method}.yaml",
+                bits=f"{BITS}/{BITS}",
+                init="fp",
             )
+        )
     return rows
 
 
@@ -68,20 +67,24 @@ def write_summary(rows: list[dict], sheet, seconds: float, path: str) -> None:
         json.dump(summary, f, indent=1)
 
 
-def demo_table(study: Study, results: dict) -> list[dict]:
-    """A row per model (seed 1): W/A, box AP, AP50, AP75, weights MiB, training seconds."""
+def demo_table(study: Study, results: dict, deployed: dict | None = None) -> list[dict]:
+    """A row per model (seed 1): W/A, box AP, AP50, AP75, weights MiB, training seconds;
+    with ``deployed`` (:func:`qdet.study.demo_deploy.deploy`), its whole file's box AP as
+    the torch-free runner gets it and the runner's median ms per picture."""
     rows = []
     for row in study.rows.values():
         m = results[row.name][1]
-        rows.append(
-            {
-                "model": row.label,
-                "W/A": m["W/A"],
-                "AP": m["AP"],
-                "AP50": m["AP50"],
-                "AP75": m["AP75"],
-                "weights MiB": m["weights MiB"],
-                "train s": m["train s"],
-            }
-        )
+        table_row = {
+            "model": row.label,
+            "W/A": m["W/A"],
+            "AP": m["AP"],
+            "AP50": m["AP50"],
+            "AP75": m["AP75"],
+            "weights MiB": m["weights MiB"],
+            "train s": m["train s"],
+        }
+        if deployed and row.name in deployed:
+            table_row["file AP"] = deployed[row.name]["AP"]
+            table_row["file ms"] = deployed[row.name]["ms"]
+        rows.append(table_row)
     return rows
