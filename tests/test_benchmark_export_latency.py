@@ -4,13 +4,11 @@ cost (whole minus network, ms and % of the whole), the whole file's ratios to FP
 onnxruntime's MinMax's, its op counts, size and instances, each worked out here from the
 result; a model without a whole file gets its network time and dashes, and its note. On a
 result in the benchmark's JSON layout written here, and on the recorded one
-(docs/export/benchmark_export.json) once it is in that layout."""
+(docs/export/benchmark_export.json)."""
 
 import json
 import re
 from pathlib import Path
-
-import pytest
 
 from qdet.benchmark.export_latency import table
 
@@ -152,13 +150,5 @@ def test_a_changed_timing_changes_its_row():
     assert "| quantize_static MinMax | 8.4 (0.8) | 15.0 (0.2) | 6.6 (44%) | 0.49x | 1.00x |" in text
 
 
-def _recorded() -> dict | None:
-    result = json.loads(RECORDED.read_text()) if RECORDED.exists() else {}
-    return result if "kinds" in result else None  # the network-only layout before it
-
-
-@pytest.mark.skipif(
-    _recorded() is None, reason=f"{RECORDED.name} is not in the whole-file layout yet"
-)
 def test_table_of_the_recorded_result():
-    _check_table(_recorded())
+    _check_table(json.loads(RECORDED.read_text()))

@@ -318,6 +318,7 @@ def deployment_quotes() -> list[str]:
     dep = _json("docs/deploy/deployment.json")
     four, three = (_json(f"docs/export/qfd_{b}bit_seed1.export.json") for b in (4, 3))
     clips = _json("docs/export/benchmark_export.json")["ops"]["qdet W4A4 (calibration only)"]
+    clips = clips["network"]
     check = dep["qfd_ort_w4a4"]["1"]["check"]
     checks = [r["check"] for runs in dep.values() for r in runs.values() if "check" in r]
     ties = [c["boundary_flips"] for c in checks]
@@ -330,7 +331,7 @@ def deployment_quotes() -> list[str]:
     ]
 
     latency = _latency_ratios()
-    w4a4_cost = "{:.0f}-{:.0f}%".format(*_span(latency["w4a4 / minmax"], -1, 100))
+    w4a4_cost = "{:.0f}-{:.0f}%".format(*_span(latency["w4a4 / minmax, network"], -1, 100))
     loss_w4a4_qs = _mean(dep["qfd_ort_w4a4"], "ort AP") - _mean(minmax)
 
     def p(run: str, ref: str, ref_metric: str = "ort AP") -> str:
@@ -384,7 +385,7 @@ def deployment_quotes() -> list[str]:
         f"{_bare(p('baseline_ort_w4a4', 'ptq_onnxruntime_minmax'))} (baseline) and "
         f"{_bare(p('qfd_ort_w4a4', 'ptq_onnxruntime_minmax'))} (QFD)",
         f"W4A4 pays about {-statistics.mean([loss_w4a4_qs]):.0f} AP here",
-        f"(its {clips['counts']['Clip']} Clips cost {w4a4_cost})",
+        f"(its {clips['counts']['Clip']} Clips cost {w4a4_cost} of the network's time)",
         f"{p('qfd_ort_w4a4', 'baseline_ort_w4a4')}) at W4A4",
         f"at W4A4, {same8} at W8A8 and W4A8" if same8 == same4 else "W8A8 and W4A8 differ",
         f"between {min(row_means):+.1f} and {max(row_means):+.1f} AP on average per row; per "
@@ -402,23 +403,49 @@ def _span(values: list[float], shift: float = 0.0, scale: float = 1.0) -> tuple[
 
 
 def _latency_ratios() -> dict[str, list[float]]:
-    """benchmark_export.json's median ratios over its four sizes and thread counts."""
+    """benchmark_export.json's median ratios over its four sizes and thread counts: whole
+    files and network-only files; and what the post-processing costs (whole minus network:
+    ms per size, % of the whole)."""
     timings = _json("docs/export/benchmark_export.json")["timings"]
     qdet = "qdet {} (calibration only)"
+    peer = "quantize_static MinMax"
 
-    def ratio(model: str, ref: str) -> list[float]:
-        return [t[model]["median_ms"] / t[ref]["median_ms"] for t in timings.values()]
+    def ratio(model: str, ref: str, kind: str) -> list[float]:
+        return [t[model][kind]["median_ms"] / t[ref][kind]["median_ms"] for t in timings.values()]
 
-    integer = [m for m in next(iter(timings.values())) if m != "FP32"]
+    integer = [m for m, t in next(iter(timings.values())).items() if m != "FP32" and "whole" in t]
+    everything = ["FP32", *integer]
+
+    def post(t: dict, model: str) -> float:
+        return t[model]["whole"]["median_ms"] - t[model]["network"]["median_ms"]
+
+    def at(size: str) -> list[dict]:
+        return [t for k, t in timings.items() if k.startswith(size + "@")]
+
     return {
-        "integer / fp32": [r for m in integer for r in ratio(m, "FP32")],
-        "w8 w4a8 / minmax": ratio(qdet.format("W8A8"), "quantize_static MinMax")
-        + ratio(qdet.format("W4A8"), "quantize_static MinMax"),
-        "w4a4 / minmax": ratio(qdet.format("W4A4"), "quantize_static MinMax"),
-        "w4a4 / minmax, 1 thread": [
-            t[qdet.format("W4A4")]["median_ms"] / t["quantize_static MinMax"]["median_ms"]
-            for k, t in timings.items()
-            if k.endswith("@1")
+        "integer / fp32": [r for m in integer for r in ratio(m, "FP32", "whole")],
+        "qdet / minmax": [
+            r for m in integer if m.startswith("qdet") for r in ratio(m, peer, "whole")
+        ],
+        "w8 w4a8 / minmax, network": ratio(qdet.format("W8A8"), peer, "network")
+        + ratio(qdet.format("W4A8"), peer, "network"),
+        "w4a4 / minmax, network": ratio(qdet.format("W4A4"), peer, "network"),
+        **{
+            f"iqr {size}": [t[m]["whole"]["iqr_ms"] for t in at(size) for m in everything]
+            for size in ("160x192", "800x1344")
+        },
+        **{
+            f"post {size}": [post(t, m) for t in at(size) for m in everything]
+            for size in ("160x192", "800x1344")
+        },
+        **{
+            f"share {size}": [
+                100 * post(t, m) / t[m]["whole"]["median_ms"] for t in at(size) for m in integer
+            ]
+            for size in ("160x192", "800x1344")
+        },
+        "share fp32": [
+            100 * post(t, "FP32") / t["FP32"]["whole"]["median_ms"] for t in timings.values()
         ],
     }
 
@@ -429,7 +456,7 @@ def benchmarks_quotes() -> list[str]:
     export = _json("docs/export/benchmark_export.json")
     ops = {(r["case"], r["impl"]): r for r in _ops_rows()}
     act, weight = "act signed 2x256x100x168", "weight 256x256x3x3"
-    counts = export["ops"]["quantize_static MinMax"]["counts"]
+    counts = export["ops"]["quantize_static MinMax"]["network"]["counts"]
     lat = _latency_ratios()
     return [
         f"seed 3 came out at {frozen['fp']['3']['AP']:.1f} here against "
@@ -444,14 +471,28 @@ def benchmarks_quotes() -> list[str]:
         f"({counts['QLinearConv']} QLinearConv, {counts['QLinearAdd']} QLinearAdd, "
         f"{counts['DequantizeLinear']} DQ, {counts['QuantizeLinear']} Q, {counts['Resize']} "
         f"Resize, {counts['NhwcMaxPool']} MaxPool, {counts['Transpose']} Transpose)",
-        "within {:.0f}-{:.0f}% of it".format(*_span(lat["w8 w4a8 / minmax"], -1, 100)),
-        "W4A4 adds its {} integer Clips, the price of exact 4-bit activations: {:.0f}-{:.0f}% at "
-        "one thread, up to {:.0f}% at 800x1344 on two".format(
-            export["ops"]["qdet W4A4 (calibration only)"]["counts"]["Clip"],
-            *_span(lat["w4a4 / minmax, 1 thread"], -1, 100),
-            (max(lat["w4a4 / minmax"]) - 1) * 100,
+        "{:.2f}-{:.2f}x its. W4A4 adds its {} integer Clips, the price of exact 4-bit "
+        "activations: {:.2f}-{:.2f}x `quantize_static`'s network".format(
+            *_span(lat["w8 w4a8 / minmax, network"]),
+            export["ops"]["qdet W4A4 (calibration only)"]["network"]["counts"]["Clip"],
+            *_span(lat["w4a4 / minmax, network"]),
         ),
-        "All integer models run at {:.2f}-{:.2f}x FP32".format(*_span(lat["integer / fp32"])),
+        "Every integer file detects at {:.2f}-{:.2f}x FP32's time".format(
+            *_span(lat["integer / fp32"])
+        ),
+        "qdet's are within {:.2f}-{:.2f}x of `quantize_static`'s".format(
+            *_span(lat["qdet / minmax"])
+        ),
+        "the IQRs are {:.1f}-{:.1f} ms at 160x192, {:.0f}-{:.0f} ms at 800x1344".format(
+            *_span(lat["iqr 160x192"]), *_span(lat["iqr 800x1344"])
+        ),
+        "{:.1f}-{:.1f} ms at 160x192 and {:.1f}-{:.1f} ms at 800x1344".format(
+            *_span(lat["post 160x192"]), *_span(lat["post 800x1344"])
+        ),
+        "That is {:.0f}-{:.0f}% of an integer detection at the digits' size and {:.0f}-{:.0f}% "
+        "at 800x1344, against {:.0f}-{:.0f}% of an FP32 one".format(
+            *_span(lat["share 160x192"]), *_span(lat["share 800x1344"]), *_span(lat["share fp32"])
+        ),
         *_layer_rows(),
     ]
 

@@ -232,7 +232,9 @@ def check_demo_table(
 def check_export_table(
     sources: list[str], rows: list[list[str]], spec: dict
 ) -> tuple[list[str], int]:
-    """tools/benchmark_export.py's latency table: ms (ratio), op counts, MiB."""
+    """tools/benchmark_export.py's latency tables: a size's column holds the whole file's
+    ms (ratio), a "SIZE, network / whole" column both files' ms; op counts and MiB of the
+    whole file."""
     data, problems, checked = _load(sources), [], 0
     for row in rows[1:]:
         model = spec["rows"].get(row[0])
@@ -242,21 +244,24 @@ def check_export_table(
         # the ratio in brackets: MinMax against FP32, every other integer model against MinMax
         ref = "FP32" if model == "quantize_static MinMax" else "quantize_static MinMax"
         for head, cell in zip(rows[0][1:], row[1:]):
-            size = re.fullmatch(r"(\d+x\d+), (\d+) threads?", head)
+            size = re.fullmatch(r"(\d+x\d+), (\d+) threads?(, network / whole)?", head)
             if size:
                 timings = data["timings"][f"{size.group(1)}@{size.group(2)}"]
-                ms = timings[model]["median_ms"]
-                want = f"{ms:.1f}"
-                if model != "FP32":
-                    ratio = ms / timings[ref]["median_ms"]
-                    label = " FP32" if ref == "FP32" else " MinMax"
-                    shown = re.search(r"\(\d\.\d\dx( \w+)?\)", cell)
-                    want += f" ({ratio:.2f}x{label if shown and shown.group(1) else ''})"
+                ms = timings[model]["whole"]["median_ms"]
+                if size.group(3):
+                    want = f"{timings[model]['network']['median_ms']:.1f} / {ms:.1f}"
+                else:
+                    want = f"{ms:.1f}"
+                    if model != "FP32":
+                        ratio = ms / timings[ref]["whole"]["median_ms"]
+                        label = " FP32" if ref == "FP32" else " MinMax"
+                        shown = re.search(r"\(\d\.\d\dx( \w+)?\)", cell)
+                        want += f" ({ratio:.2f}x{label if shown and shown.group(1) else ''})"
             elif head == "integer ops / float convs":
-                ops = data["ops"][model]
+                ops = data["ops"][model]["whole"]
                 want = f"{ops['integer']} / {ops['float_convs']}"
             elif head == "MiB":
-                want = f"{data['mib'][model]:.1f}"
+                want = f"{data['mib'][model]['whole']:.1f}"
             else:
                 want = f"a column this test knows, not {head!r}"
             checked += 1
@@ -321,8 +326,8 @@ def test_readme_quotes_the_deployment_figures():
     quoted = [
         f"{_spread(_values(run, 'AP'))} box AP in PyTorch, {_spread(_values(run, 'ort AP'))}",
         f"(FP: {_spread(_values(deploy['fp'], 'AP'))})",
-        f"runs in {export['qdet W4A4 (calibration only)']['median_ms']:.1f} ms against "
-        f"FP32's {export['FP32']['median_ms']:.1f} ms",
+        f"detects in {export['qdet W4A4 (calibration only)']['whole']['median_ms']:.1f} ms "
+        f"against FP32's {export['FP32']['whole']['median_ms']:.1f} ms",
         f"{check['kernels']['QLinearConv']} QLinearConv, {check['kernels']['QLinearAdd']} "
         f"QLinearAdd, {check['float_convs']} float convs; {check['boundary_flips']} of "
         f"{check['codes'] / 1e6:.1f} million codes at a tie",
@@ -343,7 +348,7 @@ def test_table_check_catches_a_changed_figure():
         ("studies.md", "docs/datafree/ablations_4bit.json", "48.0", "48.1"),
         ("deployment.md", "docs/deploy/deployment.json", "73.0 ± 0.9 / 73.0 ± 1.1", "73.0 ± 0.9"),
         ("benchmarks.md", "docs/benchmarks/benchmark_train.json", "1.464", "1.446"),
-        ("benchmarks.md", "docs/export/benchmark_export.json", "8.9 (1.02x)", "8.9 (1.03x)"),
+        ("benchmarks.md", "docs/export/benchmark_export.json", "9.9 (1.01x)", "9.9 (1.02x)"),
         ("benchmarks.md", "docs/study/freeze_quantizers/accuracy.json", "55.3 ± 0.9", "55.3"),
     ]
     for page, source, old, new in cases:
