@@ -28,7 +28,10 @@ def _digest(root):
     return h.hexdigest()
 
 
-def test_build_is_deterministic(small_dataset, tmp_path):
+def test_build_is_deterministic(small_dataset, tmp_path, monkeypatch):
+    # Built again, cut into per-core processes this time: the same bytes.
+    monkeypatch.setattr(embedded, "IMAGES_PER_JOB", 2)
+    monkeypatch.setattr(embedded.os, "cpu_count", lambda: 3)
     again = embedded.build_digits_dataset(tmp_path / "digits_v2", SMALL)
     assert _digest(again) == _digest(small_dataset)
     # A second call finds the dataset and does not rebuild it.

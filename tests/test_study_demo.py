@@ -1,6 +1,7 @@
 """``make demo``'s rows, table and summary (qdet/study/demo.py) against the recorded run
 README quotes (docs/demo/demo.json): the same models at the same widths, its table read
-back from its own metrics, its summary's fields."""
+back from its own metrics and its files' (qdet/study/demo_deploy.py), its summary's
+fields."""
 
 import json
 import os
@@ -22,14 +23,22 @@ def test_rows_are_the_recorded_demos_models():
     assert set(SHEET) <= {r.name for r in rows}
 
 
-def test_table_is_seed_ones_metrics_per_model():
+def test_table_is_seed_ones_metrics_and_each_files_per_model():
     rows = demo_rows()
+    file_keys = ("file AP", "file ms")
     results = {
         row.name: {1: dict(recorded), 2: {k: -1 for k in recorded}}
         for row, recorded in zip(rows, RECORDED["rows"])
     }
+    deployed = {
+        row.name: {"AP": recorded["file AP"], "ms": recorded["file ms"], "file": "x.onnx"}
+        for row, recorded in zip(rows, RECORDED["rows"])
+    }
     study = types.SimpleNamespace(rows={row.name: row for row in rows})
-    assert demo_table(study, results) == RECORDED["rows"]
+    assert demo_table(study, results, deployed) == RECORDED["rows"]
+    # Without files (an export that did not run), the PyTorch columns alone.
+    bare = [{k: v for k, v in r.items() if k not in file_keys} for r in RECORDED["rows"]]
+    assert demo_table(study, results) == bare
 
 
 def test_summary_holds_the_table_the_sheet_and_the_time(tmp_path):

@@ -20,6 +20,7 @@ interrupted build never leaves half a dataset and two concurrent builds do not c
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 import shutil
 import tempfile
@@ -40,6 +41,7 @@ CANVAS = (128, 192)  # image height and width drawn from [128, 192]
 DIGITS_PER_IMAGE = (2, 8)  # attempted per image (a digit that finds no free spot is skipped)
 DIGIT_SIZE = (20, 48)  # side of a pasted digit, px
 MAX_IOU = 0.1  # boxes of one image overlap at most this much
+IMAGES_PER_JOB = 100  # fewer images than this a process: built in this one
 
 
 def get_digits_root() -> Path:
@@ -134,36 +136,60 @@ def _render(rng, pool, images, targets):
     return (canvas * 255).round().astype(np.uint8), instances
 
 
+def _build_image(out: Path, split: str, image_id: int, pool, images, targets) -> tuple:
+    """Render image ``image_id`` of ``split`` (its own seed: the split's and its id), write
+    its PNG; return its COCO image record and its annotations (ids assigned later)."""
+    rng = np.random.default_rng([_SPLIT_SEEDS[split], image_id])
+    pixels, instances = _render(rng, pool, images, targets)
+    file_name = f"{image_id:05d}.png"
+    # Level 1: the noisy textures barely compress, and level 6 took 40% of the build.
+    Image.fromarray(pixels).save(out / split / file_name, compress_level=1)
+    h, w = pixels.shape[:2]
+    annotations = []
+    for category, mask, sample in instances:
+        rle = mask_util.encode(np.asfortranarray(mask.astype(np.uint8)))
+        annotations.append(
+            {
+                "image_id": image_id,
+                "category_id": category + 1,
+                "iscrowd": 0,
+                "bbox": [float(v) for v in mask_util.toBbox(rle)],
+                "area": float(mask_util.area(rle)),
+                "segmentation": {"size": [h, w], "counts": rle["counts"].decode("ascii")},
+                # Which of sklearn's 1797 digit images this is (train and val disjoint).
+                "digit_sample": sample,
+            }
+        )
+    return {"id": image_id, "file_name": file_name, "height": h, "width": w}, annotations
+
+
+def _build_chunk(args: tuple) -> list[tuple]:
+    out, split, ids, pool, images, targets = args
+    return [_build_image(out, split, i, pool, images, targets) for i in ids]
+
+
 def _build_split(out: Path, split: str, count: int, pool, images, targets) -> dict:
+    """The split's images, rendered in as many processes as there are cores (each image
+    has its own seed, so the split is the same however it is cut), and its COCO json."""
     (out / split).mkdir(parents=True)
     coco = {
         "images": [],
         "annotations": [],
         "categories": [{"id": i + 1, "name": n} for i, n in enumerate(DIGITS_CLASSES)],
     }
-    for image_id in range(1, count + 1):
-        rng = np.random.default_rng([_SPLIT_SEEDS[split], image_id])
-        pixels, instances = _render(rng, pool, images, targets)
-        file_name = f"{image_id:05d}.png"
-        # Level 1: the noisy textures barely compress, and level 6 took 40% of the build.
-        Image.fromarray(pixels).save(out / split / file_name, compress_level=1)
-        h, w = pixels.shape[:2]
-        coco["images"].append({"id": image_id, "file_name": file_name, "height": h, "width": w})
-        for category, mask, sample in instances:
-            rle = mask_util.encode(np.asfortranarray(mask.astype(np.uint8)))
-            coco["annotations"].append(
-                {
-                    "id": len(coco["annotations"]) + 1,
-                    "image_id": image_id,
-                    "category_id": category + 1,
-                    "iscrowd": 0,
-                    "bbox": [float(v) for v in mask_util.toBbox(rle)],
-                    "area": float(mask_util.area(rle)),
-                    "segmentation": {"size": [h, w], "counts": rle["counts"].decode("ascii")},
-                    # Which of sklearn's 1797 digit images this is (train and val disjoint).
-                    "digit_sample": sample,
-                }
-            )
+    jobs = min(os.cpu_count() or 1, max(count // IMAGES_PER_JOB, 1))
+    ids = list(range(1, count + 1))
+    chunks = [(out, split, ids[k::jobs], pool, images, targets) for k in range(jobs)]
+    if jobs > 1 and "fork" in multiprocessing.get_all_start_methods():
+        # fork: the workers share the digit pools and need no imports.
+        with multiprocessing.get_context("fork").Pool(jobs) as workers:
+            done = [r for chunk in workers.map(_build_chunk, chunks) for r in chunk]
+    else:
+        done = [r for chunk in map(_build_chunk, chunks) for r in chunk]
+    for image, annotations in sorted(done, key=lambda r: r[0]["id"]):
+        coco["images"].append(image)
+        for annotation in annotations:
+            coco["annotations"].append({"id": len(coco["annotations"]) + 1, **annotation})
     return coco
 
 
