@@ -7,13 +7,14 @@ Rows (configs/digits/demo_*.yaml, outputs under output/demo/, one seed, short sc
   2. a 4-bit QAT baseline and a 4-bit QFD student fine-tuned from it, both trained for
      onnxruntime's integer kernels (QUANT.TARGET onnxruntime; QFD runs its teacher stage
      first: the teacher fine-tuned with an 8-bit quantizer on its p3 feature);
-then COCO AP on qdet_digits_val of each in PyTorch; each exported as one whole-detector
-ONNX file (<run>/model.onnx) and run by the torch-free runner (qdet_runner.py) on every
-val picture: the file's AP and the runner's ms per picture, the files alternating on one
-thread each. A table (also output/demo/demo.json), a bar chart (output/demo/demo.png) and
-the three files' detections side by side (output/demo/detections.png) on the three val
-images where the 4-bit models differ most from FP, at the score where the FP teacher's
-detections are 90% right on val. The fine-tunes train two at a time (qdet.study.Study); a
+each evaluated on qdet_digits_val (COCO AP) in PyTorch, then exported as one
+whole-detector ONNX file (<run>/model.onnx) and run by the torch-free runner
+(qdet_runner.py) on every val picture (the file's AP), in its worker right after its
+training; then the runner's ms per picture, the files alternating on one thread each.
+A table (also output/demo/demo.json), a bar chart (output/demo/demo.png) and the three
+files' detections side by side (output/demo/detections.png) on the three val images where
+the 4-bit models differ most from FP, at the score where the FP teacher's detections are
+90% right on val. The fine-tunes train two at a time (qdet.study.Study); a
 progress line with an ETA comes at every start and every minute.
 
 Finished rows and their files are reused; --fresh retrains everything. One seed of a short
@@ -40,7 +41,7 @@ from qdet.engine.cli import run_cli  # noqa: E402
 from qdet.predict import write_study_sheet  # noqa: E402
 from qdet.study import Study  # noqa: E402
 from qdet.study.demo import SHEET, demo_rows, demo_table, plot, write_summary  # noqa: E402
-from qdet.study.demo_deploy import deploy  # noqa: E402
+from qdet.study.demo_deploy import FILE, TIMED, ship_run, time_files  # noqa: E402
 
 OUT = "output/demo"
 
@@ -65,13 +66,15 @@ def run(args) -> None:
     start = time.time()
     jobs = 2 if (os.cpu_count() or 1) >= 2 else 1  # two one-thread runs beat one (Study)
     log = lambda m: print(m, flush=True)  # noqa: E731
-    study = Study(demo_rows(), [1], OUT, args.opts, tag="demo", log=log, jobs=jobs)
+    study = Study(
+        demo_rows(), [1], OUT, args.opts, tag="demo", log=log, jobs=jobs, evaluate_fn=ship_run
+    )
     results = study.run()
-    log("[demo] Exporting each model as one whole-detector file; qdet_runner.py runs them")
-    deployed = deploy(study, list(study.rows))
-    rows = demo_table(study, results, deployed)
+    files = {name: os.path.join(study.run_dir(row, 1), FILE) for name, row in study.rows.items()}
+    log(f"[demo] Timing the {len(files)} whole-detector files, {TIMED} val pictures each")
+    file_ms = time_files(files, study.config(study.rows[SHEET[0]], 1).DATASETS.TEST[0])
+    rows = demo_table(study, results, file_ms)
     plot(rows, os.path.join(OUT, "demo.png"))
-    files = {name: d["file"] for name, d in deployed.items()}
     sheet = write_study_sheet(study, SHEET, 1, os.path.join(OUT, "detections.png"), files=files)
     seconds = time.time() - start
     write_summary(rows, sheet, seconds, os.path.join(OUT, "demo.json"))
@@ -85,7 +88,7 @@ def run(args) -> None:
         print(f"[demo] Detections, {' | '.join(SHEET)}: {sheet.path}: {sheet.describe()}")
     print(
         f"[demo] Run a file without torch: python qdet_runner.py --onnx "
-        f"{deployed[SHEET[-1]]['file']} --input PICTURES --output FOLDER"
+        f"{files[SHEET[-1]]} --input PICTURES --output FOLDER"
     )
     print(
         f"[demo] Plot: {OUT}/demo.png. One seed of a short schedule: AP differences of a few "

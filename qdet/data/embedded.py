@@ -186,9 +186,9 @@ def _build_split(out: Path, split: str, count: int, pool, images, targets) -> di
             done = [r for chunk in workers.map(_build_chunk, chunks) for r in chunk]
     else:
         done = [r for chunk in map(_build_chunk, chunks) for r in chunk]
-    for image, annotations in sorted(done, key=lambda r: r[0]["id"]):
+    for image, found in sorted(done, key=lambda r: r[0]["id"]):
         coco["images"].append(image)
-        for annotation in annotations:
+        for annotation in found:
             coco["annotations"].append({"id": len(coco["annotations"]) + 1, **annotation})
     return coco
 

@@ -2,7 +2,7 @@
 the digits data (configs/digits/demo_*.yaml, one seed, short schedules), the 4-bit
 baseline QAT and QFD students fine-tuned from it for onnxruntime's integer kernels
 (``QUANT.TARGET``), their table (:func:`demo_table`, with each model's whole-detector
-file's AP and latency from :mod:`qdet.study.demo_deploy`), bar chart (:func:`plot`) and
+file's AP and latency: :mod:`qdet.study.demo_deploy`), bar chart (:func:`plot`) and
 summary (:func:`write_summary`)."""
 
 from __future__ import annotations
@@ -67,10 +67,11 @@ def write_summary(rows: list[dict], sheet, seconds: float, path: str) -> None:
         json.dump(summary, f, indent=1)
 
 
-def demo_table(study: Study, results: dict, deployed: dict | None = None) -> list[dict]:
+def demo_table(study: Study, results: dict, file_ms: dict | None = None) -> list[dict]:
     """A row per model (seed 1): W/A, box AP, AP50, AP75, weights MiB, training seconds;
-    with ``deployed`` (:func:`qdet.study.demo_deploy.deploy`), its whole file's box AP as
-    the torch-free runner gets it and the runner's median ms per picture."""
+    where the run shipped its model (:func:`qdet.study.demo_deploy.ship_run`), its whole
+    file's box AP as the torch-free runner gets it, and with ``file_ms`` (name -> ms,
+    :func:`qdet.study.demo_deploy.time_files`) the runner's median ms per picture."""
     rows = []
     for row in study.rows.values():
         m = results[row.name][1]
@@ -83,8 +84,9 @@ def demo_table(study: Study, results: dict, deployed: dict | None = None) -> lis
             "weights MiB": m["weights MiB"],
             "train s": m["train s"],
         }
-        if deployed and row.name in deployed:
-            table_row["file AP"] = deployed[row.name]["AP"]
-            table_row["file ms"] = deployed[row.name]["ms"]
+        if "file AP" in m:
+            table_row["file AP"] = m["file AP"]
+        if file_ms and row.name in file_ms:
+            table_row["file ms"] = file_ms[row.name]
         rows.append(table_row)
     return rows

@@ -1,29 +1,31 @@
-"""The demo's deployment (``tools/demo.py``): each finished model exported as one
-whole-detector file (:func:`qdet.export.whole.export_whole_detector`), then run by the
+"""The demo's deployment (``tools/demo.py``): each trained model exported as one
+whole-detector file (:func:`qdet.export.whole.export_whole_detector`) and run by the
 torch-free runner (:class:`qdet_runner.Detector`: picture in, its own resize, instances
-out) on every val picture, on one onnxruntime thread each. Box AP by Detectron2's
-``COCOEvaluator`` of the runner's instances, and the runner's median milliseconds per
-picture (the image already decoded; resize, network, post-processing and box scaling
-timed), the files alternating picture by picture."""
+out). :func:`ship_run` is the demo's evaluation of a run, in the run's worker right after
+its training: COCO AP of the model in PyTorch, then of its file as the runner gets it on
+every val picture. :func:`time_files` then times the files in one process, alternating
+picture by picture on one onnxruntime thread each: the runner's median milliseconds per
+picture (the image already decoded; resize, network, post-processing and box scaling)."""
 
 from __future__ import annotations
 
+import json
 import os
 import statistics
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 import torch
 from detectron2.data import DatasetCatalog
 
 import qdet_runner
+from qdet.engine.stages import evaluate_final
 from qdet.engine.trained_model import coco_evaluator, trained_model_from_cfg
 from qdet.export.whole import export_whole_detector
 from qdet.export.whole_check import as_instances
-from qdet.study.runner import Study
 
 FILE = "model.onnx"  # in each run's OUTPUT_DIR
-TIMED = 100  # pictures timed per file
+FILE_EVAL = "eval_file.json"  # the file's AP, beside Detectron2's eval_final.json
+TIMED = 50  # val pictures timed per file
 
 
 def export_run(cfg) -> str:
@@ -44,49 +46,54 @@ def export_run(cfg) -> str:
     return path
 
 
-def run_files(
-    files: dict[str, str], dataset: str, evaluator_fn, threads: int = 1, timed: int = TIMED
-) -> dict:
-    """``{name: {"AP": box AP, "ms": median ms per picture}}`` of the whole files ``files``
-    (name -> path) run by the runner on every picture of ``dataset``; ``evaluator_fn()``
-    gives a fresh COCO evaluator of ``dataset``. The AP pass runs the files side by side,
-    one per core (onnxruntime leaves Python's lock while it runs); then the first ``timed``
-    pictures are timed with the files alternating picture by picture, nothing else
-    running, each on ``threads`` onnxruntime threads."""
+def file_ap(path: str, dataset: str, threads: int = 1) -> float:
+    """COCO box AP of the whole file at ``path`` run by the runner on every picture of
+    ``dataset`` (each read from disk and resized by the runner itself)."""
+    detector = qdet_runner.Detector(path, threads)
+    evaluator = coco_evaluator(dataset)
+    evaluator.reset()
+    for record in DatasetCatalog.get(dataset):
+        image = qdet_runner.read_image(record["file_name"])
+        instances = as_instances(detector(image), image.shape[:2])
+        evaluator.process([{"image_id": record["image_id"]}], [{"instances": instances}])
+    return evaluator.evaluate()["bbox"]["AP"]
+
+
+def ship_run(cfg) -> dict:
+    """A finished run's metrics for the demo's table: Detectron2's evaluation of the
+    model (:func:`qdet.engine.stages.evaluate_final`) plus ``"file AP"``, its whole file's
+    (exported here; cached in ``eval_file.json`` while newer than the file)."""
+    metrics = dict(evaluate_final(cfg))
+    path = export_run(cfg)
+    cache = os.path.join(cfg.OUTPUT_DIR, FILE_EVAL)
+    if os.path.isfile(cache) and os.path.getmtime(cache) >= os.path.getmtime(path):
+        with open(cache) as f:
+            metrics["file AP"] = json.load(f)["AP"]
+        return metrics
+    metrics["file AP"] = file_ap(path, cfg.DATASETS.TEST[0], torch.get_num_threads())
+    with open(cache, "w") as f:
+        json.dump({"AP": metrics["file AP"]}, f)
+    return metrics
+
+
+def time_files(
+    files: dict[str, str], dataset: str, threads: int = 1, timed: int = TIMED
+) -> dict[str, float]:
+    """``{name: median ms per picture}`` of the whole files ``files`` (name -> path) run by
+    the runner on the first ``timed`` pictures of ``dataset``, after one warm-up picture,
+    the files alternating picture by picture (drift hits every file alike) on ``threads``
+    onnxruntime threads each."""
     detectors = {
         name: qdet_runner.Detector(path, threads, spinning=False) for name, path in files.items()
     }
-    pictures = [
-        (r["image_id"], qdet_runner.read_image(r["file_name"])) for r in DatasetCatalog.get(dataset)
-    ]
-
-    def detect_all(name: str) -> list[dict]:
-        return [detectors[name](image) for _, image in pictures]
-
-    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
-        found = dict(zip(files, pool.map(detect_all, files)))
-    aps = {}
-    for name in files:
-        evaluator = evaluator_fn()
-        evaluator.reset()
-        for (image_id, image), detections in zip(pictures, found[name]):
-            instances = as_instances(detections, image.shape[:2])
-            evaluator.process([{"image_id": image_id}], [{"instances": instances}])
-        aps[name] = evaluator.evaluate()["bbox"]["AP"]
+    records = DatasetCatalog.get(dataset)[:timed]
+    pictures = [qdet_runner.read_image(r["file_name"]) for r in records]
+    for detector in detectors.values():
+        detector(pictures[0])
     times = {name: [] for name in files}
-    for _, image in pictures[:timed]:
-        for name, detector in detectors.items():  # alternating: drift hits every file alike
+    for image in pictures:
+        for name, detector in detectors.items():
             start = time.perf_counter()
             detector(image)
             times[name].append(time.perf_counter() - start)
-    return {name: {"AP": aps[name], "ms": 1000 * statistics.median(times[name])} for name in files}
-
-
-def deploy(study: Study, names, seed: int = 1) -> dict:
-    """The finished runs ``names`` of ``study`` (``seed``) exported whole and run by the
-    runner (module docstring): ``{name: {"file", "AP", "ms"}}``."""
-    configs = {name: study.config(study.rows[name], seed) for name in names}
-    files = {name: export_run(cfg) for name, cfg in configs.items()}
-    dataset = next(iter(configs.values())).DATASETS.TEST[0]
-    results = run_files(files, dataset, lambda: coco_evaluator(dataset))
-    return {name: {"file": files[name], **results[name]} for name in names}
+    return {name: 1000 * statistics.median(t) for name, t in times.items()}
