@@ -50,6 +50,8 @@ from qdet.export.whole_check import (  # noqa: E402
     test_pictures,
 )
 
+EVAL_AP_TOLERANCE = 0.3  # AP points between the file and PyTorch before --eval warns
+
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -149,10 +151,15 @@ def main(args) -> int:
     if args.eval:
         result["eval"] = _evaluate(trained, args.output, info["graph"], args.threads)
         for kind, aps in result["eval"]["onnxruntime"].items():
-            log(
-                f"{kind} AP on {trained.dataset}: PyTorch "
-                f"{result['eval']['pytorch'][kind]['AP']:.2f}, onnxruntime {aps['AP']:.2f}"
-            )
+            torch_ap = result["eval"]["pytorch"][kind]["AP"]
+            ort_ap = aps["AP"]
+            log(f"{kind} AP on {trained.dataset}: PyTorch {torch_ap:.2f}, onnxruntime {ort_ap:.2f}")
+            if abs(aps["AP"] - torch_ap) > EVAL_AP_TOLERANCE:
+                logging.getLogger("qdet").warning(
+                    f"the file's {kind} AP is {aps['AP'] - torch_ap:+.2f} from PyTorch's, beyond "
+                    f"{EVAL_AP_TOLERANCE}: an FP file must not differ (report it); a quantized "
+                    "one differs by ties at rounding boundaries (docs/deployment.md, 'The check')"
+                )
     with open(report_path, "w") as f:
         json.dump(result, f, indent=1, default=str)
     return status
