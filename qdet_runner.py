@@ -324,6 +324,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--input", nargs="+", required=True, help="pictures or folders of them")
     p.add_argument("--output", required=True, help="folder for the drawings and detections.json")
     p.add_argument("--threads", type=int, default=0, help="onnxruntime threads (0: its default)")
+    p.add_argument(
+        "--score",
+        type=float,
+        default=0.5,
+        help="detections drawn and written: score at least this (Detectron2's demo: 0.5)",
+    )
     args = p.parse_args(argv)
     cv2 = _require("cv2")
     try:
@@ -348,6 +354,8 @@ def main(argv: list[str] | None = None) -> int:
             skipped += 1
             continue
         found = detector(image)
+        keep = found["scores"] >= args.score
+        found = {k: v[keep] for k, v in found.items()}
         cv2.imwrite(out, draw(image, found, detector.class_names))
         names = detector.class_names
         results[os.path.basename(path)] = [

@@ -238,10 +238,16 @@ def test_runner_names_what_it_cannot_run(fp_file, tmp_path):
     cv2.imwrite(str(broken / "rgba.png"), np.dstack([gray, gray, gray, gray]))
     out = tmp_path / "out"
     argv = ["--onnx", path, "--input", str(broken), "--output", str(out)]
-    assert qdet_runner.main(argv) == 0
+    assert qdet_runner.main([*argv, "--score", "0"]) == 0
     written = json.loads((out / "detections.json").read_text())
     assert sorted(written) == ["gray.png", "rgba.png"]  # bad.png named and skipped
     assert len(written["gray.png"]) == 20
+    scores = [d["score"] for d in written["gray.png"]]
+    # Between two written (rounded) scores: an untrained head scores below the default 0.5.
+    cut = sum(sorted(scores)[9:11]) / 2
+    assert qdet_runner.main([*argv, "--score", str(cut)]) == 0
+    kept = [d["score"] for d in json.loads((out / "detections.json").read_text())["gray.png"]]
+    assert kept == [x for x in scores if x > cut] and 0 < len(kept) < 20
     assert qdet_runner.main([*argv[:4], "--output", str(broken)]) == 2  # would overwrite
 
 
