@@ -1,6 +1,8 @@
 """The integer graph of a target-trained model (qdet/quantization/integer_ops.py): each conv's
 bias is int32 at the input step times the weight step, read back from the ONNX file."""
 
+import copy
+
 import numpy as np
 import onnx
 import torch
@@ -66,3 +68,85 @@ def test_integer_conv_grid_against_its_formula():
     assert torch.equal(grid.bias.double(), bias_codes)
     # Rounding is seen: truncation would give other integers here.
     assert not torch.equal(torch.trunc(c / (s_x * weight_step)), bias_codes)
+
+
+class _BoxHead(torch.nn.Module):
+    """Mask R-CNN's box head in miniature (flattened ROI features -> FC -> ReLU -> FC ->
+    ReLU), trained for the onnxruntime target: each FC reads its input quantizer's codes,
+    the head's output has its own quantizer (the next op's Q)."""
+
+    def __init__(self, w_bits: int = 8, a_bits: int = 8):
+        from torch import nn
+
+        from qdet.quantization import UniformQuantizer
+        from qdet.quantization.layers import QLinear
+
+        super().__init__()
+        torch.manual_seed(0)
+        options = {"target": ORT}
+        self.fc1 = QLinear.from_float(
+            nn.Linear(48, 32), w_bits, a_bits, per_channel=True, act_signed=True, options=options
+        )
+        self.fc2 = QLinear.from_float(
+            nn.Linear(32, 16), w_bits, a_bits, per_channel=True, act_signed=False, options=options
+        )
+        with torch.no_grad():
+            self.fc1.bias.normal_(0, 0.5)
+            self.fc2.bias.normal_(0, 0.5)
+        self.fc1.target = self.fc2.target = ORT
+        self.output_quantizer = UniformQuantizer(a_bits, "activation", signed=False, target=ORT)
+
+    def forward(self, x):
+        x = torch.relu(self.fc1(x.flatten(1)))
+        return self.output_quantizer(torch.relu(self.fc2(x)))
+
+
+def test_integer_linear_is_its_formula_and_runs_as_qgemm(tmp_path):
+    """A target-trained Linear: PyTorch's output is x_q W_q^T + b', with b' the bias on the
+    int32 grid s_x s_w[c] (written out here from the quantizers, float64); its export is
+    DQ -> Gemm, which onnxruntime runs as QGemm (no float Gemm left), giving PyTorch's
+    output codes but for ties at a rounding boundary."""
+    import onnxruntime as ort
+
+    from qdet.export.integer_check import optimized_op_counts
+    from qdet.export.qdq import onnx_export_mode
+
+    head = _BoxHead().eval()
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(64, 3, 4, 4, generator=g)
+    calibrate(head, [x], num_batches=1)
+    with torch.no_grad():
+        fc1 = copy.deepcopy(head.fc1).double()  # float64: the int32 bias step is ~1e-5
+        got = fc1(x.flatten(1).double())
+        x_q = fc1.input_quantizer(x.flatten(1).double())
+        k, s_w = fc1.weight_quantizer.weight_integers(fc1.weight)
+        w_q = k.double() * s_w.double().view(-1, 1)
+        step = fc1.input_quantizer.integer_grid().dq_step * s_w.double()
+        rounded = torch.round(fc1.bias / step) * step
+        want = x_q @ w_q.T + rounded
+    err = (got - want).abs().max()
+    assert err < 0.02 * step.min(), (err, step.min())  # float32 steps, as the file holds
+    assert (fc1.bias - rounded).abs().max() > 0.1 * step.min()  # the rounding shows
+
+    path = str(tmp_path / "head.onnx")
+    with onnx_export_mode(head) as record, torch.no_grad():
+        torch.onnx.export(
+            head,
+            (x,),
+            path,
+            dynamo=False,
+            opset_version=17,
+            input_names=["x"],
+            dynamic_axes={"x": {0: "n"}},
+        )
+    assert record.integer.linears == ["fc1", "fc2"]
+    counts = optimized_op_counts(path)
+    assert counts.get("QGemm") == 2 and "Gemm" not in counts and "MatMul" not in counts, counts
+    out = ort.InferenceSession(path, providers=["CPUExecutionProvider"]).run(
+        None, {"x": x.numpy()}
+    )[0]
+    with torch.no_grad():
+        torch_out = head(x).numpy()
+    step = head.output_quantizer.integer_grid().dq_step
+    codes_apart = np.abs(out - torch_out) / step
+    assert codes_apart.max() <= 1.0 + 1e-3 and (codes_apart > 0.5).mean() < 0.01

@@ -12,6 +12,11 @@ into integer kernels:
   and of its int32 bias at step s_x s_w[c], then ``Conv``, with no norm after it
   (:mod:`qdet.quantization.folding`): DQ -> Conv -> (Relu) -> Q, which onnxruntime
   rewrites to QLinearConv (it checks the bias step against s_x s_w[c]);
+- each quantized Linear on a 2-D input (Mask R-CNN's box head; not yet reachable: the
+  targets still refuse Linears, issue 43): DQ of its int8 weight (per output channel) and
+  of its int32 bias at s_x s_w[c], each with its zero point written out, then
+  Gemm(transB=1): DQ -> Gemm -> (Relu) -> Q, which onnxruntime rewrites to QGemm (it
+  takes the int32 bias without checking its step; docs/deploy/onnxruntime_transformer_fusion.md);
 - residual adds and FPN sums: DQ, DQ -> Add -> (Relu) -> Q, rewritten to QLinearAdd;
 - nearest upsampling and max-pooling: DQ -> op -> Q on the same grid, which onnxruntime
   runs on the codes.
@@ -121,6 +126,23 @@ def requantize(y: torch.Tensor, quantizer: Quantizer) -> torch.Tensor:
 
 
 # -- convs ----------------------------------------------------------------------------------
+def _per_channel_dq(g, integers: torch.Tensor, step: torch.Tensor):
+    """DequantizeLinear of constant integers along the output channels (axis 0), its zero
+    point written out (onnxruntime's Gemm fusion requires it)."""
+    zero = torch.zeros(integers.shape[0], dtype=integers.dtype)
+    return g.op("DequantizeLinear", _const(g, integers), _const(g, step), _const(g, zero), axis_i=0)
+
+
+def _integer_bias_codes(layer: nn.Module, bias: torch.Tensor, step: torch.Tensor, q):
+    """The bias's int32 codes at ``step``; the weight integers ``q`` checked to fit int8."""
+    codes = torch.round(bias / step)
+    if codes.abs().max() > INT32_MAX:
+        raise ValueError(f"{layer}: a bias does not fit int32 at step s_x s_w")
+    if q.abs().max() > 127:
+        raise ValueError(f"{layer}: weight integers beyond int8")
+    return codes.to(torch.int32)
+
+
 @dataclass(frozen=True, eq=False)
 class IntegerConvGrid:
     """A folded quantized conv as the runtime holds it."""
@@ -148,15 +170,11 @@ def integer_conv_grid(layer: nn.Module, source: Quantizer, norm: nn.Module | Non
         sign = torch.where(fold < 0, -1, 1).view(-1, *([1] * (q.dim() - 1)))
         q = torch.where((fold == 0).view_as(sign), 0, q * sign)
     weight_step, bias_step = folded_steps(source.integer_grid().dq_step, step, fold, channels)
-    codes = torch.round(bias / bias_step)
-    if codes.abs().max() > INT32_MAX:
-        raise ValueError(f"{layer}: a folded bias does not fit int32 at step s_x s_w")
-    if q.abs().max() > 127:
-        raise ValueError(f"{layer}: weight integers beyond int8")
+    codes = _integer_bias_codes(layer, bias, bias_step, q)
     return IntegerConvGrid(
         q.to(torch.int8),
         weight_step,
-        codes.to(torch.int32),
+        codes,
         bias_step,
         tuple(layer.stride),
         tuple(layer.padding),
@@ -176,18 +194,8 @@ class _IntegerConv(torch.autograd.Function):
 
     @staticmethod
     def symbolic(g, x, grid: IntegerConvGrid):
-        def per_channel(integers, step):  # DequantizeLinear along the output channels
-            zero = torch.zeros(integers.shape[0], dtype=integers.dtype)
-            return g.op(
-                "DequantizeLinear",
-                _const(g, integers),
-                _const(g, step),
-                _const(g, zero),
-                axis_i=0,
-            )
-
-        w = per_channel(grid.weight, grid.weight_step)
-        b = per_channel(grid.bias, grid.bias_step)
+        w = _per_channel_dq(g, grid.weight, grid.weight_step)
+        b = _per_channel_dq(g, grid.bias, grid.bias_step)
         ph, pw = grid.padding
         return g.op(
             "Conv",
@@ -212,3 +220,61 @@ def integer_conv(layer: nn.Module, x_q: torch.Tensor, norm: nn.Module | None) ->
     if (record := integer_record()) is not None:
         record.convs.append(record.paths.get(id(layer), ""))
     return _IntegerConv.apply(x_q, grid)
+
+
+# -- linears --------------------------------------------------------------------------------
+@dataclass(frozen=True, eq=False)
+class IntegerLinearGrid:
+    """A quantized Linear as the runtime holds it (no norm to fold)."""
+
+    weight: torch.Tensor  # int8, (out_features, in_features)
+    weight_step: torch.Tensor  # float32, (out_features,)
+    bias: torch.Tensor  # int32, (out_features,)
+    bias_step: torch.Tensor  # float32, (out_features,) = s_x * weight_step
+
+
+def integer_linear_grid(layer: nn.Module, source: Quantizer) -> IntegerLinearGrid:
+    """The int8 weight and int32 bias of ``layer`` for an input on ``source``'s grid: the
+    same arithmetic as the layer's QAT forward under a target."""
+    q, step = layer.weight_quantizer.weight_integers(layer.weight)
+    channels = q.shape[0]
+    bias = layer.bias.detach().float() if layer.bias is not None else torch.zeros(channels)
+    weight_step, bias_step = folded_steps(source.integer_grid().dq_step, step, None, channels)
+    codes = _integer_bias_codes(layer, bias, bias_step, q)
+    return IntegerLinearGrid(q.to(torch.int8), weight_step, codes, bias_step)
+
+
+class _IntegerLinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, grid: IntegerLinearGrid):
+        w = grid.weight.float() * grid.weight_step.view(-1, 1)
+        b = grid.bias.float() * grid.bias_step
+        return F.linear(x, w.to(x.dtype), b.to(x.dtype))
+
+    @staticmethod
+    def symbolic(g, x, grid: IntegerLinearGrid):
+        # Gemm(transB=1) on DequantizeLinear inputs, each with its zero point written out:
+        # onnxruntime fuses it (with the Q after it) into QGemm only then, and takes the
+        # int32 bias as it is, never checking its step (docs/deploy/
+        # onnxruntime_transformer_fusion.md): the step is s_x s_w[c] by construction.
+        w = _per_channel_dq(g, grid.weight, grid.weight_step)
+        b = _per_channel_dq(g, grid.bias, grid.bias_step)
+        return g.op("Gemm", x, w, b, transB_i=1)
+
+
+def integer_linear(layer: nn.Module, x_q: torch.Tensor) -> torch.Tensor:
+    """``layer`` (a target-trained QLinear) on its quantized 2-D input (a batch of
+    vectors: Mask R-CNN's box head), as DQ -> Gemm."""
+    found = quantized_source(x_q)
+    if found is None:
+        raise RuntimeError(f"{layer}: its input carries no quantizer; the export cannot run it")
+    if x_q.dim() != 2:
+        raise NotImplementedError(
+            f"{layer}: a quantized Linear on a {x_q.dim()}-D input (tokens); the integer "
+            "export takes 2-D inputs (batches of vectors) so far"
+        )
+    with untraced():
+        grid = integer_linear_grid(layer, found[0])
+    if (record := integer_record()) is not None:
+        record.linears.append(record.paths.get(id(layer), ""))
+    return _IntegerLinear.apply(x_q, grid)

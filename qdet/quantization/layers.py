@@ -28,7 +28,7 @@ from qdet.quantization.folding import (
     norm_affine,
     uses_running_statistics,
 )
-from qdet.quantization.integer_ops import integer_conv
+from qdet.quantization.integer_ops import integer_conv, integer_linear
 from qdet.quantization.modes import capturing_codes, exporting
 from qdet.quantization.quantizers import (
     Quantizer,
@@ -258,11 +258,32 @@ class QLinear(nn.Linear):
         return q.to(linear.weight.device)
 
     save_codes = True  # see qdet.quantization.saved; False keeps float tensors for backward
+    # A deployment target: the bias is int32 at s_x s_w, as the runtime's integer GEMM
+    # holds it. None: qdet's simulation.
+    target: DeployTarget | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.target is not None and exporting():
+            return integer_linear(self, self.input_quantizer(x))
         x_q, w_q, saving = quantized_operands(self, x)
+        if self.target is None:
+            with saving:
+                return F.linear(x_q, w_q, self.bias)
         with saving:
-            return F.linear(x_q, w_q, self.bias)
+            y = F.linear(x_q, w_q, None)
+        if self.bias is None:
+            return y
+        source = quantized_source(x_q)
+        bias = self.bias
+        if source is not None and source[0].enabled and self.weight_quantizer.enabled:
+            _, step = folded_steps(
+                source[0].integer_grid().dq_step,
+                self.weight_quantizer.weight_step(),
+                None,
+                self.out_features,
+            )
+            _, bias = integer_bias(bias, step.to(bias.device))
+        return y + bias.to(y.dtype)
 
 
 QUANTIZED_LAYERS = (QConv2d, QLinear)
