@@ -5,6 +5,7 @@ import copy
 
 import numpy as np
 import onnx
+import pytest
 import torch
 from onnx import numpy_helper
 from target_models import ORT, _export, _randomize_norms, _target_model
@@ -75,7 +76,7 @@ class _BoxHead(torch.nn.Module):
     ReLU), trained for the onnxruntime target: each FC reads its input quantizer's codes,
     the head's output has its own quantizer (the next op's Q)."""
 
-    def __init__(self, w_bits: int = 8, a_bits: int = 8):
+    def __init__(self, tokens: bool = False, w_bits: int = 8, a_bits: int = 8):
         from torch import nn
 
         from qdet.quantization import UniformQuantizer
@@ -95,30 +96,36 @@ class _BoxHead(torch.nn.Module):
             self.fc2.bias.normal_(0, 0.5)
         self.fc1.target = self.fc2.target = ORT
         self.output_quantizer = UniformQuantizer(a_bits, "activation", signed=False, target=ORT)
+        self.tokens = tokens  # (B, T, 48) tokens through the FCs, as in a ViT's MLP
+
+    def flat(self, x):
+        return x if self.tokens else x.flatten(1)
 
     def forward(self, x):
-        x = torch.relu(self.fc1(x.flatten(1)))
+        x = torch.relu(self.fc1(self.flat(x)))
         return self.output_quantizer(torch.relu(self.fc2(x)))
 
 
-def test_integer_linear_is_its_formula_and_runs_as_qgemm(tmp_path):
-    """A target-trained Linear: PyTorch's output is x_q W_q^T + b', with b' the bias on the
-    int32 grid s_x s_w[c] (written out here from the quantizers, float64); its export is
-    DQ -> Gemm, which onnxruntime runs as QGemm (no float Gemm left), giving PyTorch's
-    output codes but for ties at a rounding boundary."""
+@pytest.mark.parametrize("tokens", [False, True], ids=["vectors", "tokens"])
+def test_integer_linear_is_its_formula_and_runs_as_qgemm(tmp_path, tokens):
+    """A target-trained Linear, on a batch of vectors (a box head) and of tokens (a ViT's
+    MLP): PyTorch's output is x_q W_q^T + b', with b' the bias on the int32 grid s_x s_w[c]
+    (written out here from the quantizers, float64); its export is DQ -> Gemm, which
+    onnxruntime runs as QGemm (no float GEMM left), giving PyTorch's output codes but for
+    ties at a rounding boundary."""
     import onnxruntime as ort
 
     from qdet.export.integer_check import optimized_op_counts
     from qdet.export.qdq import onnx_export_mode
 
-    head = _BoxHead().eval()
+    head = _BoxHead(tokens).eval()
     g = torch.Generator().manual_seed(1)
-    x = torch.randn(64, 3, 4, 4, generator=g)
+    x = torch.randn(*((8, 6, 48) if tokens else (64, 3, 4, 4)), generator=g)
     calibrate(head, [x], num_batches=1)
     with torch.no_grad():
         fc1 = copy.deepcopy(head.fc1).double()  # float64: the int32 bias step is ~1e-5
-        got = fc1(x.flatten(1).double())
-        x_q = fc1.input_quantizer(x.flatten(1).double())
+        got = fc1(head.flat(x).double())
+        x_q = fc1.input_quantizer(head.flat(x).double())
         k, s_w = fc1.weight_quantizer.weight_integers(fc1.weight)
         w_q = k.double() * s_w.double().view(-1, 1)
         step = fc1.input_quantizer.integer_grid().dq_step * s_w.double()
@@ -137,16 +144,17 @@ def test_integer_linear_is_its_formula_and_runs_as_qgemm(tmp_path):
             dynamo=False,
             opset_version=17,
             input_names=["x"],
-            dynamic_axes={"x": {0: "n"}},
+            dynamic_axes={"x": {0: "n", 1: "t"} if tokens else {0: "n"}},
         )
     assert record.integer.linears == ["fc1", "fc2"]
     counts = optimized_op_counts(path)
     assert counts.get("QGemm") == 2 and "Gemm" not in counts and "MatMul" not in counts, counts
-    out = ort.InferenceSession(path, providers=["CPUExecutionProvider"]).run(
-        None, {"x": x.numpy()}
-    )[0]
-    with torch.no_grad():
-        torch_out = head(x).numpy()
+    session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
     step = head.output_quantizer.integer_grid().dq_step
-    codes_apart = np.abs(out - torch_out) / step
-    assert codes_apart.max() <= 1.0 + 1e-3 and (codes_apart > 0.5).mean() < 0.01
+    for batch in (x, x[:5, :4] if tokens else x[:5]):  # another size too (dynamic axes)
+        out = session.run(None, {"x": batch.numpy()})[0]
+        with torch.no_grad():
+            torch_out = head(batch).numpy()
+        assert out.shape == torch_out.shape
+        codes_apart = np.abs(out - torch_out) / step
+        assert codes_apart.max() <= 1.0 + 1e-3 and (codes_apart > 0.5).mean() < 0.01

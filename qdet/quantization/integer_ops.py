@@ -12,11 +12,12 @@ into integer kernels:
   and of its int32 bias at step s_x s_w[c], then ``Conv``, with no norm after it
   (:mod:`qdet.quantization.folding`): DQ -> Conv -> (Relu) -> Q, which onnxruntime
   rewrites to QLinearConv (it checks the bias step against s_x s_w[c]);
-- each quantized Linear on a 2-D input (Mask R-CNN's box head; not yet reachable: the
-  targets still refuse Linears, issue 43): DQ of its int8 weight (per output channel) and
-  of its int32 bias at s_x s_w[c], each with its zero point written out, then
-  Gemm(transB=1): DQ -> Gemm -> (Relu) -> Q, which onnxruntime rewrites to QGemm (it
-  takes the int32 bias without checking its step; docs/deploy/onnxruntime_transformer_fusion.md);
+- each quantized Linear (not yet reachable from a config: the targets still refuse
+  Linears, issue 43): DQ of its int8 weight (per output channel) and of its int32 bias at
+  s_x s_w[c], each with its zero point written out, then Gemm(transB=1), tokens reshaped
+  to 2-D around it: DQ -> Gemm -> (Relu) -> Q, which onnxruntime rewrites to QGemm (it
+  takes the int32 bias without checking its step;
+  docs/deploy/onnxruntime_transformer_fusion.md);
 - residual adds and FPN sums: DQ, DQ -> Add -> (Relu) -> Q, rewritten to QLinearAdd;
 - nearest upsampling and max-pooling: DQ -> op -> Q on the same grid, which onnxruntime
   runs on the codes.
@@ -259,20 +260,32 @@ class _IntegerLinear(torch.autograd.Function):
         # onnxruntime_transformer_fusion.md): the step is s_x s_w[c] by construction.
         w = _per_channel_dq(g, grid.weight, grid.weight_step)
         b = _per_channel_dq(g, grid.bias, grid.bias_step)
-        return g.op("Gemm", x, w, b, transB_i=1)
+        rank = x.type().dim()
+        if rank == 2:
+            return g.op("Gemm", x, w, b, transB_i=1)
+        # Tokens (..., K): reshaped to (-1, K) around the Gemm. onnxruntime moves the
+        # input's DequantizeLinear past the Reshape (which then runs on the codes) and
+        # still fuses QGemm; MatMul + Add on the N-D tensor would become
+        # MatMulIntegerToFloat and a float Add, measured slower.
+        out_features, in_features = grid.weight.shape
+        flat = g.op("Reshape", x, _const(g, torch.tensor([-1, in_features])))
+        y = g.op("Gemm", flat, w, b, transB_i=1)
+        lead = g.op(
+            "Slice",
+            g.op("Shape", x),
+            _const(g, torch.tensor([0])),
+            _const(g, torch.tensor([rank - 1])),
+        )
+        shape = g.op("Concat", lead, _const(g, torch.tensor([out_features])), axis_i=0)
+        return g.op("Reshape", y, shape)
 
 
 def integer_linear(layer: nn.Module, x_q: torch.Tensor) -> torch.Tensor:
-    """``layer`` (a target-trained QLinear) on its quantized 2-D input (a batch of
-    vectors: Mask R-CNN's box head), as DQ -> Gemm."""
+    """``layer`` (a target-trained QLinear) on its quantized input, a batch of vectors
+    (Mask R-CNN's box head) or of tokens (..., K), as DQ -> Gemm."""
     found = quantized_source(x_q)
     if found is None:
         raise RuntimeError(f"{layer}: its input carries no quantizer; the export cannot run it")
-    if x_q.dim() != 2:
-        raise NotImplementedError(
-            f"{layer}: a quantized Linear on a {x_q.dim()}-D input (tokens); the integer "
-            "export takes 2-D inputs (batches of vectors) so far"
-        )
     with untraced():
         grid = integer_linear_grid(layer, found[0])
     if (record := integer_record()) is not None:
