@@ -319,3 +319,51 @@ def test_quantized_file_is_checked_layer_by_layer_and_a_tampered_step_fails(tmp_
     onnx.save(proto, path)
     tampered = check_whole(model, path, [_picture(64, 96, 1)])
     assert not tampered.ok and any("dq_step" in f for f in tampered.failures), tampered.failures
+
+
+TRANSFORMERS = {
+    "vitdet": "configs/digits/vitdet_tiny_4bit.yaml",
+    "swin": "configs/digits/swin_tiny_4bit.yaml",
+    "vitdet_mha_only": "configs/digits/vitdet_tiny_4bit_mha.yaml",
+}
+
+
+@pytest.mark.parametrize("arch", TRANSFORMERS)
+def test_transformer_target_file_runs_every_quantized_linear_as_qgemm(tmp_path, arch):
+    """A tiny ViTDet / Swin Mask R-CNN trained for onnxruntime at W8A8: its whole file
+    runs every quantized Linear of the model as one QGemm (counted against the model's own
+    QLinear modules), each QuantizeLinear gives PyTorch's codes on the runtime's inputs,
+    and the instances agree; MHA-only quantizes (and deploys) the attention's Linears
+    alone, the MLP's staying float GEMMs."""
+    from qdet.export.integer_check import optimized_op_counts
+    from qdet.quantization import calibrate
+    from qdet.quantization.layers import QLinear
+
+    opts = ["MODEL.WEIGHTS", "", "QUANT.TARGET", "onnxruntime", "QUANT.W_BITS", "8"]
+    cfg = load_config(os.path.join(ROOT, TRANSFORMERS[arch]), [*opts, "QUANT.A_BITS", "8"])
+    torch.manual_seed(0)
+    model = build_model(cfg).eval()
+    size = cfg.INPUT.MIN_SIZE_TEST
+    calibrate(model, [[{"image": _picture(size, size, 7)}]], num_batches=1)
+    linears = [n for n, m in model.named_modules() if isinstance(m, QLinear)]
+    float_linears = [
+        n
+        for n, m in model.backbone.named_modules()
+        if type(m) is torch.nn.Linear and ".mlp." in f".{n}"
+    ]
+    path = str(tmp_path / "t.onnx")
+    info = {**_info(cfg, "W8/A8", "onnxruntime"), "score_threshold": 0.05}
+    export_whole_detector(model, path, _picture(size, size, 0), info)
+    report = check_whole(model, path, [_picture(size, size + 16, 1)])
+    assert report.ok, report.failures
+    counts = optimized_op_counts(path)
+    assert counts["QGemm"] == len(linears) > 0
+    assert report.activations_checked >= len(linears)
+    meta = json.loads(
+        ort.InferenceSession(path).get_modelmeta().custom_metadata_map["integer_linears"]
+    )
+    assert sorted(meta) == sorted(linears)
+    if arch == "vitdet_mha_only":
+        assert all(".attn." in n for n in linears) and len(float_linears) > 0
+        float_gemms = sum(counts.get(k, 0) for k in ("MatMul", "FusedMatMul", "Gemm"))
+        assert float_gemms >= len(float_linears)

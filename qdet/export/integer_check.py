@@ -35,7 +35,18 @@ from qdet.quantization.modes import substituting_outputs
 # of its requantisation multiplier, stays below this for n <= 255 (measured: docs/deployment.md,
 # "Deployment: integer kernels").
 TIE_TOL = 2e-3
-INTEGER_OPS = ("QLinearConv", "QLinearAdd", "QLinearMatMul", "ConvInteger", "MatMulInteger")
+INTEGER_OPS = (
+    "QLinearConv",
+    "QLinearAdd",
+    "QGemm",
+    "QLinearMatMul",
+    "MatMulIntegerToFloat",
+    "QLinearMul",
+    "QLinearSoftmax",
+    "QLinearConcat",
+    "ConvInteger",
+    "MatMulInteger",
+)
 
 
 def optimized_op_counts(path: str, threads: int = 1) -> dict[str, int]:
@@ -58,7 +69,8 @@ def float_convs(counts: dict[str, int]) -> int:
 
 
 def check_kernels(meta: dict, counts: dict[str, int], float_layers: int, report) -> None:
-    """Every quantized conv a QLinearConv; no float conv beyond ``float_layers``."""
+    """Every quantized conv a QLinearConv, every quantized Linear a QGemm; no float conv
+    beyond ``float_layers``."""
     expected = len(meta["integer_convs"])
     got, floats = counts.get("QLinearConv", 0), float_convs(counts)
     report.integer_kernels = {k: v for k, v in counts.items() if k in INTEGER_OPS}
@@ -68,6 +80,12 @@ def check_kernels(meta: dict, counts: dict[str, int], float_layers: int, report)
             f"{expected} quantized conv calls should run as QLinearConv, onnxruntime runs "
             f"{got} (and {floats} float convs, the model has {float_layers} float conv "
             "calls): some Q/DQ group did not fuse and runs in float"
+        )
+    linears, gemms = len(meta.get("integer_linears", [])), counts.get("QGemm", 0)
+    if gemms != linears:
+        report.failures.append(
+            f"{linears} quantized Linear calls should run as QGemm, onnxruntime runs {gemms}: "
+            "some Q/DQ group did not fuse and runs in float"
         )
 
 
@@ -170,8 +188,9 @@ def check_layers(
     report.activations_checked = len(grids)
 
 
-def float_conv_calls(model: nn.Module, images: torch.Tensor) -> int:
-    """How many float (unquantized) conv calls the exported network makes on ``images``."""
+def float_conv_calls(model: nn.Module, run: Callable[[], object]) -> int:
+    """How many float (unquantized) conv calls ``model`` makes while ``run()`` runs it (the
+    exported network on a batch, or Detectron2's whole inference on a picture)."""
     calls = [0]
 
     def count(_module, _inputs):
@@ -186,8 +205,14 @@ def float_conv_calls(model: nn.Module, images: torch.Tensor) -> int:
     ]
     try:
         with torch.no_grad():
-            export_graph(model).eval()(images)
+            run()
     finally:
         for h in handles:
             h.remove()
     return calls[0]
+
+
+def network_conv_calls(model: nn.Module, images: torch.Tensor) -> int:
+    """:func:`float_conv_calls` of the exported network on ``images``."""
+    graph = export_graph(model).eval()
+    return float_conv_calls(model, lambda: graph(images))

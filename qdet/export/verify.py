@@ -457,7 +457,7 @@ def verify(model: nn.Module, path: str, batched_inputs_list, threads: int = 0) -
         report.head_mean_abs, report.head_max_abs = float(all_diffs.mean()), float(all_diffs.max())
     if report.target and batches:
         counts = integer_check.optimized_op_counts(path, threads or 1)
-        float_calls = integer_check.float_conv_calls(model, torch.from_numpy(batches[0]))
+        float_calls = integer_check.network_conv_calls(model, torch.from_numpy(batches[0]))
         integer_check.check_kernels(meta, counts, float_calls, report)
         integer_check.check_layers(model, path, batches, meta, report)
     elif not report.target:

@@ -176,8 +176,8 @@ def check_whole(
         _check_layers(model, path, meta, images, report)
     if report.target and images:
         counts = integer_check.optimized_op_counts(path, threads or 1)
-        batch = model.preprocess_image([{"image": images[0]}]).tensor
-        float_calls = integer_check.float_conv_calls(model, batch)
+        first = [{"image": images[0]}]
+        float_calls = integer_check.float_conv_calls(model, lambda: inference(model, first))
         integer_check.check_kernels(meta, counts, float_calls, report)
         feeds = [image.float().cpu().numpy() for image in images]
         integer_check.check_layers(

@@ -215,14 +215,21 @@ def make_deployable(
     ones of the graph's outputs (``percentiles=(0, 100)``) and of tensors a float layer
     reads. Returns ``{path: (owner module, quantizer)}`` of the added ones.
 
-    Raises ``ValueError`` naming the layer when a quantized layer would not be an integer
-    op: a norm that cannot fold, a Linear, a module of unknown structure, FPN's average
-    fusion."""
+    Quantized Linears (a ViT's or Swin's, Mask R-CNN's box head) read their own input
+    quantizer and run as integer GEMMs (:func:`qdet.quantization.integer_ops.integer_linear`);
+    the ops around them (attention matmuls, softmax, norms, GELU) stay float for now.
+
+    Raises ``ValueError`` naming the layer when a quantized conv would not be an integer
+    op: a norm that cannot fold, a module of unknown structure, FPN's average fusion."""
     added = {}
     modules = dict(model.named_modules())
+    # FPN's top blocks: another pyramid's (ViTDet's SimpleFeaturePyramid, unquantized) stay.
+    fpn_tops = {id(m.top_block) for m in modules.values() if isinstance(m, FPN) and m.top_block}
     for path, module in modules.items():
         cls = _DEPLOYABLE.get(type(module))
         if cls is None:
+            continue
+        if isinstance(module, (LastLevelMaxPool, LastLevelP6P7)) and id(module) not in fpn_tops:
             continue
         module.__class__ = cls
         for name, quantizer in _add_quantizers(module, path, activation, edge, per_level_head):
@@ -316,13 +323,9 @@ def _check_covered(model: nn.Module, target: DeployTarget) -> None:
             for name, _child in module.named_modules():
                 if name:
                     owners.setdefault(f"{path}.{name}" if path else name, path)
-    for path, layer in model.named_modules():
-        if isinstance(layer, QLinear):
-            raise ValueError(
-                f"{path}: a quantized Linear; QUANT.TARGET {target.name!r} deploys "
-                "Detectron2's ResNet, FPN and RetinaNet head (quantized convs). Use "
-                "QUANT.TARGET '' for this model"
-            )
+    for layer in model.modules():
+        if isinstance(layer, QLinear):  # its own input quantizer; the integer GEMM's bias
+            layer.target = target
     for path, layer in model.named_modules():
         if not isinstance(layer, QConv2d):
             continue

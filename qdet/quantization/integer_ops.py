@@ -12,11 +12,11 @@ into integer kernels:
   and of its int32 bias at step s_x s_w[c], then ``Conv``, with no norm after it
   (:mod:`qdet.quantization.folding`): DQ -> Conv -> (Relu) -> Q, which onnxruntime
   rewrites to QLinearConv (it checks the bias step against s_x s_w[c]);
-- each quantized Linear (not yet reachable from a config: the targets still refuse
-  Linears, issue 43): DQ of its int8 weight (per output channel) and of its int32 bias at
-  s_x s_w[c], each with its zero point written out, then Gemm(transB=1), tokens reshaped
-  to 2-D around it: DQ -> Gemm -> (Relu) -> Q, which onnxruntime rewrites to QGemm (it
-  takes the int32 bias without checking its step;
+- each quantized Linear (ViTDet's, Swin's, a box head's): DQ of its int8 weight (per
+  output channel) and of its int32 bias at s_x s_w[c], each with its zero point written
+  out, then Gemm(transB=1), tokens reshaped to 2-D around it: DQ -> Gemm -> (Relu) ->
+  Q, which onnxruntime rewrites to QGemm (it takes the int32 bias without checking its
+  step;
   docs/deploy/onnxruntime_transformer_fusion.md);
 - residual adds and FPN sums: DQ, DQ -> Add -> (Relu) -> Q, rewritten to QLinearAdd;
 - nearest upsampling and max-pooling: DQ -> op -> Q on the same grid, which onnxruntime
