@@ -71,8 +71,9 @@ def ship_run(cfg) -> dict:
             metrics["file AP"] = json.load(f)["AP"]
         return metrics
     metrics["file AP"] = file_ap(path, cfg.DATASETS.TEST[0], torch.get_num_threads())
-    with open(cache, "w") as f:
+    with open(cache + ".tmp", "w") as f:
         json.dump({"AP": metrics["file AP"]}, f)
+    os.replace(cache + ".tmp", cache)  # a killed demo leaves no half-written cache
     return metrics
 
 
