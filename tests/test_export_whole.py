@@ -321,16 +321,18 @@ def test_quantized_file_is_checked_layer_by_layer_and_a_tampered_step_fails(tmp_
     assert not tampered.ok and any("dq_step" in f for f in tampered.failures), tampered.failures
 
 
-TRANSFORMERS = {
-    "vitdet": "configs/digits/vitdet_tiny_4bit.yaml",
-    "swin": "configs/digits/swin_tiny_4bit.yaml",
-    "vitdet_mha_only": "configs/digits/vitdet_tiny_4bit_mha.yaml",
+TRANSFORMERS = {  # config, W/A bits
+    "vitdet": ("configs/digits/vitdet_tiny_4bit.yaml", "8"),
+    "swin": ("configs/digits/swin_tiny_4bit.yaml", "8"),
+    "vitdet_mha_only": ("configs/digits/vitdet_tiny_4bit_mha.yaml", "8"),
+    # 4-bit codes: an integer Clip between each QuantizeLinear and its DequantizeLinear.
+    "vitdet_w4a4": ("configs/digits/vitdet_tiny_4bit.yaml", "4"),
 }
 
 
 @pytest.mark.parametrize("arch", TRANSFORMERS)
 def test_transformer_target_file_runs_every_quantized_linear_as_qgemm(tmp_path, arch):
-    """A tiny ViTDet / Swin Mask R-CNN trained for onnxruntime at W8A8: its whole file
+    """A tiny ViTDet / Swin Mask R-CNN trained for onnxruntime (W8A8, and W4A4): its whole file
     runs every quantized Linear of the model as one QGemm (counted against the model's own
     QLinear modules), each QuantizeLinear gives PyTorch's codes on the runtime's inputs,
     and the instances agree; MHA-only quantizes (and deploys) the attention's Linears
@@ -339,8 +341,9 @@ def test_transformer_target_file_runs_every_quantized_linear_as_qgemm(tmp_path, 
     from qdet.quantization import calibrate
     from qdet.quantization.layers import QLinear
 
-    opts = ["MODEL.WEIGHTS", "", "QUANT.TARGET", "onnxruntime", "QUANT.W_BITS", "8"]
-    cfg = load_config(os.path.join(ROOT, TRANSFORMERS[arch]), [*opts, "QUANT.A_BITS", "8"])
+    config, bits = TRANSFORMERS[arch]
+    opts = ["MODEL.WEIGHTS", "", "QUANT.TARGET", "onnxruntime", "QUANT.W_BITS", bits]
+    cfg = load_config(os.path.join(ROOT, config), [*opts, "QUANT.A_BITS", bits])
     torch.manual_seed(0)
     model = build_model(cfg).eval()
     size = cfg.INPUT.MIN_SIZE_TEST
@@ -352,7 +355,7 @@ def test_transformer_target_file_runs_every_quantized_linear_as_qgemm(tmp_path, 
         if type(m) is torch.nn.Linear and ".mlp." in f".{n}"
     ]
     path = str(tmp_path / "t.onnx")
-    info = {**_info(cfg, "W8/A8", "onnxruntime"), "score_threshold": 0.05}
+    info = {**_info(cfg, f"W{bits}/A{bits}", "onnxruntime"), "score_threshold": 0.05}
     export_whole_detector(model, path, _picture(size, size, 0), info)
     report = check_whole(model, path, [_picture(size, size + 16, 1)])
     assert report.ok, report.failures
