@@ -5,7 +5,7 @@ and loads an FP checkpoint, and the layers a target cannot run are named."""
 import pytest
 import torch
 from detectron2.modeling import build_model
-from target_models import RETINANET, TINY, _images, _target_model
+from target_models import RETINANET, TINY, VITDET, _images, _target_model
 
 from qdet.config import load_config
 from qdet.modeling.deployable import DeployBasicBlock, DeployFPN
@@ -78,6 +78,10 @@ def test_layers_a_target_cannot_fold_or_fuse_are_named():
                 RETINANET, [*TINY, "QUANT.TARGET", "onnxruntime", "QUANT.ACT_METHOD", "qrelu"]
             )
         )
+    with pytest.raises(ValueError, match=r"no quantized layer: QUANT.TARGETS / QUANT.EXCLUDE"):
+        opts = ["MODEL.WEIGHTS", "", "QUANT.TARGET", "onnxruntime", "QUANT.W_BITS", "8"]
+        opts += ["QUANT.A_BITS", "8", "QUANT.EXCLUDE", "['attn', 'mlp']"]
+        build_model(load_config(VITDET, opts))
     with pytest.raises(ValueError, match=r"FUSE_TYPE 'avg'"):
         build_model(
             load_config(

@@ -323,7 +323,15 @@ def _check_covered(model: nn.Module, target: DeployTarget) -> None:
             for name, _child in module.named_modules():
                 if name:
                     owners.setdefault(f"{path}.{name}" if path else name, path)
-    for layer in model.modules():
+    quantized = [m for m in model.modules() if isinstance(m, (QConv2d, QLinear))]
+    if not quantized:
+        raise ValueError(
+            f"QUANT.TARGET {target.name!r} with no quantized layer: QUANT.TARGETS / "
+            "QUANT.EXCLUDE leave every layer in float, so nothing would run in integers. "
+            "Select layers to quantize (e.g. QUANT.TARGETS ['mha', 'mlp'] for a ViT or "
+            "Swin) or use QUANT.TARGET ''"
+        )
+    for layer in quantized:
         if isinstance(layer, QLinear):  # its own input quantizer; the integer GEMM's bias
             layer.target = target
     for path, layer in model.named_modules():
