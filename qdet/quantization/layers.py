@@ -209,16 +209,21 @@ class QConv2d(Conv2d):
             bias = shift if bias is None else shift + scale * bias
         if bias is None:
             return y
-        quantizer = source[0] if source is not None else None
-        if quantizer is not None and quantizer.enabled and self.weight_quantizer.enabled:
-            _, step = folded_steps(
-                quantizer.integer_grid().dq_step,
-                self.weight_quantizer.weight_step(),
-                scale,
-                self.out_channels,
-            )
-            _, bias = integer_bias(bias, step.to(bias.device))
+        bias = bias_on_int32_grid(self, bias, source, scale, self.out_channels)
         return y + bias.view(1, -1, 1, 1).to(y.dtype)
+
+
+def bias_on_int32_grid(layer: nn.Module, bias, source, fold, channels: int) -> torch.Tensor:
+    """``bias`` (already folded with the norm's scale ``fold``, or None) on the int32 grid
+    s_x s_w'[c] a target's runtime holds it on (:func:`qdet.quantization.folding.
+    integer_bias`, gradient straight through); as it is while ``source`` (the input's
+    producing quantizer and codes) or the weight quantizer is off."""
+    quantizer = source[0] if source is not None else None
+    if quantizer is None or not quantizer.enabled or not layer.weight_quantizer.enabled:
+        return bias
+    input_step = quantizer.integer_grid().dq_step
+    _, step = folded_steps(input_step, layer.weight_quantizer.weight_step(), fold, channels)
+    return integer_bias(bias, step.to(bias.device))[1]
 
 
 class QLinear(nn.Linear):
@@ -273,16 +278,7 @@ class QLinear(nn.Linear):
             y = F.linear(x_q, w_q, None)
         if self.bias is None:
             return y
-        source = quantized_source(x_q)
-        bias = self.bias
-        if source is not None and source[0].enabled and self.weight_quantizer.enabled:
-            _, step = folded_steps(
-                source[0].integer_grid().dq_step,
-                self.weight_quantizer.weight_step(),
-                None,
-                self.out_features,
-            )
-            _, bias = integer_bias(bias, step.to(bias.device))
+        bias = bias_on_int32_grid(self, self.bias, quantized_source(x_q), None, self.out_features)
         return y + bias.to(y.dtype)
 
 

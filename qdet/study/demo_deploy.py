@@ -41,8 +41,7 @@ def export_run(cfg) -> str:
     cfg.MODEL.DEVICE = "cpu"
     trained = trained_model_from_cfg(cfg, "to export")
     first = next(iter(trained.test_loader()))[0]["image"]
-    with torch.no_grad():
-        export_whole_detector(trained.model, path, first, trained.deployment_info())
+    export_whole_detector(trained.model, path, first, trained.deployment_info())
     return path
 
 
