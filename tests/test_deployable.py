@@ -5,12 +5,14 @@ and loads an FP checkpoint, and the layers a target cannot run are named."""
 import pytest
 import torch
 from detectron2.modeling import build_model
+from detectron2.modeling.backbone.swin import WindowAttention
 from target_models import RETINANET, TINY, VITDET, _images, _target_model
 
 from qdet.config import load_config
 from qdet.modeling.deployable import DeployBasicBlock, DeployFPN
+from qdet.modeling.deployable_attention import attention_is_quantized
 from qdet.quantization import QConv2d, calibrate
-from qdet.quantization.layers import QuantizedInput
+from qdet.quantization.layers import QLinear, QuantizedInput
 from qdet.quantization.quantizers import Quantizer
 
 
@@ -88,3 +90,19 @@ def test_layers_a_target_cannot_fold_or_fuse_are_named():
                 RETINANET, [*TINY, "QUANT.TARGET", "onnxruntime", "MODEL.FPN.FUSE_TYPE", "avg"]
             )
         )
+
+
+def test_attention_and_rcnn_heads_a_target_cannot_run_in_integers_are_named():
+    """An attention with only one of qkv / proj quantized, or dropout on its probabilities,
+    has no integer form: a build-time error naming the layer and the fix."""
+    opts = ["MODEL.WEIGHTS", "", "QUANT.TARGET", "onnxruntime", "QUANT.W_BITS", "8"]
+    opts += ["QUANT.A_BITS", "8"]
+    with pytest.raises(ValueError, match=r"blocks\.0\.attn: only \S+attn\.qkv is quantized"):
+        build_model(
+            load_config(VITDET, [*opts, "QUANT.TARGETS", "[]", "QUANT.INCLUDE", "['attn.qkv']"])
+        )
+    attention = WindowAttention(16, (2, 2), num_heads=2, attn_drop=0.1)
+    for name in ("qkv", "proj"):
+        setattr(attention, name, QLinear.from_float(getattr(attention, name), 8, 8))
+    with pytest.raises(ValueError, match=r"blocks\.1\.attn\.attn_drop: dropout .*p=0\.1"):
+        attention_is_quantized(attention, "blocks.1.attn")

@@ -325,35 +325,46 @@ TRANSFORMERS = {  # config, W/A bits
     "vitdet": ("configs/digits/vitdet_tiny_4bit.yaml", "8"),
     "swin": ("configs/digits/swin_tiny_4bit.yaml", "8"),
     "vitdet_mha_only": ("configs/digits/vitdet_tiny_4bit_mha.yaml", "8"),
+    "vitdet_mlp_only": ("configs/digits/vitdet_tiny_4bit_mlp.yaml", "8"),
+    # Swin's FPN quantized too (QUANT.INCLUDE): its lateral convs quantize Swin's outputs.
+    "swin_fpn": ("configs/digits/swin_tiny_4bit.yaml", "8"),
     # 4-bit codes: an integer Clip between each QuantizeLinear and its DequantizeLinear.
     "vitdet_w4a4": ("configs/digits/vitdet_tiny_4bit.yaml", "4"),
 }
 
 
 @pytest.mark.parametrize("arch", TRANSFORMERS)
-def test_transformer_target_file_runs_every_quantized_linear_as_qgemm(tmp_path, arch):
+def test_transformer_target_file_runs_every_quantized_linear_and_matmul_in_integers(tmp_path, arch):
     """A tiny ViTDet / Swin Mask R-CNN trained for onnxruntime (W8A8, and W4A4): its whole file
-    runs every quantized Linear of the model as one QGemm (counted against the model's own
-    QLinear modules), each QuantizeLinear gives PyTorch's codes on the runtime's inputs,
-    and the instances agree; MHA-only quantizes (and deploys) the attention's Linears
-    alone, the MLP's staying float GEMMs."""
-    from qdet.export.integer_check import optimized_op_counts
+    runs every quantized Linear of the model as one QGemm and both matmuls of every attention
+    whose qkv and proj are quantized as integer matmuls (counted against the model's own
+    modules), each QuantizeLinear gives PyTorch's codes on the runtime's inputs, and the
+    instances agree; MHA-only quantizes (and deploys) the attention alone, the MLP's GEMMs
+    staying float, and MLP-only the reverse."""
+    from qdet.export.integer_check import MATMUL_OPS, optimized_op_counts
+    from qdet.modeling.deployable_attention import DEPLOYABLE_ATTENTION
     from qdet.quantization import calibrate
-    from qdet.quantization.layers import QLinear
+    from qdet.quantization.layers import QConv2d, QLinear
 
     config, bits = TRANSFORMERS[arch]
     opts = ["MODEL.WEIGHTS", "", "QUANT.TARGET", "onnxruntime", "QUANT.W_BITS", bits]
-    cfg = load_config(os.path.join(ROOT, config), [*opts, "QUANT.A_BITS", bits])
+    opts += ["QUANT.A_BITS", bits]
+    if arch == "swin_fpn":
+        opts += ["QUANT.INCLUDE", "['fpn_lateral', 'fpn_output']", "MODEL.FPN.NORM", ""]
+    cfg = load_config(os.path.join(ROOT, config), opts)
     torch.manual_seed(0)
     model = build_model(cfg).eval()
     size = cfg.INPUT.MIN_SIZE_TEST
     calibrate(model, [[{"image": _picture(size, size, 7)}]], num_batches=1)
     linears = [n for n, m in model.named_modules() if isinstance(m, QLinear)]
-    float_linears = [
-        n
-        for n, m in model.backbone.named_modules()
-        if type(m) is torch.nn.Linear and ".mlp." in f".{n}"
+    convs = [n for n, m in model.named_modules() if isinstance(m, QConv2d)]
+    attentions = [
+        m
+        for m in model.modules()
+        if type(m) in (*DEPLOYABLE_ATTENTION, *DEPLOYABLE_ATTENTION.values())
     ]
+    integer_attentions = [m for m in attentions if type(m) in DEPLOYABLE_ATTENTION.values()]
+    float_linears = [n for n, m in model.backbone.named_modules() if type(m) is torch.nn.Linear]
     path = str(tmp_path / "t.onnx")
     info = {**_info(cfg, f"W{bits}/A{bits}", "onnxruntime"), "score_threshold": 0.05}
     export_whole_detector(model, path, _picture(size, size, 0), info)
@@ -361,12 +372,56 @@ def test_transformer_target_file_runs_every_quantized_linear_as_qgemm(tmp_path, 
     assert report.ok, report.failures
     counts = optimized_op_counts(path)
     assert counts["QGemm"] == len(linears) > 0
+    assert counts.get("QLinearConv", 0) == len(convs) == (8 if arch == "swin_fpn" else 0)
+    matmuls = sum(counts.get(op, 0) for op in MATMUL_OPS)
+    assert matmuls == 2 * len(integer_attentions)
     assert report.activations_checked >= len(linears)
     meta = json.loads(
         ort.InferenceSession(path).get_modelmeta().custom_metadata_map["integer_linears"]
     )
     assert sorted(meta) == sorted(linears)
+    float_gemms = sum(counts.get(k, 0) for k in ("MatMul", "FusedMatMul", "Gemm"))
     if arch == "vitdet_mha_only":
         assert all(".attn." in n for n in linears) and len(float_linears) > 0
-        float_gemms = sum(counts.get(k, 0) for k in ("MatMul", "FusedMatMul", "Gemm"))
         assert float_gemms >= len(float_linears)
+    if arch == "vitdet_mlp_only":
+        assert all(".mlp." in n for n in linears) and not integer_attentions
+        assert matmuls == 0 and float_gemms >= 2 * len(attentions) + len(float_linears)
+    else:
+        assert len(integer_attentions) == len(attentions) > 0
+
+
+def test_resnet_fpn_mask_rcnn_target_file_runs_its_heads_in_integers(tmp_path):
+    """A tiny R18-FPN Mask R-CNN trained for onnxruntime: every quantized conv of the
+    backbone, the RPN head and the mask head is a QLinearConv and the box head's FCs QGemms
+    (counted against the model's own layers), the mask head's ConvTranspose float and
+    counted, codes layer by layer PyTorch's."""
+    from qdet.export.integer_check import optimized_op_counts
+    from qdet.quantization import calibrate
+    from qdet.quantization.layers import QConv2d, QLinear
+
+    opts = ["MODEL.WEIGHTS", "", "QUANT.ENABLED", "True", "QUANT.TARGETS", "[]"]
+    opts += ["QUANT.TARGET", "onnxruntime", "QUANT.W_BITS", "8", "QUANT.A_BITS", "8"]
+    opts += ["MODEL.BACKBONE.NAME", "build_resnet_fpn_backbone", "MODEL.RESNETS.DEPTH", "18"]
+    opts += ["MODEL.RESNETS.RES2_OUT_CHANNELS", "64", "MODEL.RESNETS.NORM", "BN"]
+    features = "['res2', 'res3', 'res4', 'res5']"
+    opts += ["MODEL.RESNETS.OUT_FEATURES", features, "MODEL.FPN.IN_FEATURES", features]
+    cfg = load_config(os.path.join(ROOT, "configs/digits/Base-digits-maskrcnn.yaml"), opts)
+    torch.manual_seed(0)
+    model = build_model(cfg).eval()
+    size = cfg.INPUT.MIN_SIZE_TEST
+    calibrate(model, [[{"image": _picture(size, size, 7)}]], num_batches=1)
+    rpn, mask_head = model.proposal_generator.rpn_head, model.roi_heads.mask_head
+    assert isinstance(rpn.conv, QConv2d) and isinstance(mask_head.mask_fcn1, QConv2d)
+    levels = len(model.proposal_generator.in_features)
+    head_convs = [m for m in (*model.roi_heads.modules(),) if isinstance(m, QConv2d)]
+    backbone_convs = [m for m in model.backbone.modules() if isinstance(m, QConv2d)]
+    path = str(tmp_path / "m.onnx")
+    info = {**_info(cfg, "W8/A8", "onnxruntime"), "score_threshold": 0.0}
+    export_whole_detector(model, path, _picture(size, size, 0), info)
+    report = check_whole(model, path, [_picture(size, size + 16, 1)])
+    assert report.ok, report.failures
+    counts = optimized_op_counts(path)
+    assert counts["QLinearConv"] == len(backbone_convs) + levels + len(head_convs)
+    assert counts["QGemm"] == sum(isinstance(m, QLinear) for m in model.modules()) == 2
+    assert counts["ConvTranspose"] == 1  # the mask head's upsampling: float

@@ -20,6 +20,15 @@ by run (:mod:`qdet.benchmark.export_latency`). Table (per model: both files' med
 IQR, the post-processing's cost, the whole file's ratios to FP32's and to ``quantize_static``
 MinMax's, the integer / float ops onnxruntime runs in it, its size, the instances it
 returns) in ``--out`` as ``benchmark_export.md`` and ``.json``.
+
+ViTDet and Swin (``--transformer CONFIG``, repeatable, instead of ``--fp``): the backbone
+files of FP32, ``quantize_static`` MinMax and Percentile, and qdet's target exports
+(``--qdet-calibrated``, default W8A8 and W4A8), random weights unless ``--opts
+MODEL.WEIGHTS ...``, at every square ``--sizes`` H (:mod:`qdet.benchmark.
+transformer_latency`), in ``--out`` as ``benchmark_export_transformers.md`` / ``.json``:
+
+    tools/benchmark_export.py --transformer configs/vitdet_b_fp.yaml \\
+        --transformer configs/swin_b_fp.yaml --sizes 512 512 --sizes 1024 1024
 """
 
 from __future__ import annotations
@@ -34,23 +43,39 @@ import quiet_console  # noqa: F401  (first: quiets third-party warnings in a too
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import qdet  # noqa: E402,F401
 from qdet.benchmark.export_latency import measure, table  # noqa: E402
+from qdet.benchmark.transformer_latency import (  # noqa: E402
+    measure_transformers,
+    transformer_table,
+)
 from qdet.engine.cli import run_cli  # noqa: E402
 
 
 def main(args) -> dict:
-    result = measure(args)
-    text = table(result)
+    if args.transformer:
+        result, stem = measure_transformers(args), "benchmark_export_transformers"
+        text = transformer_table(result)
+    else:
+        result, stem = measure(args), "benchmark_export"
+        text = table(result)
     print(text)
-    with open(os.path.join(args.out, "benchmark_export.json"), "w") as f:
+    with open(os.path.join(args.out, f"{stem}.json"), "w") as f:
         json.dump(result, f, indent=1)
-    with open(os.path.join(args.out, "benchmark_export.md"), "w") as f:
+    with open(os.path.join(args.out, f"{stem}.md"), "w") as f:
         f.write(text + "\n")
     return result
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--fp", nargs=2, required=True, metavar=("CONFIG", "WEIGHTS"))
+    p.add_argument("--fp", nargs=2, metavar=("CONFIG", "WEIGHTS"))
+    p.add_argument(
+        "--transformer",
+        action="append",
+        metavar="CONFIG",
+        help="a ViTDet / Swin config whose backbone files to time (repeatable; replaces --fp)",
+    )
+    p.add_argument("--opts", nargs="*", default=[], help="config options for --transformer")
+    p.add_argument("--keep-files", action="store_true", help="--transformer: keep the ONNX files")
     p.add_argument(
         "--qdet",
         nargs=3,
@@ -87,8 +112,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 if __name__ == "__main__":
-    parsed = build_parser().parse_args()
+    parser = build_parser()
+    parsed = parser.parse_args()
+    if not (parsed.fp or parsed.transformer):
+        parser.error("give --fp CONFIG WEIGHTS (RetinaNet) or --transformer CONFIG (ViTDet, Swin)")
+    if parsed.transformer:
+        parsed.sizes = parsed.sizes or [(512, 512), (1024, 1024)]
+        # quantize_static's calibrators hold every tensor of every picture (ViT-B's global
+        # attention at 1024: GBs each): one picture; latency does not depend on it.
+        parsed.calibration_images = 1
     parsed.sizes = parsed.sizes or [(160, 192), (800, 1344)]
     if not (parsed.qdet or parsed.qdet_calibrated):
-        parsed.qdet_calibrated = [(8, 8), (4, 8), (4, 4)]
+        default = [(8, 8), (4, 8)] if parsed.transformer else [(8, 8), (4, 8), (4, 4)]
+        parsed.qdet_calibrated = default
     run_cli(main, parsed, debug=parsed.debug)

@@ -177,6 +177,29 @@ def _summary(seconds: list[float]) -> dict:
     }
 
 
+def alternate(runs: dict, repeats: int, warmup: int) -> dict[object, list[float]]:
+    """Seconds of each of ``runs`` (key -> callable), ``repeats`` times after ``warmup``,
+    alternating run by run so that drift hits every file alike."""
+    times = {key: [] for key in runs}
+    for _ in range(warmup):
+        for run in runs.values():
+            run()
+    for _ in range(repeats):
+        for key, run in runs.items():
+            start = time.perf_counter()
+            run()
+            times[key].append(time.perf_counter() - start)
+    return times
+
+
+def time_networks(paths: dict, batch: np.ndarray, threads: int, repeats: int, warmup: int):
+    """{model: {"median_ms", "iqr_ms"}}: every network-only file of ``paths`` (name ->
+    path) on ``batch``, alternating."""
+    sessions = {n: inference_session(p, threads, spinning=False) for n, p in paths.items()}
+    runs = {n: partial(s.run, None, {INPUT_NAME: batch}) for n, s in sessions.items()}
+    return {n: _summary(t) for n, t in alternate(runs, repeats, warmup).items()}
+
+
 def time_files(paths: dict, inputs: dict, threads: int, repeats: int, warmup: int) -> dict:
     """{size: {model: {kind: {"median_ms", "iqr_ms"}, "instances": the whole file's}}}
     for every ``inputs`` size (-> (BGR picture, network batch)), every file of ``paths``
@@ -202,15 +225,7 @@ def time_files(paths: dict, inputs: dict, threads: int, repeats: int, warmup: in
                 # sees what the network-only file gets.
                 detector.min_size, detector.max_size = min(height, width), max(height, width)
                 runs[name, "whole"] = partial(detector, bgr)
-        times = {key: [] for key in runs}
-        for _ in range(warmup):
-            for run in runs.values():
-                run()
-        for _ in range(repeats):  # alternate, so drift hits every file alike
-            for key, run in runs.items():
-                start = time.perf_counter()
-                run()
-                times[key].append(time.perf_counter() - start)
+        times = alternate(runs, repeats, warmup)
         rows[size] = {name: {} for name in paths}
         for (name, kind), seconds in times.items():
             rows[size][name][kind] = _summary(seconds)

@@ -92,11 +92,12 @@ def qdq_metadata(record) -> dict:
 
 def integer_metadata(record) -> dict:
     """What the check of an integer export reads (:mod:`qdet.export.integer_check`): the
-    quantized conv and Linear calls that must each be one integer op, and each
+    quantized conv, Linear and attention matmul calls that must each be one integer op, and each
     QuantizeLinear's grid in graph order."""
     return {
         "integer_convs": record.integer.convs,
         "integer_linears": record.integer.linears,
+        "integer_matmuls": record.integer.matmuls,
         "integer_activations": [
             {
                 "path": a["path"],

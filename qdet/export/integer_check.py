@@ -47,6 +47,9 @@ INTEGER_OPS = (
     "ConvInteger",
     "MatMulInteger",
 )
+# What an attention matmul of two quantized operands becomes: with its output quantized,
+# or with float output (the logits, to which float terms are added).
+MATMUL_OPS = ("QLinearMatMul", "MatMulIntegerToFloat")
 
 
 def optimized_op_counts(path: str, threads: int = 1) -> dict[str, int]:
@@ -63,17 +66,46 @@ def optimized_op_counts(path: str, threads: int = 1) -> dict[str, int]:
     return dict(collections.Counter(n.op_type for n in graph.node))
 
 
+# Per layer kind, the op types onnxruntime runs it as: integer, float.
+KERNEL_KINDS = {
+    "conv": (("QLinearConv", "ConvInteger"), ("Conv", "FusedConv")),
+    "conv_transpose": (("QLinearConvTranspose",), ("ConvTranspose",)),
+    "linear": (("QGemm",), ("Gemm", "FusedGemm")),
+    "matmul": (
+        ("QLinearMatMul", "MatMulIntegerToFloat", "MatMulInteger"),
+        ("MatMul", "FusedMatMul"),
+    ),
+    "softmax": (("QLinearSoftmax",), ("Softmax",)),
+    "add": (("QLinearAdd",), ("Add",)),
+    "mul": (("QLinearMul",), ("Mul",)),
+}
+
+
+def kernels_by_kind(counts: dict[str, int]) -> dict[str, dict[str, int]]:
+    """Per layer kind (:data:`KERNEL_KINDS`), how many run as integer and as float ops in
+    an optimised graph's op counts (``float`` includes the post-processing's own adds and
+    multiplies in a whole file)."""
+    return {
+        kind: {
+            "integer": sum(counts.get(op, 0) for op in integer),
+            "float": sum(counts.get(op, 0) for op in floating),
+        }
+        for kind, (integer, floating) in KERNEL_KINDS.items()
+    }
+
+
 def float_convs(counts: dict[str, int]) -> int:
     """Float convs of an optimised graph (onnxruntime's fused and NCHWc variants too)."""
     return counts.get("Conv", 0) + counts.get("FusedConv", 0)
 
 
 def check_kernels(meta: dict, counts: dict[str, int], float_layers: int, report) -> None:
-    """Every quantized conv a QLinearConv, every quantized Linear a QGemm; no float conv
-    beyond ``float_layers``."""
+    """Every quantized conv a QLinearConv, every quantized Linear a QGemm, every attention
+    matmul an integer matmul (:data:`MATMUL_OPS`); no float conv beyond ``float_layers``."""
     expected = len(meta["integer_convs"])
     got, floats = counts.get("QLinearConv", 0), float_convs(counts)
     report.integer_kernels = {k: v for k, v in counts.items() if k in INTEGER_OPS}
+    report.kernels_by_kind = kernels_by_kind(counts)
     report.float_convs = floats
     if got != expected or floats != float_layers:
         report.failures.append(
@@ -86,6 +118,13 @@ def check_kernels(meta: dict, counts: dict[str, int], float_layers: int, report)
         report.failures.append(
             f"{linears} quantized Linear calls should run as QGemm, onnxruntime runs {gemms}: "
             "some Q/DQ group did not fuse and runs in float"
+        )
+    matmuls = len(meta.get("integer_matmuls", []))
+    fused = sum(counts.get(op, 0) for op in MATMUL_OPS)
+    if fused != matmuls:
+        report.failures.append(
+            f"{matmuls} attention matmul calls should run as {' or '.join(MATMUL_OPS)}, "
+            f"onnxruntime runs {fused}: some Q/DQ group did not fuse and runs in float"
         )
 
 

@@ -63,6 +63,7 @@ class VerifyReport:
     # and its float convs (qdet.export.integer_check).
     target: str = ""
     integer_kernels: dict = field(default_factory=dict)
+    kernels_by_kind: dict = field(default_factory=dict)  # integer / float ops per layer kind
     float_convs: int = 0
     failures: list = field(default_factory=list)
     warnings: list = field(default_factory=list)

@@ -27,7 +27,6 @@ plus the quantizers; a model is converted in place by switching each module's cl
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable
 
 import torch
@@ -37,41 +36,26 @@ from detectron2.modeling.backbone.resnet import BasicBlock, BasicStem, Bottlenec
 from detectron2.modeling.meta_arch.retinanet import RetinaNetHead
 from torch import nn
 
-from qdet.quantization.folding import FOLDABLE, check_foldable
-from qdet.quantization.integer_ops import requantize
-from qdet.quantization.layers import QConv2d, QLinear, QuantizedInput
-from qdet.quantization.modes import capturing_codes, exporting, output_substitute
-from qdet.quantization.per_level import PerLevelQuantizer
-from qdet.quantization.quantizers import (
-    mark_quantized,
-    quantized_source,
+from qdet.modeling.deployable_attention import (
+    DEPLOYABLE_ATTENTION,
+    add_attention_quantizers,
+    attention_is_quantized,
 )
+from qdet.modeling.deployable_rcnn import (
+    DEPLOYABLE_RCNN,
+    add_rcnn_quantizers,
+    rcnn_head_is_quantized,
+)
+from qdet.quantization.folding import FOLDABLE, check_foldable
+from qdet.quantization.layers import QConv2d, QLinear, QuantizedInput
+from qdet.quantization.per_level import PerLevelQuantizer
+from qdet.quantization.produced import produce, same_grid
 from qdet.quantization.targets import DeployTarget
 
 MakeQuantizer = Callable[[bool | None], nn.Module]  # signed -> an activation quantizer
 # The layers QFD keeps in float (DEFAULT_EXCLUDE) that sit in a deployable graph: with
 # QUANT.TARGET_EDGE_BITS 8 they are quantized at 8 bits, as onnxruntime's quantizer does.
 EDGE_LAYERS = (r"(^|\.)bottom_up\.stem\.conv1$", r"(^|\.)head\.(cls_score|bbox_pred)$")
-
-
-def produce(quantizer: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """``quantizer(x)``, made once for every reader of the tensor; with autograd on, its
-    codes come from the same pass so that readers save them, not floats, for backward."""
-    with capturing_codes() if torch.is_grad_enabled() else contextlib.nullcontext():
-        return quantizer(x)
-
-
-def same_grid(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """``y``, a grid-preserving function of the quantized ``x`` (nearest upsampling,
-    max-pooling), on ``x``'s grid: nothing to compute in PyTorch; the export writes the
-    QuantizeLinear / DequantizeLinear pair that lets the runtime run the op on codes."""
-    quantizer, _ = quantized_source(x)
-    if exporting():
-        y = requantize(y, quantizer)
-    substitute = output_substitute()
-    if substitute is not None:
-        y = substitute(quantizer, None, y, True)
-    return mark_quantized(y, quantizer)
 
 
 class DeployBasicStem(BasicStem):
@@ -151,8 +135,13 @@ class DeployLastLevelP6P7(LastLevelP6P7):
 
 
 class DeployLastLevelMaxPool(LastLevelMaxPool):
+    # False when no head reads the level (Mask R-CNN's RPN on p2-p5): the exporter drops
+    # it from the graph, so it has no QuantizeLinear there and none here.
+    read = True
+
     def forward(self, x):
-        return [same_grid(F.max_pool2d(x, kernel_size=1, stride=2, padding=0), x)]
+        pooled = F.max_pool2d(x, kernel_size=1, stride=2, padding=0)
+        return [same_grid(pooled, x) if self.read else pooled]
 
 
 class DeployRetinaNetHead(RetinaNetHead):
@@ -199,6 +188,8 @@ _DEPLOYABLE = {
     LastLevelP6P7: DeployLastLevelP6P7,
     LastLevelMaxPool: DeployLastLevelMaxPool,
     RetinaNetHead: DeployRetinaNetHead,
+    **DEPLOYABLE_ATTENTION,
+    **DEPLOYABLE_RCNN,
 }
 
 
@@ -215,30 +206,71 @@ def make_deployable(
     ones of the graph's outputs (``percentiles=(0, 100)``) and of tensors a float layer
     reads. Returns ``{path: (owner module, quantizer)}`` of the added ones.
 
-    Quantized Linears (a ViT's or Swin's, Mask R-CNN's box head) read their own input
-    quantizer and run as integer GEMMs (:func:`qdet.quantization.integer_ops.integer_linear`);
-    the ops around them (attention matmuls, softmax, norms, GELU) stay float for now.
+    Quantized Linears (a ViT's or Swin's, Mask R-CNN's box head) run as integer GEMMs
+    (:func:`qdet.quantization.integer_ops.integer_linear`); an attention whose qkv and proj
+    are quantized runs its two matmuls in integers too
+    (:mod:`qdet.modeling.deployable_attention`); norms, GELU and softmax stay float.
 
     Raises ``ValueError`` naming the layer when a quantized conv would not be an integer
     op: a norm that cannot fold, a module of unknown structure, FPN's average fusion."""
     added = {}
     modules = dict(model.named_modules())
-    # FPN's top blocks: another pyramid's (ViTDet's SimpleFeaturePyramid, unquantized) stay.
-    fpn_tops = {id(m.top_block) for m in modules.values() if isinstance(m, FPN) and m.top_block}
+    # FPNs with quantized convs (a Swin's float FPN stays float, its tensors too) and their
+    # top blocks (another pyramid's, ViTDet's SimpleFeaturePyramid, unquantized, stay).
+    fpns = [m for m in modules.values() if isinstance(m, FPN) and _fpn_is_quantized(m)]
+    fpn_tops = {id(m.top_block) for m in fpns if m.top_block}
     for path, module in modules.items():
         cls = _DEPLOYABLE.get(type(module))
         if cls is None:
             continue
         if isinstance(module, (LastLevelMaxPool, LastLevelP6P7)) and id(module) not in fpn_tops:
             continue
+        if isinstance(module, FPN) and module not in fpns:
+            continue
+        if cls in DEPLOYABLE_ATTENTION.values() and not attention_is_quantized(module, path):
+            continue  # an MLP-only model's attention: float
+        if cls in DEPLOYABLE_RCNN.values() and not rcnn_head_is_quantized(module):
+            continue  # a ViTDet's or Swin's float heads
         module.__class__ = cls
-        for name, quantizer in _add_quantizers(module, path, activation, edge, per_level_head):
+        found = _add_quantizers(module, path, activation, edge, per_level_head, bool(fpns))
+        for name, quantizer in found:
             added[f"{path}.{name}" if path else name] = (module, quantizer)
+    _mark_unread_levels(model, fpns)
     _check_covered(model, target)
     return added
 
 
-def _add_quantizers(module, path, activation, edge, per_level_head):
+def _resnet_outputs(bottom_up: nn.Module) -> bool:
+    """Whether ``bottom_up``'s outputs are quantized residual blocks' (converted)."""
+    return any(
+        isinstance(m, (BasicBlock, BottleneckBlock))
+        and any(isinstance(c, QConv2d) for c in m.modules())
+        for m in bottom_up.modules()
+    )
+
+
+def _fpn_is_quantized(fpn: FPN) -> bool:
+    return any(isinstance(c, QConv2d) for c in [*fpn.lateral_convs, *fpn.output_convs])
+
+
+def _mark_unread_levels(model: nn.Module, fpns: list) -> None:
+    """A top block's level no head reads (:class:`DeployLastLevelMaxPool`)."""
+    read = set()
+    for reader in (
+        model,
+        getattr(model, "proposal_generator", None),
+        getattr(model, "roi_heads", None),
+    ):
+        for attr in ("head_in_features", "in_features"):
+            read |= set(getattr(reader, attr, None) or ())
+    if not read:
+        return  # not a detector whose heads say what they read: keep every level
+    for fpn in fpns:
+        if isinstance(fpn.top_block, DeployLastLevelMaxPool):
+            fpn.top_block.read = bool(set(fpn._out_features[len(fpn.lateral_convs) :]) & read)
+
+
+def _add_quantizers(module, path, activation, edge, per_level_head, levels_quantized):
     """Give a converted module its quantizers and mark the convs whose input arrives
     quantized; yields (attribute, quantizer)."""
 
@@ -246,7 +278,11 @@ def _add_quantizers(module, path, activation, edge, per_level_head):
         if isinstance(conv, QConv2d):
             conv.input_quantizer = QuantizedInput(conv.input_quantizer.bits)
 
-    if isinstance(module, DeployBasicStem):
+    if type(module) in DEPLOYABLE_ATTENTION.values():
+        yield from add_attention_quantizers(module, activation, edge)
+    elif type(module) in DEPLOYABLE_RCNN.values():
+        yield from add_rcnn_quantizers(module, activation, edge, levels_quantized)
+    elif isinstance(module, DeployBasicStem):
         module.output_quantizer = activation(False)
         yield "output_quantizer", module.output_quantizer
     elif isinstance(module, _DeployResidual):
@@ -266,7 +302,10 @@ def _add_quantizers(module, path, activation, edge, per_level_head):
                 "is no integer op; the deployment targets take MODEL.FPN.FUSE_TYPE sum"
             )
         levels = len(module.lateral_convs)
-        for conv in [*module.lateral_convs, *module.output_convs]:
+        # A ResNet's stages arrive quantized (their blocks' outputs); a Swin's do not, and
+        # each lateral conv then quantizes its input itself.
+        laterals = list(module.lateral_convs) if _resnet_outputs(module.bottom_up) else []
+        for conv in [*laterals, *module.output_convs]:
             consume(conv)
         module.lateral_quantizers = nn.ModuleList(activation(True) for _ in range(levels))
         module.sum_quantizers = nn.ModuleList(activation(True) for _ in range(levels - 1))

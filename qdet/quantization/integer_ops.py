@@ -118,12 +118,23 @@ class IntegerActivation(nn.Module):
         return mark_quantized(out, self.quantizer)
 
 
-def requantize(y: torch.Tensor, quantizer: Quantizer) -> torch.Tensor:
-    """Q / DQ on ``quantizer``'s output grid after a grid-preserving op (module docstring)."""
+def requantize(y: torch.Tensor, quantizer: Quantizer, factor: float = 1.0) -> torch.Tensor:
+    """Q / DQ on ``quantizer``'s output grid after a grid-preserving op (module docstring).
+
+    ``factor`` != 1: the DequantizeLinear's step is ``factor`` times the grid's, so a
+    constant multiplier of the codes' values (the attention's 1 / sqrt(d) on q) costs no
+    op: the integer matmul reading the DQ takes it in its requantisation scale. PyTorch's
+    value is ``y * factor``."""
     codes = activation_codes(quantizer, requantize=True)
+    if factor != 1.0:
+        grid = codes.grid
+        scaled = IntegerGrid(
+            grid.dq_step, grid.dq_step * factor, grid.zero_point, grid.n, grid.offset
+        )
+        codes = ActivationCodes(scaled, codes.dtype, clip=False)
     if (record := integer_record()) is not None:
         record.activations.append({"path": "", "grid": codes.grid, "requantize": True})
-    return _QuantizeDequantize.apply(y, codes, y)
+    return _QuantizeDequantize.apply(y, codes, y * factor if factor != 1.0 else y)
 
 
 # -- convs ----------------------------------------------------------------------------------
@@ -291,3 +302,13 @@ def integer_linear(layer: nn.Module, x_q: torch.Tensor) -> torch.Tensor:
     if (record := integer_record()) is not None:
         record.linears.append(record.paths.get(id(layer), ""))
     return _IntegerLinear.apply(x_q, grid)
+
+
+# -- attention matmuls ----------------------------------------------------------------------
+def integer_matmul(module: nn.Module, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a @ b`` of two quantized operands (DequantizeLinear outputs in the export), in
+    ``module`` (an attention): onnxruntime fuses DQ, DQ -> MatMul -> Q into QLinearMatMul,
+    and without the Q into MatMulIntegerToFloat; both integer kernels."""
+    if (record := integer_record()) is not None:
+        record.matmuls.append(record.paths.get(id(module), ""))
+    return a @ b

@@ -121,11 +121,12 @@ def exporting() -> bool:
 class IntegerRecord:
     """What an integer export wrote, in graph order: every QuantizeLinear (``activations``:
     a quantizer's output, or a requantisation after a grid-preserving op), every integer
-    conv and every integer Linear."""
+    conv, every integer Linear and every integer attention matmul."""
 
     activations: list[dict] = field(default_factory=list)
     convs: list[str] = field(default_factory=list)
     linears: list[str] = field(default_factory=list)
+    matmuls: list[str] = field(default_factory=list)
     paths: dict[int, str] = field(default_factory=dict)  # id(module) -> its path
 
 

@@ -1,0 +1,92 @@
+"""Mask R-CNN's RPN head and mask head in the form an integer runtime runs (``QUANT.TARGET``).
+
+With Detectron2's ResNet-FPN backbone (:mod:`qdet.modeling.deployable`), the heads of a
+Mask R-CNN hold quantized convs too; under a target each runs as one QLinearConv:
+
+- the RPN head's 3x3 conv reads the quantized FPN levels and quantizes its (ReLU) output
+  once for both predictors (``output_quantizer``: 8 bits when the predictors are float, as
+  QFD keeps them, else the activation width, the predictors then reading it);
+- the mask head's convs each read their own input quantizer (the first: ROIAlign's float
+  output; the next: the previous conv's output, which only it reads), and the last conv's
+  output is quantized (``deconv_input_quantizer``, 8 bits) for the ConvTranspose, which
+  stays float: onnxruntime's CPU provider has no fused integer ConvTranspose
+  (docs/deploy/onnxruntime_transformer_fusion.md); the check counts it.
+
+The box head's FCs are quantized Linears: QGemm each
+(:func:`qdet.quantization.integer_ops.integer_linear`). The classes are Detectron2's, with
+the same children (FP checkpoints load), converted in place by
+:func:`qdet.modeling.deployable.make_deployable`.
+"""
+
+from __future__ import annotations
+
+from detectron2.modeling.proposal_generator.rpn import StandardRPNHead
+from detectron2.modeling.roi_heads.mask_head import MaskRCNNConvUpsampleHead
+from torch import nn
+
+from qdet.quantization.layers import QConv2d, QuantizedInput
+from qdet.quantization.produced import produce
+
+
+class DeployStandardRPNHead(StandardRPNHead):
+    """StandardRPNHead with its conv's output quantized once for both predictors."""
+
+    output_quantizer: nn.Module
+
+    def forward(self, features):
+        logits, deltas = [], []
+        for x in features:
+            t = produce(self.output_quantizer, self.conv(x))
+            logits.append(self.objectness_logits(t))
+            deltas.append(self.anchor_deltas(t))
+        return logits, deltas
+
+
+class DeployMaskRCNNConvUpsampleHead(MaskRCNNConvUpsampleHead):
+    """MaskRCNNConvUpsampleHead whose last conv's output is quantized for the float
+    ConvTranspose (module docstring)."""
+
+    deconv_input_quantizer: nn.Module
+
+    def layers(self, x):
+        for conv in self.conv_norm_relus:
+            x = conv(x)
+        if _last_conv_quantized(self):
+            x = produce(self.deconv_input_quantizer, x)
+        return self.predictor(self.deconv_relu(self.deconv(x)))
+
+
+DEPLOYABLE_RCNN = {
+    StandardRPNHead: DeployStandardRPNHead,
+    MaskRCNNConvUpsampleHead: DeployMaskRCNNConvUpsampleHead,
+}
+
+
+def rcnn_head_is_quantized(module: nn.Module) -> bool:
+    """Whether an R-CNN head holds a quantized conv (it is then converted)."""
+    return any(isinstance(m, QConv2d) for m in module.modules())
+
+
+def add_rcnn_quantizers(module: nn.Module, activation, edge, levels_quantized: bool):
+    """Give a converted R-CNN head its quantizers; yields (attribute, quantizer).
+    ``levels_quantized``: the features arrive quantized (a converted FPN's levels), so the
+    RPN conv reads them as they are."""
+    if isinstance(module, DeployStandardRPNHead):
+        conv = module.conv
+        if isinstance(conv, QConv2d) and levels_quantized:
+            conv.input_quantizer = QuantizedInput(conv.input_quantizer.bits)
+        predictors = (module.objectness_logits, module.anchor_deltas)
+        if all(isinstance(p, QConv2d) for p in predictors):
+            for p in predictors:
+                p.input_quantizer = QuantizedInput(p.input_quantizer.bits)
+            module.output_quantizer = activation(False)
+        else:
+            module.output_quantizer = edge(False)
+        yield "output_quantizer", module.output_quantizer
+    elif isinstance(module, DeployMaskRCNNConvUpsampleHead) and _last_conv_quantized(module):
+        module.deconv_input_quantizer = edge(False)
+        yield "deconv_input_quantizer", module.deconv_input_quantizer
+
+
+def _last_conv_quantized(head: MaskRCNNConvUpsampleHead) -> bool:
+    return bool(head.conv_norm_relus) and isinstance(head.conv_norm_relus[-1], QConv2d)
