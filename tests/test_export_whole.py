@@ -350,7 +350,7 @@ def test_transformer_target_file_runs_every_quantized_linear_and_matmul_in_integ
     opts = ["MODEL.WEIGHTS", "", "QUANT.TARGET", "onnxruntime", "QUANT.W_BITS", bits]
     opts += ["QUANT.A_BITS", bits]
     if arch == "swin_fpn":
-        opts += ["QUANT.INCLUDE", "['fpn_lateral', 'fpn_output']", "MODEL.FPN.NORM", ""]
+        opts += ["QUANT.INCLUDE", "['fpn_lateral', 'fpn_output']"]
     cfg = load_config(os.path.join(ROOT, config), opts)
     torch.manual_seed(0)
     model = build_model(cfg).eval()
@@ -425,3 +425,35 @@ def test_resnet_fpn_mask_rcnn_target_file_runs_its_heads_in_integers(tmp_path):
     assert counts["QLinearConv"] == len(backbone_convs) + levels + len(head_convs)
     assert counts["QGemm"] == sum(isinstance(m, QLinear) for m in model.modules()) == 2
     assert counts["ConvTranspose"] == 1  # the mask head's upsampling: float
+
+
+def test_the_check_names_an_attention_whose_matmul_runs_in_float(tmp_path):
+    """A Relu put between the probabilities' DequantizeLinear and attn v's MatMul (the
+    values are >= 0, so nothing else changes) leaves that matmul in float: the check
+    fails, counting the integer matmuls, and names the attention."""
+    from qdet.quantization import calibrate
+
+    opts = ["MODEL.WEIGHTS", "", "QUANT.TARGET", "onnxruntime", "QUANT.W_BITS", "8"]
+    opts += ["QUANT.A_BITS", "8"]
+    cfg = load_config(os.path.join(ROOT, "configs/digits/vitdet_tiny_4bit_mha.yaml"), opts)
+    torch.manual_seed(0)
+    model = build_model(cfg).eval()
+    size = cfg.INPUT.MIN_SIZE_TEST
+    calibrate(model, [[{"image": _picture(size, size, 7)}]], num_batches=1)
+    path = str(tmp_path / "t.onnx")
+    info = {**_info(cfg, "W8/A8", "onnxruntime"), "score_threshold": 0.05}
+    export_whole_detector(model, path, _picture(size, size, 0), info)
+    proto = onnx.load(path)
+    matmul = next(n for n in proto.graph.node if n.name.endswith("blocks.2/attn/MatMul_1"))
+    probs = matmul.input[0]
+    relu = onnx.helper.make_node("Relu", [probs], [probs + "_relu"], name="tamper")
+    matmul.input[0] = probs + "_relu"
+    index = list(proto.graph.node).index(matmul)
+    proto.graph.node.insert(index, relu)
+    onnx.save(proto, path)
+    report = check_whole(model, path, [_picture(size, size + 16, 1)])
+    assert not report.ok
+    assert any("attention matmul calls should run as" in f for f in report.failures)
+    assert any(f == "running in float: backbone.net.blocks.2.attn" for f in report.failures), (
+        report.failures
+    )

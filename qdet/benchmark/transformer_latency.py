@@ -12,7 +12,9 @@ ViTDet and Swin pad it):
   activations, every op type it quantizes), calibrated on ``calibration`` pictures;
 - qdet W8A8 / W4A8 (and any ``bits``): the model with ``QUANT.TARGET onnxruntime`` and
   ``QUANT.TARGETS ['mha', 'mlp']``, the FP weights loaded and qdet's calibration alone run
-  on the same pictures (a trained model's file has the same graph, so the same latency).
+  on the same pictures (a trained model's file has the same graph, so the same latency);
+  for an FPN backbone (Swin's) also "+FPN": its lateral and output convs quantized too
+  (``QUANT.INCLUDE``), each an integer conv with its LayerNorm in float after.
 
 Pictures are uniform noise, seeded: nothing here depends on what they show. Each file runs
 batch 1 on the same normalised picture, all files alternating run by run
@@ -29,6 +31,7 @@ import os
 import numpy as np
 import torch
 from detectron2.modeling import build_model
+from detectron2.modeling.backbone.fpn import FPN
 
 from qdet.benchmark.export_latency import PEER, time_networks
 from qdet.config import load_config
@@ -48,9 +51,10 @@ def _pad_key(cfg) -> str:
 def build_transformer(config: str, size: int, opts=(), seed: int = 0):
     """The model of ``config`` for ``size`` x ``size`` pictures (test resize and square
     padding), weights from ``opts``' ``MODEL.WEIGHTS`` or random (seeded)."""
-    cfg = load_config(config, ["MODEL.DEVICE", "cpu", *opts])
+    base = ["MODEL.DEVICE", "cpu", "MODEL.WEIGHTS", ""]  # random unless opts say otherwise
+    cfg = load_config(config, [*base, *opts])
     size_opts = ["INPUT.MIN_SIZE_TEST", size, "INPUT.MAX_SIZE_TEST", size, _pad_key(cfg), size]
-    cfg = load_config(config, ["MODEL.DEVICE", "cpu", *size_opts, *opts])
+    cfg = load_config(config, [*base, *size_opts, *opts])
     torch.manual_seed(seed)
     model = build_model(cfg).eval()
     if cfg.MODEL.WEIGHTS:
@@ -87,24 +91,22 @@ def transformer_files(
         paths[f"quantize_static {label}"] = os.path.join(out, f"ort_{method}.onnx")
         quantize_static_peer(paths["FP32"], paths[f"quantize_static {label}"], calib, method)
     state = fp.state_dict()
+    variants = [("", [])]
+    if isinstance(fp.backbone, FPN):  # Swin's: its convs quantized too, the LN float after
+        variants.append((" +FPN", ["QUANT.INCLUDE", "['fpn_lateral', 'fpn_output']"]))
     del fp
     for w_bits, a_bits in bits:
-        target = ["QUANT.ENABLED", "True", "QUANT.TARGET", "onnxruntime"]
-        target += [
-            "QUANT.TARGETS",
-            "['mha', 'mlp']",
-            "QUANT.W_BITS",
-            w_bits,
-            "QUANT.A_BITS",
-            a_bits,
-        ]
-        _, model = build_transformer(config, size, [*opts, *target])
-        model.load_state_dict(state, strict=False)
-        calibrate(model, [[{"image": p}] for p in pictures[1:]], num_batches=calibration)
-        name = f"qdet W{w_bits}A{a_bits}"
-        paths[name] = os.path.join(out, f"qdet_w{w_bits}a{a_bits}.onnx")
-        export_onnx(model, paths[name], batches[0])
-        del model
+        for suffix, include in variants:
+            target = ["QUANT.ENABLED", "True", "QUANT.TARGET", "onnxruntime", *include]
+            target += ["QUANT.TARGETS", "['mha', 'mlp']", "QUANT.W_BITS", w_bits]
+            _, model = build_transformer(config, size, [*opts, *target, "QUANT.A_BITS", a_bits])
+            model.load_state_dict(state, strict=False)
+            calibrate(model, [[{"image": p}] for p in pictures[1:]], num_batches=calibration)
+            name = f"qdet W{w_bits}A{a_bits}{suffix}"
+            stem = f"qdet_w{w_bits}a{a_bits}{suffix.strip().replace('+', '_').lower()}"
+            paths[name] = os.path.join(out, f"{stem}.onnx")
+            export_onnx(model, paths[name], batches[0])
+            del model
     return paths, batches[0].numpy()
 
 

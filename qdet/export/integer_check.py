@@ -52,8 +52,9 @@ INTEGER_OPS = (
 MATMUL_OPS = ("QLinearMatMul", "MatMulIntegerToFloat")
 
 
-def optimized_op_counts(path: str, threads: int = 1) -> dict[str, int]:
-    """Op types of the graph onnxruntime runs for ``path`` after its optimisations."""
+def optimized_nodes(path: str, threads: int = 1) -> list[tuple[str, str]]:
+    """(op type, node name) of the graph onnxruntime runs for ``path`` after its
+    optimisations; unfused nodes keep the exporter's names (``/backbone/.../Gemm``)."""
     import onnx  # optional: the export extra
     import onnxruntime as ort  # optional: the export extra
 
@@ -63,7 +64,28 @@ def optimized_op_counts(path: str, threads: int = 1) -> dict[str, int]:
         options.optimized_model_filepath = os.path.join(tmp, "optimized.onnx")
         ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
         graph = onnx.load(options.optimized_model_filepath).graph
-    return dict(collections.Counter(n.op_type for n in graph.node))
+    return [(n.op_type, n.name) for n in graph.node]
+
+
+def optimized_op_counts(path: str, threads: int = 1) -> dict[str, int]:
+    """Op types of the graph onnxruntime runs for ``path`` after its optimisations."""
+    return dict(collections.Counter(op for op, _ in optimized_nodes(path, threads)))
+
+
+def float_layers_named(meta: dict, nodes: list[tuple[str, str]]) -> list[str]:
+    """The quantized layers of ``meta`` (integer convs, Linears, attentions) that own a
+    float Conv / Gemm / MatMul in the optimised graph ``nodes``: each is a layer the
+    runtime runs in float (an unfused Q/DQ group)."""
+    floating = {op for kind in ("conv", "linear", "matmul") for op in KERNEL_KINDS[kind][1]}
+    paths = {*meta.get("integer_convs", []), *meta.get("integer_linears", [])}
+    paths |= set(meta.get("integer_matmuls", []))
+    named = set()
+    for op, name in nodes:
+        if op not in floating:
+            continue
+        scope = "." + name.strip("/").replace("/", ".") + "."
+        named |= {p for p in paths if p and f".{p}." in scope}
+    return sorted(named)
 
 
 # Per layer kind, the op types onnxruntime runs it as: integer, float.
@@ -99,9 +121,10 @@ def float_convs(counts: dict[str, int]) -> int:
     return counts.get("Conv", 0) + counts.get("FusedConv", 0)
 
 
-def check_kernels(meta: dict, counts: dict[str, int], float_layers: int, report) -> None:
+def check_kernels(meta: dict, counts: dict[str, int], float_layers: int, report, nodes=()) -> None:
     """Every quantized conv a QLinearConv, every quantized Linear a QGemm, every attention
     matmul an integer matmul (:data:`MATMUL_OPS`); no float conv beyond ``float_layers``."""
+    failures_before = len(report.failures)
     expected = len(meta["integer_convs"])
     got, floats = counts.get("QLinearConv", 0), float_convs(counts)
     report.integer_kernels = {k: v for k, v in counts.items() if k in INTEGER_OPS}
@@ -126,6 +149,9 @@ def check_kernels(meta: dict, counts: dict[str, int], float_layers: int, report)
             f"{matmuls} attention matmul calls should run as {' or '.join(MATMUL_OPS)}, "
             f"onnxruntime runs {fused}: some Q/DQ group did not fuse and runs in float"
         )
+    unfused = len(report.failures) > failures_before
+    if unfused and (named := float_layers_named(meta, nodes)):
+        report.failures.append(f"running in float: {', '.join(named)}")
 
 
 def _codes_names(proto) -> list[str]:

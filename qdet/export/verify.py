@@ -26,6 +26,7 @@ detections (score >= :data:`CONFIDENT`) onnxruntime finds too (same class, IoU >
 
 from __future__ import annotations
 
+import collections
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -457,9 +458,10 @@ def verify(model: nn.Module, path: str, batched_inputs_list, threads: int = 0) -
         all_diffs = np.concatenate(diffs)
         report.head_mean_abs, report.head_max_abs = float(all_diffs.mean()), float(all_diffs.max())
     if report.target and batches:
-        counts = integer_check.optimized_op_counts(path, threads or 1)
+        nodes = integer_check.optimized_nodes(path, threads or 1)
+        counts = dict(collections.Counter(op for op, _ in nodes))
         float_calls = integer_check.network_conv_calls(model, torch.from_numpy(batches[0]))
-        integer_check.check_kernels(meta, counts, float_calls, report)
+        integer_check.check_kernels(meta, counts, float_calls, report, nodes)
         integer_check.check_layers(model, path, batches, meta, report)
     elif not report.target:
         check_activations(model, proto, meta, batches, report)

@@ -15,6 +15,7 @@ tensors, and the instances are compared.
 
 from __future__ import annotations
 
+import collections
 from dataclasses import dataclass
 
 import numpy as np
@@ -175,10 +176,11 @@ def check_whole(
     if report.quantized and not report.target and images:
         _check_layers(model, path, meta, images, report)
     if report.target and images:
-        counts = integer_check.optimized_op_counts(path, threads or 1)
+        nodes = integer_check.optimized_nodes(path, threads or 1)
+        counts = dict(collections.Counter(op for op, _ in nodes))
         first = [{"image": images[0]}]
         float_calls = integer_check.float_conv_calls(model, lambda: inference(model, first))
-        integer_check.check_kernels(meta, counts, float_calls, report)
+        integer_check.check_kernels(meta, counts, float_calls, report, nodes)
         feeds = [image.float().cpu().numpy() for image in images]
         integer_check.check_layers(
             model,

@@ -240,6 +240,10 @@ def make_deployable(
     return added
 
 
+def _folds(norm: nn.Module | None) -> bool:
+    return norm is None or isinstance(norm, FOLDABLE)
+
+
 def _resnet_outputs(bottom_up: nn.Module) -> bool:
     """Whether ``bottom_up``'s outputs are quantized residual blocks' (converted)."""
     return any(
@@ -302,11 +306,19 @@ def _add_quantizers(module, path, activation, edge, per_level_head, levels_quant
                 "is no integer op; the deployment targets take MODEL.FPN.FUSE_TYPE sum"
             )
         levels = len(module.lateral_convs)
+        owned = {id(m): n for n, m in module.named_children()}
+        conv_names = [owned[id(c)] for c in [*module.lateral_convs, *module.output_convs]]
         # A ResNet's stages arrive quantized (their blocks' outputs); a Swin's do not, and
         # each lateral conv then quantizes its input itself.
         laterals = list(module.lateral_convs) if _resnet_outputs(module.bottom_up) else []
         for conv in [*laterals, *module.output_convs]:
             consume(conv)
+        for i, conv in enumerate([*module.lateral_convs, *module.output_convs]):
+            if isinstance(conv, QConv2d) and not _folds(conv.norm):
+                # A LayerNorm (ViTDet's and Swin's FPN): the conv integer, its output
+                # quantized, the norm in float after.
+                conv.norm_input_quantizer = activation(True)
+                yield f"{conv_names[i]}.norm_input_quantizer", conv.norm_input_quantizer
         module.lateral_quantizers = nn.ModuleList(activation(True) for _ in range(levels))
         module.sum_quantizers = nn.ModuleList(activation(True) for _ in range(levels - 1))
         module.output_quantizers = nn.ModuleList(activation(True) for _ in range(levels))
@@ -382,5 +394,6 @@ def _check_covered(model: nn.Module, target: DeployTarget) -> None:
                 f"{target.name!r} can run in integers ({_COVERED_NAMES}); exclude it "
                 "(QUANT.EXCLUDE) or use QUANT.TARGET ''"
             )
-        check_foldable(layer.norm, f"{path}.norm")
+        if getattr(layer, "norm_input_quantizer", None) is None:
+            check_foldable(layer.norm, f"{path}.norm")
         layer.target = target

@@ -30,6 +30,7 @@ from qdet.quantization.folding import (
 )
 from qdet.quantization.integer_ops import integer_conv, integer_linear
 from qdet.quantization.modes import capturing_codes, exporting
+from qdet.quantization.produced import produce
 from qdet.quantization.quantizers import (
     Quantizer,
     build_quantizer,
@@ -170,13 +171,21 @@ class QConv2d(Conv2d):
     target: DeployTarget | None = None
     # QUANT.FREEZE_BN_ITER reached: the norm uses its running statistics in training too.
     norm_frozen = False
+    # Under a target, a norm that cannot fold (an FPN's LayerNorm) gets a submodule
+    # ``norm_input_quantizer`` (qdet.modeling.deployable): the conv still runs as one
+    # integer op, its output quantized once by it, the norm in float after. Absent: the
+    # norm folds (or there is none).
 
     def forward(self, x: torch.Tensor, norm: nn.Module | None = None) -> torch.Tensor:
         """``norm``: the BN after this conv when it is not ``self.norm`` (RetinaNet's head
         keeps it as the next module of a Sequential), to fold under a target."""
         norm = self.norm if norm is None else norm
         conv = (self.stride, self.padding, self.dilation, self.groups)
-        if self.target is not None and exporting():
+        norm_input = getattr(self, "norm_input_quantizer", None)
+        if self.target is not None and norm_input is not None:
+            x = produce(norm_input, self._integer(x, None, conv))
+            x = norm(x)
+        elif self.target is not None and exporting():
             x = integer_conv(self, self.input_quantizer(x), norm)
         elif self.target is None or (norm is not None and not self._folds(norm)):
             x_q, w_q, saving = quantized_operands(self, x)
@@ -184,17 +193,23 @@ class QConv2d(Conv2d):
                 x = F.conv2d(x_q, w_q, self.bias, *conv)
             if norm is not None:
                 x = norm(x)
-        else:  # what the runtime computes: the norm folded, the bias on its int32 grid
-            # (read the producer's record before the autocast cast makes a new tensor)
-            arrived = isinstance(self.input_quantizer, QuantizedInput)
-            source = quantized_source(x) if arrived else None
-            x_q, w_q, saving = quantized_operands(self, x)
-            with saving:
-                x = F.conv2d(x_q, w_q, None, *conv)
-            x = self._folded_affine(x, source or quantized_source(x_q), norm)
+        else:
+            x = self._integer(x, norm, conv)
         if self.activation is not None:
             x = self.activation(x)
         return x
+
+    def _integer(self, x: torch.Tensor, norm: nn.Module | None, conv: tuple) -> torch.Tensor:
+        """What the runtime computes: the norm folded, the bias on its int32 grid."""
+        if exporting():
+            return integer_conv(self, self.input_quantizer(x), norm)
+        # (read the producer's record before the autocast cast makes a new tensor)
+        arrived = isinstance(self.input_quantizer, QuantizedInput)
+        source = quantized_source(x) if arrived else None
+        x_q, w_q, saving = quantized_operands(self, x)
+        with saving:
+            x = F.conv2d(x_q, w_q, None, *conv)
+        return self._folded_affine(x, source or quantized_source(x_q), norm)
 
     def _folds(self, norm: nn.Module) -> bool:
         return self.norm_frozen or uses_running_statistics(norm)
