@@ -270,7 +270,40 @@ def check_export_table(
     return problems, checked
 
 
+def check_transformer_export_table(
+    sources: list[str], rows: list[list[str]], spec: dict
+) -> tuple[list[str], int]:
+    """tools/benchmark_export.py --transformer's tables: a column "ARCH SIZE, N thread(s)"
+    holds the backbone file's median ms and its ratio (MinMax to FP32, qdet's to MinMax),
+    read from whichever source timed that architecture and size."""
+    timings: dict = {}
+    for source in sources:
+        timings.update(json.loads((ROOT / source).read_text())["timings"])
+    problems, checked = [], 0
+    for row in rows[1:]:
+        model = row[0]
+        ref = "FP32" if model == "quantize_static MinMax" else "quantize_static MinMax"
+        for head, cell in zip(rows[0][1:], row[1:]):
+            m = re.fullmatch(r"(\S+) (\d+x\d+), (\d+) threads?", head)
+            if not m or m.group(1) not in spec["archs"]:
+                problems.append(f"a column this test knows, not {head!r}")
+                continue
+            by_model = timings.get(f"{spec['archs'][m.group(1)]} {m.group(2)}@{m.group(3)}", {})
+            if model not in by_model:
+                want = "—"
+            else:
+                ms = by_model[model]["median_ms"]
+                want = f"{ms:.1f}"
+                if model != "FP32" and ref in by_model:
+                    want += f" ({ms / by_model[ref]['median_ms']:.2f}x)"
+            checked += 1
+            if cell != want:
+                problems.append(f"{model}, {head}: table {cell!r}, JSON {want!r}")
+    return problems, checked
+
+
 CHECKERS = {
+    "transformer_export": check_transformer_export_table,
     "train": check_train_table,
     "export": check_export_table,
     "deployment": check_deployment_table,
@@ -315,6 +348,7 @@ def test_readme_marks_its_results_tables():
         "docs/study/accuracy.json",
         "docs/benchmarks/benchmark_train.json",
         "docs/export/benchmark_export.json",
+        "docs/export/benchmark_export_transformers_512.json",
     ]
 
 

@@ -26,6 +26,7 @@ how many ops run in integers and in float in onnxruntime's optimised graph
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 
 import numpy as np
@@ -40,6 +41,10 @@ from qdet.export.integer_check import kernels_by_kind, optimized_op_counts
 from qdet.export.peer import quantize_static_peer
 from qdet.quantization import calibrate
 
+# onnxruntime's histogram calibrators (Percentile) hold every tensor of a picture in memory:
+# ViT-B / Swin-B at 1024 x 1024 took more than the 24 GB here (killed); MinMax keeps minima
+# and maxima only.
+PERCENTILE_MAX_SIZE = 512
 PAD_KEY = {"build_vitdet_backbone": "MODEL.VIT.SQUARE_PAD"}
 KINDS_SHOWN = ("linear", "matmul", "softmax", "add", "mul", "conv")
 
@@ -87,9 +92,11 @@ def transformer_files(
     paths = {"FP32": os.path.join(out, "fp32.onnx")}
     export_onnx(fp, paths["FP32"], batches[0])
     calib = [b.numpy() for b in batches[1:]]
-    for method, label in (("minmax", "MinMax"), ("percentile", "Percentile")):
-        paths[f"quantize_static {label}"] = os.path.join(out, f"ort_{method}.onnx")
-        quantize_static_peer(paths["FP32"], paths[f"quantize_static {label}"], calib, method)
+    methods = [("minmax", "MinMax"), ("percentile", "Percentile")]
+    for method, label in methods[: 1 if size > PERCENTILE_MAX_SIZE else 2]:
+        path = os.path.join(out, f"ort_{method}.onnx")
+        if _peer_in_child(paths["FP32"], path, calib, method):
+            paths[f"quantize_static {label}"] = path
     state = fp.state_dict()
     variants = [("", [])]
     if isinstance(fp.backbone, FPN):  # Swin's: its convs quantized too, the LN float after
@@ -110,6 +117,30 @@ def transformer_files(
     return paths, batches[0].numpy()
 
 
+def _quantize(fp: str, out: str, calibration: list[np.ndarray], method: str) -> None:
+    quantize_static_peer(fp, out, calibration, method)
+
+
+def _peer_in_child(fp: str, out: str, calibration: list[np.ndarray], method: str) -> bool:
+    """``quantize_static_peer`` in a child process: its calibrator can take more memory
+    than the machine has (ViT-B at 1024: killed at 24 GB), which must not end the run.
+    Whether the file was made."""
+    context = multiprocessing.get_context("spawn")
+    child = context.Process(target=_quantize, args=(fp, out, calibration, method))
+    child.start()
+    child.join()
+    if child.exitcode != 0:
+        PEER_FAILURES[out] = (
+            f"quantize_static ({method}) of {fp} ended with exit code {child.exitcode}"
+            + (" (killed: out of memory)" if child.exitcode == -9 else "")
+        )
+        return False
+    return True
+
+
+PEER_FAILURES: dict[str, str] = {}
+
+
 def measure_transformers(args) -> dict:
     """Every ``args.transformer`` config at every ``args.sizes`` (square: H) and
     ``args.threads``: the files built, their kernels counted, all timed alternating."""
@@ -122,6 +153,11 @@ def measure_transformers(args) -> dict:
         "warmup": args.warmup,
         "pictures": "uniform noise, seeded; weights random unless MODEL.WEIGHTS is given",
         "calibration_pictures": args.calibration_images,
+        "notes": {
+            "quantize_static Percentile": f"above {PERCENTILE_MAX_SIZE} x "
+            f"{PERCENTILE_MAX_SIZE} not built: its histogram calibrator holds every tensor "
+            "of a picture in memory, more than the 24 GB here for ViT-B / Swin-B at 1024"
+        },
         "models": {},
         "kernels": {},
         "mib": {},
@@ -143,6 +179,9 @@ def measure_transformers(args) -> dict:
             for threads in args.threads:
                 timed = time_networks(paths, picture, threads, args.repeats, args.warmup)
                 result["timings"][f"{key}@{threads}"] = timed
+            for failed, why in PEER_FAILURES.items():
+                if failed.startswith(out):
+                    result["notes"][f"{key}: {os.path.basename(failed)}"] = why
             if not args.keep_files:
                 for p in paths.values():
                     os.remove(p)
@@ -170,13 +209,16 @@ def transformer_table(result: dict) -> str:
     for key, by_model in result["timings"].items():
         name, threads = key.split("@")
         lines += [f"**{name}, {threads} thread(s)**", "", header, "|---" * 6 + "|"]
-        fp, peer = by_model["FP32"]["median_ms"], by_model[PEER]["median_ms"]
+        fp = by_model["FP32"]["median_ms"]
+        peer = by_model[PEER]["median_ms"] if PEER in by_model else None
         for model, t in by_model.items():
+            ms = t["median_ms"]
+            versus_peer = f"{ms / peer:.2f}x" if peer else "—"
             lines.append(
-                f"| {model} | {t['median_ms']:.1f} ({t['iqr_ms']:.1f}) | "
-                f"{t['median_ms'] / fp:.2f}x | {t['median_ms'] / peer:.2f}x | "
+                f"| {model} | {ms:.1f} ({t['iqr_ms']:.1f}) | {ms / fp:.2f}x | {versus_peer} | "
                 f"{_kernels(result['kernels'][name][model])} | "
                 f"{result['mib'][name][model]:.0f} |"
             )
         lines.append("")
+    lines += [f"— {name}: {why}." for name, why in result.get("notes", {}).items()]
     return "\n".join(lines).rstrip("\n")
