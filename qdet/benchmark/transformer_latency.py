@@ -31,6 +31,7 @@ import os
 
 import numpy as np
 import torch
+from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.modeling import build_model
 from detectron2.modeling.backbone.fpn import FPN
 
@@ -63,8 +64,6 @@ def build_transformer(config: str, size: int, opts=(), seed: int = 0):
     torch.manual_seed(seed)
     model = build_model(cfg).eval()
     if cfg.MODEL.WEIGHTS:
-        from detectron2.checkpoint import DetectionCheckpointer
-
         DetectionCheckpointer(model).load(cfg.MODEL.WEIGHTS)
     return cfg, model
 
@@ -81,9 +80,10 @@ def transformer_files(
     bits: list[tuple[int, int]],
     calibration: int,
     opts=(),
-) -> tuple[dict[str, str], np.ndarray]:
+) -> tuple[dict[str, str], np.ndarray, dict[str, str]]:
     """name -> backbone ONNX file under ``out`` for every model of the module docstring,
-    and the normalised picture they are timed on."""
+    the normalised picture they are timed on, and why a file could not be made (its
+    name -> the reason)."""
     os.makedirs(out, exist_ok=True)
     cfg, fp = build_transformer(config, size, opts)
     pictures = noise_pictures(size, calibration + 1)
@@ -92,10 +92,14 @@ def transformer_files(
     paths = {"FP32": os.path.join(out, "fp32.onnx")}
     export_onnx(fp, paths["FP32"], batches[0])
     calib = [b.numpy() for b in batches[1:]]
+    notes: dict[str, str] = {}
     methods = [("minmax", "MinMax"), ("percentile", "Percentile")]
     for method, label in methods[: 1 if size > PERCENTILE_MAX_SIZE else 2]:
         path = os.path.join(out, f"ort_{method}.onnx")
-        if _peer_in_child(paths["FP32"], path, calib, method):
+        failure = _peer_in_child(paths["FP32"], path, calib, method)
+        if failure:
+            notes[os.path.basename(path)] = failure
+        else:
             paths[f"quantize_static {label}"] = path
     state = fp.state_dict()
     variants = [("", [])]
@@ -114,31 +118,22 @@ def transformer_files(
             paths[name] = os.path.join(out, f"{stem}.onnx")
             export_onnx(model, paths[name], batches[0])
             del model
-    return paths, batches[0].numpy()
+    return paths, batches[0].numpy(), notes
 
 
-def _quantize(fp: str, out: str, calibration: list[np.ndarray], method: str) -> None:
-    quantize_static_peer(fp, out, calibration, method)
-
-
-def _peer_in_child(fp: str, out: str, calibration: list[np.ndarray], method: str) -> bool:
+def _peer_in_child(fp: str, out: str, calibration: list[np.ndarray], method: str) -> str:
     """``quantize_static_peer`` in a child process: its calibrator can take more memory
     than the machine has (ViT-B at 1024: killed at 24 GB), which must not end the run.
-    Whether the file was made."""
+    Why the file was not made, or "" when it was."""
     context = multiprocessing.get_context("spawn")
-    child = context.Process(target=_quantize, args=(fp, out, calibration, method))
+    child = context.Process(target=quantize_static_peer, args=(fp, out, calibration, method))
     child.start()
     child.join()
     if child.exitcode != 0:
-        PEER_FAILURES[out] = (
-            f"quantize_static ({method}) of {fp} ended with exit code {child.exitcode}"
-            + (" (killed: out of memory)" if child.exitcode == -9 else "")
+        return f"quantize_static ({method}) of {fp} ended with exit code {child.exitcode}" + (
+            " (killed: out of memory)" if child.exitcode == -9 else ""
         )
-        return False
-    return True
-
-
-PEER_FAILURES: dict[str, str] = {}
+    return ""
 
 
 def measure_transformers(args) -> dict:
@@ -168,7 +163,7 @@ def measure_transformers(args) -> dict:
         for size, _ in args.sizes:
             key = f"{arch} {size}x{size}"
             out = os.path.join(args.out, f"{arch}_{size}")
-            paths, picture = transformer_files(
+            paths, picture, notes = transformer_files(
                 config, size, out, bits, args.calibration_images, args.opts
             )
             result["models"][key] = paths
@@ -179,9 +174,8 @@ def measure_transformers(args) -> dict:
             for threads in args.threads:
                 timed = time_networks(paths, picture, threads, args.repeats, args.warmup)
                 result["timings"][f"{key}@{threads}"] = timed
-            for failed, why in PEER_FAILURES.items():
-                if failed.startswith(out):
-                    result["notes"][f"{key}: {os.path.basename(failed)}"] = why
+            for file, why in notes.items():
+                result["notes"][f"{key}: {file}"] = why
             if not args.keep_files:
                 for p in paths.values():
                     os.remove(p)

@@ -181,7 +181,7 @@ class QConv2d(Conv2d):
         keeps it as the next module of a Sequential), to fold under a target."""
         norm = self.norm if norm is None else norm
         conv = (self.stride, self.padding, self.dilation, self.groups)
-        norm_input = getattr(self, "norm_input_quantizer", None)
+        norm_input = self._modules.get("norm_input_quantizer")  # no AttributeError per call
         if self.target is not None and norm_input is not None:
             x = produce(norm_input, self._integer(x, None, conv))
             x = norm(x)
