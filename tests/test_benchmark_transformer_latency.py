@@ -14,7 +14,10 @@ def test_kernels_by_kind_sorts_each_op_type_into_its_kind():
     counts = {"QGemm": 48, "Gemm": 2, "FusedGemm": 1, "QLinearMatMul": 12}
     counts |= {"MatMulIntegerToFloat": 12, "FusedMatMul": 3, "Softmax": 12, "QLinearAdd": 5}
     counts |= {"Add": 67, "ConvTranspose": 1, "FusedConv": 4, "QLinearConv": 9, "Relu": 8}
+    counts |= {"QLinearSigmoid": 1, "Sigmoid": 2, "LayerNormalization": 8}
     kinds = kernels_by_kind(counts)
+    assert kinds["sigmoid"] == {"integer": 1, "float": 2}
+    assert kinds["layer_norm"] == {"integer": 0, "float": 8}
     assert kinds["linear"] == {"integer": 48, "float": 3}
     assert kinds["matmul"] == {"integer": 24, "float": 3}
     assert kinds["softmax"] == {"integer": 0, "float": 12}

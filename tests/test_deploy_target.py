@@ -65,3 +65,10 @@ def test_qfd_for_a_target_trains_and_exports_in_integer_kernels(tmp_path):
     check = result["verify"]
     assert check["failures"] == [] and check["target"] == "onnxruntime"
     assert check["integer_kernels"]["QLinearConv"] == 48 and check["float_convs"] == 0
+    # beside it, onnxruntime's quantize_static of the same FP model: the same 48 convs, all
+    # QLinearConv too; R18's 8 residual adds and the FPN's 2 top-down adds integer in both
+    kinds = result["kernels_vs_quantize_static"]
+    assert kinds["conv"]["qdet"] == {"integer": 48, "float": 0}
+    assert kinds["conv"]["quantize_static"] == {"integer": 48, "float": 0}
+    assert kinds["add"]["qdet"]["integer"] == 10
+    assert kinds["add"]["quantize_static"]["integer"] >= 10

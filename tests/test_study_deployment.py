@@ -37,3 +37,86 @@ def test_the_range_rule_reaches_every_quantized_row_but_ewgs_rows():
                 assert opts.get("QUANT.CALIB_RANGE") is None, row.name
             else:
                 assert opts.get("QUANT.CALIB_RANGE") == rule, row.name
+
+
+# -- the tiny ViTDet's study (qdet/study/deployment_vitdet.py) ------------------------------
+def _vitdet_config(row):
+    from qdet.config import load_config
+    from qdet.study.deployment import add_deploy_config
+
+    return load_config(str(ROOT / row.config), list(row.opts), add_deploy_config)
+
+
+def test_vitdet_rows_build_what_their_names_say():
+    from qdet.study.deployment_vitdet import BLOCKS, vitdet_rows
+
+    rows = {r.name: r for r in vitdet_rows(["w8a8", "w4a8"])}
+    assert not rows["fp"].per_seed and all(r.init == "fp" for n, r in rows.items() if n != "fp")
+    for name, row in rows.items():
+        cfg = _vitdet_config(row)
+        parts = name.split("_")
+        if name == "fp":
+            assert not cfg.QUANT.ENABLED
+            continue
+        if name.startswith("ptq_onnxruntime"):
+            assert cfg.DEPLOY_STUDY.KIND == "ptq_onnxruntime" and not cfg.QUANT.ENABLED
+            assert list(cfg.DEPLOY_STUDY.PEER_NODES) == ([BLOCKS] if "blocks" in name else [])
+            continue
+        width = next(p for p in parts if p in ("w8a8", "w4a8"))
+        assert {"w8a8": (8, 8), "w4a8": (4, 8)}[width] == (cfg.QUANT.W_BITS, cfg.QUANT.A_BITS)
+        assert row.bits == f"{cfg.QUANT.W_BITS}/{cfg.QUANT.A_BITS}"
+        assert ("" if "sim" in parts else "onnxruntime") == cfg.QUANT.TARGET, name
+        assert (parts[0] == "qfd") == cfg.DISTILL.ENABLED, name
+        assert list(cfg.QUANT.TARGETS) == (
+            [parts[-1]] if parts[-1] in ("mha", "mlp") else ["mha", "mlp"]
+        ), name
+        assert ("ptq_qdet" if parts[0] == "ptq" else "qat") == cfg.DEPLOY_STUDY.KIND, name
+
+
+def test_vitdet_tables_pair_the_seeds():
+    import numpy as np
+
+    from qdet.study.deployment_vitdet import tables, vitdet_rows
+
+    rng = np.random.default_rng(0)
+    results = {}
+    for row in vitdet_rows(["w8a8", "w4a8"]):
+        results[row.name] = {
+            s: {m: float(rng.uniform(40, 60)) for m in ("AP", "ort AP", "mask AP", "ort mask AP")}
+            for s in (1, 2, 3)
+        }
+    text = tables(results, ["w8a8", "w4a8"], [1, 2, 3])
+    # QFD's file at W4A8 minus quantize_static's (every layer), per seed, written out here
+    d = [
+        results["qfd_ort_w4a8"][s]["ort mask AP"]
+        - results["ptq_onnxruntime_minmax"][s]["ort mask AP"]
+        for s in (1, 2, 3)
+    ]
+    line = next(
+        ln
+        for ln in text.splitlines()
+        if ln.startswith("| QFD, TARGET onnxruntime - onnxruntime quantize_static MinMax, every")
+    )
+    cells = [c.strip() for c in line.strip("|").split("|")]
+    higher = sum(v > 0 for v in d)
+    # columns: box 8/8, box 4/8, mask 8/8, mask 4/8
+    assert cells[4] == f"{np.mean(d):+.1f} ± {np.std(d, ddof=1):.1f} ({higher}/3 higher)"
+    # onnxruntime's own PTQ has its file's AP only, at W8A8 only
+    peer = next(ln for ln in text.splitlines() if "the blocks only (its file)" in ln).split("|")
+    ort = [results["ptq_onnxruntime_blocks"][s]["ort AP"] for s in (1, 2, 3)]
+    assert peer[2].strip() == f"{np.mean(ort):.1f} ± {np.std(ort, ddof=1):.1f}"
+    assert peer[3].strip() == ""
+
+
+def test_report_only_without_runs_is_an_error_and_keeps_the_report(tmp_path):
+    import subprocess
+    import sys
+
+    report = tmp_path / "deployment.md"
+    report.write_text("an earlier report\n")
+    cmd = [sys.executable, str(ROOT / "tools/deployment_study.py"), "--arch", "vitdet"]
+    cmd += ["--report-only", "--seeds", "1", "--out", str(tmp_path)]
+    done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert f"--report-only: no finished run under {str(tmp_path)!r}" in done.stderr
+    assert report.read_text() == "an earlier report\n"

@@ -3,6 +3,8 @@
 simulated and for the onnxruntime target, paired over seeds, on the embedded digits data.
 
     tools/deployment_study.py --seeds 1 2 3 --jobs 2      # writes output/deploy_study/
+    tools/deployment_study.py --arch vitdet --seeds 1 2 3 --jobs 2
+                                                  # writes output/deploy_study_vitdet/
 
 Per seed, the FP RetinaNet-R18 is trained from scratch (the accuracy study's row ``fp``,
 reused if there) and every other row starts from it, with the same batches (SEED): the
@@ -15,6 +17,9 @@ each row is and how it is made and scored: :mod:`qdet.study.deployment`.
 Target rows report PyTorch's AP and onnxruntime's (their integer export, checked layer by
 layer on 8 val images). ``deployment.md`` / ``.json`` in ``--out``: AP per row and W/A
 (mean ± std), the paired differences that answer the two questions, AP per seed.
+
+``--arch vitdet``: the digits tiny ViTDet Mask R-CNN on whole-detector files, box and mask
+AP, one FP model for every seed; its rows: :mod:`qdet.study.deployment_vitdet`.
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ from detectron2.utils.logger import setup_logger  # noqa: E402
 
 import qdet  # noqa: E402,F401
 from qdet.engine.cli import run_cli  # noqa: E402
-from qdet.study import Study, add_study_arguments, write_report  # noqa: E402
+from qdet.study import Study, add_study_arguments, deployment_vitdet, write_report  # noqa: E402
 from qdet.study.deployment import (  # noqa: E402
     WIDTHS,
     add_deploy_config,
@@ -41,12 +46,25 @@ from qdet.study.deployment import (  # noqa: E402
     tables,
 )
 
+OUT = {"retinanet": "output/deploy_study", "vitdet": "output/deploy_study_vitdet"}
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--widths", nargs="+", default=list(WIDTHS), choices=list(WIDTHS))
     parser.add_argument(
-        "--freeze-at", type=int, default=0, help="MODEL.BACKBONE.FREEZE_AT of every run"
+        "--arch",
+        choices=list(OUT),
+        default="retinanet",
+        help="the digits RetinaNet-R18 (network files) or tiny ViTDet (whole files)",
+    )
+    parser.add_argument(
+        "--widths",
+        nargs="+",
+        choices=list(WIDTHS),
+        help=f"default: {list(WIDTHS)}; vitdet: {list(deployment_vitdet.WIDTHS)}",
+    )
+    parser.add_argument(
+        "--freeze-at", type=int, default=0, help="MODEL.BACKBONE.FREEZE_AT of every run (retinanet)"
     )
     parser.add_argument(
         "--rows",
@@ -56,22 +74,38 @@ def main() -> None:
     parser.add_argument(
         "--calib-range",
         default="mse",
-        help="QUANT.CALIB_RANGE of the quantized rows (beside those that show EWGS's rule)",
+        help="retinanet: QUANT.CALIB_RANGE of the quantized rows (beside those that show "
+        "EWGS's rule); the vitdet configs calibrate with mse",
     )
-    add_study_arguments(parser, "output/deploy_study")
+    add_study_arguments(parser, "")
     args = parser.parse_args()
+    args.out = args.out or OUT[args.arch]
     run_cli(run, args, debug=args.debug)
 
 
 def run(args) -> None:
     setup_logger(name="qdet")
-    opts = ["MODEL.BACKBONE.FREEZE_AT", str(args.freeze_at), *args.opts]
-    rows = study_rows(args.widths, args.calib_range)
+    vitdet = args.arch == "vitdet"
+    widths = args.widths or list(deployment_vitdet.WIDTHS if vitdet else WIDTHS)
+    if vitdet:
+        unknown = sorted(set(widths) - set(deployment_vitdet.WIDTHS))
+        if unknown:
+            raise ValueError(
+                f"--widths {unknown}: the vitdet study has {list(deployment_vitdet.WIDTHS)} "
+                "(its _ort configs)"
+            )
+        opts = list(args.opts)
+        rows = deployment_vitdet.vitdet_rows(widths)
+        train_fn, evaluate_fn = deployment_vitdet.make_run, deployment_vitdet.evaluate_run
+    else:
+        opts = ["MODEL.BACKBONE.FREEZE_AT", str(args.freeze_at), *args.opts]
+        rows = study_rows(widths, args.calib_range)
+        train_fn, evaluate_fn = make_run, evaluate_run
     if args.rows:
         unknown = sorted(set(args.rows) - {r.name for r in rows})
         if unknown:
             raise ValueError(
-                f"--rows: unknown row(s) {unknown}; the rows at --widths {args.widths}: "
+                f"--rows: unknown row(s) {unknown}; the rows at --widths {widths}: "
                 f"{[r.name for r in rows]}"
             )
         rows = [r for r in rows if r.name == "fp" or r.name in args.rows]
@@ -80,15 +114,20 @@ def run(args) -> None:
         args.seeds,
         args.out,
         opts,
-        train_fn=make_run,
+        train_fn=train_fn,
         tag="deploy",
         jobs=args.jobs,
         add_config=add_deploy_config,
-        evaluate_fn=evaluate_run,
+        evaluate_fn=evaluate_fn,
     )
     start = time.time()
     results = study.run(train=not args.report_only)
-    report = tables(results, args.widths, args.seeds)
+    if args.report_only and not any(results.values()):
+        raise FileNotFoundError(
+            f"--report-only: no finished run under {args.out!r} (nothing to report; the "
+            "report there is left as it is): run the study without --report-only first"
+        )
+    report = (deployment_vitdet.tables if vitdet else tables)(results, widths, args.seeds)
     text = write_report(args.out, "deployment", time.time() - start, report, results)
     print("\n" + text)
 

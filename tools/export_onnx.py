@@ -17,9 +17,11 @@ pictures (default 8; 0 skips it): an FP file's instances equal PyTorch's to floa
 rounding; a quantized file finds PyTorch's confident detections (a target's file runs every
 quantized conv as one integer op); otherwise exit status 1. ``--eval`` adds COCO AP (box;
 mask for mask models) of the file run by the runner's post-processing and of PyTorch on
-the whole test set. ``--network-only`` writes the network alone as before (RetinaNet's
-head outputs, an R-CNN's backbone features; checked layer by layer). Needs the ``export``
-extra.
+the whole test set. A target's file's JSON also holds, per layer kind, its integer and
+float ops beside those of onnxruntime's ``quantize_static`` of the same FP model
+(``--peer-kernels``; ``--no-peer-kernels`` skips it). ``--network-only`` writes the
+network alone as before (RetinaNet's head outputs, an R-CNN's backbone features; checked
+layer by layer). Needs the ``export`` extra.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import json
 import logging
 import os
 import sys
+import tempfile
 
 import quiet_console  # noqa: F401  (first: quiets third-party warnings in a tool's console)
 
@@ -39,8 +42,14 @@ from detectron2.utils.logger import setup_logger  # noqa: E402
 import qdet  # noqa: E402,F401  (registers qdet's datasets and models)
 from qdet.engine.checks import refuse_overwriting_inputs  # noqa: E402
 from qdet.engine.cli import run_cli  # noqa: E402
-from qdet.engine.trained_model import load_trained_model  # noqa: E402
+from qdet.engine.trained_model import (  # noqa: E402
+    checkpoint_overrides,
+    fp_overrides,
+    load_trained_model,
+)
 from qdet.export import OnnxRetinaNet, export_onnx, save_packed_weights, verify  # noqa: E402
+from qdet.export.integer_check import kernels_by_kind, optimized_op_counts  # noqa: E402
+from qdet.export.peer import quantize_static_kernels  # noqa: E402
 from qdet.export.whole import export_whole_detector  # noqa: E402
 from qdet.export.whole_check import (  # noqa: E402
     WholeFileDetector,
@@ -51,6 +60,8 @@ from qdet.export.whole_check import (  # noqa: E402
 )
 
 EVAL_AP_TOLERANCE = 0.3  # AP points between the file and PyTorch before --eval warns
+# Test pictures quantize_static calibrates on for --peer-kernels (counts, not accuracy).
+PEER_CALIBRATION_PICTURES = 4
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -79,6 +90,13 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="write the network alone (RetinaNet: head outputs; R-CNNs: backbone features), "
         "the post-processing left to Detectron2: the layer-wise check and latency benchmark",
+    )
+    p.add_argument(
+        "--peer-kernels",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="count onnxruntime's quantize_static (MinMax) of the same FP model's whole file, "
+        "per layer kind beside the export's, into the JSON (default: for a target's file)",
     )
     p.add_argument("--verify-images", type=int, default=8, help="images the check runs")
     p.add_argument("--eval", action="store_true", help="COCO AP of onnxruntime vs PyTorch")
@@ -148,6 +166,10 @@ def main(args) -> int:
             for failure in report.failures:
                 logging.getLogger("qdet").error(f"check failed: {failure}")
             status = 1
+    if args.peer_kernels is None:
+        args.peer_kernels = bool(trained.deployment_info().get("target"))
+    if args.peer_kernels and not args.network_only:
+        result["kernels_vs_quantize_static"] = _kernels_vs_peer(args, trained, first)
     if args.eval:
         result["eval"] = _evaluate(trained, args.output, info["graph"], args.threads)
         for kind, aps in result["eval"]["onnxruntime"].items():
@@ -173,6 +195,34 @@ def _check(trained, path: str, images: int, threads: int):
         return check_whole(trained.model, path, pictures, threads=threads)
     batches = itertools.islice(trained.test_loader(), images)
     return verify(trained.model, path, batches, threads=threads)
+
+
+def _kernels_vs_peer(args, trained, first: list[dict]) -> dict:
+    """Per layer kind, integer / float ops of the export and of onnxruntime's
+    quantize_static of the same FP model: the config built with its quantizers off, given
+    the trained model's float weights (its quantizers' parameters left out)."""
+    opts = [*args.opts, *fp_overrides(args.config_file)]
+    opts += checkpoint_overrides(args.config_file, "")
+    fp = load_trained_model(args.config_file, opts, "to export", "cpu", weights_optional=True)
+    missing = fp.model.load_state_dict(trained.model.state_dict(), strict=False).missing_keys
+    if missing:
+        raise ValueError(
+            f"the FP form of {args.config_file} has {len(missing)} parameters the quantized "
+            f"model lacks (e.g. {missing[:3]}): --no-peer-kernels skips the comparison"
+        )
+    pictures = test_pictures(trained.test_loader(), PEER_CALIBRATION_PICTURES)
+    with tempfile.TemporaryDirectory() as tmp:
+        peer = quantize_static_kernels(
+            fp.model, first[0]["image"], pictures, fp.deployment_info(), tmp
+        )
+    ours = kernels_by_kind(optimized_op_counts(args.output))
+    table = {kind: {"qdet": ours[kind], "quantize_static": peer[kind]} for kind in ours}
+    log = logging.getLogger("qdet").info
+    log("integer / float ops per layer kind: this file | quantize_static MinMax of the FP model")
+    for kind, both in table.items():
+        q, p = both["qdet"], both["quantize_static"]
+        log(f"  {kind:15s} {q['integer']:4d} / {q['float']:<4d} | {p['integer']:4d} / {p['float']}")
+    return table
 
 
 def _evaluate(trained, path: str, graph: str, threads: int) -> dict:

@@ -114,6 +114,12 @@ def check_resizable(height: int, width: int, augmentations: list) -> None:
                 )
 
 
+def fp_overrides(config_file: str) -> list[str]:
+    """The overrides that build ``config_file``'s model in float (its quantizers off): the
+    FP model a quantized one was made from, e.g. for onnxruntime's own quantizer."""
+    return ["quant.enabled=False"] if is_lazy_config(config_file) else ["QUANT.ENABLED", "False"]
+
+
 def load_trained_model(
     config_file: str,
     opts: list[str],

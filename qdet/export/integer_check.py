@@ -98,6 +98,8 @@ KERNEL_KINDS = {
         ("MatMul", "FusedMatMul"),
     ),
     "softmax": (("QLinearSoftmax",), ("Softmax",)),
+    "sigmoid": (("QLinearSigmoid",), ("Sigmoid",)),
+    "layer_norm": ((), ("LayerNormalization",)),  # onnxruntime has no integer LayerNorm
     "add": (("QLinearAdd",), ("Add",)),
     "mul": (("QLinearMul",), ("Mul",)),
 }

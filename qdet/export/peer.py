@@ -16,12 +16,25 @@ from detectron2.data import DatasetCatalog, DatasetMapper
 
 from qdet.engine.checks import check_datasets
 from qdet.export.graphs import INPUT_NAME, export_onnx
-from qdet.export.whole import WHOLE_INPUT
+from qdet.export.integer_check import kernels_by_kind, optimized_op_counts
+from qdet.export.whole import WHOLE_INPUT, export_whole_detector
 
 CALIBRATIONS = ("minmax", "percentile")
-# A RetinaNet whole file's network: the nodes its TracingAdapter's model.backbone and
-# model.head trace to (the graph of the network-only file).
-WHOLE_NETWORK = ("/model/backbone/", "/model/head/")
+# A whole file's network: the nodes its TracingAdapter traces the model's learned layers to
+# (RetinaNet's under "/model/", an R-CNN's at the top): the backbone and the heads' convs
+# and FCs, not the anchors, box decoding, ROIAlign or NMS between them.
+WHOLE_NETWORK = tuple(
+    f"{root}/{module}/"
+    for root in ("/model", "")
+    for module in (
+        "backbone",
+        "head",  # RetinaNet
+        "proposal_generator/rpn_head",
+        "roi_heads/box_head",
+        "roi_heads/box_predictor",
+        "roi_heads/mask_head",
+    )
+)
 
 
 def padded(images: Iterable[np.ndarray], height: int, width: int) -> list[np.ndarray]:
@@ -41,12 +54,13 @@ def quantize_static_peer(
     calibration: list[np.ndarray],
     method: str = "minmax",
     whole: bool = False,
+    network: tuple[str, ...] = WHOLE_NETWORK,
 ) -> str:
     """onnxruntime's ``quantize_static`` of ``fp_onnx`` into ``out`` (QDQ, per-channel s8
     weights, u8 activations), calibrated on ``calibration`` (normalised input batches,
     one shape) with ``method`` (:data:`CALIBRATIONS`). Returns ``out``.
 
-    ``whole``: ``fp_onnx`` is a RetinaNet whole-detector file and ``calibration`` its input
+    ``whole``: ``fp_onnx`` is a whole-detector file and ``calibration`` its input
     pictures ((3, H, W) float in the input format, resized, each its own size). Only the
     network's nodes (:data:`WHOLE_NETWORK`, quantize_static's ``nodes_to_quantize``) are
     quantized, as in a network-only file: by default it also quantizes the anchors' and box
@@ -57,7 +71,8 @@ def quantize_static_peer(
     ("cannot reshape {0,1,4} to {0,-1}"); its metadata keeps qdet's entries only. MinMax
     only: the histogram calibrators (Percentile) stack each tensor's values over the
     pictures, and the post-processing's tensors differ in length from picture to picture
-    (onnxruntime issue #18792)."""
+    (onnxruntime issue #18792). ``network``: the node-name prefixes of a whole file that
+    are quantized (e.g. ``("/backbone/net/blocks/",)``: a ViT's blocks only)."""
     # optional: the export extra
     from onnxruntime.quantization import (
         CalibrationDataReader,
@@ -90,7 +105,7 @@ def quantize_static_peer(
     # A detector export has dynamic axes, which symbolic shape inference cannot follow.
     quant_pre_process(fp_onnx, pre, skip_symbolic_shape=True)
     try:
-        network = _whole_network(pre) if whole else None
+        network = _whole_network(pre, network) if whole else None
         quantize_static(
             pre,
             out + ".tmp",
@@ -114,15 +129,15 @@ def quantize_static_peer(
     return out
 
 
-def _whole_network(path: str) -> list[str]:
-    """The names of the nodes of the whole file at ``path`` that its network traces to."""
+def _whole_network(path: str, prefixes: tuple[str, ...]) -> list[str]:
+    """The names of the nodes of the whole file at ``path`` under ``prefixes``."""
     import onnx  # optional: the export extra
 
-    names = [n.name for n in onnx.load(path).graph.node if n.name.startswith(WHOLE_NETWORK)]
+    names = [n.name for n in onnx.load(path).graph.node if n.name.startswith(prefixes)]
     if not names:
         raise ValueError(
-            f"{path} has no node under {WHOLE_NETWORK}: not a RetinaNet whole-detector file "
-            "(qdet.export.whole)"
+            f"{path} has no node under {prefixes}: not a whole-detector file "
+            "(qdet.export.whole), or not of this model"
         )
     return names
 
@@ -171,3 +186,25 @@ def export_fp32(cfg, model, fp_onnx: str, count: int) -> tuple[list[list[dict]],
     calibration = normalised(model, batches)
     export_onnx(model, fp_onnx, torch.from_numpy(calibration[0]))
     return batches, calibration
+
+
+def quantize_static_kernels(
+    fp_model: torch.nn.Module,
+    picture: torch.Tensor,
+    pictures: list[torch.Tensor],
+    info: dict,
+    workdir: str,
+) -> dict[str, dict[str, int]]:
+    """Per layer kind, the integer and float ops (:func:`kernels_by_kind`) onnxruntime runs
+    for ``quantize_static`` (MinMax) of ``fp_model``'s whole file: what a user gets from
+    onnxruntime's own quantizer for the same FP model, beside a qdet export's counts.
+
+    ``picture`` traces the file, ``pictures`` calibrate it ((3, H, W), resized as the test
+    set's; the counts depend on the graph, not on the calibration's ranges), ``info`` is
+    the runner's metadata (:func:`export_whole_detector`); the files go to ``workdir``."""
+    fp_onnx = os.path.join(workdir, "fp32.onnx")
+    out = os.path.join(workdir, "quantize_static_minmax.onnx")
+    export_whole_detector(fp_model, fp_onnx, picture, info)
+    calibration = [p.float().cpu().numpy() for p in pictures]
+    quantize_static_peer(fp_onnx, out, calibration, "minmax", whole=True)
+    return kernels_by_kind(optimized_op_counts(out))

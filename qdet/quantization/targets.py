@@ -109,14 +109,15 @@ def get_target(name: str) -> DeployTarget | None:
 
 
 def check_target_bits(target: DeployTarget, w_bits: int, a_bits: int) -> None:
-    """Refuse bit widths whose convs the target cannot run as integer ops."""
+    """Refuse bit widths whose convs, Linears and matmuls the target cannot run as integer
+    ops."""
     for kind, bits, allowed in (
         ("QUANT.W_BITS", w_bits, target.weight_bits),
         ("QUANT.A_BITS", a_bits, target.activation_bits),
     ):
         if bits not in allowed:
             raise ValueError(
-                f"{kind}={bits}: QUANT.TARGET {target.name!r} runs quantized convs in "
+                f"{kind}={bits}: QUANT.TARGET {target.name!r} runs quantized layers in "
                 f"integers at {target.describe_bits()} only ({target.description}); "
                 f"{bits} bits would leave them in float. Pick a supported width or "
                 "QUANT.TARGET ''"

@@ -57,6 +57,9 @@ def add_deploy_config(cfg) -> None:
     cfg.DEPLOY_STUDY = CN()
     cfg.DEPLOY_STUDY.KIND = "qat"  # "qat" | "ptq_qdet" | "ptq_onnxruntime"
     cfg.DEPLOY_STUDY.CALIBRATION = "minmax"  # ptq_onnxruntime: quantize_static's method
+    # ptq_onnxruntime of a whole file: the node-name prefixes quantize_static quantizes
+    # (empty: every learned layer, qdet.export.peer.WHOLE_NETWORK).
+    cfg.DEPLOY_STUDY.PEER_NODES = []
 
 
 def _ort(method: str, wa: str) -> str:
@@ -182,15 +185,44 @@ def _both(results, row: str, seeds) -> str:
     return f"{torch_ap} / {ort_ap}" if torch_ap else ""
 
 
-def _diff(results, row: str, base: str, seeds, metric="AP", base_metric="AP") -> str:
+def paired_cell(results, row: str, base: str, seeds, metric="AP", base_metric="AP") -> str:
     """``row``'s metric minus ``base``'s, paired per seed: mean ± std (seeds higher)."""
     runs, ref = results.get(row, {}), results.get(base, {})
-    shared = [s for s in seeds if s in runs and s in ref and metric in runs[s]]
+    shared = [
+        s for s in seeds if s in runs and s in ref and metric in runs[s] and base_metric in ref[s]
+    ]
     if not shared:
         return ""
     d = [runs[s][metric] - ref[s][base_metric] for s in shared]
     mean, std = mean_std(d)
     return f"{mean:+.1f} ± {std:.1f} ({sum(v > 0 for v in d)}/{len(d)} higher)"
+
+
+def per_seed_rows(results, seeds, metrics=("AP", "ort AP")) -> list[list[str]]:
+    """[run (metric), its value per seed] for every run and metric it has."""
+    rows = []
+    for name, runs in results.items():
+        for metric in metrics:
+            values = [runs[s].get(metric) if s in runs else None for s in seeds]
+            if any(v is not None for v in values):
+                cells = ", ".join("-" if v is None else f"{v:.1f}" for v in values)
+                rows.append([f"{name} ({metric})", cells])
+    return rows
+
+
+def check_rows(results) -> list[list[str]]:
+    """[run, each seed's check of its integer export: ok or FAILED, ties] for runs with one."""
+    rows = []
+    for name, runs in results.items():
+        done = [(s, r["check"]) for s, r in sorted(runs.items()) if "check" in r]
+        if done:
+            checks = (
+                f"seed {s}: {'ok' if c['ok'] else 'FAILED'}, {c['boundary_flips']} of "
+                f"{c['codes']} codes at a tie"
+                for s, c in done
+            )
+            rows.append([name, ", ".join(checks)])
+    return rows
 
 
 def tables(results, widths, seeds) -> str:
@@ -225,49 +257,34 @@ def tables(results, widths, seeds) -> str:
         diffs += [
             [f"{label}: TARGET (onnxruntime AP) - simulated"]
             + across(
-                lambda w, m=method: _diff(results, _ort(m, w), _sim_name(m, w), seeds, "ort AP")
+                lambda w, m=method: paired_cell(
+                    results, _ort(m, w), _sim_name(m, w), seeds, "ort AP"
+                )
             ),
             [f"{label}: TARGET, onnxruntime - PyTorch"]
-            + across(lambda w, m=method: _diff(results, _ort(m, w), _ort(m, w), seeds, "ort AP")),
+            + across(
+                lambda w, m=method: paired_cell(results, _ort(m, w), _ort(m, w), seeds, "ort AP")
+            ),
             [f"{label}: TARGET (onnxruntime AP) - quantize_static MinMax W8A8"]
             + across(
-                lambda w, m=method: _diff(
+                lambda w, m=method: paired_cell(
                     results, _ort(m, w), "ptq_onnxruntime_minmax", seeds, "ort AP"
                 )
             ),
             [f"{label}: TARGET - qdet calibration only (onnxruntime AP)"]
             + across(
-                lambda w, m=method: _diff(
+                lambda w, m=method: paired_cell(
                     results, _ort(m, w), f"ptq_qdet_{w}", seeds, "ort AP", "ort AP"
                 ),
                 PTQ_WIDTHS,
             ),
             [f"{label}: simulated, the study's CALIB_RANGE - ewgs"]
             + across(
-                lambda w, m=method: _diff(results, _sim_name(m, w), EWGS_RULE[m], seeds), ("w4a4",)
+                lambda w, m=method: paired_cell(results, _sim_name(m, w), EWGS_RULE[m], seeds),
+                ("w4a4",),
             ),
         ]
-    per_seed = []
-    for name, runs in results.items():
-        for metric in ("AP", "ort AP"):
-            values = [runs[s].get(metric) if s in runs else None for s in seeds]
-            if any(v is not None for v in values):
-                cells = ", ".join("-" if v is None else f"{v:.1f}" for v in values)
-                per_seed.append([f"{name} ({metric})", cells])
-    checks = []
-    for name, runs in results.items():
-        done = [(s, r["check"]) for s, r in sorted(runs.items()) if "check" in r]
-        if done:
-            checks.append(
-                [name]
-                + [
-                    ", ".join(
-                        f"seed {s}: {'ok' if c['ok'] else 'FAILED'}, {c['boundary_flips']} of "
-                        f"{c['codes']} codes at a tie"
-                        for s, c in done
-                    )
-                ]
-            )
+    per_seed, checks = per_seed_rows(results, seeds), check_rows(results)
     heads = ["row", *[f"W/A {WIDTHS[w][0]}/{WIDTHS[w][1]}" for w in widths]]
     seed_list = ", ".join(map(str, seeds))
     return "\n\n".join(

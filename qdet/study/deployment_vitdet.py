@@ -1,0 +1,268 @@
+"""The deployment study of a transformer (``tools/deployment_study.py --arch vitdet``): does
+QAT beat onnxruntime's post-training quantizer on the digits tiny ViTDet Mask R-CNN, at
+which widths and by how much, measured on whole-detector files (:mod:`qdet.export.whole`).
+
+One FP model is trained once (row ``fp``, the config's SEED, as the transformer ablation's)
+and every other row starts from it with the study's seed (SEED: the same batches for every
+row of a seed; QFD's teacher is that FP model):
+
+- ``ptq_onnxruntime_minmax``: onnxruntime's ``quantize_static`` (W8A8, MinMax, per-channel
+  s8 / u8 QDQ) of the FP model's whole file, its learned layers only (backbone, RPN conv,
+  box and mask heads: :data:`qdet.export.peer.WHOLE_NETWORK`), calibrated on the first 64
+  training pictures. Percentile cannot calibrate a whole file (:func:`quantize_static_peer`).
+  ``ptq_onnxruntime_blocks``: the same, the ViT's blocks only (:data:`BLOCKS`), the part
+  of the network qdet's rows quantize.
+- ``ptq_qdet_<wa>``: the FP model built for ``QUANT.TARGET onnxruntime`` and calibrated only.
+- ``baseline_ort_<wa>`` / ``qfd_ort_<wa>``: QAT for onnxruntime (``vitdet_tiny_<wa>_ort.yaml``;
+  QFD adds MSE to the teacher's 8-bit p3, :data:`QFD`); ``baseline_ort_w4a8_mha`` /
+  ``_mlp``: the attention's Linears and matmuls only, the MLP's only.
+- ``baseline_sim_<wa>``: the same recipe simulated (``QUANT.TARGET ''``), the papers' form.
+
+Every quantized row reports box and mask AP of PyTorch and of its whole file in onnxruntime
+(run by the torch-free runner's post-processing); the target rows' files pass
+:func:`qdet.export.whole_check.check_whole` on 8 val pictures first. ``make_run`` and
+``evaluate_run`` run in the study's workers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+from detectron2.config import CfgNode
+from tabulate import tabulate
+
+from qdet.engine.stages import evaluate_final
+from qdet.engine.trained_model import trained_model_from_cfg
+from qdet.export.peer import WHOLE_NETWORK, quantize_static_peer, train_images
+from qdet.export.whole import export_whole_detector
+from qdet.export.whole_check import WholeFileDetector, check_whole, loader_aps, test_pictures
+from qdet.study import deployment
+from qdet.study.deployment import check_rows, paired_cell, per_seed_rows
+from qdet.study.runner import StudyRow, spread
+
+VITDET = "configs/digits/vitdet_tiny_"
+WIDTHS = {"w8a8": (8, 8), "w4a8": (4, 8)}
+CHECK_PICTURES = 8
+# QFD on ViTDet: MSE to the FP teacher's p3 (SimpleFeaturePyramid's stride-8 level)
+# quantized at 8 bits, with the RetinaNet digits recipe's weight (not tuned for ViTDet).
+QFD = (
+    *("DISTILL.ENABLED", "True", "DISTILL.TEACHER_CONFIG", VITDET + "fp.yaml"),
+    *("DISTILL.TAP", "p3", "DISTILL.LOSS", "qfd", "DISTILL.WEIGHT", "0.2"),
+    *("DISTILL.TEACHER_FEATURE_BITS", "8"),
+)
+SIMULATED = ("QUANT.TARGET", "")
+# The ViT's blocks in a whole file: what qdet's rows quantize (MHA and MLP), for the peer
+# row that quantizes the same part of the network.
+BLOCKS = "/backbone/net/blocks/"
+ONE_STEP = ("SOLVER.MAX_ITER", "1")  # a PTQ row trains nothing (the progress's count)
+
+
+def vitdet_rows(widths: list[str]) -> list[StudyRow]:
+    """The rows of the module docstring at ``widths`` (keys of :data:`WIDTHS`)."""
+    rows = [StudyRow("fp", "FP", VITDET + "fp.yaml", per_seed=False)]
+    peer = ("DEPLOY_STUDY.KIND", "ptq_onnxruntime", "DEPLOY_STUDY.CALIBRATION", "minmax")
+    blocks = ("DEPLOY_STUDY.PEER_NODES", f"[{BLOCKS!r}]")
+    rows += [
+        StudyRow("ptq_onnxruntime_minmax", "", VITDET + "fp.yaml", (*peer, *ONE_STEP), "8/8", "fp"),
+        StudyRow(
+            "ptq_onnxruntime_blocks",
+            "",
+            VITDET + "fp.yaml",
+            (*peer, *blocks, *ONE_STEP),
+            "8/8",
+            "fp",
+        ),
+    ]
+    for wa in widths:
+        w, a = WIDTHS[wa]
+        bits, config = f"{w}/{a}", f"{VITDET}{wa}_ort.yaml"
+        ptq = ("DEPLOY_STUDY.KIND", "ptq_qdet", *ONE_STEP)
+        rows += [
+            StudyRow(f"ptq_qdet_{wa}", "", config, ptq, bits, "fp"),
+            StudyRow(f"baseline_ort_{wa}", "", config, (), bits, "fp"),
+            StudyRow(f"qfd_ort_{wa}", "", config, QFD, bits, "fp"),
+            StudyRow(f"baseline_sim_{wa}", "", config, SIMULATED, bits, "fp"),
+        ]
+        if wa == "w4a8":
+            for part in ("mha", "mlp"):
+                part_config = f"{VITDET}w4a8_{part}_ort.yaml"
+                rows.append(StudyRow(f"baseline_ort_w4a8_{part}", "", part_config, (), bits, "fp"))
+    return rows
+
+
+def make_run(cfg: CfgNode) -> None:
+    """A row's model: onnxruntime's PTQ of the whole file here, the rest as the RetinaNet
+    study makes them (:func:`qdet.study.deployment.make_run`)."""
+    if cfg.DEPLOY_STUDY.KIND != "ptq_onnxruntime":
+        deployment.make_run(cfg)
+        return
+    os.makedirs(cfg.OUTPUT_DIR, exist_ok=True)
+    trained = trained_model_from_cfg(cfg, "to quantize")
+    fp_onnx = os.path.join(cfg.OUTPUT_DIR, "fp32.onnx")
+    picture = test_pictures(trained.test_loader(), 1)[0]
+    export_whole_detector(trained.model, fp_onnx, picture, trained.deployment_info())
+    batches = train_images(cfg, trained.model, deployment.CALIBRATION_IMAGES)
+    pictures = [b[0]["image"].float().numpy() for b in batches]
+    out = os.path.join(cfg.OUTPUT_DIR, "model.onnx")
+    network = tuple(cfg.DEPLOY_STUDY.PEER_NODES) or WHOLE_NETWORK
+    quantize_static_peer(
+        fp_onnx, out, pictures, cfg.DEPLOY_STUDY.CALIBRATION, whole=True, network=network
+    )
+    # The FP weights mark the run finished (the runner's model_final.pth).
+    shutil.copyfile(cfg.MODEL.WEIGHTS, os.path.join(cfg.OUTPUT_DIR, "model_final.pth"))
+
+
+def evaluate_run(cfg: CfgNode) -> dict:
+    """PyTorch's box and mask AP and, for rows with a file (PTQ and target rows), the whole
+    file's in onnxruntime, after the file's check; cached in ``eval_deploy.json``."""
+    cache = os.path.join(cfg.OUTPUT_DIR, "eval_deploy.json")
+    final = os.path.join(cfg.OUTPUT_DIR, "model_final.pth")
+    if os.path.isfile(cache) and os.path.getmtime(cache) >= os.path.getmtime(final):
+        with open(cache) as f:
+            return json.load(f)
+    kind, metrics = cfg.DEPLOY_STUDY.KIND, {}
+    if kind != "ptq_onnxruntime":
+        metrics.update(evaluate_final(cfg))
+    if kind != "qat" or cfg.QUANT.TARGET:
+        run_cfg = cfg.clone()
+        run_cfg.defrost()
+        run_cfg.MODEL.WEIGHTS = final
+        trained = trained_model_from_cfg(run_cfg, "to evaluate")
+        path = os.path.join(cfg.OUTPUT_DIR, "model.onnx")
+        if kind != "ptq_onnxruntime":
+            pictures = test_pictures(trained.test_loader(), CHECK_PICTURES)
+            export_whole_detector(trained.model, path, pictures[0], trained.deployment_info())
+            report = check_whole(trained.model, path, pictures)
+            metrics["check"] = {
+                "ok": report.ok,
+                "failures": report.failures[:3],
+                "boundary_flips": report.boundary_flips,
+                "codes": report.activation_values,
+                "kernels": report.integer_kernels,
+                "float_convs": report.float_convs,
+            }
+        aps = loader_aps(WholeFileDetector(path), trained.test_loader(), trained.evaluator())
+        metrics["ort AP"], metrics["ort mask AP"] = aps["bbox"]["AP"], aps["segm"]["AP"]
+        metrics.setdefault("AP", metrics["ort AP"])  # onnxruntime's PTQ: its file's AP
+        metrics.setdefault("mask AP", metrics["ort mask AP"])
+    with open(cache, "w") as f:
+        json.dump(metrics, f)
+    return metrics
+
+
+# -- the report ---------------------------------------------------------------------------
+def _values(results, row: str, seeds, metric: str) -> dict[int, float]:
+    runs = results.get(row, {})
+    return {s: runs[s][metric] for s in seeds if s in runs and metric in runs[s]}
+
+
+def _pair(results, row: str, seeds, metric: str) -> str:
+    """PyTorch's ``metric`` / the file's (``ort <metric>``), mean ± std over seeds."""
+    torch_ap = _values(results, row, seeds, metric)
+    if not torch_ap:
+        return ""
+    ort_ap = _values(results, row, seeds, f"ort {metric}")
+    if row in PEER_LABELS:  # onnxruntime's PTQ has its file only
+        return spread(list(ort_ap.values()))
+    cell = spread(list(torch_ap.values()))
+    return f"{cell} / {spread(list(ort_ap.values()))}" if ort_ap else cell
+
+
+PEER_LABELS = {
+    "ptq_onnxruntime_minmax": "onnxruntime quantize_static MinMax, every layer (its file)",
+    "ptq_onnxruntime_blocks": "onnxruntime quantize_static MinMax, the blocks only (its file)",
+}
+ROW_LABELS = {
+    "ptq_qdet": "qdet calibration only",
+    "baseline_ort": "baseline QAT, TARGET onnxruntime",
+    "qfd_ort": "QFD, TARGET onnxruntime",
+    "baseline_sim": "baseline QAT, simulated",
+    "baseline_ort_w4a8_mha": "baseline QAT, TARGET, MHA only",
+    "baseline_ort_w4a8_mlp": "baseline QAT, TARGET, MLP only",
+}
+# (row prefix, base row prefix or row, the row's metric prefix, the base's): the paired
+# differences that answer the study's questions ("ort " is the file's AP).
+DIFFERENCES = (
+    ("baseline_ort", "ptq_onnxruntime_minmax", "ort ", "ort "),
+    ("qfd_ort", "ptq_onnxruntime_minmax", "ort ", "ort "),
+    ("baseline_ort", "ptq_onnxruntime_blocks", "ort ", "ort "),
+    ("qfd_ort", "ptq_onnxruntime_blocks", "ort ", "ort "),
+    ("baseline_ort", "ptq_qdet", "ort ", "ort "),
+    ("qfd_ort", "baseline_ort", "ort ", "ort "),
+    ("baseline_ort", "baseline_sim", "ort ", ""),
+    ("baseline_ort", "baseline_ort", "ort ", ""),
+    ("baseline_ort_w4a8_mha", "baseline_ort", "ort ", "ort "),
+    ("baseline_ort_w4a8_mlp", "baseline_ort", "ort ", "ort "),
+)
+
+
+def _name(prefix: str, wa: str) -> str:
+    """A row's name at width ``wa``: the prefix and the width, or a row named in full."""
+    return (
+        prefix if prefix in PEER_LABELS or prefix.endswith(("_mha", "_mlp")) else f"{prefix}_{wa}"
+    )
+
+
+def _label(prefix: str) -> str:
+    return {**PEER_LABELS, **ROW_LABELS}[prefix]
+
+
+def tables(results, widths: list[str], seeds) -> str:
+    """AP per row and width (box and mask; PyTorch / the file), the paired differences, AP
+    per seed and the files' checks."""
+
+    def only(prefix: str, wa: str) -> bool:
+        """Whether the row has a run at ``wa`` (a row named in full has its one width)."""
+        if _name(prefix, wa) != prefix:
+            return True
+        return wa == ("w8a8" if prefix in PEER_LABELS else "w4a8")
+
+    heads = ["row"]
+    for kind in ("box", "mask"):
+        heads += [f"{kind} AP W/A {WIDTHS[w][0]}/{WIDTHS[w][1]}" for w in widths]
+    prefixes = [*PEER_LABELS, *ROW_LABELS]
+    ap = [
+        [_label(p)]
+        + [
+            _pair(results, _name(p, w), seeds, metric) if only(p, w) else ""
+            for metric in ("AP", "mask AP")
+            for w in widths
+        ]
+        for p in prefixes
+    ]
+    diffs = []
+    for row, base, mine, theirs in DIFFERENCES:
+        what = "the file - PyTorch" if row == base else f"{_label(row)} - {_label(base)}"
+        diffs.append(
+            [what]
+            + [
+                paired_cell(results, _name(row, w), _name(base, w), seeds, mine + m, theirs + m)
+                if only(row, w)
+                else ""
+                for m in ("AP", "mask AP")
+                for w in widths
+            ]
+        )
+    per_seed = per_seed_rows(results, seeds, ("AP", "ort AP", "mask AP", "ort mask AP"))
+    checks = check_rows(results)
+    fp = _values(results, "fp", seeds[:1], "AP")
+    fp_mask = _values(results, "fp", seeds[:1], "mask AP")
+    seed_list = ", ".join(map(str, seeds))
+    return "\n\n".join(
+        [
+            f"COCO AP on qdet_digits_val of the tiny ViTDet Mask R-CNN, mean ± sample std over "
+            f"seeds {seed_list} (one FP model: box {spread(list(fp.values()))}, mask "
+            f"{spread(list(fp_mask.values()))}); two figures: PyTorch / the whole file in "
+            "onnxruntime:",
+            tabulate(ap, heads, tablefmt="github"),
+            "Paired differences (same FP model and batches per seed; the file's AP unless "
+            "'simulated'), mean ± sample std, and on how many seeds the first is higher:",
+            tabulate(diffs, heads, tablefmt="github"),
+            "AP per seed:",
+            tabulate(per_seed, ["run", f"seeds {seed_list}"], tablefmt="github"),
+            f"The target files' check on {CHECK_PICTURES} val pictures:",
+            tabulate(checks, ["run", "check"], tablefmt="github"),
+        ]
+    )
