@@ -20,12 +20,15 @@ import torch
 from detectron2 import model_zoo
 from detectron2.modeling import build_model
 from target_models import _target_model
+from torch import nn
 
 import qdet_runner
 from qdet.config import load_config
 from qdet.export import export_onnx
+from qdet.export.peer import WHOLE_NETWORK
 from qdet.export.whole import export_whole_detector
 from qdet.export.whole_check import check_whole
+from qdet.study.deployment_vitdet import BLOCKS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FP = os.path.join(ROOT, "configs/digits/retinanet_r18_fp.yaml")
@@ -202,6 +205,16 @@ def test_mask_model_file_equals_pytorch(tmp_path, arch):
     assert report.instances_torch > 0 and report.mask_min_iou >= 0.99
     names = [o.name for o in ort.InferenceSession(path).get_outputs()]
     assert names == ["pred_boxes", "pred_classes", "pred_masks", "scores", "image_size"]
+    # onnxruntime's quantize_static of such a file (qdet.export.peer) quantizes the nodes
+    # under WHOLE_NETWORK: every learned layer's node is there
+    nodes = onnx.load(path).graph.node
+    learned = [n for n in nodes if n.op_type in ("Conv", "ConvTranspose", "Gemm", "MatMul")]
+    assert len(learned) > 20 and all(n.name.startswith(WHOLE_NETWORK) for n in learned)
+    if arch == "vitdet":  # the deployment study's peer row that quantizes the blocks only
+        blocks = model.backbone.net.blocks
+        in_blocks = [n for n in learned if n.name.startswith(BLOCKS)]
+        block_linears = [m for m in blocks.modules() if isinstance(m, nn.Linear)]
+        assert len(in_blocks) == len(block_linears) + 2 * len(blocks)  # + q kT, attn v
 
 
 def test_an_op_onnx_cannot_convert_is_named_with_its_layer(tmp_path):

@@ -55,7 +55,7 @@ QFD = (
 SIMULATED = ("QUANT.TARGET", "")
 # The ViT's blocks in a whole file: what qdet's rows quantize (MHA and MLP), for the peer
 # row that quantizes the same part of the network.
-BLOCKS = "/backbone/net/blocks/"
+BLOCKS = "/backbone/net/blocks."
 ONE_STEP = ("SOLVER.MAX_ITER", "1")  # a PTQ row trains nothing (the progress's count)
 
 
