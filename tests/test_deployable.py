@@ -114,3 +114,22 @@ def test_attention_and_rcnn_heads_a_target_cannot_run_in_integers_are_named():
         setattr(attention, name, QLinear.from_float(getattr(attention, name), 8, 8))
     with pytest.raises(ValueError, match=r"blocks\.1\.attn\.attn_drop: dropout .*p=0\.1"):
         attention_is_quantized(attention, "blocks.1.attn")
+
+
+def test_a_pyramid_converts_its_stage_convs_only():
+    """ViTDet's SimpleFeaturePyramid converted (QUANT.INCLUDE ['simfp']): each stage conv
+    quantizes its output for its float LayerNorm; the conversion covers its stages, not the
+    ViT it holds (a quantized patch embedding would be named as not covered)."""
+    from qdet.modeling.deployable_pyramid import covered_paths
+
+    opts = ["MODEL.WEIGHTS", "", "QUANT.TARGET", "onnxruntime", "QUANT.W_BITS", "8"]
+    opts += ["QUANT.A_BITS", "8"]
+    model = build_model(load_config(VITDET, [*opts, "QUANT.INCLUDE", "['simfp']"]))
+    convs = {n: m for n, m in model.backbone.named_modules() if isinstance(m, QConv2d)}
+    stages = [n for n, _ in model.backbone.named_children() if n.startswith("simfp_")]
+    assert len(stages) == 3 and len(convs) == 2 * len(stages)
+    assert all(type(m.norm).__name__ == "LayerNorm" for m in convs.values())
+    assert all(m._modules.get("norm_input_quantizer") is not None for m in convs.values())
+    covered = set(covered_paths(model.backbone))
+    assert set(convs) <= covered and set(stages) <= covered
+    assert not any(p.startswith("net") for p in covered) and "net.patch_embed.proj" not in covered

@@ -343,7 +343,11 @@ TRANSFORMERS = {  # config, W/A bits
     "swin_fpn": ("configs/digits/swin_tiny_4bit.yaml", "8"),
     # 4-bit codes: an integer Clip between each QuantizeLinear and its DequantizeLinear.
     "vitdet_w4a4": ("configs/digits/vitdet_tiny_4bit.yaml", "4"),
+    # ViTDet's SimpleFeaturePyramid quantized too (QUANT.INCLUDE): its 6 convs QLinearConv.
+    "vitdet_pyramid": ("configs/digits/vitdet_tiny_4bit.yaml", "8"),
 }
+# The quantized convs each file runs as QLinearConv (the transformers' blocks have none).
+TRANSFORMER_CONVS = {"swin_fpn": 8, "vitdet_pyramid": 6}
 
 
 @pytest.mark.parametrize("arch", TRANSFORMERS)
@@ -364,6 +368,8 @@ def test_transformer_target_file_runs_every_quantized_linear_and_matmul_in_integ
     opts += ["QUANT.A_BITS", bits]
     if arch == "swin_fpn":
         opts += ["QUANT.INCLUDE", "['fpn_lateral', 'fpn_output']"]
+    if arch == "vitdet_pyramid":
+        opts += ["QUANT.INCLUDE", "['simfp']"]
     cfg = load_config(os.path.join(ROOT, config), opts)
     torch.manual_seed(0)
     model = build_model(cfg).eval()
@@ -385,7 +391,7 @@ def test_transformer_target_file_runs_every_quantized_linear_and_matmul_in_integ
     assert report.ok, report.failures
     counts = optimized_op_counts(path)
     assert counts["QGemm"] == len(linears) > 0
-    assert counts.get("QLinearConv", 0) == len(convs) == (8 if arch == "swin_fpn" else 0)
+    assert counts.get("QLinearConv", 0) == len(convs) == TRANSFORMER_CONVS.get(arch, 0)
     matmuls = sum(counts.get(op, 0) for op in MATMUL_OPS)
     assert matmuls == 2 * len(integer_attentions)
     assert report.activations_checked >= len(linears)

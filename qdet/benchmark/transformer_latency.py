@@ -14,7 +14,8 @@ ViTDet and Swin pad it):
   ``QUANT.TARGETS ['mha', 'mlp']``, the FP weights loaded and qdet's calibration alone run
   on the same pictures (a trained model's file has the same graph, so the same latency);
   for an FPN backbone (Swin's) also "+FPN": its lateral and output convs quantized too
-  (``QUANT.INCLUDE``), each an integer conv with its LayerNorm in float after.
+  (``QUANT.INCLUDE``), each an integer conv with its LayerNorm in float after; for ViTDet
+  also "+pyramid": its SimpleFeaturePyramid's convs the same way.
 
 Pictures are uniform noise, seeded: nothing here depends on what they show. Each file runs
 batch 1 on the same normalised picture, all files alternating run by run
@@ -34,6 +35,7 @@ import torch
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.modeling import build_model
 from detectron2.modeling.backbone.fpn import FPN
+from detectron2.modeling.backbone.vit import SimpleFeaturePyramid
 
 from qdet.benchmark.export_latency import PEER, time_networks
 from qdet.config import load_config
@@ -105,6 +107,8 @@ def transformer_files(
     variants = [("", [])]
     if isinstance(fp.backbone, FPN):  # Swin's: its convs quantized too, the LN float after
         variants.append((" +FPN", ["QUANT.INCLUDE", "['fpn_lateral', 'fpn_output']"]))
+    if isinstance(fp.backbone, SimpleFeaturePyramid):  # ViTDet's: the same for its convs
+        variants.append((" +pyramid", ["QUANT.INCLUDE", "['simfp']"]))
     del fp
     for w_bits, a_bits in bits:
         for suffix, include in variants:

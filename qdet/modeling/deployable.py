@@ -41,6 +41,13 @@ from qdet.modeling.deployable_attention import (
     add_attention_quantizers,
     attention_is_quantized,
 )
+from qdet.modeling.deployable_pyramid import (
+    DEPLOYABLE_PYRAMID,
+    DeploySimpleFeaturePyramid,
+    add_pyramid_quantizers,
+    covered_paths,
+    pyramid_is_quantized,
+)
 from qdet.modeling.deployable_rcnn import (
     DEPLOYABLE_RCNN,
     add_rcnn_quantizers,
@@ -190,6 +197,7 @@ _DEPLOYABLE = {
     RetinaNetHead: DeployRetinaNetHead,
     **DEPLOYABLE_ATTENTION,
     **DEPLOYABLE_RCNN,
+    **DEPLOYABLE_PYRAMID,
 }
 
 
@@ -209,7 +217,9 @@ def make_deployable(
     Quantized Linears (a ViT's or Swin's, Mask R-CNN's box head) run as integer GEMMs
     (:func:`qdet.quantization.integer_ops.integer_linear`); an attention whose qkv and proj
     are quantized runs its two matmuls in integers too
-    (:mod:`qdet.modeling.deployable_attention`); norms, GELU and softmax stay float.
+    (:mod:`qdet.modeling.deployable_attention`); norms, GELU and softmax stay float. Mask
+    R-CNN's heads: :mod:`~qdet.modeling.deployable_rcnn`; ViTDet's pyramid:
+    :mod:`~qdet.modeling.deployable_pyramid`.
 
     Raises ``ValueError`` naming the layer when a quantized conv would not be an integer
     op: a norm that cannot fold, a module of unknown structure, FPN's average fusion."""
@@ -231,6 +241,8 @@ def make_deployable(
             continue  # an MLP-only model's attention: float
         if cls in DEPLOYABLE_RCNN.values() and not rcnn_head_is_quantized(module):
             continue  # a ViTDet's or Swin's float heads
+        if cls is DeploySimpleFeaturePyramid and not pyramid_is_quantized(module):
+            continue  # ViTDet's pyramid, float unless QUANT.INCLUDE selects its convs
         module.__class__ = cls
         found = _add_quantizers(module, path, activation, edge, per_level_head, bool(fpns))
         for name, quantizer in found:
@@ -286,6 +298,8 @@ def _add_quantizers(module, path, activation, edge, per_level_head, levels_quant
         yield from add_attention_quantizers(module, activation, edge)
     elif type(module) in DEPLOYABLE_RCNN.values():
         yield from add_rcnn_quantizers(module, activation, edge, levels_quantized)
+    elif isinstance(module, DeploySimpleFeaturePyramid):
+        yield from add_pyramid_quantizers(module, activation)
     elif isinstance(module, DeployBasicStem):
         module.output_quantizer = activation(False)
         yield "output_quantizer", module.output_quantizer
@@ -371,9 +385,12 @@ def _check_covered(model: nn.Module, target: DeployTarget) -> None:
     owners: dict[str, str] = {}
     for path, module in model.named_modules():
         if isinstance(module, _COVERED):
-            for name, _child in module.named_modules():
-                if name:
-                    owners.setdefault(f"{path}.{name}" if path else name, path)
+            if isinstance(module, DeploySimpleFeaturePyramid):  # its stages, not its ViT
+                names = covered_paths(module)
+            else:
+                names = [name for name, _ in module.named_modules() if name]
+            for name in names:
+                owners.setdefault(f"{path}.{name}" if path else name, path)
     quantized = [m for m in model.modules() if isinstance(m, (QConv2d, QLinear))]
     if not quantized:
         raise ValueError(

@@ -171,10 +171,11 @@ class QConv2d(Conv2d):
     target: DeployTarget | None = None
     # QUANT.FREEZE_BN_ITER reached: the norm uses its running statistics in training too.
     norm_frozen = False
-    # Under a target, a norm that cannot fold (an FPN's LayerNorm) gets a submodule
-    # ``norm_input_quantizer`` (qdet.modeling.deployable): the conv still runs as one
-    # integer op, its output quantized once by it, the norm in float after. Absent: the
-    # norm folds (or there is none).
+    # Under a target, a conv whose norm cannot fold (an FPN's LayerNorm) or whose output a
+    # float op reads (ViTDet's pyramid) gets a submodule ``norm_input_quantizer``
+    # (qdet.modeling.deployable): the conv still runs as one integer op, its output
+    # quantized once by it, the norm (if any) in float after. Absent: the norm folds (or
+    # there is none).
 
     def forward(self, x: torch.Tensor, norm: nn.Module | None = None) -> torch.Tensor:
         """``norm``: the BN after this conv when it is not ``self.norm`` (RetinaNet's head
@@ -184,7 +185,7 @@ class QConv2d(Conv2d):
         norm_input = self._modules.get("norm_input_quantizer")  # no AttributeError per call
         if self.target is not None and norm_input is not None:
             x = produce(norm_input, self._integer(x, None, conv))
-            x = norm(x)
+            x = norm(x) if norm is not None else x
         elif self.target is not None and exporting():
             x = integer_conv(self, self.input_quantizer(x), norm)
         elif self.target is None or (norm is not None and not self._folds(norm)):
