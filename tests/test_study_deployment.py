@@ -58,6 +58,11 @@ def test_vitdet_rows_build_what_their_names_say():
         if name == "fp":
             assert not cfg.QUANT.ENABLED
             continue
+        if name == "fp_finetune":  # the control: the QAT rows' schedule, unquantized
+            qat = _vitdet_config(rows["baseline_ort_w8a8"])
+            assert not cfg.QUANT.ENABLED and cfg.SOLVER.MAX_ITER == qat.SOLVER.MAX_ITER == 200
+            assert cfg.SOLVER.BASE_LR == qat.SOLVER.BASE_LR and row.per_seed
+            continue
         if name.startswith("ptq_onnxruntime"):
             assert cfg.DEPLOY_STUDY.KIND == "ptq_onnxruntime" and not cfg.QUANT.ENABLED
             assert list(cfg.DEPLOY_STUDY.PEER_NODES) == ([BLOCKS] if "blocks" in name else [])
