@@ -119,7 +119,7 @@ def test_attention_and_rcnn_heads_a_target_cannot_run_in_integers_are_named():
 def test_a_pyramid_converts_its_stage_convs_only():
     """ViTDet's SimpleFeaturePyramid converted (QUANT.INCLUDE ['simfp']): each stage conv
     quantizes its output for its float LayerNorm; the conversion covers its stages, not the
-    ViT it holds (a quantized patch embedding would be named as not covered)."""
+    ViT it holds."""
     from qdet.modeling.deployable_pyramid import covered_paths
 
     opts = ["MODEL.WEIGHTS", "", "QUANT.TARGET", "onnxruntime", "QUANT.W_BITS", "8"]

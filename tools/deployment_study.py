@@ -88,6 +88,12 @@ def run(args) -> None:
     vitdet = args.arch == "vitdet"
     widths = args.widths or list(deployment_vitdet.WIDTHS if vitdet else WIDTHS)
     if vitdet:
+        if args.freeze_at != 0 or args.calib_range != "mse":
+            raise ValueError(
+                "--freeze-at and --calib-range set the retinanet study's runs; the vitdet "
+                "configs set their own (QUANT.CALIB_RANGE mse): leave them out, or give "
+                "config overrides (KEY VALUE) after the flags"
+            )
         unknown = sorted(set(widths) - set(deployment_vitdet.WIDTHS))
         if unknown:
             raise ValueError(

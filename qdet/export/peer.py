@@ -20,20 +20,20 @@ from qdet.export.integer_check import kernels_by_kind, optimized_op_counts
 from qdet.export.whole import WHOLE_INPUT, export_whole_detector
 
 CALIBRATIONS = ("minmax", "percentile")
-# A whole file's network: the nodes its TracingAdapter traces the model's learned layers to
-# (RetinaNet's under "/model/", an R-CNN's at the top): the backbone and the heads' convs
-# and FCs, not the anchors, box decoding, ROIAlign or NMS between them.
-WHOLE_NETWORK = tuple(
-    f"{root}/{module}/"
-    for root in ("/model", "")
-    for module in (
-        "backbone",
-        "head",  # RetinaNet
-        "proposal_generator/rpn_head",
-        "roi_heads/box_head",
-        "roi_heads/box_predictor",
-        "roi_heads/mask_head",
-    )
+# A whole file's network: the nodes its TracingAdapter traces the model's learned layers to,
+# RetinaNet's under "/model/" (its backbone and head), an R-CNN's at the top (its backbone,
+# the RPN conv and predictors, the box head and predictor, the mask head), not the anchors,
+# box decoding, ROIAlign or NMS between them. The mask head's nodes include its sigmoid and
+# per-class gather (Detectron2 runs mask_rcnn_inference in the head's forward), which
+# quantize_static then quantizes too (a QLinearSigmoid).
+WHOLE_NETWORK = (
+    "/model/backbone/",
+    "/model/head/",
+    "/backbone/",
+    "/proposal_generator/rpn_head/",
+    "/roi_heads/box_head/",
+    "/roi_heads/box_predictor/",
+    "/roi_heads/mask_head/",
 )
 
 
@@ -54,7 +54,7 @@ def quantize_static_peer(
     calibration: list[np.ndarray],
     method: str = "minmax",
     whole: bool = False,
-    network: tuple[str, ...] = WHOLE_NETWORK,
+    prefixes: tuple[str, ...] = WHOLE_NETWORK,
 ) -> str:
     """onnxruntime's ``quantize_static`` of ``fp_onnx`` into ``out`` (QDQ, per-channel s8
     weights, u8 activations), calibrated on ``calibration`` (normalised input batches,
@@ -71,8 +71,8 @@ def quantize_static_peer(
     ("cannot reshape {0,1,4} to {0,-1}"); its metadata keeps qdet's entries only. MinMax
     only: the histogram calibrators (Percentile) stack each tensor's values over the
     pictures, and the post-processing's tensors differ in length from picture to picture
-    (onnxruntime issue #18792). ``network``: the node-name prefixes of a whole file that
-    are quantized (e.g. ``("/backbone/net/blocks/",)``: a ViT's blocks only)."""
+    (onnxruntime issue #18792). ``prefixes``: the node-name prefixes of a whole file that
+    are quantized (e.g. ``("/backbone/net/blocks.",)``: a ViT's blocks only)."""
     # optional: the export extra
     from onnxruntime.quantization import (
         CalibrationDataReader,
@@ -91,6 +91,11 @@ def quantize_static_peer(
             "calibrators cannot take tensors whose length differs between pictures (the "
             "post-processing's; onnxruntime issue #18792): use minmax"
         )
+    if prefixes != WHOLE_NETWORK and not whole:
+        raise ValueError(
+            "prefixes choose the nodes of a whole-detector file (whole=True); a network-only "
+            "file is quantized whole"
+        )
     input_name = WHOLE_INPUT if whole else INPUT_NAME
 
     class Reader(CalibrationDataReader):
@@ -105,7 +110,7 @@ def quantize_static_peer(
     # A detector export has dynamic axes, which symbolic shape inference cannot follow.
     quant_pre_process(fp_onnx, pre, skip_symbolic_shape=True)
     try:
-        network = _whole_network(pre, network) if whole else None
+        nodes = _whole_network(pre, prefixes) if whole else None
         quantize_static(
             pre,
             out + ".tmp",
@@ -118,7 +123,7 @@ def quantize_static_peer(
                 "minmax": CalibrationMethod.MinMax,
                 "percentile": CalibrationMethod.Percentile,
             }[method],
-            nodes_to_quantize=network,
+            nodes_to_quantize=nodes,
         )
         if whole:
             _as_whole_file(out + ".tmp")

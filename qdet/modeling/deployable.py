@@ -377,7 +377,9 @@ def _check_subnet(subnet: nn.Sequential, path: str) -> None:
 
 # Modules whose quantized convs the conversion puts in integer form.
 _COVERED = tuple(_DEPLOYABLE.values())
-_COVERED_NAMES = ", ".join(c.__name__ for c in _DEPLOYABLE)
+_COVERED_NAMES = ", ".join(
+    f"{c.__name__} (its stages)" if c in DEPLOYABLE_PYRAMID else c.__name__ for c in _DEPLOYABLE
+)
 
 
 def _check_covered(model: nn.Module, target: DeployTarget) -> None:

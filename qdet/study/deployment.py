@@ -57,8 +57,8 @@ def add_deploy_config(cfg) -> None:
     cfg.DEPLOY_STUDY = CN()
     cfg.DEPLOY_STUDY.KIND = "qat"  # "qat" | "ptq_qdet" | "ptq_onnxruntime"
     cfg.DEPLOY_STUDY.CALIBRATION = "minmax"  # ptq_onnxruntime: quantize_static's method
-    # ptq_onnxruntime of a whole file: the node-name prefixes quantize_static quantizes
-    # (empty: every learned layer, qdet.export.peer.WHOLE_NETWORK).
+    # ptq_onnxruntime of a whole file (the vitdet study's): the node-name prefixes
+    # quantize_static quantizes (empty: every learned layer, qdet.export.peer.WHOLE_NETWORK).
     cfg.DEPLOY_STUDY.PEER_NODES = []
 
 

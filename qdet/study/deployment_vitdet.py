@@ -7,8 +7,9 @@ and every other row starts from it with the study's seed (SEED: the same batches
 row of a seed; QFD's teacher is that FP model):
 
 - ``ptq_onnxruntime_minmax``: onnxruntime's ``quantize_static`` (W8A8, MinMax, per-channel
-  s8 / u8 QDQ) of the FP model's whole file, its learned layers only (backbone, RPN conv,
-  box and mask heads: :data:`qdet.export.peer.WHOLE_NETWORK`), calibrated on the first 64
+  s8 / u8 QDQ) of the FP model's whole file, its learned layers only (backbone, RPN, box
+  and mask heads, the mask head's sigmoid with it: :data:`qdet.export.peer.WHOLE_NETWORK`),
+  calibrated on the first 64
   training pictures. Percentile cannot calibrate a whole file (:func:`quantize_static_peer`).
   ``ptq_onnxruntime_blocks``: the same, the ViT's blocks only (:data:`BLOCKS`), the part
   of the network qdet's rows quantize. Both are made once (nothing in them depends on the
@@ -110,9 +111,9 @@ def make_run(cfg: CfgNode) -> None:
     batches = train_images(cfg, trained.model, deployment.CALIBRATION_IMAGES)
     pictures = [b[0]["image"].float().numpy() for b in batches]
     out = os.path.join(cfg.OUTPUT_DIR, "model.onnx")
-    network = tuple(cfg.DEPLOY_STUDY.PEER_NODES) or WHOLE_NETWORK
+    prefixes = tuple(cfg.DEPLOY_STUDY.PEER_NODES) or WHOLE_NETWORK
     quantize_static_peer(
-        fp_onnx, out, pictures, cfg.DEPLOY_STUDY.CALIBRATION, whole=True, network=network
+        fp_onnx, out, pictures, cfg.DEPLOY_STUDY.CALIBRATION, whole=True, prefixes=prefixes
     )
     # The FP weights mark the run finished (the runner's model_final.pth).
     shutil.copyfile(cfg.MODEL.WEIGHTS, os.path.join(cfg.OUTPUT_DIR, "model_final.pth"))
@@ -168,15 +169,15 @@ def _pair(results, row: str, seeds, metric: str) -> str:
     if not torch_ap:
         return ""
     ort_ap = _values(results, row, seeds, f"ort {metric}")
-    if row in PEER_LABELS:  # onnxruntime's PTQ has its file only
-        return spread(list(ort_ap.values()))
+    if row in PEER_LABELS:  # onnxruntime's PTQ: its file only, made once for every seed
+        return f"{ort_ap[min(ort_ap)]:.1f}"
     cell = spread(list(torch_ap.values()))
     return f"{cell} / {spread(list(ort_ap.values()))}" if ort_ap else cell
 
 
 PEER_LABELS = {
-    "ptq_onnxruntime_minmax": "onnxruntime quantize_static MinMax, every layer (its file)",
-    "ptq_onnxruntime_blocks": "onnxruntime quantize_static MinMax, the blocks only (its file)",
+    "ptq_onnxruntime_minmax": "onnxruntime quantize_static W8A8 MinMax, every layer (its file)",
+    "ptq_onnxruntime_blocks": "onnxruntime quantize_static W8A8 MinMax, the blocks only (its file)",
 }
 ROW_LABELS = {
     "fp_finetune": "FP, the same fine-tune (control)",

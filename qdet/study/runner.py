@@ -85,6 +85,11 @@ class Study:
         for r in rows:
             if r.init is not None and r.init not in self.rows:
                 raise ValueError(f"row {r.name!r} starts from {r.init!r}, which is not a row")
+            if r.init is not None and not r.per_seed and self.rows[r.init].per_seed:
+                raise ValueError(
+                    f"row {r.name!r} is made once for every seed but starts from {r.init!r}, "
+                    "which is trained per seed: make both per seed, or both once"
+                )
         self.seeds, self.out, self.opts = list(seeds), out, list(opts)
         self.run_opts = run_opts or (lambda row, seed: [])
         # restart: an interrupted attempt's checkpoints are replaced (its metrics too, _timed)
