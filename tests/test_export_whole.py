@@ -335,7 +335,7 @@ def test_quantized_file_is_checked_layer_by_layer_and_a_tampered_step_fails(tmp_
 
 
 TRANSFORMERS = {  # config, W/A bits
-    "vitdet": ("configs/digits/vitdet_tiny_4bit.yaml", "8"),
+    "vitdet": ("configs/digits/vitdet_tiny_4bit.yaml", "8"),  # and its pyramid's convs
     "swin": ("configs/digits/swin_tiny_4bit.yaml", "8"),
     "vitdet_mha_only": ("configs/digits/vitdet_tiny_4bit_mha.yaml", "8"),
     "vitdet_mlp_only": ("configs/digits/vitdet_tiny_4bit_mlp.yaml", "8"),
@@ -343,11 +343,10 @@ TRANSFORMERS = {  # config, W/A bits
     "swin_fpn": ("configs/digits/swin_tiny_4bit.yaml", "8"),
     # 4-bit codes: an integer Clip between each QuantizeLinear and its DequantizeLinear.
     "vitdet_w4a4": ("configs/digits/vitdet_tiny_4bit.yaml", "4"),
-    # ViTDet's SimpleFeaturePyramid quantized too (QUANT.INCLUDE): its 6 convs QLinearConv.
-    "vitdet_pyramid": ("configs/digits/vitdet_tiny_4bit.yaml", "8"),
 }
-# The quantized convs each file runs as QLinearConv (the transformers' blocks have none).
-TRANSFORMER_CONVS = {"swin_fpn": 8, "vitdet_pyramid": 6}
+# The quantized convs each file runs as QLinearConv (the transformers' blocks have none):
+# Swin's FPN and, in the "vitdet" case, ViTDet's SimpleFeaturePyramid (QUANT.INCLUDE).
+TRANSFORMER_CONVS = {"swin_fpn": 8, "vitdet": 6}
 
 
 @pytest.mark.parametrize("arch", TRANSFORMERS)
@@ -368,7 +367,7 @@ def test_transformer_target_file_runs_every_quantized_linear_and_matmul_in_integ
     opts += ["QUANT.A_BITS", bits]
     if arch == "swin_fpn":
         opts += ["QUANT.INCLUDE", "['fpn_lateral', 'fpn_output']"]
-    if arch == "vitdet_pyramid":
+    if arch == "vitdet":  # its SimpleFeaturePyramid's convs quantized too
         opts += ["QUANT.INCLUDE", "['simfp']"]
     cfg = load_config(os.path.join(ROOT, config), opts)
     torch.manual_seed(0)
