@@ -67,6 +67,7 @@ def test_vitdet_rows_build_what_their_names_say():
         if name.startswith("ptq_onnxruntime"):
             assert cfg.DEPLOY_STUDY.KIND == "ptq_onnxruntime" and not cfg.QUANT.ENABLED
             assert list(cfg.DEPLOY_STUDY.PEER_NODES) == ([BLOCKS] if "blocks" in name else [])
+            assert list(cfg.DEPLOY_STUDY.PEER_OPS) == (["MatMul"] if "matmuls" in name else [])
             assert not row.per_seed  # nothing in it depends on the seed: made once
             continue
         width = next(p for p in parts if p in ("w8a8", "w4a8"))

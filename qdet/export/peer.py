@@ -55,6 +55,7 @@ def quantize_static_peer(
     method: str = "minmax",
     whole: bool = False,
     prefixes: tuple[str, ...] = WHOLE_NETWORK,
+    op_types: tuple[str, ...] = (),
 ) -> str:
     """onnxruntime's ``quantize_static`` of ``fp_onnx`` into ``out`` (QDQ, per-channel s8
     weights, u8 activations), calibrated on ``calibration`` (normalised input batches,
@@ -72,7 +73,9 @@ def quantize_static_peer(
     only: the histogram calibrators (Percentile) stack each tensor's values over the
     pictures, and the post-processing's tensors differ in length from picture to picture
     (onnxruntime issue #18792). ``prefixes``: the node-name prefixes of a whole file that
-    are quantized (e.g. ``("/backbone/net/blocks.",)``: a ViT's blocks only)."""
+    are quantized (e.g. ``("/backbone/net/blocks.",)``: a ViT's blocks only). ``op_types``:
+    the op types it quantizes (``op_types_to_quantize``; empty: every one it can, its
+    default; ``("MatMul",)``: a ViT's Linears and attention matmuls only)."""
     # optional: the export extra
     from onnxruntime.quantization import (
         CalibrationDataReader,
@@ -124,6 +127,7 @@ def quantize_static_peer(
                 "percentile": CalibrationMethod.Percentile,
             }[method],
             nodes_to_quantize=nodes,
+            op_types_to_quantize=list(op_types) or None,
         )
         if whole:
             _as_whole_file(out + ".tmp")

@@ -60,6 +60,9 @@ def add_deploy_config(cfg) -> None:
     # ptq_onnxruntime of a whole file (the vitdet study's): the node-name prefixes
     # quantize_static quantizes (empty: every learned layer, qdet.export.peer.WHOLE_NETWORK).
     cfg.DEPLOY_STUDY.PEER_NODES = []
+    # ptq_onnxruntime of a whole file: the op types quantize_static quantizes (empty: its
+    # default, every op it can).
+    cfg.DEPLOY_STUDY.PEER_OPS = []
 
 
 def _ort(method: str, wa: str) -> str:

@@ -12,8 +12,10 @@ row of a seed; QFD's teacher is that FP model):
   calibrated on the first 64
   training pictures. Percentile cannot calibrate a whole file (:func:`quantize_static_peer`).
   ``ptq_onnxruntime_blocks``: the same, the ViT's blocks only (:data:`BLOCKS`), the part
-  of the network qdet's rows quantize. Both are made once (nothing in them depends on the
-  seed) and shared by every seed.
+  of the network qdet's rows quantize; ``ptq_onnxruntime_blocks_matmuls``: of the blocks,
+  its MatMuls only (the Linears and the attention matmuls: the ops qdet's rows run in
+  integers; the adds, multiplies and softmax stay float). All three are made once
+  (nothing in them depends on the seed) and shared by every seed.
 - ``ptq_qdet_<wa>``: the FP model built for ``QUANT.TARGET onnxruntime`` and calibrated only.
 - ``baseline_ort_<wa>`` / ``qfd_ort_<wa>``: QAT for onnxruntime (``vitdet_tiny_<wa>_ort.yaml``;
   QFD adds MSE to the teacher's 8-bit p3, :data:`QFD`); ``baseline_ort_w4a8_mha`` /
@@ -75,7 +77,12 @@ def vitdet_rows(widths: list[str]) -> list[StudyRow]:
     blocks = ("DEPLOY_STUDY.PEER_NODES", f"[{BLOCKS!r}]")
     # onnxruntime's PTQ depends on nothing a seed changes (the FP model, the first training
     # pictures): made once and shared by every seed, as the FP model is.
-    for name, opts in (("minmax", peer), ("blocks", (*peer, *blocks))):
+    matmuls = ("DEPLOY_STUDY.PEER_OPS", "['MatMul']")  # the Linears and attention matmuls
+    for name, opts in (
+        ("minmax", peer),
+        ("blocks", (*peer, *blocks)),
+        ("blocks_matmuls", (*peer, *blocks, *matmuls)),
+    ):
         fp = VITDET + "fp.yaml"
         rows.append(
             StudyRow(f"ptq_onnxruntime_{name}", "", fp, (*opts, *ONE_STEP), "8/8", "fp", False)
@@ -112,9 +119,8 @@ def make_run(cfg: CfgNode) -> None:
     pictures = [b[0]["image"].float().numpy() for b in batches]
     out = os.path.join(cfg.OUTPUT_DIR, "model.onnx")
     prefixes = tuple(cfg.DEPLOY_STUDY.PEER_NODES) or WHOLE_NETWORK
-    quantize_static_peer(
-        fp_onnx, out, pictures, cfg.DEPLOY_STUDY.CALIBRATION, whole=True, prefixes=prefixes
-    )
+    method, ops = cfg.DEPLOY_STUDY.CALIBRATION, tuple(cfg.DEPLOY_STUDY.PEER_OPS)
+    quantize_static_peer(fp_onnx, out, pictures, method, True, prefixes, ops)
     # The FP weights mark the run finished (the runner's model_final.pth).
     shutil.copyfile(cfg.MODEL.WEIGHTS, os.path.join(cfg.OUTPUT_DIR, "model_final.pth"))
 
@@ -178,6 +184,9 @@ def _pair(results, row: str, seeds, metric: str) -> str:
 PEER_LABELS = {
     "ptq_onnxruntime_minmax": "onnxruntime quantize_static W8A8 MinMax, every layer (its file)",
     "ptq_onnxruntime_blocks": "onnxruntime quantize_static W8A8 MinMax, the blocks only (its file)",
+    "ptq_onnxruntime_blocks_matmuls": (
+        "onnxruntime quantize_static W8A8 MinMax, the blocks' MatMuls only (its file)"
+    ),
 }
 ROW_LABELS = {
     "fp_finetune": "FP, the same fine-tune (control)",
@@ -197,6 +206,7 @@ DIFFERENCES = (
     ("qfd_ort", "ptq_onnxruntime_minmax", "ort ", "ort "),
     ("baseline_ort", "ptq_onnxruntime_blocks", "ort ", "ort "),
     ("qfd_ort", "ptq_onnxruntime_blocks", "ort ", "ort "),
+    ("ptq_qdet", "ptq_onnxruntime_blocks_matmuls", "ort ", "ort "),
     ("baseline_ort", "ptq_qdet", "ort ", "ort "),
     ("qfd_ort", "baseline_ort", "ort ", "ort "),
     ("baseline_ort", "baseline_sim", "ort ", ""),
