@@ -287,20 +287,49 @@ def tables(results, widths, seeds) -> str:
                 ("w4a4",),
             ),
         ]
-    per_seed, checks = per_seed_rows(results, seeds), check_rows(results)
     heads = ["row", *[f"W/A {WIDTHS[w][0]}/{WIDTHS[w][1]}" for w in widths]]
+    seed_list = ", ".join(map(str, seeds))
+    return report_text(
+        f"COCO box AP on qdet_digits_val, mean ± sample std over seeds {seed_list} "
+        f"(FP: {_cell(results, 'fp', seeds)}); two figures: PyTorch / onnxruntime:",
+        ap,
+        "Paired differences (same FP model and batches per seed), mean ± sample std, and "
+        "on how many seeds the first is higher:",
+        diffs,
+        heads,
+        results,
+        seeds,
+        f"The integer exports' layer-wise check on {CHECK_IMAGES} val images:",
+    )
+
+
+def report_text(
+    ap_caption: str,
+    ap: list,
+    diffs_caption: str,
+    diffs: list,
+    heads: list[str],
+    results,
+    seeds,
+    checks_caption: str,
+    metrics=("AP", "ort AP"),
+) -> str:
+    """A deployment study's report: its AP table and paired differences (``heads``
+    columns) under their captions, then ``metrics`` per seed and the exports' checks."""
     seed_list = ", ".join(map(str, seeds))
     return "\n\n".join(
         [
-            f"COCO box AP on qdet_digits_val, mean ± sample std over seeds {seed_list} "
-            f"(FP: {_cell(results, 'fp', seeds)}); two figures: PyTorch / onnxruntime:",
+            ap_caption,
             tabulate(ap, heads, tablefmt="github"),
-            "Paired differences (same FP model and batches per seed), mean ± sample std, and "
-            "on how many seeds the first is higher:",
+            diffs_caption,
             tabulate(diffs, heads, tablefmt="github"),
             "AP per seed:",
-            tabulate(per_seed, ["run", f"seeds {seed_list}"], tablefmt="github"),
-            f"The integer exports' layer-wise check on {CHECK_IMAGES} val images:",
-            tabulate(checks, ["run", "check"], tablefmt="github"),
+            tabulate(
+                per_seed_rows(results, seeds, metrics),
+                ["run", f"seeds {seed_list}"],
+                tablefmt="github",
+            ),
+            checks_caption,
+            tabulate(check_rows(results), ["run", "check"], tablefmt="github"),
         ]
     )

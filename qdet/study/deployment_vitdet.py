@@ -37,7 +37,6 @@ import os
 import shutil
 
 from detectron2.config import CfgNode
-from tabulate import tabulate
 
 from qdet.engine.stages import evaluate_final
 from qdet.engine.trained_model import trained_model_from_cfg
@@ -45,7 +44,7 @@ from qdet.export.peer import WHOLE_NETWORK, quantize_static_peer, train_images
 from qdet.export.whole import export_whole_detector
 from qdet.export.whole_check import WholeFileDetector, check_whole, loader_aps, test_pictures
 from qdet.study import deployment
-from qdet.study.deployment import check_rows, paired_cell, per_seed_rows
+from qdet.study.deployment import paired_cell, report_text
 from qdet.study.runner import StudyRow, spread
 
 VITDET = "configs/digits/vitdet_tiny_"
@@ -262,24 +261,21 @@ def tables(results, widths: list[str], seeds) -> str:
                 for w in widths
             ]
         )
-    per_seed = per_seed_rows(results, seeds, ("AP", "ort AP", "mask AP", "ort mask AP"))
-    checks = check_rows(results)
     fp = _values(results, "fp", seeds[:1], "AP")
     fp_mask = _values(results, "fp", seeds[:1], "mask AP")
     seed_list = ", ".join(map(str, seeds))
-    return "\n\n".join(
-        [
-            f"COCO AP on qdet_digits_val of the tiny ViTDet Mask R-CNN, mean ± sample std over "
-            f"seeds {seed_list} (one FP model: box {spread(list(fp.values()))}, mask "
-            f"{spread(list(fp_mask.values()))}); two figures: PyTorch / the whole file in "
-            "onnxruntime:",
-            tabulate(ap, heads, tablefmt="github"),
-            "Paired differences (same FP model and batches per seed; the file's AP unless "
-            "'simulated'), mean ± sample std, and on how many seeds the first is higher:",
-            tabulate(diffs, heads, tablefmt="github"),
-            "AP per seed:",
-            tabulate(per_seed, ["run", f"seeds {seed_list}"], tablefmt="github"),
-            f"The target files' check on {CHECK_PICTURES} val pictures:",
-            tabulate(checks, ["run", "check"], tablefmt="github"),
-        ]
+    return report_text(
+        f"COCO AP on qdet_digits_val of the tiny ViTDet Mask R-CNN, mean ± sample std over "
+        f"seeds {seed_list} (one FP model: box {spread(list(fp.values()))}, mask "
+        f"{spread(list(fp_mask.values()))}); two figures: PyTorch / the whole file in "
+        "onnxruntime:",
+        ap,
+        "Paired differences (same FP model and batches per seed; the file's AP unless "
+        "'simulated'), mean ± sample std, and on how many seeds the first is higher:",
+        diffs,
+        heads,
+        results,
+        seeds,
+        f"The target files' check on {CHECK_PICTURES} val pictures:",
+        ("AP", "ort AP", "mask AP", "ort mask AP"),
     )
