@@ -60,3 +60,30 @@ def test_the_table_shows_each_model_against_fp32_and_the_peer():
     assert cells[4] == "linear 48/0, matmul 24/0" and cells[5] == "110"
     fp_row = next(line for line in text.splitlines() if line.startswith("| FP32 |"))
     assert re.search(r"\| 1\.00x \| 1\.63x \|", fp_row)
+
+
+def test_a_whole_detector_table_adds_the_instances_each_file_returns():
+    from qdet.benchmark.transformer_latency import WHOLE_FILE
+
+    t = {
+        "FP32": {"median_ms": 3000.0, "iqr_ms": 20.0, "instances": 100},
+        PEER: {"median_ms": 1500.0, "iqr_ms": 10.0, "instances": 100},
+        "qdet W8A8 +heads": {"median_ms": 1200.0, "iqr_ms": 5.0, "instances": 97},
+    }
+    kernels = {m: _kinds({"integer": 0, "float": 1}, {"integer": 0, "float": 1}) for m in t}
+    result = {
+        "onnxruntime": "1.32.0",
+        "repeats": 5,
+        "pictures": "noise",
+        "file": WHOLE_FILE,
+        "timings": {"vitdet_b_fp 512x512@2": t},
+        "kernels": {"vitdet_b_fp 512x512": kernels},
+        "mib": {"vitdet_b_fp 512x512": dict.fromkeys(t, 100.0)},
+    }
+    lines = transformer_table(result).splitlines()
+    assert WHOLE_FILE in lines[0]
+    header = next(line for line in lines if line.startswith("| model |"))
+    assert header.endswith("| MiB | instances |")
+    row = next(line for line in lines if line.startswith("| qdet W8A8 +heads |"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert len(cells) == 7 and cells[-1] == "97" and cells[3] == f"{1200 / 1500:.2f}x"

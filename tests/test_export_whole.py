@@ -335,7 +335,7 @@ def test_quantized_file_is_checked_layer_by_layer_and_a_tampered_step_fails(tmp_
 
 
 TRANSFORMERS = {  # config, W/A bits
-    "vitdet": ("configs/digits/vitdet_tiny_4bit.yaml", "8"),  # and its pyramid's convs
+    "vitdet": ("configs/digits/vitdet_tiny_4bit.yaml", "8"),  # with its pyramid and heads
     "swin": ("configs/digits/swin_tiny_4bit.yaml", "8"),
     "vitdet_mha_only": ("configs/digits/vitdet_tiny_4bit_mha.yaml", "8"),
     "vitdet_mlp_only": ("configs/digits/vitdet_tiny_4bit_mlp.yaml", "8"),
@@ -345,8 +345,14 @@ TRANSFORMERS = {  # config, W/A bits
     "vitdet_w4a4": ("configs/digits/vitdet_tiny_4bit.yaml", "4"),
 }
 # The quantized convs each file runs as QLinearConv (the transformers' blocks have none):
-# Swin's FPN and, in the "vitdet" case, ViTDet's SimpleFeaturePyramid (QUANT.INCLUDE).
-TRANSFORMER_CONVS = {"swin_fpn": 8, "vitdet": 6}
+# Swin's FPN and, in the "vitdet" case, ViTDet's SimpleFeaturePyramid (6) and its heads
+# (QUANT.INCLUDE), as ViTDet-B's: the RPN conv, a box head of 2 convs with LayerNorm and a
+# FC, a mask head of 2 convs with LayerNorm.
+TRANSFORMER_CONVS = {"swin_fpn": 8, "vitdet": 6 + 1 + 2 + 2}
+VITDET_HEADS = ["QUANT.INCLUDE", "['simfp', 'proposal_generator', 'roi_heads']"]
+VITDET_HEADS += ["MODEL.ROI_BOX_HEAD.NUM_CONV", "2", "MODEL.ROI_BOX_HEAD.CONV_DIM", "32"]
+VITDET_HEADS += ["MODEL.ROI_BOX_HEAD.NORM", "LN", "MODEL.ROI_BOX_HEAD.NUM_FC", "1"]
+VITDET_HEADS += ["MODEL.ROI_MASK_HEAD.NORM", "LN"]
 
 
 @pytest.mark.parametrize("arch", TRANSFORMERS)
@@ -367,8 +373,8 @@ def test_transformer_target_file_runs_every_quantized_linear_and_matmul_in_integ
     opts += ["QUANT.A_BITS", bits]
     if arch == "swin_fpn":
         opts += ["QUANT.INCLUDE", "['fpn_lateral', 'fpn_output']"]
-    if arch == "vitdet":  # its SimpleFeaturePyramid's convs quantized too
-        opts += ["QUANT.INCLUDE", "['simfp']"]
+    if arch == "vitdet":  # its SimpleFeaturePyramid's and heads' convs quantized too
+        opts += VITDET_HEADS
     cfg = load_config(os.path.join(ROOT, config), opts)
     torch.manual_seed(0)
     model = build_model(cfg).eval()
@@ -390,7 +396,15 @@ def test_transformer_target_file_runs_every_quantized_linear_and_matmul_in_integ
     assert report.ok, report.failures
     counts = optimized_op_counts(path)
     assert counts["QGemm"] == len(linears) > 0
-    assert counts.get("QLinearConv", 0) == len(convs) == TRANSFORMER_CONVS.get(arch, 0)
+    assert len(convs) == TRANSFORMER_CONVS.get(arch, 0)
+    # The RPN conv runs once per pyramid level.
+    rpn_calls = len(model.proposal_generator.in_features) - 1 if arch == "vitdet" else 0
+    assert counts.get("QLinearConv", 0) == len(convs) + rpn_calls
+    if arch == "vitdet":  # each head conv's output quantized for its float LayerNorm
+        heads = [model.roi_heads.box_head, model.roi_heads.mask_head]
+        head_convs = [c for h in heads for c in h.conv_norm_relus]
+        assert len(head_convs) == 4 and all(c.norm_input_quantizer for c in head_convs)
+        assert not hasattr(model.roi_heads.mask_head, "deconv_input_quantizer")
     matmuls = sum(counts.get(op, 0) for op in MATMUL_OPS)
     assert matmuls == 2 * len(integer_attentions)
     assert report.activations_checked >= len(linears)

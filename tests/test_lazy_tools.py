@@ -16,7 +16,7 @@ from detectron2.config import LazyConfig, instantiate
 
 import qdet  # noqa: F401  (registers the digits datasets)
 from qdet.engine import lazy
-from qdet.engine.trained_model import check_resizable, load_trained_model
+from qdet.engine.trained_model import check_resizable, float_form, load_trained_model
 from qdet.export.runtime import inference_session, onnx_metadata
 from qdet.predict import split_config_overrides
 from qdet.quantization import calibrate
@@ -68,6 +68,22 @@ def test_export_onnx_from_a_lazy_config(lazy_checkpoint, tmp_path, load_tool):
     assert (meta["input_format"], meta["min_size_test"], meta["max_size_test"]) == ("RGB", 160, 192)
     assert meta["bits"] == "W4/A4" and len(meta["class_names"]) == 10
     assert os.path.isfile(out.removesuffix(".onnx") + ".weights.safetensors")
+
+
+def test_float_form_is_the_quantized_models_weights_without_its_quantizers(lazy_checkpoint):
+    """The FP model --peer-kernels hands onnxruntime's quantize_static: no quantizer, every
+    float tensor the trained model's; a state the FP form cannot hold is refused."""
+    opts = [f"train.init_checkpoint={lazy_checkpoint['weights']}"]
+    trained = load_trained_model(CONFIG, opts, "to export")
+    fp = float_form(CONFIG, opts, trained)
+    assert not [n for n, _ in fp.model.named_modules() if n.endswith("_quantizer")]
+    ours = trained.model.state_dict()
+    theirs = fp.model.state_dict()
+    assert theirs and all(torch.equal(t, ours[k]) for k, t in theirs.items())
+    assert len(ours) > len(theirs)  # the quantizers' state, left out
+    trained.model.register_buffer("stray", torch.zeros(1))
+    with pytest.raises(ValueError, match=r"1 left over \(e.g. \['stray'\]\)"):
+        float_form(CONFIG, opts, trained)
 
 
 def test_predict_from_a_lazy_config_resizes_as_its_test_loader(

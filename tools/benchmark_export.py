@@ -29,6 +29,10 @@ transformer_latency`), in ``--out`` as ``benchmark_export_transformers.md`` / ``
 
     tools/benchmark_export.py --transformer configs/vitdet_b_fp.yaml \\
         --transformer configs/swin_b_fp.yaml --sizes 512 512 --sizes 1024 1024
+
+``--whole`` times their whole-detector files instead, image in to instances out
+(``quantize_static`` MinMax of the whole network, and of its MatMuls only), in
+``benchmark_export_transformers_whole.md`` / ``.json``.
 """
 
 from __future__ import annotations
@@ -52,7 +56,8 @@ from qdet.engine.cli import run_cli  # noqa: E402
 
 def main(args) -> dict:
     if args.transformer:
-        result, stem = measure_transformers(args), "benchmark_export_transformers"
+        result = measure_transformers(args)
+        stem = "benchmark_export_transformers" + ("_whole" if args.whole else "")
         text = transformer_table(result)
     else:
         result, stem = measure(args), "benchmark_export"
@@ -75,6 +80,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="a ViTDet / Swin config whose backbone files to time (repeatable; replaces --fp)",
     )
     p.add_argument("--opts", nargs="*", default=[], help="config options for --transformer")
+    p.add_argument(
+        "--whole",
+        action="store_true",
+        help="--transformer: time the whole detector's files (image in, instances out), not "
+        "the backbone's",
+    )
     p.add_argument("--keep-files", action="store_true", help="--transformer: keep the ONNX files")
     p.add_argument(
         "--qdet",
@@ -116,6 +127,8 @@ if __name__ == "__main__":
     parsed = parser.parse_args()
     if not (parsed.fp or parsed.transformer):
         parser.error("give --fp CONFIG WEIGHTS (RetinaNet) or --transformer CONFIG (ViTDet, Swin)")
+    if parsed.whole and not parsed.transformer:
+        parser.error("--whole times a --transformer config's whole detector: give --transformer")
     if parsed.transformer:
         parsed.sizes = parsed.sizes or [(512, 512), (1024, 1024)]
         # quantize_static's calibrators hold every tensor of every picture (ViT-B's global

@@ -32,7 +32,6 @@ import json
 import logging
 import os
 import sys
-import tempfile
 
 import quiet_console  # noqa: F401  (first: quiets third-party warnings in a tool's console)
 
@@ -43,13 +42,10 @@ import qdet  # noqa: E402,F401  (registers qdet's datasets and models)
 from qdet.engine.checks import refuse_overwriting_inputs  # noqa: E402
 from qdet.engine.cli import run_cli  # noqa: E402
 from qdet.engine.trained_model import (  # noqa: E402
-    checkpoint_overrides,
-    fp_overrides,
     load_trained_model,
 )
 from qdet.export import OnnxRetinaNet, export_onnx, save_packed_weights, verify  # noqa: E402
-from qdet.export.integer_check import kernels_by_kind, optimized_op_counts  # noqa: E402
-from qdet.export.peer import quantize_static_kernels  # noqa: E402
+from qdet.export.peer import kernels_vs_quantize_static  # noqa: E402
 from qdet.export.whole import export_whole_detector  # noqa: E402
 from qdet.export.whole_check import (  # noqa: E402
     WholeFileDetector,
@@ -175,10 +171,12 @@ def main(args) -> int:
         args.peer_kernels = bool(trained.deployment_info().get("target")) and not args.network_only
     if args.peer_kernels:
         try:
-            result["kernels_vs_quantize_static"] = _kernels_vs_peer(args, trained, first)
+            result["kernels_vs_quantize_static"] = _kernels_vs_peer(args, trained)
         except Exception as e:  # the export and its check stand without the comparison
             result["kernels_vs_quantize_static"] = {"error": f"{type(e).__name__}: {e}"}
-            logging.getLogger("qdet").warning(f"--peer-kernels: no comparison, {e}")
+            logging.getLogger("qdet").warning(
+                f"--peer-kernels: no comparison, {e} (--no-peer-kernels skips it)"
+            )
     if args.eval:
         result["eval"] = _evaluate(trained, args.output, info["graph"], args.threads)
         for kind, aps in result["eval"]["onnxruntime"].items():
@@ -206,35 +204,10 @@ def _check(trained, path: str, images: int, threads: int):
     return verify(trained.model, path, batches, threads=threads)
 
 
-def _kernels_vs_peer(args, trained, first: list[dict]) -> dict:
-    """Per layer kind, integer / float ops of the export and of onnxruntime's
-    quantize_static of the same FP model: the config built with its quantizers off, given
-    the trained model's float weights (its quantizers' parameters left out)."""
-    opts = [*args.opts, *fp_overrides(args.config_file)]
-    opts += checkpoint_overrides(args.config_file, "")
-    fp = load_trained_model(args.config_file, opts, "to export", "cpu", weights_optional=True)
-    loaded = fp.model.load_state_dict(trained.model.state_dict(), strict=False)
-    # What the FP form lacks may only be the quantizers' (and a target's added) state.
-    quantizer_paths = tuple(
-        f"{name}."
-        for name, m in trained.model.named_modules()
-        if "quantizer" in name.split(".")[-1]
-    )
-    unexpected = [k for k in loaded.unexpected_keys if not k.startswith(quantizer_paths)]
-    if loaded.missing_keys or unexpected:
-        raise ValueError(
-            f"the FP form of {args.config_file} does not match the quantized model: "
-            f"{len(loaded.missing_keys)} entries missing (e.g. {loaded.missing_keys[:3]}), "
-            f"{len(unexpected)} left over (e.g. {unexpected[:3]}); --no-peer-kernels skips "
-            "the comparison"
-        )
+def _kernels_vs_peer(args, trained) -> dict:
+    """:func:`kernels_vs_quantize_static` of the export, logged as a table."""
     pictures = test_pictures(trained.test_loader(), PEER_CALIBRATION_PICTURES)
-    with tempfile.TemporaryDirectory() as tmp:
-        peer = quantize_static_kernels(
-            fp.model, first[0]["image"], pictures, fp.deployment_info(), tmp
-        )
-    ours = kernels_by_kind(optimized_op_counts(args.output))
-    table = {kind: {"qdet": ours[kind], "quantize_static": peer[kind]} for kind in ours}
+    table = kernels_vs_quantize_static(trained, args.config_file, args.opts, args.output, pictures)
     log = logging.getLogger("qdet").info
     log("integer / float ops per layer kind: this file | quantize_static MinMax of the FP model")
     for kind, both in table.items():

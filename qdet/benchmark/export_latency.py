@@ -200,6 +200,22 @@ def time_networks(paths: dict, batch: np.ndarray, threads: int, repeats: int, wa
     return {n: _summary(t) for n, t in alternate(runs, repeats, warmup).items()}
 
 
+def time_detectors(paths: dict, bgr: np.ndarray, threads: int, repeats: int, warmup: int):
+    """{model: {"median_ms", "iqr_ms", "instances"}}: every whole-detector file of
+    ``paths`` (name -> path) image in to instances out (:class:`qdet_runner.Detector`) on
+    the BGR uint8 picture ``bgr``, its resize set to leave the picture's size as is,
+    alternating."""
+    height, width = bgr.shape[:2]
+    detectors = {n: qdet_runner.Detector(p, threads, spinning=False) for n, p in paths.items()}
+    for detector in detectors.values():
+        detector.min_size, detector.max_size = min(height, width), max(height, width)
+    runs = {n: partial(d, bgr) for n, d in detectors.items()}
+    timed = {n: _summary(t) for n, t in alternate(runs, repeats, warmup).items()}
+    for name, detector in detectors.items():
+        timed[name]["instances"] = len(detector(bgr)["scores"])
+    return timed
+
+
 def time_files(paths: dict, inputs: dict, threads: int, repeats: int, warmup: int) -> dict:
     """{size: {model: {kind: {"median_ms", "iqr_ms"}, "instances": the whole file's}}}
     for every ``inputs`` size (-> (BGR picture, network batch)), every file of ``paths``

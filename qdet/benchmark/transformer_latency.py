@@ -15,7 +15,20 @@ ViTDet and Swin pad it):
   on the same pictures (a trained model's file has the same graph, so the same latency);
   for an FPN backbone (Swin's) also "+FPN": its lateral and output convs quantized too
   (``QUANT.INCLUDE``), each an integer conv with its LayerNorm in float after; for ViTDet
-  also "+pyramid": its SimpleFeaturePyramid's convs the same way.
+  also "+pyramid": its SimpleFeaturePyramid's convs the same way; for a whole file also
+  "+heads": that and the R-CNN heads (the RPN conv, the box head's convs and FCs, the
+  mask head's convs; :mod:`qdet.modeling.deployable_rcnn`).
+
+``whole``: the whole detector instead (:func:`qdet.export.whole.export_whole_detector`:
+normalisation, padding, backbone, RPN, ROI heads, NMS, masks), timed image in to instances
+out through :class:`qdet_runner.Detector`. Every model's score threshold is set to 0, so
+each file keeps its ``TEST.DETECTIONS_PER_IMAGE`` instances and its mask head runs on as
+many boxes whatever its random weights score. The peer: ``quantize_static`` MinMax of the
+whole file's network (:data:`qdet.export.peer.WHOLE_NETWORK`: backbone, RPN head, box and
+mask heads; Percentile cannot calibrate a whole file), and the same restricted to its
+MatMuls (``op_types_to_quantize``: the blocks' Linears and attention matmuls, the scope
+that keeps the FP model's AP in the tiny ViTDet study, docs/deployment.md). qdet's files
+quantize what the config's ``QUANT.TARGETS`` select, the heads float but in "+heads".
 
 Pictures are uniform noise, seeded: nothing here depends on what they show. Each file runs
 batch 1 on the same normalised picture, all files alternating run by run
@@ -37,18 +50,22 @@ from detectron2.modeling import build_model
 from detectron2.modeling.backbone.fpn import FPN
 from detectron2.modeling.backbone.vit import SimpleFeaturePyramid
 
-from qdet.benchmark.export_latency import PEER, time_networks
+from qdet.benchmark.export_latency import PEER, time_detectors, time_networks
 from qdet.config import load_config
 from qdet.export import export_onnx
 from qdet.export.integer_check import kernels_by_kind, optimized_op_counts
 from qdet.export.peer import quantize_static_peer
+from qdet.export.whole import export_whole_detector
 from qdet.quantization import calibrate
 
 # onnxruntime's histogram calibrators (Percentile) hold every tensor of a picture in memory:
 # ViT-B / Swin-B at 1024 x 1024 took more than the 24 GB here (killed); MinMax keeps minima
 # and maxima only.
 PERCENTILE_MAX_SIZE = 512
+# quantize_static of a whole file, and its scope restricted to MatMuls: (label, op types).
+WHOLE_PEERS = (("", ()), (" MatMuls", ("MatMul",)))
 PAD_KEY = {"build_vitdet_backbone": "MODEL.VIT.SQUARE_PAD"}
+WHOLE_FILE = "the whole detector's file, image in to instances out"
 KINDS_SHOWN = ("linear", "matmul", "softmax", "add", "mul", "conv")
 
 
@@ -82,23 +99,44 @@ def transformer_files(
     bits: list[tuple[int, int]],
     calibration: int,
     opts=(),
+    whole: bool = False,
 ) -> tuple[dict[str, str], np.ndarray, dict[str, str]]:
-    """name -> backbone ONNX file under ``out`` for every model of the module docstring,
-    the normalised picture they are timed on, and why a file could not be made (its
-    name -> the reason)."""
+    """name -> ONNX file under ``out`` for every model of the module docstring (the
+    backbone's, or with ``whole`` the whole detector's), what they are timed on (the
+    normalised batch, or the BGR uint8 picture of a whole file), and why a file could not
+    be made (its name -> the reason)."""
     os.makedirs(out, exist_ok=True)
     cfg, fp = build_transformer(config, size, opts)
     pictures = noise_pictures(size, calibration + 1)
     with torch.no_grad():
         batches = [fp.preprocess_image([{"image": p}]).tensor for p in pictures]
+
+    def export(model, path: str, bits: str = "FP32", target: str = "") -> None:
+        if whole:
+            model.roi_heads.box_predictor.test_score_thresh = 0.0  # module docstring
+            info = _whole_info(cfg, size, bits, target)
+            export_whole_detector(model, path, pictures[0], info)
+        else:
+            export_onnx(model, path, batches[0])
+
     paths = {"FP32": os.path.join(out, "fp32.onnx")}
-    export_onnx(fp, paths["FP32"], batches[0])
-    calib = [b.numpy() for b in batches[1:]]
+    export(fp, paths["FP32"])
     notes: dict[str, str] = {}
-    methods = [("minmax", "MinMax"), ("percentile", "Percentile")]
-    for method, label in methods[: 1 if size > PERCENTILE_MAX_SIZE else 2]:
-        path = os.path.join(out, f"ort_{method}.onnx")
-        failure = _peer_in_child(paths["FP32"], path, calib, method)
+    if whole:
+        calib = [p.numpy() for p in pictures[1:]]
+        peers = [
+            (f"ort_minmax{s.strip().lower()}", "minmax", f"MinMax{s}", o) for s, o in WHOLE_PEERS
+        ]
+    else:
+        calib = [b.numpy() for b in batches[1:]]
+        peers = [
+            ("ort_minmax", "minmax", "MinMax", ()),
+            ("ort_percentile", "percentile", "Percentile", ()),
+        ]
+        peers = peers[: 1 if size > PERCENTILE_MAX_SIZE else 2]
+    for stem, method, label, op_types in peers:
+        path = os.path.join(out, f"{stem}.onnx")
+        failure = _peer_in_child(paths["FP32"], path, calib, method, whole, op_types)
         if failure:
             notes[os.path.basename(path)] = failure
         else:
@@ -106,13 +144,16 @@ def transformer_files(
     state = fp.state_dict()
     variants = [("", [])]
     if isinstance(fp.backbone, FPN):  # Swin's: its convs quantized too, the LN float after
-        variants.append((" +FPN", ["QUANT.INCLUDE", "['fpn_lateral', 'fpn_output']"]))
+        variants.append((" +FPN", ["fpn_lateral", "fpn_output"]))
     if isinstance(fp.backbone, SimpleFeaturePyramid):  # ViTDet's: the same for its convs
-        variants.append((" +pyramid", ["QUANT.INCLUDE", "['simfp']"]))
+        variants.append((" +pyramid", ["simfp"]))
+    if whole and len(variants) > 1:  # and the R-CNN heads' convs and FCs
+        variants.append((" +heads", [*variants[1][1], "proposal_generator", "roi_heads"]))
     del fp
     for w_bits, a_bits in bits:
         for suffix, include in variants:
-            target = ["QUANT.ENABLED", "True", "QUANT.TARGET", "onnxruntime", *include]
+            target = ["QUANT.ENABLED", "True", "QUANT.TARGET", "onnxruntime"]
+            target += ["QUANT.INCLUDE", repr(include)] if include else []
             target += ["QUANT.TARGETS", "['mha', 'mlp']", "QUANT.W_BITS", w_bits]
             _, model = build_transformer(config, size, [*opts, *target, "QUANT.A_BITS", a_bits])
             model.load_state_dict(state, strict=False)
@@ -120,17 +161,45 @@ def transformer_files(
             name = f"qdet W{w_bits}A{a_bits}{suffix}"
             stem = f"qdet_w{w_bits}a{a_bits}{suffix.strip().replace('+', '_').lower()}"
             paths[name] = os.path.join(out, f"{stem}.onnx")
-            export_onnx(model, paths[name], batches[0])
+            export(model, paths[name], f"W{w_bits}/A{a_bits}", "onnxruntime")
             del model
+    if whole:
+        bgr = pictures[0].permute(1, 2, 0).to(torch.uint8).numpy()[:, :, ::-1]
+        return paths, np.ascontiguousarray(bgr), notes
     return paths, batches[0].numpy(), notes
 
 
-def _peer_in_child(fp: str, out: str, calibration: list[np.ndarray], method: str) -> str:
+def _whole_info(cfg, size: int, bits: str, target: str) -> dict:
+    """The runner's metadata of a whole file at ``size`` x ``size`` (what
+    :meth:`qdet.engine.trained_model.TrainedModel.deployment_info` gives a trained one):
+    no class names (random weights), score threshold 0 (module docstring)."""
+    return {
+        "input_format": cfg.INPUT.FORMAT,
+        "min_size_test": size,
+        "max_size_test": size,
+        "score_threshold": 0.0,
+        "class_names": [],
+        "bits": bits,
+        "target": target,
+    }
+
+
+def _peer_in_child(
+    fp: str,
+    out: str,
+    calibration: list[np.ndarray],
+    method: str,
+    whole: bool = False,
+    op_types: tuple[str, ...] = (),
+) -> str:
     """``quantize_static_peer`` in a child process: its calibrator can take more memory
     than the machine has (ViT-B at 1024: killed at 24 GB), which must not end the run.
     Why the file was not made, or "" when it was."""
     context = multiprocessing.get_context("spawn")
-    child = context.Process(target=quantize_static_peer, args=(fp, out, calibration, method))
+    kwargs = {"whole": whole, "op_types": op_types}
+    child = context.Process(
+        target=quantize_static_peer, args=(fp, out, calibration, method), kwargs=kwargs
+    )
     child.start()
     child.join()
     if child.exitcode != 0:
@@ -150,12 +219,16 @@ def measure_transformers(args) -> dict:
         "onnxruntime": onnxruntime.__version__,
         "repeats": args.repeats,
         "warmup": args.warmup,
+        "file": WHOLE_FILE if args.whole else "the backbone file",
         "pictures": "uniform noise, seeded; weights random unless MODEL.WEIGHTS is given",
         "calibration_pictures": args.calibration_images,
         "notes": {
-            "quantize_static Percentile": f"above {PERCENTILE_MAX_SIZE} x "
-            f"{PERCENTILE_MAX_SIZE} not built: its histogram calibrator holds every tensor "
-            "of a picture in memory, more than the 24 GB here for ViT-B / Swin-B at 1024"
+            "quantize_static Percentile": "not built: onnxruntime's histogram calibrators "
+            "cannot calibrate a whole file (qdet.export.peer.quantize_static_peer)"
+            if args.whole
+            else f"above {PERCENTILE_MAX_SIZE} x {PERCENTILE_MAX_SIZE} not built: its "
+            "histogram calibrator holds every tensor of a picture in memory, more than the "
+            "24 GB here for ViT-B / Swin-B at 1024"
         },
         "models": {},
         "kernels": {},
@@ -168,15 +241,16 @@ def measure_transformers(args) -> dict:
             key = f"{arch} {size}x{size}"
             out = os.path.join(args.out, f"{arch}_{size}")
             paths, picture, notes = transformer_files(
-                config, size, out, bits, args.calibration_images, args.opts
+                config, size, out, bits, args.calibration_images, args.opts, args.whole
             )
             result["models"][key] = paths
             result["kernels"][key] = {
                 n: kernels_by_kind(optimized_op_counts(p)) for n, p in paths.items()
             }
             result["mib"][key] = {n: os.path.getsize(p) / 2**20 for n, p in paths.items()}
+            time_files = time_detectors if args.whole else time_networks
             for threads in args.threads:
-                timed = time_networks(paths, picture, threads, args.repeats, args.warmup)
+                timed = time_files(paths, picture, threads, args.repeats, args.warmup)
                 result["timings"][f"{key}@{threads}"] = timed
             for file, why in notes.items():
                 result["notes"][f"{key}: {file}"] = why
@@ -197,16 +271,19 @@ def _kernels(k: dict) -> str:
 def transformer_table(result: dict) -> str:
     """The markdown report of :func:`measure_transformers`'s result."""
     lines = [
-        f"onnxruntime {result['onnxruntime']} CPU provider, the backbone file, batch 1, "
+        f"onnxruntime {result['onnxruntime']} CPU provider, "
+        f"{result.get('file', 'the backbone file')}, batch 1, "
         f"median (IQR) ms of {result['repeats']} runs each, all files alternating in one "
         f"process; {result['pictures']}. Kernels: integer / float ops per layer kind in "
         "onnxruntime's optimised graph.",
         "",
     ]
     header = f"| model | ms | vs FP32 | vs {PEER} | kernels (integer/float) | MiB |"
+    whole = result.get("file") == WHOLE_FILE
+    header += " instances |" if whole else ""
     for key, by_model in result["timings"].items():
         name, threads = key.split("@")
-        lines += [f"**{name}, {threads} thread(s)**", "", header, "|---" * 6 + "|"]
+        lines += [f"**{name}, {threads} thread(s)**", "", header, "|---" * (6 + whole) + "|"]
         fp = by_model["FP32"]["median_ms"]
         peer = by_model[PEER]["median_ms"] if PEER in by_model else None
         for model, t in by_model.items():
@@ -215,7 +292,7 @@ def transformer_table(result: dict) -> str:
             lines.append(
                 f"| {model} | {ms:.1f} ({t['iqr_ms']:.1f}) | {ms / fp:.2f}x | {versus_peer} | "
                 f"{_kernels(result['kernels'][name][model])} | "
-                f"{result['mib'][name][model]:.0f} |"
+                f"{result['mib'][name][model]:.0f} |" + (f" {t['instances']} |" if whole else "")
             )
         lines.append("")
     lines += [f"— {name}: {why}." for name, why in result.get("notes", {}).items()]

@@ -114,10 +114,29 @@ def check_resizable(height: int, width: int, augmentations: list) -> None:
                 )
 
 
-def fp_overrides(config_file: str) -> list[str]:
-    """The overrides that build ``config_file``'s model in float (its quantizers off): the
-    FP model a quantized one was made from, e.g. for onnxruntime's own quantizer."""
-    return ["quant.enabled=False"] if is_lazy_config(config_file) else ["QUANT.ENABLED", "False"]
+def float_form(config_file: str, opts: list[str], trained: TrainedModel) -> TrainedModel:
+    """``trained``'s FP form: ``config_file`` built with its quantizers off
+    (``in_float``), given ``trained``'s float weights. Its quantizers' state (and
+    what a target adds under them) is left out; anything else missing or left over is an
+    error, since the FP form would then not be the quantized model's own."""
+    fp_opts = [*opts, *checkpoint_overrides(config_file, "")]
+    fp = load_trained_model(
+        config_file, fp_opts, "to export", "cpu", weights_optional=True, in_float=True
+    )
+    loaded = fp.model.load_state_dict(trained.model.state_dict(), strict=False)
+    quantizer_paths = tuple(
+        f"{name}."
+        for name, _ in trained.model.named_modules()
+        if "quantizer" in name.split(".")[-1]
+    )
+    unexpected = [k for k in loaded.unexpected_keys if not k.startswith(quantizer_paths)]
+    if loaded.missing_keys or unexpected:
+        raise ValueError(
+            f"the FP form of {config_file} does not match the quantized model: "
+            f"{len(loaded.missing_keys)} entries missing (e.g. {loaded.missing_keys[:3]}), "
+            f"{len(unexpected)} left over (e.g. {unexpected[:3]})"
+        )
+    return fp
 
 
 def load_trained_model(
@@ -126,14 +145,19 @@ def load_trained_model(
     purpose: str,
     device: str | None = None,
     weights_optional: bool = False,
+    in_float: bool = False,
 ) -> TrainedModel:
     """The trained model of ``config_file`` (yacs ``.yaml`` with ``MODEL.WEIGHTS``, or a
     LazyConfig ``.py`` with ``train.init_checkpoint``; ``opts`` override either), on
     ``device`` (default: the config's). ``purpose`` ends the missing-weights message
     ("to export"). ``weights_optional``: an empty checkpoint key builds the model untrained
-    (e.g. when onnxruntime runs its network from a file)."""
+    (e.g. when onnxruntime runs its network from a file). ``in_float``: the config's model
+    with its quantizers off (``QUANT.ENABLED False``; a LazyConfig's ``quant`` node
+    replaced by ``{"enabled": False}``, since its bits would be refused beside it)."""
     if is_lazy_config(config_file):
-        return _lazy_model(config_file, opts, purpose, device, weights_optional)
+        return _lazy_model(config_file, opts, purpose, device, weights_optional, in_float)
+    if in_float:
+        opts = [*opts, "QUANT.ENABLED", "False"]
     return _yacs_model(config_file, opts, purpose, device, weights_optional)
 
 
@@ -186,9 +210,11 @@ def coco_evaluator(dataset: str):
     return COCOEvaluator(dataset, output_dir=None, use_fast_impl=has_compiled_ops())
 
 
-def _lazy_model(config_file, opts, purpose, device, weights_optional) -> TrainedModel:
+def _lazy_model(config_file, opts, purpose, device, weights_optional, in_float) -> TrainedModel:
     cfg = load_lazy_config(config_file, opts)
     quant_settings(cfg)  # no quant node: say what to add, first
+    if in_float:
+        cfg.quant = {"enabled": False}
     if device is not None:
         cfg.train.device = device
     weights = cfg.train.get("init_checkpoint", "")

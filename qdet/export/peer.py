@@ -8,6 +8,7 @@ network quantized and its post-processing left in float."""
 from __future__ import annotations
 
 import os
+import tempfile
 from collections.abc import Iterable
 
 import numpy as np
@@ -15,6 +16,7 @@ import torch
 from detectron2.data import DatasetCatalog, DatasetMapper
 
 from qdet.engine.checks import check_datasets
+from qdet.engine.trained_model import TrainedModel, float_form
 from qdet.export.graphs import INPUT_NAME, export_onnx
 from qdet.export.integer_check import kernels_by_kind, optimized_op_counts
 from qdet.export.whole import WHOLE_INPUT, export_whole_detector
@@ -217,3 +219,25 @@ def quantize_static_kernels(
     calibration = [p.float().cpu().numpy() for p in pictures]
     quantize_static_peer(fp_onnx, out, calibration, "minmax", whole=True)
     return kernels_by_kind(optimized_op_counts(out))
+
+
+def kernels_vs_quantize_static(
+    trained: TrainedModel,
+    config_file: str,
+    opts: list[str],
+    exported: str,
+    pictures: list[torch.Tensor],
+) -> dict[str, dict[str, dict[str, int]]]:
+    """Per layer kind, ``{"qdet": {integer, float}, "quantize_static": {...}}``: the ops
+    onnxruntime runs for the whole file ``exported`` (of ``trained``) and for
+    ``quantize_static`` MinMax of the same FP model (:func:`float_form`: the config with
+    its quantizers off, given the trained float weights). ``pictures`` ((3, H, W), resized
+    as the test set's) trace and calibrate the peer; the counts depend on the graph, not on
+    the ranges."""
+    fp = float_form(config_file, opts, trained)
+    with tempfile.TemporaryDirectory() as workdir:
+        peer = quantize_static_kernels(
+            fp.model, pictures[0], pictures, fp.deployment_info(), workdir
+        )
+    ours = kernels_by_kind(optimized_op_counts(exported))
+    return {kind: {"qdet": ours[kind], "quantize_static": peer[kind]} for kind in ours}

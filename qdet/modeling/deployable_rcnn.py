@@ -13,7 +13,13 @@ Mask R-CNN hold quantized convs too; under a target each runs as one QLinearConv
   (docs/deploy/onnxruntime_transformer_fusion.md); the check counts it.
 
 The box head's FCs are quantized Linears: QGemm each
-(:func:`qdet.quantization.integer_ops.integer_linear`). The classes are Detectron2's, with
+(:func:`qdet.quantization.integer_ops.integer_linear`); its convs (ViTDet's "4conv1fc"
+head), like the mask head's, each read their own input quantizer. A head conv whose norm
+cannot fold (ViTDet's LayerNorm, ``MODEL.ROI_BOX_HEAD.NORM`` / ``ROI_MASK_HEAD.NORM``
+"LN") runs as one QLinearConv whose output is quantized once (``norm_input_quantizer``),
+the norm and ReLU in float after, as an FPN conv's (:mod:`qdet.modeling.deployable`); the
+mask head's ConvTranspose then reads that float output as it is, with no quantizer before
+it. The classes are Detectron2's, with
 the same children (FP checkpoints load), converted in place by
 :func:`qdet.modeling.deployable.make_deployable`.
 """
@@ -21,9 +27,11 @@ the same children (FP checkpoints load), converted in place by
 from __future__ import annotations
 
 from detectron2.modeling.proposal_generator.rpn import StandardRPNHead
+from detectron2.modeling.roi_heads.box_head import FastRCNNConvFCHead
 from detectron2.modeling.roi_heads.mask_head import MaskRCNNConvUpsampleHead
 from torch import nn
 
+from qdet.quantization.folding import FOLDABLE
 from qdet.quantization.layers import QConv2d, QuantizedInput
 from qdet.quantization.produced import produce
 
@@ -51,14 +59,20 @@ class DeployMaskRCNNConvUpsampleHead(MaskRCNNConvUpsampleHead):
     def layers(self, x):
         for conv in self.conv_norm_relus:
             x = conv(x)
-        if _last_conv_quantized(self):
+        if _deconv_input_quantized(self):
             x = produce(self.deconv_input_quantizer, x)
         return self.predictor(self.deconv_relu(self.deconv(x)))
+
+
+class DeployFastRCNNConvFCHead(FastRCNNConvFCHead):
+    """FastRCNNConvFCHead whose quantized convs with a LayerNorm quantize their outputs for
+    it (module docstring); its forward is Detectron2's."""
 
 
 DEPLOYABLE_RCNN = {
     StandardRPNHead: DeployStandardRPNHead,
     MaskRCNNConvUpsampleHead: DeployMaskRCNNConvUpsampleHead,
+    FastRCNNConvFCHead: DeployFastRCNNConvFCHead,
 }
 
 
@@ -83,10 +97,27 @@ def add_rcnn_quantizers(module: nn.Module, activation, edge, levels_quantized: b
         else:
             module.output_quantizer = edge(False)
         yield "output_quantizer", module.output_quantizer
-    elif isinstance(module, DeployMaskRCNNConvUpsampleHead) and _last_conv_quantized(module):
-        module.deconv_input_quantizer = edge(False)
-        yield "deconv_input_quantizer", module.deconv_input_quantizer
+    elif isinstance(module, (DeployMaskRCNNConvUpsampleHead, DeployFastRCNNConvFCHead)):
+        owned = {id(m): n for n, m in module.named_children()}
+        for conv in module.conv_norm_relus:
+            if isinstance(conv, QConv2d) and not _folds(conv.norm):
+                # Signed: the conv's output before its norm has both signs.
+                conv.norm_input_quantizer = activation(True)
+                yield f"{owned[id(conv)]}.norm_input_quantizer", conv.norm_input_quantizer
+        if isinstance(module, DeployMaskRCNNConvUpsampleHead) and _deconv_input_quantized(module):
+            module.deconv_input_quantizer = edge(False)
+            yield "deconv_input_quantizer", module.deconv_input_quantizer
 
 
-def _last_conv_quantized(head: MaskRCNNConvUpsampleHead) -> bool:
-    return bool(head.conv_norm_relus) and isinstance(head.conv_norm_relus[-1], QConv2d)
+def _folds(norm: nn.Module | None) -> bool:
+    return norm is None or isinstance(norm, FOLDABLE)
+
+
+def _deconv_input_quantized(head: MaskRCNNConvUpsampleHead) -> bool:
+    """Whether the last conv is quantized and its output, ReLU'd, goes to the float
+    ConvTranspose as a QLinearConv's output (quantized for it): not when a float norm sits
+    between them."""
+    if not head.conv_norm_relus:
+        return False
+    last = head.conv_norm_relus[-1]
+    return isinstance(last, QConv2d) and _folds(last.norm)
