@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -28,7 +29,7 @@ from qdet.export import export_onnx
 from qdet.export.peer import WHOLE_NETWORK
 from qdet.export.whole import export_whole_detector
 from qdet.export.whole_check import check_whole
-from qdet.study.deployment_vitdet import BLOCKS
+from qdet.study.deployment_transformer import ARCHS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FP = os.path.join(ROOT, "configs/digits/retinanet_r18_fp.yaml")
@@ -210,11 +211,16 @@ def test_mask_model_file_equals_pytorch(tmp_path, arch):
     nodes = onnx.load(path).graph.node
     learned = [n for n in nodes if n.op_type in ("Conv", "ConvTranspose", "Gemm", "MatMul")]
     assert len(learned) > 20 and all(n.name.startswith(WHOLE_NETWORK) for n in learned)
-    if arch == "vitdet":  # the deployment study's peer row that quantizes the blocks only
-        blocks = model.backbone.net.blocks
-        in_blocks = [n for n in learned if n.name.startswith(BLOCKS)]
-        block_linears = [m for m in blocks.modules() if isinstance(m, nn.Linear)]
-        assert len(in_blocks) == len(block_linears) + 2 * len(blocks)  # + q kT, attn v
+    if arch in ARCHS:  # the deployment study's peer row that quantizes the blocks only
+        backbone = model.backbone.net if arch == "vitdet" else model.backbone.bottom_up
+        blocks = [
+            m
+            for n, m in backbone.named_modules()
+            if re.fullmatch(r"(layers\.\d+\.)?blocks\.\d+", n)
+        ]
+        in_blocks = [n for n in learned if n.name.startswith(ARCHS[arch].blocks)]
+        block_linears = [m for b in blocks for m in b.modules() if isinstance(m, nn.Linear)]
+        assert len(in_blocks) == len(block_linears) + 2 * len(blocks) > 0  # + q kT, attn v
 
 
 def test_an_op_onnx_cannot_convert_is_named_with_its_layer(tmp_path):

@@ -8,10 +8,11 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from qdet.config import load_config
 from qdet.study.deployment import add_deploy_config, study_rows
-from qdet.study.deployment_vitdet import BLOCKS, tables, vitdet_rows
+from qdet.study.deployment_transformer import ARCHS, tables, transformer_rows
 
 ROOT = Path(__file__).resolve().parents[1]
 WIDTHS = {"w8a8": "8/8", "w4a8": "4/8", "w4a4": "4/4"}
@@ -45,13 +46,15 @@ def test_the_range_rule_reaches_every_quantized_row_but_ewgs_rows():
                 assert opts.get("QUANT.CALIB_RANGE") == rule, row.name
 
 
-# -- the tiny ViTDet's study (qdet/study/deployment_vitdet.py) ------------------------------
+# -- the tiny transformers' study (qdet/study/deployment_transformer.py) -------------------
 def _vitdet_config(row):
     return load_config(str(ROOT / row.config), list(row.opts), add_deploy_config)
 
 
-def test_vitdet_rows_build_what_their_names_say():
-    rows = {r.name: r for r in vitdet_rows(["w8a8", "w4a8"])}
+@pytest.mark.parametrize("arch", ARCHS)
+def test_transformer_rows_build_what_their_names_say(arch):
+    rows = {r.name: r for r in transformer_rows(["w8a8", "w4a8"], arch)}
+    assert all(ARCHS[arch].configs in r.config for r in rows.values())
     assert not rows["fp"].per_seed and all(r.init == "fp" for n, r in rows.items() if n != "fp")
     for name, row in rows.items():
         cfg = _vitdet_config(row)
@@ -66,7 +69,8 @@ def test_vitdet_rows_build_what_their_names_say():
             continue
         if name.startswith("ptq_onnxruntime"):
             assert cfg.DEPLOY_STUDY.KIND == "ptq_onnxruntime" and not cfg.QUANT.ENABLED
-            assert list(cfg.DEPLOY_STUDY.PEER_NODES) == ([BLOCKS] if "blocks" in name else [])
+            blocks = list(ARCHS[arch].blocks) if "blocks" in name else []
+            assert list(cfg.DEPLOY_STUDY.PEER_NODES) == blocks
             assert list(cfg.DEPLOY_STUDY.PEER_OPS) == (["MatMul"] if "matmuls" in name else [])
             assert not row.per_seed  # nothing in it depends on the seed: made once
             continue
@@ -75,6 +79,8 @@ def test_vitdet_rows_build_what_their_names_say():
         assert row.bits == f"{cfg.QUANT.W_BITS}/{cfg.QUANT.A_BITS}"
         assert ("" if "sim" in parts else "onnxruntime") == cfg.QUANT.TARGET, name
         assert (parts[0] == "qfd") == cfg.DISTILL.ENABLED, name
+        if cfg.DISTILL.ENABLED:  # the teacher: the FP model's config
+            assert rows["fp"].config == cfg.DISTILL.TEACHER_CONFIG
         assert list(cfg.QUANT.TARGETS) == (
             [parts[-1]] if parts[-1] in ("mha", "mlp") else ["mha", "mlp"]
         ), name
@@ -85,7 +91,7 @@ def test_vitdet_tables_pair_the_seeds():
     rng = np.random.default_rng(0)
     results = {}
     metrics = ("AP", "ort AP", "mask AP", "ort mask AP")
-    for row in vitdet_rows(["w8a8", "w4a8"]):
+    for row in transformer_rows(["w8a8", "w4a8"]):
         per_seed = {s: {m: float(rng.uniform(40, 60)) for m in metrics} for s in (1, 2, 3)}
         if not row.per_seed:  # the runner shares one run's figures with every seed
             per_seed = {s: per_seed[1] for s in (1, 2, 3)}

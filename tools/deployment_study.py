@@ -5,6 +5,7 @@ simulated and for the onnxruntime target, paired over seeds, on the embedded dig
     tools/deployment_study.py --seeds 1 2 3 --jobs 2      # writes output/deploy_study/
     tools/deployment_study.py --arch vitdet --seeds 1 2 3 --jobs 2
                                                   # writes output/deploy_study_vitdet/
+    tools/deployment_study.py --arch swin --seeds 1 --jobs 2    # output/deploy_study_swin/
 
 Per seed, the FP RetinaNet-R18 is trained from scratch (the accuracy study's row ``fp``,
 reused if there) and every other row starts from it, with the same batches (SEED): the
@@ -18,8 +19,9 @@ Target rows report PyTorch's AP and onnxruntime's (their integer export, checked
 layer on 8 val images). ``deployment.md`` / ``.json`` in ``--out``: AP per row and W/A
 (mean ± std), the paired differences that answer the two questions, AP per seed.
 
-``--arch vitdet``: the digits tiny ViTDet Mask R-CNN on whole-detector files, box and mask
-AP, one FP model for every seed; its rows: :mod:`qdet.study.deployment_vitdet`.
+``--arch vitdet`` / ``swin``: the digits tiny ViTDet / Swin Mask R-CNN on whole-detector
+files, box and mask AP, one FP model for every seed; its rows:
+:mod:`qdet.study.deployment_transformer`.
 """
 
 from __future__ import annotations
@@ -36,7 +38,12 @@ from detectron2.utils.logger import setup_logger  # noqa: E402
 
 import qdet  # noqa: E402,F401
 from qdet.engine.cli import run_cli  # noqa: E402
-from qdet.study import Study, add_study_arguments, deployment_vitdet, write_report  # noqa: E402
+from qdet.study import (  # noqa: E402
+    Study,
+    add_study_arguments,
+    deployment_transformer,
+    write_report,
+)
 from qdet.study.deployment import (  # noqa: E402
     WIDTHS,
     add_deploy_config,
@@ -46,7 +53,11 @@ from qdet.study.deployment import (  # noqa: E402
     tables,
 )
 
-OUT = {"retinanet": "output/deploy_study", "vitdet": "output/deploy_study_vitdet"}
+OUT = {
+    "retinanet": "output/deploy_study",
+    "vitdet": "output/deploy_study_vitdet",
+    "swin": "output/deploy_study_swin",
+}
 
 
 def main() -> None:
@@ -55,13 +66,13 @@ def main() -> None:
         "--arch",
         choices=list(OUT),
         default="retinanet",
-        help="the digits RetinaNet-R18 (network files) or tiny ViTDet (whole files)",
+        help="the digits RetinaNet-R18 (network files), tiny ViTDet or tiny Swin (whole files)",
     )
     parser.add_argument(
         "--widths",
         nargs="+",
         choices=list(WIDTHS),
-        help=f"default: {list(WIDTHS)}; vitdet: {list(deployment_vitdet.WIDTHS)}",
+        help=f"default: {list(WIDTHS)}; vitdet, swin: {list(deployment_transformer.WIDTHS)}",
     )
     parser.add_argument(
         "--freeze-at", type=int, default=0, help="MODEL.BACKBONE.FREEZE_AT of every run (retinanet)"
@@ -75,7 +86,7 @@ def main() -> None:
         "--calib-range",
         default="mse",
         help="retinanet: QUANT.CALIB_RANGE of the quantized rows (beside those that show "
-        "EWGS's rule); the vitdet configs calibrate with mse",
+        "EWGS's rule); the vitdet and swin configs calibrate with mse",
     )
     add_study_arguments(parser, "")
     args = parser.parse_args()
@@ -85,24 +96,25 @@ def main() -> None:
 
 def run(args) -> None:
     setup_logger(name="qdet")
-    vitdet = args.arch == "vitdet"
-    widths = args.widths or list(deployment_vitdet.WIDTHS if vitdet else WIDTHS)
-    if vitdet:
+    transformer = args.arch in deployment_transformer.ARCHS
+    widths = args.widths or list(deployment_transformer.WIDTHS if transformer else WIDTHS)
+    if transformer:
         if args.freeze_at != 0 or args.calib_range != "mse":
             raise ValueError(
-                "--freeze-at and --calib-range set the retinanet study's runs; the vitdet "
+                f"--freeze-at and --calib-range set the retinanet study's runs; the {args.arch} "
                 "configs set their own (QUANT.CALIB_RANGE mse): leave them out, or give "
                 "config overrides (KEY VALUE) after the flags"
             )
-        unknown = sorted(set(widths) - set(deployment_vitdet.WIDTHS))
+        unknown = sorted(set(widths) - set(deployment_transformer.WIDTHS))
         if unknown:
             raise ValueError(
-                f"--widths {unknown}: the vitdet study has {list(deployment_vitdet.WIDTHS)} "
-                "(its _ort configs)"
+                f"--widths {unknown}: the {args.arch} study has "
+                f"{list(deployment_transformer.WIDTHS)} (its _ort configs)"
             )
         opts = list(args.opts)
-        rows = deployment_vitdet.vitdet_rows(widths)
-        train_fn, evaluate_fn = deployment_vitdet.make_run, deployment_vitdet.evaluate_run
+        rows = deployment_transformer.transformer_rows(widths, args.arch)
+        train_fn = deployment_transformer.make_run
+        evaluate_fn = deployment_transformer.evaluate_run
     else:
         opts = ["MODEL.BACKBONE.FREEZE_AT", str(args.freeze_at), *args.opts]
         rows = study_rows(widths, args.calib_range)
@@ -133,7 +145,10 @@ def run(args) -> None:
             f"--report-only: no finished run under {args.out!r} (nothing to report; the "
             "report there is left as it is): run the study without --report-only first"
         )
-    report = (deployment_vitdet.tables if vitdet else tables)(results, widths, args.seeds)
+    if transformer:
+        report = deployment_transformer.tables(results, widths, args.seeds, args.arch)
+    else:
+        report = tables(results, widths, args.seeds)
     text = write_report(args.out, "deployment", time.time() - start, report, results)
     print("\n" + text)
 

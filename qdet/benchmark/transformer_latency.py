@@ -157,6 +157,9 @@ def transformer_files(
             target += ["QUANT.TARGETS", "['mha', 'mlp']", "QUANT.W_BITS", w_bits]
             _, model = build_transformer(config, size, [*opts, *target, "QUANT.A_BITS", a_bits])
             model.load_state_dict(state, strict=False)
+            if whole:  # random heads score under the default threshold: the mask head's
+                # quantizers would see no box to calibrate on
+                model.roi_heads.box_predictor.test_score_thresh = 0.0
             calibrate(model, [[{"image": p}] for p in pictures[1:]], num_batches=calibration)
             name = f"qdet W{w_bits}A{a_bits}{suffix}"
             stem = f"qdet_w{w_bits}a{a_bits}{suffix.strip().replace('+', '_').lower()}"

@@ -135,6 +135,20 @@ def make_run(cfg) -> None:
     DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).save("model_final")
 
 
+def check_record(report) -> dict:
+    """What the study's JSON keeps of a file's check (:func:`qdet.export.verify` or
+    :func:`qdet.export.whole_check.check_whole`): its verdict, first failures, ties, codes
+    compared and the kernels onnxruntime ran."""
+    return {
+        "ok": report.ok,
+        "failures": report.failures[:3],
+        "boundary_flips": report.boundary_flips,
+        "codes": report.activation_values,
+        "kernels": report.integer_kernels,
+        "float_convs": report.float_convs,
+    }
+
+
 def evaluate_run(cfg) -> dict:
     """PyTorch's box AP and, for deployable rows, onnxruntime's (cached beside the run)."""
     cache = os.path.join(cfg.OUTPUT_DIR, "eval_deploy.json")
@@ -154,15 +168,7 @@ def evaluate_run(cfg) -> dict:
             loader = QDetTrainer.build_test_loader(cfg, cfg.DATASETS.TEST[0])
             batches = [b for _, b in zip(range(CHECK_IMAGES), loader)]
             export_onnx(model, path, model.preprocess_image(batches[0]).tensor)
-            report = verify(model, path, batches)
-            metrics["check"] = {
-                "ok": report.ok,
-                "failures": report.failures[:3],
-                "boundary_flips": report.boundary_flips,
-                "codes": report.activation_values,
-                "kernels": report.integer_kernels,
-                "float_convs": report.float_convs,
-            }
+            metrics["check"] = check_record(verify(model, path, batches))
         bbox = box_ap(cfg, OnnxRetinaNet(model, path))
         metrics["ort AP"] = bbox["AP"]
         metrics.setdefault("AP", bbox["AP"])  # the headline: onnxruntime's for its own PTQ

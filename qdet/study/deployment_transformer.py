@@ -1,6 +1,7 @@
-"""The deployment study of a transformer (``tools/deployment_study.py --arch vitdet``): does
-QAT beat onnxruntime's post-training quantizer on the digits tiny ViTDet Mask R-CNN, at
-which widths and by how much, measured on whole-detector files (:mod:`qdet.export.whole`).
+"""The deployment study of a transformer (``tools/deployment_study.py --arch vitdet`` or
+``--arch swin``): does QAT beat onnxruntime's post-training quantizer on the digits tiny
+ViTDet (or tiny Swin) Mask R-CNN, at which widths and by how much, measured on
+whole-detector files (:mod:`qdet.export.whole`).
 
 One FP model is trained once (row ``fp``, the config's SEED, as the transformer ablation's)
 and every other row starts from it with the study's seed (SEED: the same batches for every
@@ -9,16 +10,17 @@ row of a seed; QFD's teacher is that FP model):
 - ``ptq_onnxruntime_minmax``: onnxruntime's ``quantize_static`` (W8A8, MinMax, per-channel
   s8 / u8 QDQ) of the FP model's whole file, its learned layers only (backbone, RPN, box
   and mask heads, the mask head's sigmoid with it: :data:`qdet.export.peer.WHOLE_NETWORK`),
-  calibrated on the first 64
-  training pictures. Percentile cannot calibrate a whole file (:func:`quantize_static_peer`).
-  ``ptq_onnxruntime_blocks``: the same, the ViT's blocks only (:data:`BLOCKS`), the part
-  of the network qdet's rows quantize; ``ptq_onnxruntime_blocks_matmuls``: of the blocks,
-  its MatMuls only (the Linears and the attention matmuls: the ops qdet's rows run in
-  integers; the adds, multiplies and softmax stay float). All three are made once
-  (nothing in them depends on the seed) and shared by every seed.
+  calibrated on the first 64 training pictures. Percentile cannot calibrate a whole file
+  (:func:`quantize_static_peer`). ``ptq_onnxruntime_blocks``: the same, the blocks only
+  (:data:`ARCHS`: the ViT's blocks, Swin's stages' blocks without the patch merging between
+  them), the part of the network qdet's rows quantize;
+  ``ptq_onnxruntime_blocks_matmuls``: of the blocks, its MatMuls only (the Linears and the
+  attention matmuls: the ops qdet's rows run in integers; the adds, multiplies and softmax
+  stay float). All three are made once (nothing in them depends on the seed) and shared by
+  every seed.
 - ``ptq_qdet_<wa>``: the FP model built for ``QUANT.TARGET onnxruntime`` and calibrated only.
-- ``baseline_ort_<wa>`` / ``qfd_ort_<wa>``: QAT for onnxruntime (``vitdet_tiny_<wa>_ort.yaml``;
-  QFD adds MSE to the teacher's 8-bit p3, :data:`QFD`); ``baseline_ort_w4a8_mha`` /
+- ``baseline_ort_<wa>`` / ``qfd_ort_<wa>``: QAT for onnxruntime (``<arch>_tiny_<wa>_ort.yaml``;
+  QFD adds MSE to the teacher's 8-bit p3, :func:`qfd_opts`); ``baseline_ort_w4a8_mha`` /
   ``_mlp``: the attention's Linears and matmuls only, the MLP's only.
 - ``baseline_sim_<wa>``: the same recipe simulated (``QUANT.TARGET ''``), the papers' form.
 - ``fp_finetune``: the control, the same 200 iterations from the FP model unquantized: the
@@ -35,6 +37,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from dataclasses import dataclass
 
 from detectron2.config import CfgNode
 
@@ -47,33 +50,58 @@ from qdet.study import deployment
 from qdet.study.deployment import paired_cell, report_text
 from qdet.study.runner import StudyRow, spread
 
-VITDET = "configs/digits/vitdet_tiny_"
 WIDTHS = {"w8a8": (8, 8), "w4a8": (4, 8)}
 CHECK_PICTURES = 8
-# QFD on ViTDet: MSE to the FP teacher's p3 (SimpleFeaturePyramid's stride-8 level)
-# quantized at 8 bits, with the RetinaNet digits recipe's weight (not tuned for ViTDet).
-QFD = (
-    *("DISTILL.ENABLED", "True", "DISTILL.TEACHER_CONFIG", VITDET + "fp.yaml"),
-    *("DISTILL.TAP", "p3", "DISTILL.LOSS", "qfd", "DISTILL.WEIGHT", "0.2"),
-    *("DISTILL.TEACHER_FEATURE_BITS", "8"),
-)
 SIMULATED = ("QUANT.TARGET", "")
-# The ViT's blocks in a whole file: what qdet's rows quantize (MHA and MLP), for the peer
-# row that quantizes the same part of the network.
-BLOCKS = "/backbone/net/blocks."
 ONE_STEP = ("SOLVER.MAX_ITER", "1")  # a PTQ row trains nothing (the progress's count)
 
 
-def vitdet_rows(widths: list[str]) -> list[StudyRow]:
-    """The rows of the module docstring at ``widths`` (keys of :data:`WIDTHS`)."""
-    rows = [StudyRow("fp", "FP", VITDET + "fp.yaml", per_seed=False)]
+@dataclass(frozen=True)
+class Arch:
+    """A tiny transformer of the study: its configs' path prefix, its name in the report and
+    the node-name prefixes of its blocks in a whole file (what qdet's rows quantize, MHA
+    and MLP; the peer row that quantizes the same part of the network takes them)."""
+
+    configs: str
+    name: str
+    blocks: tuple[str, ...]
+
+
+ARCHS = {
+    "vitdet": Arch("configs/digits/vitdet_tiny_", "ViTDet", ("/backbone/net/blocks.",)),
+    # Swin's stages (depths 1-1-2-1): their blocks, not the patch merging between them.
+    "swin": Arch(
+        "configs/digits/swin_tiny_",
+        "Swin",
+        tuple(f"/backbone/bottom_up/layers.{i}/blocks." for i in range(4)),
+    ),
+}
+BLOCKS = ARCHS["vitdet"].blocks[0]
+
+
+def qfd_opts(arch: str) -> tuple[str, ...]:
+    """QFD on the transformer: MSE to the FP teacher's p3 (the stride-8 level of ViTDet's
+    SimpleFeaturePyramid or Swin's FPN) quantized at 8 bits, with the RetinaNet digits
+    recipe's weight (not tuned for transformers)."""
+    return (
+        *("DISTILL.ENABLED", "True", "DISTILL.TEACHER_CONFIG", ARCHS[arch].configs + "fp.yaml"),
+        *("DISTILL.TAP", "p3", "DISTILL.LOSS", "qfd", "DISTILL.WEIGHT", "0.2"),
+        *("DISTILL.TEACHER_FEATURE_BITS", "8"),
+    )
+
+
+def transformer_rows(widths: list[str], arch: str = "vitdet") -> list[StudyRow]:
+    """The rows of the module docstring for ``arch`` (a key of :data:`ARCHS`) at
+    ``widths`` (keys of :data:`WIDTHS`)."""
+    prefix = ARCHS[arch].configs
+    rows = [StudyRow("fp", "FP", prefix + "fp.yaml", per_seed=False)]
     # The control: the QAT rows' 200-iteration fine-tune without quantization (the FP model
     # is not converged at 600 iterations; QAT's gain over PTQ includes these iterations).
     rows.append(
-        StudyRow("fp_finetune", "", VITDET + "4bit.yaml", ("QUANT.ENABLED", "False"), "", "fp")
+        StudyRow("fp_finetune", "", prefix + "4bit.yaml", ("QUANT.ENABLED", "False"), "", "fp")
     )
     peer = ("DEPLOY_STUDY.KIND", "ptq_onnxruntime", "DEPLOY_STUDY.CALIBRATION", "minmax")
-    blocks = ("DEPLOY_STUDY.PEER_NODES", f"[{BLOCKS!r}]")
+    blocks = ("DEPLOY_STUDY.PEER_NODES", repr(list(ARCHS[arch].blocks)))
     # onnxruntime's PTQ depends on nothing a seed changes (the FP model, the first training
     # pictures): made once and shared by every seed, as the FP model is.
     matmuls = ("DEPLOY_STUDY.PEER_OPS", "['MatMul']")  # the Linears and attention matmuls
@@ -82,23 +110,23 @@ def vitdet_rows(widths: list[str]) -> list[StudyRow]:
         ("blocks", (*peer, *blocks)),
         ("blocks_matmuls", (*peer, *blocks, *matmuls)),
     ):
-        fp = VITDET + "fp.yaml"
+        fp = prefix + "fp.yaml"
         rows.append(
             StudyRow(f"ptq_onnxruntime_{name}", "", fp, (*opts, *ONE_STEP), "8/8", "fp", False)
         )
     for wa in widths:
         w, a = WIDTHS[wa]
-        bits, config = f"{w}/{a}", f"{VITDET}{wa}_ort.yaml"
+        bits, config = f"{w}/{a}", f"{prefix}{wa}_ort.yaml"
         ptq = ("DEPLOY_STUDY.KIND", "ptq_qdet", *ONE_STEP)
         rows += [
             StudyRow(f"ptq_qdet_{wa}", "", config, ptq, bits, "fp"),
             StudyRow(f"baseline_ort_{wa}", "", config, (), bits, "fp"),
-            StudyRow(f"qfd_ort_{wa}", "", config, QFD, bits, "fp"),
+            StudyRow(f"qfd_ort_{wa}", "", config, qfd_opts(arch), bits, "fp"),
             StudyRow(f"baseline_sim_{wa}", "", config, SIMULATED, bits, "fp"),
         ]
         if wa == "w4a8":
             for part in ("mha", "mlp"):
-                part_config = f"{VITDET}w4a8_{part}_ort.yaml"
+                part_config = f"{prefix}w4a8_{part}_ort.yaml"
                 rows.append(StudyRow(f"baseline_ort_w4a8_{part}", "", part_config, (), bits, "fp"))
     return rows
 
@@ -144,15 +172,7 @@ def evaluate_run(cfg: CfgNode) -> dict:
         if kind != "ptq_onnxruntime":
             pictures = test_pictures(trained.test_loader(), CHECK_PICTURES)
             export_whole_detector(trained.model, path, pictures[0], trained.deployment_info())
-            report = check_whole(trained.model, path, pictures)
-            metrics["check"] = {
-                "ok": report.ok,
-                "failures": report.failures[:3],
-                "boundary_flips": report.boundary_flips,
-                "codes": report.activation_values,
-                "kernels": report.integer_kernels,
-                "float_convs": report.float_convs,
-            }
+            metrics["check"] = deployment.check_record(check_whole(trained.model, path, pictures))
         aps = loader_aps(WholeFileDetector(path), trained.test_loader(), trained.evaluator())
         metrics["ort AP"], metrics["ort mask AP"] = aps["bbox"]["AP"], aps["segm"]["AP"]
         metrics.setdefault("AP", metrics["ort AP"])  # onnxruntime's PTQ: its file's AP
@@ -225,7 +245,7 @@ def _label(prefix: str) -> str:
     return {**PEER_LABELS, **ROW_LABELS}[prefix]
 
 
-def tables(results, widths: list[str], seeds) -> str:
+def tables(results, widths: list[str], seeds, arch: str = "vitdet") -> str:
     """AP per row and width (box and mask; PyTorch / the file), the paired differences, AP
     per seed and the files' checks."""
 
@@ -265,7 +285,8 @@ def tables(results, widths: list[str], seeds) -> str:
     fp_mask = _values(results, "fp", seeds[:1], "mask AP")
     seed_list = ", ".join(map(str, seeds))
     return report_text(
-        f"COCO AP on qdet_digits_val of the tiny ViTDet Mask R-CNN, mean ± sample std over "
+        f"COCO AP on qdet_digits_val of the tiny {ARCHS[arch].name} Mask R-CNN, mean ± "
+        "sample std over "
         f"seeds {seed_list} (one FP model: box {spread(list(fp.values()))}, mask "
         f"{spread(list(fp_mask.values()))}); two figures: PyTorch / the whole file in "
         "onnxruntime:",
