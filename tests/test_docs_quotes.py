@@ -48,8 +48,25 @@ def expected_quotes() -> dict[str, list[str]]:
         four, other = top1[f"{run}_4bit"], top1[f"{run}_{low}"]
         return f"{_spread(four, 'top1')}; {label} {_spread(other, 'top1')}"
 
+    def boxmask(run: str) -> str:  # a transformer file's box / mask AP in onnxruntime
+        return f"{_spread(vit[run], 'ort AP')} / {_spread(vit[run], 'ort mask AP')}"
+
+    vit = _json("docs/deploy/vitdet/deployment.json")
+    control = f"{_spread(vit['fp_finetune'])} / {_spread(vit['fp_finetune'], 'mask AP')}"
+    parts = [
+        f"MHA only {boxmask('baseline_ort_w4a8_mha')}",
+        f"MLP only {boxmask('baseline_ort_w4a8_mlp')}",
+    ]
     digits, project = "configs/digits/", "projects/Classification/configs/digits32/"
     return {
+        f"{digits}vitdet_tiny_w8a8_ort.yaml": [
+            f"box {_spread(vit['baseline_ort_w8a8'], 'ort AP')} / mask "
+            f"{_spread(vit['baseline_ort_w8a8'], 'ort mask AP')}, its file",
+            f"FP control: {control})",
+        ],
+        f"{digits}vitdet_tiny_w4a8_ort.yaml": [f"{boxmask('baseline_ort_w4a8')} (deployment study"],
+        f"{digits}vitdet_tiny_w4a8_mha_ort.yaml": parts,
+        f"{digits}vitdet_tiny_w4a8_mlp_ort.yaml": parts,
         f"{digits}retinanet_r18_fp.yaml": [
             f"{_spread(acc['fp'])} (accuracy study",
             f"{_spread(dep['fp'])} (deployment study",
