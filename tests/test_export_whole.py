@@ -351,14 +351,15 @@ TRANSFORMERS = {  # config, W/A bits
     "vitdet_w4a4": ("configs/digits/vitdet_tiny_4bit.yaml", "4"),
 }
 # The quantized convs each file runs as QLinearConv (the transformers' blocks have none):
-# Swin's FPN and, in the "vitdet" case, ViTDet's SimpleFeaturePyramid (6) and its heads
-# (QUANT.INCLUDE), as ViTDet-B's: the RPN conv, a box head of 2 convs with LayerNorm and a
-# FC, a mask head of 2 convs with LayerNorm.
-TRANSFORMER_CONVS = {"swin_fpn": 8, "vitdet": 6 + 1 + 2 + 2}
-VITDET_HEADS = ["QUANT.INCLUDE", "['simfp', 'proposal_generator', 'roi_heads']"]
+# in the "swin_fpn" case Swin's FPN (8) and its RPN's 2 convs (the first reading the
+# quantized levels); in the "vitdet" case ViTDet's SimpleFeaturePyramid (6) and its heads
+# (QUANT.INCLUDE): 2 RPN convs as ViTDet-B's, a box head of 2 convs without a norm and a
+# FC, a mask head of 2 convs with LayerNorm as ViTDet-B's.
+TRANSFORMER_CONVS = {"swin_fpn": 8 + 2, "vitdet": 6 + 2 + 2 + 2}
+TWO_RPN_CONVS = ["MODEL.RPN.CONV_DIMS", "[-1, -1]"]
+VITDET_HEADS = ["QUANT.INCLUDE", "['simfp', 'proposal_generator', 'roi_heads']", *TWO_RPN_CONVS]
 VITDET_HEADS += ["MODEL.ROI_BOX_HEAD.NUM_CONV", "2", "MODEL.ROI_BOX_HEAD.CONV_DIM", "32"]
-VITDET_HEADS += ["MODEL.ROI_BOX_HEAD.NORM", "LN", "MODEL.ROI_BOX_HEAD.NUM_FC", "1"]
-VITDET_HEADS += ["MODEL.ROI_MASK_HEAD.NORM", "LN"]
+VITDET_HEADS += ["MODEL.ROI_BOX_HEAD.NUM_FC", "1", "MODEL.ROI_MASK_HEAD.NORM", "LN"]
 
 
 @pytest.mark.parametrize("arch", TRANSFORMERS)
@@ -372,13 +373,14 @@ def test_transformer_target_file_runs_every_quantized_linear_and_matmul_in_integ
     from qdet.export.integer_check import MATMUL_OPS, optimized_op_counts
     from qdet.modeling.deployable_attention import DEPLOYABLE_ATTENTION
     from qdet.quantization import calibrate
-    from qdet.quantization.layers import QConv2d, QLinear
+    from qdet.quantization.layers import QConv2d, QLinear, QuantizedInput
 
     config, bits = TRANSFORMERS[arch]
     opts = ["MODEL.WEIGHTS", "", "QUANT.TARGET", "onnxruntime", "QUANT.W_BITS", bits]
     opts += ["QUANT.A_BITS", bits]
     if arch == "swin_fpn":
-        opts += ["QUANT.INCLUDE", "['fpn_lateral', 'fpn_output']"]
+        opts += ["QUANT.INCLUDE", "['fpn_lateral', 'fpn_output', 'proposal_generator']"]
+        opts += TWO_RPN_CONVS
     if arch == "vitdet":  # its SimpleFeaturePyramid's and heads' convs quantized too
         opts += VITDET_HEADS
     cfg = load_config(os.path.join(ROOT, config), opts)
@@ -403,13 +405,22 @@ def test_transformer_target_file_runs_every_quantized_linear_and_matmul_in_integ
     counts = optimized_op_counts(path)
     assert counts["QGemm"] == len(linears) > 0
     assert len(convs) == TRANSFORMER_CONVS.get(arch, 0)
-    # The RPN conv runs once per pyramid level.
-    rpn_calls = len(model.proposal_generator.in_features) - 1 if arch == "vitdet" else 0
+    # Each RPN conv runs once per pyramid level.
+    rpn_calls = (
+        2 * (len(model.proposal_generator.in_features) - 1) if arch in TRANSFORMER_CONVS else 0
+    )
     assert counts.get("QLinearConv", 0) == len(convs) + rpn_calls
-    if arch == "vitdet":  # each head conv's output quantized for its float LayerNorm
-        heads = [model.roi_heads.box_head, model.roi_heads.mask_head]
-        head_convs = [c for h in heads for c in h.conv_norm_relus]
-        assert len(head_convs) == 4 and all(c.norm_input_quantizer for c in head_convs)
+    if arch == "swin_fpn":  # the first RPN conv reads the FPN's quantized levels as they are
+        first = model.proposal_generator.rpn_head.conv[0]
+        assert isinstance(first.input_quantizer, QuantizedInput)
+    if arch == "vitdet":  # the mask head's convs quantize their outputs for the LayerNorm,
+        # the box head's last conv for the Flatten before fc1
+        box, mask = (
+            model.roi_heads.box_head.conv_norm_relus,
+            model.roi_heads.mask_head.conv_norm_relus,
+        )
+        assert [hasattr(c, "norm_input_quantizer") for c in box] == [False, True]
+        assert all(c.norm_input_quantizer for c in mask)
         assert not hasattr(model.roi_heads.mask_head, "deconv_input_quantizer")
     matmuls = sum(counts.get(op, 0) for op in MATMUL_OPS)
     assert matmuls == 2 * len(integer_attentions)

@@ -81,12 +81,6 @@ def test_float_form_is_the_quantized_models_weights_without_its_quantizers(lazy_
     theirs = fp.model.state_dict()
     assert theirs and all(torch.equal(t, ours[k]) for k, t in theirs.items())
     assert len(ours) > len(theirs)  # the quantizers' state, left out
-    # The switch alone does it too, as QUANT.ENABLED False does in a yacs config: the
-    # config's bits are left unused.
-    from qdet.engine.lazy_config import load_lazy_config
-
-    switched = lazy.build_model(load_lazy_config(CONFIG, ["quant.enabled=False"]))
-    assert sorted(switched.state_dict()) == sorted(theirs)
     trained.model.register_buffer("stray", torch.zeros(1))
     with pytest.raises(ValueError, match=r"1 left over \(e.g. \['stray'\]\)"):
         float_form(CONFIG, opts, trained)

@@ -1,6 +1,7 @@
-"""Deployed latency of ViTDet's and Swin's backbones on onnxruntime's CPU provider
-(``tools/benchmark_export.py --transformer``): qdet's integer exports against the FP32
-model and onnxruntime's own quantizer of it, side by side in one process.
+"""Deployed latency of ViTDet's and Swin's backbones, or of their whole detectors, on
+onnxruntime's CPU provider (``tools/benchmark_export.py --transformer [--whole]``): qdet's
+integer exports against the FP32 model and onnxruntime's own quantizer of it, side by side
+in one process.
 
 Models per config and size (a COCO config's random weights suffice for latency, or
 ``MODEL.WEIGHTS`` in ``opts``; the input is square, ``SQUARE_PAD`` set to the size, as
@@ -16,7 +17,7 @@ ViTDet and Swin pad it):
   for an FPN backbone (Swin's) also "+FPN": its lateral and output convs quantized too
   (``QUANT.INCLUDE``), each an integer conv with its LayerNorm in float after; for ViTDet
   also "+pyramid": its SimpleFeaturePyramid's convs the same way; for a whole file also
-  "+heads": that and the R-CNN heads (the RPN conv, the box head's convs and FCs, the
+  "+heads": that and the R-CNN heads (the RPN's convs, the box head's convs and FCs, the
   mask head's convs; :mod:`qdet.modeling.deployable_rcnn`).
 
 ``whole``: the whole detector instead (:func:`qdet.export.whole.export_whole_detector`:
@@ -26,16 +27,17 @@ each file keeps its ``TEST.DETECTIONS_PER_IMAGE`` instances and its mask head ru
 many boxes whatever its random weights score. The peer: ``quantize_static`` MinMax of the
 whole file's network (:data:`qdet.export.peer.WHOLE_NETWORK`: backbone, RPN head, box and
 mask heads; Percentile cannot calibrate a whole file), and the same restricted to its
-MatMuls (``op_types_to_quantize``: the blocks' Linears and attention matmuls, the scope
-that keeps the FP model's AP in the tiny ViTDet study, docs/deployment.md). qdet's files
+MatMuls (``op_types_to_quantize``: the blocks' Linears and attention matmuls, and Swin's
+patch-merging Linears; the scope that keeps the FP model's AP in the tiny ViTDet study,
+docs/deployment.md). qdet's files
 quantize what the config's ``QUANT.TARGETS`` select, the heads float but in "+heads".
 
 Pictures are uniform noise, seeded: nothing here depends on what they show. Each file runs
-batch 1 on the same normalised picture, all files alternating run by run
-(:func:`qdet.benchmark.export_latency.time_networks`). The table: per size and threads the
-median ms (IQR), the ratios to FP32 and to ``quantize_static`` MinMax, and per layer kind
-how many ops run in integers and in float in onnxruntime's optimised graph
-(:func:`qdet.export.integer_check.kernels_by_kind`).
+batch 1 on the same picture (normalised for a backbone file), all files alternating run by
+run (:func:`qdet.benchmark.export_latency.time_networks` / ``time_detectors``). The
+table: per size and threads the median ms (IQR), the ratios to FP32 and to
+``quantize_static`` MinMax, and per layer kind how many ops run in integers and in float in
+onnxruntime's optimised graph (:func:`qdet.export.integer_check.kernels_by_kind`).
 """
 
 from __future__ import annotations

@@ -60,9 +60,7 @@ def build_model(cfg) -> nn.Module:
         summary = quantize_model(model, **settings)
         logger.info("Quantized %d layers:\n%s", len(summary), summary)
     elif settings:
-        # As QUANT.ENABLED False in a yacs config: the switch wins (a quantized config run
-        # in FP, e.g. the FP model a tool's message asks for), the rest is unused.
-        logger.warning("quant.enabled=False: quant's %s left unused", sorted(settings))
+        raise ValueError(f"quant.enabled is False but quant sets {sorted(settings)}: drop them")
     return model.to(cfg.train.device)
 
 

@@ -1,10 +1,12 @@
-"""Mask R-CNN's RPN head and mask head in the form an integer runtime runs (``QUANT.TARGET``).
+"""Mask R-CNN's RPN, box and mask heads in the form an integer runtime runs
+(``QUANT.TARGET``).
 
 With Detectron2's ResNet-FPN backbone (:mod:`qdet.modeling.deployable`), the heads of a
 Mask R-CNN hold quantized convs too; under a target each runs as one QLinearConv:
 
-- the RPN head's 3x3 conv reads the quantized FPN levels and quantizes its (ReLU) output
-  once for both predictors (``output_quantizer``: 8 bits when the predictors are float, as
+- the RPN head's 3x3 conv (or the first of several, ``MODEL.RPN.CONV_DIMS``: ViTDet-B has
+  two) reads the quantized FPN levels, and the last quantizes its (ReLU) output once for
+  both predictors (``output_quantizer``: 8 bits when the predictors are float, as
   QFD keeps them, else the activation width, the predictors then reading it);
 - the mask head's convs each read their own input quantizer (the first: ROIAlign's float
   output; the next: the previous conv's output, which only it reads), and the last conv's
@@ -19,8 +21,9 @@ cannot fold (ViTDet's LayerNorm, ``MODEL.ROI_BOX_HEAD.NORM`` / ``ROI_MASK_HEAD.N
 "LN") runs as one QLinearConv whose output is quantized once (``norm_input_quantizer``),
 the norm and ReLU in float after, as an FPN conv's (:mod:`qdet.modeling.deployable`); the
 mask head's ConvTranspose then reads that float output as it is, with no quantizer before
-it. The classes are Detectron2's, with
-the same children (FP checkpoints load), converted in place by
+it. So does the box head's last conv whatever its norm: its output goes through Flatten to
+fc1, and no integer op's QuantizeLinear follows the conv itself. The classes are
+Detectron2's, with the same children (FP checkpoints load), converted in place by
 :func:`qdet.modeling.deployable.make_deployable`.
 """
 
@@ -86,9 +89,11 @@ def add_rcnn_quantizers(module: nn.Module, activation, edge, levels_quantized: b
     ``levels_quantized``: the features arrive quantized (a converted FPN's levels), so the
     RPN conv reads them as they are."""
     if isinstance(module, DeployStandardRPNHead):
-        conv = module.conv
-        if isinstance(conv, QConv2d) and levels_quantized:
-            conv.input_quantizer = QuantizedInput(conv.input_quantizer.bits)
+        # One conv, or a Sequential of them (MODEL.RPN.CONV_DIMS, e.g. ViTDet's two): the
+        # first reads the levels.
+        first = module.conv[0] if isinstance(module.conv, nn.Sequential) else module.conv
+        if isinstance(first, QConv2d) and levels_quantized:
+            first.input_quantizer = QuantizedInput(first.input_quantizer.bits)
         predictors = (module.objectness_logits, module.anchor_deltas)
         if all(isinstance(p, QConv2d) for p in predictors):
             for p in predictors:
@@ -99,8 +104,13 @@ def add_rcnn_quantizers(module: nn.Module, activation, edge, levels_quantized: b
         yield "output_quantizer", module.output_quantizer
     elif isinstance(module, (DeployMaskRCNNConvUpsampleHead, DeployFastRCNNConvFCHead)):
         owned = {id(m): n for n, m in module.named_children()}
-        for conv in module.conv_norm_relus:
-            if isinstance(conv, QConv2d) and not _folds(conv.norm):
+        convs = module.conv_norm_relus
+        for i, conv in enumerate(convs):
+            # The box head's last conv feeds ReLU, Flatten and fc1 (or the float predictor):
+            # no integer op's QuantizeLinear follows it, so it quantizes its output itself,
+            # whatever its norm.
+            feeds_flatten = isinstance(module, DeployFastRCNNConvFCHead) and i == len(convs) - 1
+            if isinstance(conv, QConv2d) and (not _folds(conv.norm) or feeds_flatten):
                 # Signed: the conv's output before its norm has both signs.
                 conv.norm_input_quantizer = activation(True)
                 yield f"{owned[id(conv)]}.norm_input_quantizer", conv.norm_input_quantizer

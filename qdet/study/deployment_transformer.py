@@ -76,7 +76,6 @@ ARCHS = {
         tuple(f"/backbone/bottom_up/layers.{i}/blocks." for i in range(4)),
     ),
 }
-BLOCKS = ARCHS["vitdet"].blocks[0]
 
 
 def qfd_opts(arch: str) -> tuple[str, ...]:
