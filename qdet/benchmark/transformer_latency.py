@@ -45,6 +45,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 
+import detectron2.data.transforms as T
 import numpy as np
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
@@ -54,6 +55,7 @@ from detectron2.modeling.backbone.vit import SimpleFeaturePyramid
 
 from qdet.benchmark.export_latency import PEER, time_detectors, time_networks
 from qdet.config import load_config
+from qdet.engine.trained_model import TrainedModel
 from qdet.export import export_onnx
 from qdet.export.integer_check import kernels_by_kind, optimized_op_counts
 from qdet.export.peer import quantize_static_peer
@@ -108,15 +110,17 @@ def transformer_files(
     normalised batch, or the BGR uint8 picture of a whole file), and why a file could not
     be made (its name -> the reason)."""
     os.makedirs(out, exist_ok=True)
+    if whole:  # module docstring; random heads would also leave qdet's mask head no box
+        # to calibrate on
+        opts = [*opts, "MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.0"]
     cfg, fp = build_transformer(config, size, opts)
     pictures = noise_pictures(size, calibration + 1)
     with torch.no_grad():
         batches = [fp.preprocess_image([{"image": p}]).tensor for p in pictures]
 
-    def export(model, path: str, bits: str = "FP32", target: str = "") -> None:
+    def export(model, path: str, bits: str = "FP32") -> None:
         if whole:
-            model.roi_heads.box_predictor.test_score_thresh = 0.0  # module docstring
-            info = _whole_info(cfg, size, bits, target)
+            info = _whole_info(cfg, model, size, bits)
             export_whole_detector(model, path, pictures[0], info)
         else:
             export_onnx(model, path, batches[0])
@@ -159,14 +163,11 @@ def transformer_files(
             target += ["QUANT.TARGETS", "['mha', 'mlp']", "QUANT.W_BITS", w_bits]
             _, model = build_transformer(config, size, [*opts, *target, "QUANT.A_BITS", a_bits])
             model.load_state_dict(state, strict=False)
-            if whole:  # random heads score under the default threshold: the mask head's
-                # quantizers would see no box to calibrate on
-                model.roi_heads.box_predictor.test_score_thresh = 0.0
             calibrate(model, [[{"image": p}] for p in pictures[1:]], num_batches=calibration)
             name = f"qdet W{w_bits}A{a_bits}{suffix}"
             stem = f"qdet_w{w_bits}a{a_bits}{suffix.strip().replace('+', '_').lower()}"
             paths[name] = os.path.join(out, f"{stem}.onnx")
-            export(model, paths[name], f"W{w_bits}/A{a_bits}", "onnxruntime")
+            export(model, paths[name], f"W{w_bits}/A{a_bits}")
             del model
     if whole:
         bgr = pictures[0].permute(1, 2, 0).to(torch.uint8).numpy()[:, :, ::-1]
@@ -174,19 +175,12 @@ def transformer_files(
     return paths, batches[0].numpy(), notes
 
 
-def _whole_info(cfg, size: int, bits: str, target: str) -> dict:
-    """The runner's metadata of a whole file at ``size`` x ``size`` (what
-    :meth:`qdet.engine.trained_model.TrainedModel.deployment_info` gives a trained one):
-    no class names (random weights), score threshold 0 (module docstring)."""
-    return {
-        "input_format": cfg.INPUT.FORMAT,
-        "min_size_test": size,
-        "max_size_test": size,
-        "score_threshold": 0.0,
-        "class_names": [],
-        "bits": bits,
-        "target": target,
-    }
+def _whole_info(cfg, model, size: int, bits: str) -> dict:
+    """The runner's metadata of ``model``'s whole file at ``size`` x ``size``
+    (:meth:`TrainedModel.deployment_info`; no dataset, so no class names)."""
+    resize = T.ResizeShortestEdge([size, size], size)
+    described = TrainedModel(model, cfg, "", list, list, [resize], cfg.INPUT.FORMAT, bits)
+    return described.deployment_info()
 
 
 def _peer_in_child(

@@ -53,7 +53,7 @@ from qdet.modeling.deployable_rcnn import (
     add_rcnn_quantizers,
     rcnn_head_is_quantized,
 )
-from qdet.quantization.folding import FOLDABLE, check_foldable
+from qdet.quantization.folding import FOLDABLE, check_foldable, foldable
 from qdet.quantization.layers import QConv2d, QLinear, QuantizedInput
 from qdet.quantization.per_level import PerLevelQuantizer
 from qdet.quantization.produced import produce, same_grid
@@ -252,10 +252,6 @@ def make_deployable(
     return added
 
 
-def _folds(norm: nn.Module | None) -> bool:
-    return norm is None or isinstance(norm, FOLDABLE)
-
-
 def _resnet_outputs(bottom_up: nn.Module) -> bool:
     """Whether ``bottom_up``'s outputs are quantized residual blocks' (converted)."""
     return any(
@@ -328,7 +324,7 @@ def _add_quantizers(module, path, activation, edge, per_level_head, levels_quant
         for conv in [*laterals, *module.output_convs]:
             consume(conv)
         for i, conv in enumerate([*module.lateral_convs, *module.output_convs]):
-            if isinstance(conv, QConv2d) and not _folds(conv.norm):
+            if isinstance(conv, QConv2d) and not foldable(conv.norm):
                 # A LayerNorm (ViTDet's and Swin's FPN): the conv integer, its output
                 # quantized, the norm in float after.
                 conv.norm_input_quantizer = activation(True)

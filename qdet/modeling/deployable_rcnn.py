@@ -34,7 +34,7 @@ from detectron2.modeling.roi_heads.box_head import FastRCNNConvFCHead
 from detectron2.modeling.roi_heads.mask_head import MaskRCNNConvUpsampleHead
 from torch import nn
 
-from qdet.quantization.folding import FOLDABLE
+from qdet.quantization.folding import foldable
 from qdet.quantization.layers import QConv2d, QuantizedInput
 from qdet.quantization.produced import produce
 
@@ -110,17 +110,13 @@ def add_rcnn_quantizers(module: nn.Module, activation, edge, levels_quantized: b
             # no integer op's QuantizeLinear follows it, so it quantizes its output itself,
             # whatever its norm.
             feeds_flatten = isinstance(module, DeployFastRCNNConvFCHead) and i == len(convs) - 1
-            if isinstance(conv, QConv2d) and (not _folds(conv.norm) or feeds_flatten):
+            if isinstance(conv, QConv2d) and (not foldable(conv.norm) or feeds_flatten):
                 # Signed: the conv's output before its norm has both signs.
                 conv.norm_input_quantizer = activation(True)
                 yield f"{owned[id(conv)]}.norm_input_quantizer", conv.norm_input_quantizer
         if isinstance(module, DeployMaskRCNNConvUpsampleHead) and _deconv_input_quantized(module):
             module.deconv_input_quantizer = edge(False)
             yield "deconv_input_quantizer", module.deconv_input_quantizer
-
-
-def _folds(norm: nn.Module | None) -> bool:
-    return norm is None or isinstance(norm, FOLDABLE)
 
 
 def _deconv_input_quantized(head: MaskRCNNConvUpsampleHead) -> bool:
@@ -130,4 +126,4 @@ def _deconv_input_quantized(head: MaskRCNNConvUpsampleHead) -> bool:
     if not head.conv_norm_relus:
         return False
     last = head.conv_norm_relus[-1]
-    return isinstance(last, QConv2d) and _folds(last.norm)
+    return isinstance(last, QConv2d) and foldable(last.norm)

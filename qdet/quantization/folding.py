@@ -30,9 +30,15 @@ INT32_MAX = 2**31 - 1
 FOLDABLE = (nn.BatchNorm2d, FrozenBatchNorm2d, CycleBatchNormList)  # SyncBN is a BatchNorm2d
 
 
+def foldable(norm: nn.Module | None) -> bool:
+    """Whether a deployment target folds ``norm`` (none, or a BN kind) into the conv before
+    it; a LayerNorm / GroupNorm normalises with each input's statistics and cannot be."""
+    return norm is None or isinstance(norm, FOLDABLE)
+
+
 def check_foldable(norm: nn.Module | None, path: str) -> None:
     """Refuse a norm a deployment target cannot fold into the conv before it."""
-    if norm is None or isinstance(norm, FOLDABLE):
+    if foldable(norm):
         if isinstance(norm, CycleBatchNormList) and not norm._affine:
             raise ValueError(f"{path}: a CycleBatchNormList without affine cannot be folded")
         return
