@@ -170,7 +170,8 @@ def build_models(args, fp: TrainedModel, traced: torch.Tensor) -> dict[str, dict
     return paths
 
 
-def _summary(seconds: list[float]) -> dict:
+def median_iqr(seconds: list[float]) -> dict:
+    """{"median_ms", "iqr_ms"} of timings in seconds."""
     return {
         "median_ms": statistics.median(seconds) * 1000,
         "iqr_ms": float(np.percentile(seconds, 75) - np.percentile(seconds, 25)) * 1000,
@@ -197,7 +198,7 @@ def time_networks(paths: dict, batch: np.ndarray, threads: int, repeats: int, wa
     path) on ``batch``, alternating."""
     sessions = {n: inference_session(p, threads, spinning=False) for n, p in paths.items()}
     runs = {n: partial(s.run, None, {INPUT_NAME: batch}) for n, s in sessions.items()}
-    return {n: _summary(t) for n, t in alternate(runs, repeats, warmup).items()}
+    return {n: median_iqr(t) for n, t in alternate(runs, repeats, warmup).items()}
 
 
 def time_detectors(paths: dict, bgr: np.ndarray, threads: int, repeats: int, warmup: int):
@@ -210,7 +211,7 @@ def time_detectors(paths: dict, bgr: np.ndarray, threads: int, repeats: int, war
     for detector in detectors.values():
         detector.min_size, detector.max_size = min(height, width), max(height, width)
     runs = {n: partial(d, bgr) for n, d in detectors.items()}
-    timed = {n: _summary(t) for n, t in alternate(runs, repeats, warmup).items()}
+    timed = {n: median_iqr(t) for n, t in alternate(runs, repeats, warmup).items()}
     for name, detector in detectors.items():
         timed[name]["instances"] = len(detector(bgr)["scores"])
     return timed
@@ -244,7 +245,7 @@ def time_files(paths: dict, inputs: dict, threads: int, repeats: int, warmup: in
         times = alternate(runs, repeats, warmup)
         rows[size] = {name: {} for name in paths}
         for (name, kind), seconds in times.items():
-            rows[size][name][kind] = _summary(seconds)
+            rows[size][name][kind] = median_iqr(seconds)
         for name, detector in wholes.items():
             rows[size][name]["instances"] = len(detector(bgr)["scores"])
     return rows

@@ -17,10 +17,12 @@ integer kernels fuse it (docs/deploy/onnxruntime_transformer_fusion.md):
 
 Each tensor is quantized once: q, k and v share the qkv codes, the attention output is
 proj's input. PyTorch computes what the runtime does up to float rounding of the integer
-sums (the export check counts those ties). A float Softmax is kept because both models
-add float terms to the logits; the quantize-dequantize a QLinearSoftmax would need costs
-two more ops. The classes are Detectron2's, with the same parameters (FP checkpoints
-load), converted in place by :func:`qdet.modeling.deployable.make_deployable`.
+sums (the export check counts those ties). The Softmax stays float: both models add float
+terms to the logits, and onnxruntime's QLinearSoftmax, with the logits' quantization it
+needs, is 2.1-5.7x slower than the float Softmax at these shapes
+(``tools/benchmark_fused_ops.py``, docs/benchmarks.md). The classes are Detectron2's, with
+the same parameters (FP checkpoints load), converted in place by
+:func:`qdet.modeling.deployable.make_deployable`.
 """
 
 from __future__ import annotations
