@@ -23,6 +23,10 @@ row of a seed; QFD's teacher is that FP model):
   QFD adds MSE to the teacher's 8-bit p3, :func:`qfd_opts`); ``baseline_ort_w4a8_mha`` /
   ``_mlp``: the attention's Linears and matmuls only, the MLP's only.
 - ``baseline_sim_<wa>``: the same recipe simulated (``QUANT.TARGET ''``), the papers' form.
+- ``ptq_qdet_heads_<wa>`` / ``baseline_ort_heads_<wa>``: calibration only and baseline QAT
+  of the whole network qdet deploys, the blocks and (:attr:`Arch.whole`, ``QUANT.INCLUDE``)
+  ViTDet's pyramid or Swin's FPN convs and the R-CNN heads: the scope of
+  ``ptq_onnxruntime_minmax``, and the latency benchmark's "+heads" files.
 - ``fp_finetune``: the control, the same 200 iterations from the FP model unquantized: the
   FP model is not converged, so QAT's rows gain from the iterations too; compare with it.
 
@@ -65,15 +69,22 @@ class Arch:
     configs: str
     name: str
     blocks: tuple[str, ...]
+    whole: tuple[str, ...]  # QUANT.INCLUDE of the rest of the network a target deploys
 
 
 ARCHS = {
-    "vitdet": Arch("configs/digits/vitdet_tiny_", "ViTDet", ("/backbone/net/blocks.",)),
+    "vitdet": Arch(
+        "configs/digits/vitdet_tiny_",
+        "ViTDet",
+        ("/backbone/net/blocks.",),
+        ("simfp", "proposal_generator", "roi_heads"),
+    ),
     # Swin's stages (depths 1-1-2-1): their blocks, not the patch merging between them.
     "swin": Arch(
         "configs/digits/swin_tiny_",
         "Swin",
         tuple(f"/backbone/bottom_up/layers.{i}/blocks." for i in range(4)),
+        ("fpn_lateral", "fpn_output", "proposal_generator", "roi_heads"),
     ),
 }
 
@@ -113,6 +124,7 @@ def transformer_rows(widths: list[str], arch: str = "vitdet") -> list[StudyRow]:
         rows.append(
             StudyRow(f"ptq_onnxruntime_{name}", "", fp, (*opts, *ONE_STEP), "8/8", "fp", False)
         )
+    whole = ("QUANT.INCLUDE", repr(list(ARCHS[arch].whole)))
     for wa in widths:
         w, a = WIDTHS[wa]
         bits, config = f"{w}/{a}", f"{prefix}{wa}_ort.yaml"
@@ -122,6 +134,8 @@ def transformer_rows(widths: list[str], arch: str = "vitdet") -> list[StudyRow]:
             StudyRow(f"baseline_ort_{wa}", "", config, (), bits, "fp"),
             StudyRow(f"qfd_ort_{wa}", "", config, qfd_opts(arch), bits, "fp"),
             StudyRow(f"baseline_sim_{wa}", "", config, SIMULATED, bits, "fp"),
+            StudyRow(f"ptq_qdet_heads_{wa}", "", config, (*ptq, *whole), bits, "fp"),
+            StudyRow(f"baseline_ort_heads_{wa}", "", config, whole, bits, "fp"),
         ]
         if wa == "w4a8":
             for part in ("mha", "mlp"):
@@ -214,6 +228,8 @@ ROW_LABELS = {
     "baseline_sim": "baseline QAT, simulated",
     "baseline_ort_w4a8_mha": "baseline QAT, TARGET, MHA only",
     "baseline_ort_w4a8_mlp": "baseline QAT, TARGET, MLP only",
+    "ptq_qdet_heads": "qdet calibration only, + pyramid / FPN and heads",
+    "baseline_ort_heads": "baseline QAT, TARGET, + pyramid / FPN and heads",
 }
 # (row prefix, base row prefix or row, the row's metric prefix, the base's): the paired
 # differences that answer the study's questions ("ort " is the file's AP).
@@ -231,6 +247,13 @@ DIFFERENCES = (
     ("baseline_ort", "baseline_ort", "ort ", ""),
     ("baseline_ort_w4a8_mha", "baseline_ort", "ort ", "ort "),
     ("baseline_ort_w4a8_mlp", "baseline_ort", "ort ", "ort "),
+    # The whole network: what the heads cost, and QAT against onnxruntime's PTQ of the same
+    # scope (its every-layer file) and against calibration alone.
+    ("baseline_ort_heads", "baseline_ort", "ort ", "ort "),
+    ("baseline_ort_heads", "fp_finetune", "ort ", ""),
+    ("baseline_ort_heads", "ptq_onnxruntime_minmax", "ort ", "ort "),
+    ("baseline_ort_heads", "ptq_qdet_heads", "ort ", "ort "),
+    ("baseline_ort_heads", "baseline_ort_heads", "ort ", ""),
 )
 
 
