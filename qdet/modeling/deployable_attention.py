@@ -19,7 +19,7 @@ Each tensor is quantized once: q, k and v share the qkv codes, the attention out
 proj's input. PyTorch computes what the runtime does up to float rounding of the integer
 sums (the export check counts those ties). The Softmax stays float: both models add float
 terms to the logits, and onnxruntime's QLinearSoftmax, with the logits' quantization it
-needs, is 2.1-5.7x slower than the float Softmax at these shapes
+needs, is 2.2-6.0x slower than the float Softmax at these shapes
 (``tools/benchmark_fused_ops.py``, docs/benchmarks.md). The classes are Detectron2's, with
 the same parameters (FP checkpoints load), converted in place by
 :func:`qdet.modeling.deployable.make_deployable`.
