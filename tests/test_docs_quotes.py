@@ -57,6 +57,10 @@ def expected_quotes() -> dict[str, list[str]]:
         f"MHA only {boxmask('baseline_ort_w4a8_mha')}",
         f"MLP only {boxmask('baseline_ort_w4a8_mlp')}",
     ]
+    heads = [
+        f"W8A8 {boxmask('baseline_ort_heads_w8a8')}",
+        f"W4A8 {boxmask('baseline_ort_heads_w4a8')} (deployment study",
+    ]
     digits, project = "configs/digits/", "projects/Classification/configs/digits32/"
     return {
         f"{digits}vitdet_tiny_w8a8_ort.yaml": [
@@ -65,6 +69,8 @@ def expected_quotes() -> dict[str, list[str]]:
             f"FP control: {control})",
         ],
         f"{digits}vitdet_tiny_w4a8_ort.yaml": [f"{boxmask('baseline_ort_w4a8')} (deployment study"],
+        f"{digits}vitdet_tiny_w8a8_heads_ort.yaml": heads,
+        f"{digits}vitdet_tiny_w4a8_heads_ort.yaml": heads,
         f"{digits}vitdet_tiny_w4a8_mha_ort.yaml": parts,
         f"{digits}vitdet_tiny_w4a8_mlp_ort.yaml": parts,
         f"{digits}retinanet_r18_fp.yaml": [

@@ -85,8 +85,10 @@ def test_transformer_rows_build_what_their_names_say(arch):
             [parts[-1]] if parts[-1] in ("mha", "mlp") else ["mha", "mlp"]
         ), name
         assert ("ptq_qdet" if parts[0] == "ptq" else "qat") == cfg.DEPLOY_STUDY.KIND, name
-        # the whole network: the blocks and the pyramid / FPN and heads
-        assert list(cfg.QUANT.INCLUDE) == (list(ARCHS[arch].whole) if "heads" in parts else [])
+        # the whole network: the blocks, the pyramid's or FPN's convs and the R-CNN heads
+        pyramid = {"vitdet": ["simfp"], "swin": ["fpn_lateral", "fpn_output"]}[arch]
+        whole = [*pyramid, "proposal_generator", "roi_heads"]
+        assert list(cfg.QUANT.INCLUDE) == (whole if "heads" in parts else []), name
 
 
 def test_vitdet_tables_pair_the_seeds():

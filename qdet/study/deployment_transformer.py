@@ -24,8 +24,8 @@ row of a seed; QFD's teacher is that FP model):
   ``_mlp``: the attention's Linears and matmuls only, the MLP's only.
 - ``baseline_sim_<wa>``: the same recipe simulated (``QUANT.TARGET ''``), the papers' form.
 - ``ptq_qdet_heads_<wa>`` / ``baseline_ort_heads_<wa>``: calibration only and baseline QAT
-  of the whole network qdet deploys, the blocks and (:attr:`Arch.whole`, ``QUANT.INCLUDE``)
-  ViTDet's pyramid or Swin's FPN convs and the R-CNN heads: the scope of
+  of the whole network qdet deploys (``<arch>_tiny_<wa>_heads_ort.yaml``: the blocks,
+  ViTDet's pyramid or Swin's FPN convs and the R-CNN heads): the scope of
   ``ptq_onnxruntime_minmax``, and the latency benchmark's "+heads" files.
 - ``fp_finetune``: the control, the same 200 iterations from the FP model unquantized: the
   FP model is not converged, so QAT's rows gain from the iterations too; compare with it.
@@ -69,7 +69,6 @@ class Arch:
     configs: str
     name: str
     blocks: tuple[str, ...]
-    whole: tuple[str, ...]  # QUANT.INCLUDE of the rest of the network a target deploys
 
 
 ARCHS = {
@@ -77,14 +76,12 @@ ARCHS = {
         "configs/digits/vitdet_tiny_",
         "ViTDet",
         ("/backbone/net/blocks.",),
-        ("simfp", "proposal_generator", "roi_heads"),
     ),
     # Swin's stages (depths 1-1-2-1): their blocks, not the patch merging between them.
     "swin": Arch(
         "configs/digits/swin_tiny_",
         "Swin",
         tuple(f"/backbone/bottom_up/layers.{i}/blocks." for i in range(4)),
-        ("fpn_lateral", "fpn_output", "proposal_generator", "roi_heads"),
     ),
 }
 
@@ -124,18 +121,18 @@ def transformer_rows(widths: list[str], arch: str = "vitdet") -> list[StudyRow]:
         rows.append(
             StudyRow(f"ptq_onnxruntime_{name}", "", fp, (*opts, *ONE_STEP), "8/8", "fp", False)
         )
-    whole = ("QUANT.INCLUDE", repr(list(ARCHS[arch].whole)))
     for wa in widths:
         w, a = WIDTHS[wa]
         bits, config = f"{w}/{a}", f"{prefix}{wa}_ort.yaml"
+        heads = f"{prefix}{wa}_heads_ort.yaml"  # the whole network: + pyramid / FPN, heads
         ptq = ("DEPLOY_STUDY.KIND", "ptq_qdet", *ONE_STEP)
         rows += [
             StudyRow(f"ptq_qdet_{wa}", "", config, ptq, bits, "fp"),
             StudyRow(f"baseline_ort_{wa}", "", config, (), bits, "fp"),
             StudyRow(f"qfd_ort_{wa}", "", config, qfd_opts(arch), bits, "fp"),
             StudyRow(f"baseline_sim_{wa}", "", config, SIMULATED, bits, "fp"),
-            StudyRow(f"ptq_qdet_heads_{wa}", "", config, (*ptq, *whole), bits, "fp"),
-            StudyRow(f"baseline_ort_heads_{wa}", "", config, whole, bits, "fp"),
+            StudyRow(f"ptq_qdet_heads_{wa}", "", heads, ptq, bits, "fp"),
+            StudyRow(f"baseline_ort_heads_{wa}", "", heads, (), bits, "fp"),
         ]
         if wa == "w4a8":
             for part in ("mha", "mlp"):
@@ -292,7 +289,11 @@ def tables(results, widths: list[str], seeds, arch: str = "vitdet") -> str:
     ]
     diffs = []
     for row, base, mine, theirs in DIFFERENCES:
-        what = "the file - PyTorch" if row == base else f"{_label(row)} - {_label(base)}"
+        what = (
+            f"{_label(row)}: the file - PyTorch"
+            if row == base
+            else f"{_label(row)} - {_label(base)}"
+        )
         diffs.append(
             [what]
             + [
