@@ -521,3 +521,31 @@ def test_configs_load_safely_and_keep_detectron2s_anchors():
     assert len(got) == 5 and all(len(row) == 3 for row in got)
     for row, want in zip(got, expected):
         assert row == pytest.approx(want, rel=1e-15, abs=0)
+
+
+def test_every_detection_config_merges_into_qdets_keys():
+    """Every yacs YAML of configs/ (not a _BASE_ file alone) loads with qdet's config: no
+    key that qdet or Detectron2 does not declare, every _BASE_ chain found."""
+    import glob
+
+    from qdet.config import load_config
+
+    paths = [
+        p
+        for p in glob.glob(os.path.join(ROOT, "configs", "**", "*.yaml"), recursive=True)
+        if os.sep + "lazy" + os.sep not in p
+    ]
+    assert len(paths) > 50
+    for path in paths:
+        cfg = load_config(path, [])
+        assert cfg.QUANT.W_BITS >= 1, path
+    heads = load_config(
+        os.path.join(ROOT, "configs", "digits", "swin_tiny_w4a8_heads_ort.yaml"), []
+    )
+    assert (heads.QUANT.W_BITS, heads.QUANT.TARGET) == (4, "onnxruntime")
+    assert list(heads.QUANT.INCLUDE) == [
+        "fpn_lateral",
+        "fpn_output",
+        "proposal_generator",
+        "roi_heads",
+    ]
