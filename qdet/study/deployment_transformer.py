@@ -72,11 +72,7 @@ class Arch:
 
 
 ARCHS = {
-    "vitdet": Arch(
-        "configs/digits/vitdet_tiny_",
-        "ViTDet",
-        ("/backbone/net/blocks.",),
-    ),
+    "vitdet": Arch("configs/digits/vitdet_tiny_", "ViTDet", ("/backbone/net/blocks.",)),
     # Swin's stages (depths 1-1-2-1): their blocks, not the patch merging between them.
     "swin": Arch(
         "configs/digits/swin_tiny_",
