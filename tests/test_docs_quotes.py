@@ -30,6 +30,8 @@ def _json(path: str) -> dict:
 
 def _spread(runs: dict, metric: str = "AP") -> str:
     values = [runs[s][metric] for s in sorted(runs, key=int)]
+    if len(values) == 1:  # one seed: the value alone
+        return f"{values[0]:.1f}"
     return f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f}"
 
 
@@ -61,8 +63,34 @@ def expected_quotes() -> dict[str, list[str]]:
         f"W8A8 {boxmask('baseline_ort_heads_w8a8')}",
         f"W4A8 {boxmask('baseline_ort_heads_w4a8')} (deployment study",
     ]
+    swin = _json("docs/deploy/swin/deployment.json")
+
+    def swin_file(run: str) -> str:  # one seed: the value alone
+        return f"{_spread(swin[run], 'ort AP')} / {_spread(swin[run], 'ort mask AP')}"
+
+    swin_parts = [
+        f"MHA only {swin_file('baseline_ort_w4a8_mha')}",
+        f"MLP only {swin_file('baseline_ort_w4a8_mlp')}",
+    ]
+    swin_heads = [
+        f"W8A8 {swin_file('baseline_ort_heads_w8a8')}",
+        f"W4A8 {swin_file('baseline_ort_heads_w4a8')} (Swin deployment study, seed 1)",
+    ]
     digits, project = "configs/digits/", "projects/Classification/configs/digits32/"
     return {
+        f"{digits}swin_tiny_w8a8_ort.yaml": [
+            f"box {_spread(swin['baseline_ort_w8a8'], 'ort AP')} / mask "
+            f"{_spread(swin['baseline_ort_w8a8'], 'ort mask AP')}, its file",
+            f"FP control: {_spread(swin['fp_finetune'])} / "
+            f"{_spread(swin['fp_finetune'], 'mask AP')})",
+        ],
+        f"{digits}swin_tiny_w4a8_ort.yaml": [
+            f"{swin_file('baseline_ort_w4a8')} (Swin deployment study, seed 1)"
+        ],
+        f"{digits}swin_tiny_w8a8_heads_ort.yaml": swin_heads,
+        f"{digits}swin_tiny_w4a8_heads_ort.yaml": swin_heads,
+        f"{digits}swin_tiny_w4a8_mha_ort.yaml": swin_parts,
+        f"{digits}swin_tiny_w4a8_mlp_ort.yaml": swin_parts,
         f"{digits}vitdet_tiny_w8a8_ort.yaml": [
             f"box {_spread(vit['baseline_ort_w8a8'], 'ort AP')} / mask "
             f"{_spread(vit['baseline_ort_w8a8'], 'ort mask AP')}, its file",

@@ -54,6 +54,8 @@ def _values(runs: dict, metric: str) -> list[float]:
 
 
 def _spread(values: list[float]) -> str:
+    if len(values) == 1:  # one seed (the tiny Swin's deployment study): the value alone
+        return f"{values[0]:.1f}"
     return f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f}"
 
 

@@ -11,9 +11,9 @@ from onnx import numpy_helper
 from target_models import _export, _images, _target_model
 
 from qdet.export import verify as verify_export
-from qdet.export.integer_check import optimized_op_counts
-from qdet.export.verify import MAX_TIE_RATE
-from qdet.quantization import QConv2d
+from qdet.export.integer_check import _Substitute, optimized_op_counts
+from qdet.export.verify import MAX_TIE_RATE, VerifyReport, check_tie_rate
+from qdet.quantization import QConv2d, UniformQuantizer
 
 
 @pytest.mark.parametrize(
@@ -52,6 +52,53 @@ def test_onnxruntime_runs_every_quantized_conv_as_one_integer_op(tmp_path, w_bit
     assert report.ok, report.failures
     assert report.activations_checked > 50
     assert report.boundary_flips <= MAX_TIE_RATE * report.activation_values
+
+
+def _runtime_at_ties(quantizer, fractions: torch.Tensor, ties: torch.Tensor):
+    """Inputs at code ``fractions`` (code units) and a runtime's codes for them: PyTorch's,
+    except at ``ties``, where the runtime rounds to the boundary's other side."""
+    lower, upper = (t.detach() for t in quantizer._affine()[:2])
+    n = quantizer.n_levels
+    x = lower + fractions * (upper - lower) / n
+    t = n * torch.clamp((x - lower) / (upper - lower), 0, 1)  # as the check computes it
+    other = torch.where(torch.round(t) == torch.floor(t), torch.floor(t) + 1, torch.floor(t))
+    codes = torch.where(ties, other, torch.round(t)).long()
+    return x, codes.numpy()
+
+
+def test_a_value_repeated_at_a_tie_is_one_rounding_decision():
+    """The tie rate counts each tensor's distinct tied values once: 1000 copies of one
+    value at a boundary (a padded window's identical tokens) pass as 1 tie, where 200
+    distinct values within a hair of boundaries (a file off by a hair) fail."""
+    quantizer = next(
+        m
+        for m in _target_model().modules()
+        if isinstance(m, UniformQuantizer) and m.kind == "activation"
+    )
+    grid = {"requantize": False, "path": "x", "zero_point": 0}
+    g = torch.Generator().manual_seed(0)
+    n = quantizer.n_levels
+    on_grid = torch.randint(0, n + 1, (9000,), generator=g).float()
+    cases = {
+        "repeated": torch.full((1000,), n // 2 + 0.5),
+        "distinct": torch.randint(0, n, (200,), generator=g)
+        + 0.5
+        + torch.linspace(-1.5e-3, 1.5e-3, 200),  # a hair off, each its own value
+    }
+    reports = {}
+    for name, at_ties in cases.items():
+        fractions = torch.cat([on_grid, at_ties])
+        ties = torch.arange(len(fractions)) >= len(on_grid)
+        x, codes = _runtime_at_ties(quantizer, fractions, ties)
+        report = VerifyReport()
+        _Substitute([codes], [grid], report)(quantizer, x, x.clone(), False)
+        assert not report.failures, report.failures  # the flips are all at a boundary
+        assert report.boundary_flips == int(ties.sum())
+        check_tie_rate(report)
+        reports[name] = report
+    assert reports["repeated"].tie_values == 1 and reports["repeated"].ok
+    assert reports["distinct"].tie_values == 200
+    assert not reports["distinct"].ok and "200 distinct values" in reports["distinct"].failures[0]
 
 
 def test_check_fails_on_a_wrong_folded_weight(tmp_path, monkeypatch):

@@ -432,13 +432,17 @@ def test_check_fails_when_boundary_ties_exceed_the_documented_rate():
     values = 2_000_000
     allowed = int(MAX_TIE_RATE * values)
     assert allowed == 200  # 1e-4: one tie in ten thousand codes
-    within = VerifyReport(activation_values=values, boundary_flips=allowed)
+    within = VerifyReport(activation_values=values, boundary_flips=allowed, tie_values=allowed)
     check_tie_rate(within)
     assert within.ok
-    above = VerifyReport(activation_values=values, boundary_flips=allowed + 1)
+    above = VerifyReport(
+        activation_values=values, boundary_flips=allowed + 1, tie_values=allowed + 1
+    )
     check_tie_rate(above)
     assert not above.ok
-    assert above.failures[0].startswith("201 of 2000000 activation codes are one code apart")
+    assert above.failures[0].startswith(
+        "201 distinct values (201 of 2000000 activation codes) are one code apart"
+    )
 
 
 def test_weights_are_initializers_and_large_files_keep_external_data(tmp_path, monkeypatch):

@@ -209,6 +209,8 @@ class _Substitute:
                 "rounding boundary"
             )
         self.report.boundary_flips += int((differ & near).sum())
+        if near.any():  # requantisations have none: their codes are exact
+            self.report.tie_values += int(torch.unique(t[differ & near]).numel())
         self.report.activation_values += codes.numel()
         assert mode in (MODE_UNSIGNED, MODE_SIGNED)
         return quantizer._decode(codes.to(out.device), lower, scale, mode).to(out.dtype)

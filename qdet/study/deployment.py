@@ -143,6 +143,7 @@ def check_record(report) -> dict:
         "ok": report.ok,
         "failures": report.failures[:3],
         "boundary_flips": report.boundary_flips,
+        "tie_values": report.tie_values,
         "codes": report.activation_values,
         "kernels": report.integer_kernels,
         "float_convs": report.float_convs,
@@ -219,6 +220,13 @@ def per_seed_rows(results, seeds, metrics=("AP", "ort AP")) -> list[list[str]]:
     return rows
 
 
+def _distinct(check: dict) -> str:
+    """How many distinct values the ties are, where the record has it and they repeat (the
+    tie rate counts them: :func:`qdet.export.verify.check_tie_rate`)."""
+    distinct = check.get("tie_values", check["boundary_flips"])
+    return f" ({distinct} distinct)" if distinct != check["boundary_flips"] else ""
+
+
 def check_rows(results) -> list[list[str]]:
     """[run, each seed's check of its integer export: ok or FAILED, ties] for runs with one."""
     rows = []
@@ -227,7 +235,7 @@ def check_rows(results) -> list[list[str]]:
         if done:
             checks = (
                 f"seed {s}: {'ok' if c['ok'] else 'FAILED'}, {c['boundary_flips']} of "
-                f"{c['codes']} codes at a tie"
+                f"{c['codes']} codes at a tie" + _distinct(c)
                 for s, c in done
             )
             rows.append([name, ", ".join(checks)])
