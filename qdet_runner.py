@@ -30,12 +30,16 @@ MATMULNBITS_ACCURACY_KEY = "session.qdq_matmulnbits_accuracy_level"
 IMAGE_TYPES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 
 
-def session_options(threads: int = 0, spinning: bool = True):
+def session_options(threads: int = 0, spinning: bool = True, arena: bool = True):
     """onnxruntime's CPU session options for a qdet file (``threads`` = 0: onnxruntime's
     default). ``spinning`` False: idle threads sleep rather than spin (several sessions
-    timed in turn in one process would otherwise take each other's cores)."""
+    timed in turn in one process would otherwise take each other's cores). ``arena``
+    False: no CPU memory arena, so a session returns its activations' memory after each
+    run instead of keeping its high-water mark (several large sessions open side by side,
+    e.g. ViTDet-B's whole files at 1024 x 1024, would otherwise not fit in memory)."""
     ort = _require("onnxruntime")
     options = ort.SessionOptions()
+    options.enable_cpu_mem_arena = arena
     if threads:
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
@@ -202,7 +206,7 @@ class Detector:
     XYXY in the picture's pixels, "classes": (N,), "scores": (N,)[, "masks": (N, H, W)
     bool]}``."""
 
-    def __init__(self, path: str, threads: int = 0, spinning: bool = True):
+    def __init__(self, path: str, threads: int = 0, spinning: bool = True, arena: bool = True):
         ort = _require("onnxruntime")
         if not os.path.isfile(path):
             raise FileNotFoundError(
@@ -211,7 +215,9 @@ class Detector:
             )
         try:
             self.session = ort.InferenceSession(
-                path, session_options(threads, spinning), providers=["CPUExecutionProvider"]
+                path,
+                session_options(threads, spinning, arena),
+                providers=["CPUExecutionProvider"],
             )
         except Exception as e:  # onnxruntime's own errors: not an ONNX file, bad graph
             raise ValueError(f"onnxruntime cannot load {path!r}: {e}") from e

@@ -97,6 +97,20 @@ def test_nothing_detected_gives_empty_outputs(tmp_path):
     assert found["boxes"].shape == (0, 4) and len(found["scores"]) == 0
 
 
+def test_a_detector_without_the_memory_arena_finds_the_same_instances(fp_file):
+    """``arena=False`` (the latency benchmark's --no-arena: idle sessions hold no
+    activations) changes where memory comes from, not what the file computes."""
+    _, _, path = fp_file
+    picture = (np.random.default_rng(0).random((64, 96, 3)) * 255).astype(np.uint8)
+    with_arena, without = qdet_runner.Detector(path), qdet_runner.Detector(path, arena=False)
+    assert with_arena.session.get_session_options().enable_cpu_mem_arena
+    assert not without.session.get_session_options().enable_cpu_mem_arena
+    want, got = with_arena(picture), without(picture)
+    assert len(want["scores"]) == 20
+    for key in want:
+        np.testing.assert_array_equal(got[key], want[key])
+
+
 RUN_BLOCKED = """
 import json, sys
 sys.modules["torch"] = None  # any import of torch or Detectron2 now fails

@@ -88,6 +88,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--keep-files", action="store_true", help="--transformer: keep the ONNX files")
     p.add_argument(
+        "--no-arena",
+        action="store_true",
+        help="--transformer: every session without onnxruntime's CPU memory arena, so an "
+        "idle one holds no activations (ViTDet-B's whole files at 1024 x 1024 side by side "
+        "did not fit 24 GB with it)",
+    )
+    p.add_argument(
         "--qdet",
         nargs=3,
         action="append",

@@ -193,21 +193,29 @@ def alternate(runs: dict, repeats: int, warmup: int) -> dict[object, list[float]
     return times
 
 
-def time_networks(paths: dict, batch: np.ndarray, threads: int, repeats: int, warmup: int):
+def time_networks(
+    paths: dict, batch: np.ndarray, threads: int, repeats: int, warmup: int, arena: bool = True
+):
     """{model: {"median_ms", "iqr_ms"}}: every network-only file of ``paths`` (name ->
-    path) on ``batch``, alternating."""
-    sessions = {n: inference_session(p, threads, spinning=False) for n, p in paths.items()}
+    path) on ``batch``, alternating (``arena``: :func:`qdet_runner.session_options`)."""
+    sessions = {
+        n: inference_session(p, threads, spinning=False, arena=arena) for n, p in paths.items()
+    }
     runs = {n: partial(s.run, None, {INPUT_NAME: batch}) for n, s in sessions.items()}
     return {n: median_iqr(t) for n, t in alternate(runs, repeats, warmup).items()}
 
 
-def time_detectors(paths: dict, bgr: np.ndarray, threads: int, repeats: int, warmup: int):
+def time_detectors(
+    paths: dict, bgr: np.ndarray, threads: int, repeats: int, warmup: int, arena: bool = True
+):
     """{model: {"median_ms", "iqr_ms", "instances"}}: every whole-detector file of
     ``paths`` (name -> path) image in to instances out (:class:`qdet_runner.Detector`) on
     the BGR uint8 picture ``bgr``, its resize set to leave the picture's size as is,
-    alternating."""
+    alternating (``arena``: :func:`qdet_runner.session_options`)."""
     height, width = bgr.shape[:2]
-    detectors = {n: qdet_runner.Detector(p, threads, spinning=False) for n, p in paths.items()}
+    detectors = {
+        n: qdet_runner.Detector(p, threads, spinning=False, arena=arena) for n, p in paths.items()
+    }
     for detector in detectors.values():
         detector.min_size, detector.max_size = min(height, width), max(height, width)
     runs = {n: partial(d, bgr) for n, d in detectors.items()}

@@ -221,6 +221,8 @@ def measure_transformers(args) -> dict:
         "file": WHOLE_FILE if args.whole else "the backbone file",
         "pictures": "uniform noise, seeded; weights random unless MODEL.WEIGHTS is given",
         "calibration_pictures": args.calibration_images,
+        # False (--no-arena): every session returns its activations' memory after each run
+        "memory_arena": not args.no_arena,
         "notes": {
             "quantize_static Percentile": "not built: onnxruntime's histogram calibrators "
             "cannot calibrate a whole file (qdet.export.peer.quantize_static_peer)"
@@ -249,7 +251,9 @@ def measure_transformers(args) -> dict:
             result["mib"][key] = {n: os.path.getsize(p) / 2**20 for n, p in paths.items()}
             time_files = time_detectors if args.whole else time_networks
             for threads in args.threads:
-                timed = time_files(paths, picture, threads, args.repeats, args.warmup)
+                timed = time_files(
+                    paths, picture, threads, args.repeats, args.warmup, not args.no_arena
+                )
                 result["timings"][f"{key}@{threads}"] = timed
             for file, why in notes.items():
                 result["notes"][f"{key}: {file}"] = why
@@ -273,7 +277,8 @@ def transformer_table(result: dict) -> str:
         f"onnxruntime {result['onnxruntime']} CPU provider, "
         f"{result.get('file', 'the backbone file')}, batch 1, "
         f"median (IQR) ms of {result['repeats']} runs each, all files alternating in one "
-        f"process; {result['pictures']}. Kernels: integer / float ops per layer kind in "
+        f"process{'' if result.get('memory_arena', True) else ', no CPU memory arena'}; "
+        f"{result['pictures']}. Kernels: integer / float ops per layer kind in "
         "onnxruntime's optimised graph.",
         "",
     ]

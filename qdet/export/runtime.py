@@ -19,14 +19,14 @@ from qdet.engine.trained_model import coco_evaluator, yacs_test_loader
 from qdet.export.graphs import INPUT_NAME, export_graph
 
 
-def inference_session(path, threads: int = 0, spinning: bool = True):
+def inference_session(path, threads: int = 0, spinning: bool = True, arena: bool = True):
     """A CPU onnxruntime session of a file (a path or serialised bytes), with the torch-free
     runner's options (:func:`qdet_runner.session_options`: ``threads`` = 0 is
-    onnxruntime's default; ``spinning`` False lets idle threads sleep; quantized MatMuls
-    kept in float32)."""
+    onnxruntime's default; ``spinning`` False lets idle threads sleep; ``arena`` False
+    returns activation memory after each run; quantized MatMuls kept in float32)."""
     import onnxruntime as ort  # optional: the export extra
 
-    options = qdet_runner.session_options(threads, spinning)
+    options = qdet_runner.session_options(threads, spinning, arena)
     return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
 
 
