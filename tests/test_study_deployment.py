@@ -71,7 +71,10 @@ def test_transformer_rows_build_what_their_names_say(arch):
             assert cfg.DEPLOY_STUDY.KIND == "ptq_onnxruntime" and not cfg.QUANT.ENABLED
             blocks = list(ARCHS[arch].blocks) if "blocks" in name else []
             assert list(cfg.DEPLOY_STUDY.PEER_NODES) == blocks
-            assert list(cfg.DEPLOY_STUDY.PEER_OPS) == (["MatMul"] if "matmuls" in name else [])
+            ops = {"matmuls": ["MatMul"], "softmax": ["MatMul", "Softmax"]}
+            ops |= {"add": ["MatMul", "Add"], "mul": ["MatMul", "Mul"]}
+            want = next((ops[p] for p in reversed(parts) if p in ops), [])
+            assert list(cfg.DEPLOY_STUDY.PEER_OPS) == want, name
             assert not row.per_seed  # nothing in it depends on the seed: made once
             continue
         width = next(p for p in parts if p in ("w8a8", "w4a8"))

@@ -16,8 +16,10 @@ row of a seed; QFD's teacher is that FP model):
   them), the part of the network qdet's rows quantize;
   ``ptq_onnxruntime_blocks_matmuls``: of the blocks, its MatMuls only (the Linears and the
   attention matmuls: the ops qdet's rows run in integers; the adds, multiplies and softmax
-  stay float). All three are made once (nothing in them depends on the seed) and shared by
-  every seed.
+  stay float); ``ptq_onnxruntime_blocks_matmuls_<op>``: the MatMuls and one op type of
+  :data:`PEER_EXTRA_OPS` (softmax, add, mul: the others the default quantizes), to find
+  which one costs the AP. All are made once (nothing in them depends on the seed) and
+  shared by every seed.
 - ``ptq_qdet_<wa>``: the FP model built for ``QUANT.TARGET onnxruntime`` and calibrated only.
 - ``baseline_ort_<wa>`` / ``qfd_ort_<wa>``: QAT for onnxruntime (``<arch>_tiny_<wa>_ort.yaml``;
   QFD adds MSE to the teacher's 8-bit p3, :func:`qfd_opts`); ``baseline_ort_w4a8_mha`` /
@@ -58,6 +60,9 @@ WIDTHS = {"w8a8": (8, 8), "w4a8": (4, 8)}
 CHECK_PICTURES = 8
 SIMULATED = ("QUANT.TARGET", "")
 ONE_STEP = ("SOLVER.MAX_ITER", "1")  # a PTQ row trains nothing (the progress's count)
+# The op types quantize_static adds to the blocks' MatMuls by default, each tried alone
+# with them (rows ptq_onnxruntime_blocks_matmuls_<op>): which one costs the AP.
+PEER_EXTRA_OPS = ("Softmax", "Add", "Mul")
 
 
 @dataclass(frozen=True)
@@ -108,11 +113,16 @@ def transformer_rows(widths: list[str], arch: str = "vitdet") -> list[StudyRow]:
     # onnxruntime's PTQ depends on nothing a seed changes (the FP model, the first training
     # pictures): made once and shared by every seed, as the FP model is.
     matmuls = ("DEPLOY_STUDY.PEER_OPS", "['MatMul']")  # the Linears and attention matmuls
-    for name, opts in (
+    peers = [
         ("minmax", peer),
         ("blocks", (*peer, *blocks)),
         ("blocks_matmuls", (*peer, *blocks, *matmuls)),
-    ):
+    ]
+    # Which of the ops the default adds to the MatMuls costs the accuracy: one at a time.
+    for op in PEER_EXTRA_OPS:
+        ops = ("DEPLOY_STUDY.PEER_OPS", repr(["MatMul", op]))
+        peers.append((f"blocks_matmuls_{op.lower()}", (*peer, *blocks, *ops)))
+    for name, opts in peers:
         fp = prefix + "fp.yaml"
         rows.append(
             StudyRow(f"ptq_onnxruntime_{name}", "", fp, (*opts, *ONE_STEP), "8/8", "fp", False)
@@ -212,6 +222,11 @@ PEER_LABELS = {
     "ptq_onnxruntime_blocks_matmuls": (
         "onnxruntime quantize_static W8A8 MinMax, the blocks' MatMuls only (its file)"
     ),
+} | {
+    f"ptq_onnxruntime_blocks_matmuls_{op.lower()}": (
+        f"onnxruntime quantize_static W8A8 MinMax, the blocks' MatMuls and {op}s (its file)"
+    )
+    for op in PEER_EXTRA_OPS
 }
 ROW_LABELS = {
     "fp_finetune": "FP, the same fine-tune (control)",
