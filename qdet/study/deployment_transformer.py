@@ -224,7 +224,7 @@ PEER_LABELS = {
     ),
 } | {
     f"ptq_onnxruntime_blocks_matmuls_{op.lower()}": (
-        f"onnxruntime quantize_static W8A8 MinMax, the blocks' MatMuls and {op}s (its file)"
+        f"onnxruntime quantize_static W8A8 MinMax, the blocks' MatMuls and {op} ops (its file)"
     )
     for op in PEER_EXTRA_OPS
 }
