@@ -67,9 +67,11 @@ def _runtime_at_ties(quantizer, fractions: torch.Tensor, ties: torch.Tensor):
 
 
 def test_a_value_repeated_at_a_tie_is_one_rounding_decision():
-    """The tie rate counts each tensor's distinct tied values once: 1000 copies of one
-    value at a boundary (a padded window's identical tokens) pass as 1 tie, where 200
-    distinct values within a hair of boundaries (a file off by a hair) fail."""
+    """The tie rate counts each tensor's distinct tied values once: in a million codes
+    (limit 100 distinct values, 1000 codes), 500 copies of one value at a boundary (a
+    padded window's identical tokens) pass as 1 tie, which counted per code would fail;
+    200 distinct values within a hair of boundaries (a file off by a hair) fail, and so do
+    2000 copies of one value (the cap on codes)."""
     quantizer = next(
         m
         for m in _target_model().modules()
@@ -78,12 +80,13 @@ def test_a_value_repeated_at_a_tie_is_one_rounding_decision():
     grid = {"requantize": False, "path": "x", "zero_point": 0}
     g = torch.Generator().manual_seed(0)
     n = quantizer.n_levels
-    on_grid = torch.randint(0, n + 1, (9000,), generator=g).float()
+    on_grid = torch.randint(0, n + 1, (1_000_000,), generator=g).float()
     cases = {
-        "repeated": torch.full((1000,), n // 2 + 0.5),
+        "repeated": torch.full((500,), n // 2 + 0.5),
         "distinct": torch.randint(0, n, (200,), generator=g)
         + 0.5
         + torch.linspace(-1.5e-3, 1.5e-3, 200),  # a hair off, each its own value
+        "flood": torch.full((2000,), n // 2 + 0.5),
     }
     reports = {}
     for name, at_ties in cases.items():
@@ -94,11 +97,15 @@ def test_a_value_repeated_at_a_tie_is_one_rounding_decision():
         _Substitute([codes], [grid], report)(quantizer, x, x.clone(), False)
         assert not report.failures, report.failures  # the flips are all at a boundary
         assert report.boundary_flips == int(ties.sum())
+        assert report.boundary_flips > MAX_TIE_RATE * report.activation_values  # per code
         check_tie_rate(report)
         reports[name] = report
     assert reports["repeated"].tie_values == 1 and reports["repeated"].ok
-    assert reports["distinct"].tie_values == 200
-    assert not reports["distinct"].ok and "200 distinct values" in reports["distinct"].failures[0]
+    distinct, flood = reports["distinct"], reports["flood"]
+    assert distinct.tie_values == 200
+    assert not distinct.ok and distinct.failures[0].startswith("200 distinct values")
+    assert flood.tie_values == 1
+    assert not flood.ok and flood.failures[0].startswith("2000 of 1002000 activation codes")
 
 
 def test_check_fails_on_a_wrong_folded_weight(tmp_path, monkeypatch):

@@ -76,7 +76,8 @@ class WholeReport(VerifyReport):
                 checked = f"{self.activation_values} codes"
             s += (
                 f"; layer by layer: {self.activations_checked} QuantizeLinear nodes ({checked}) "
-                f"give PyTorch's codes, {self.boundary_flips} at a rounding boundary"
+                f"give PyTorch's codes, {self.boundary_flips} at a rounding boundary "
+                f"({self.tie_values} distinct values)"
             )
         if self.target:
             kernels = ", ".join(f"{v} {k}" for k, v in sorted(self.integer_kernels.items()))

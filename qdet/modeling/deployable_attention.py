@@ -20,10 +20,11 @@ proj's input. PyTorch computes what the runtime does up to float rounding of the
 sums (the export check counts those ties). The Softmax stays float: both models add float
 terms to the logits, and onnxruntime's QLinearSoftmax, with the logits' quantization it
 needs, is 2.2-6.0x slower than the float Softmax at these shapes
-(``tools/benchmark_fused_ops.py``, docs/benchmarks.md); and onnxruntime's quantizer gives a
-quantized Softmax's output the fixed grid [0, 1] / 255, which on the tiny ViTDet's global
-attention costs 7 box / 16 mask AP (docs/deployment.md, the accuracy study). The classes
-are Detectron2's, with the same parameters (FP checkpoints load), converted in place by
+(``tools/benchmark_fused_ops.py``, docs/benchmarks.md); and onnxruntime's quantizer gives
+a quantized Softmax's output the fixed grid [0, 1] / 255, 40-76x coarser than MinMax's in
+the tiny ViTDet's global blocks; there, quantizing the Softmax ops loses 7.0 box / 16.4
+mask AP (docs/deployment.md, the accuracy study). The classes are Detectron2's, with the
+same parameters (FP checkpoints load), converted in place by
 :func:`qdet.modeling.deployable.make_deployable`.
 """
 

@@ -17,9 +17,9 @@ row of a seed; QFD's teacher is that FP model):
   ``ptq_onnxruntime_blocks_matmuls``: of the blocks, its MatMuls only (the Linears and the
   attention matmuls: the ops qdet's rows run in integers; the adds, multiplies and softmax
   stay float); ``ptq_onnxruntime_blocks_matmuls_<op>``: the MatMuls and one op type of
-  :data:`PEER_EXTRA_OPS` (softmax, add, mul: the others the default quantizes), to find
-  which one costs the AP. All are made once (nothing in them depends on the seed) and
-  shared by every seed.
+  :data:`PEER_EXTRA_OPS` (softmax, add, mul: the blocks' compute ops the default quantizes
+  beside the MatMuls), to find which one costs the AP. All are made once (nothing in them
+  depends on the seed) and shared by every seed.
 - ``ptq_qdet_<wa>``: the FP model built for ``QUANT.TARGET onnxruntime`` and calibrated only.
 - ``baseline_ort_<wa>`` / ``qfd_ort_<wa>``: QAT for onnxruntime (``<arch>_tiny_<wa>_ort.yaml``;
   QFD adds MSE to the teacher's 8-bit p3, :func:`qfd_opts`); ``baseline_ort_w4a8_mha`` /
