@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from qdet.config import load_config
-from qdet.study.deployment import add_deploy_config, study_rows
+from qdet.study.deployment import add_deploy_config, paired_cell, study_rows
 from qdet.study.deployment_transformer import ARCHS, tables, transformer_rows
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -123,6 +123,17 @@ def test_vitdet_tables_pair_the_seeds():
     peer = next(ln for ln in text.splitlines() if "the blocks only (its file)" in ln).split("|")
     assert peer[2].strip() == f"{results['ptq_onnxruntime_blocks'][1]['ort AP']:.1f}"
     assert peer[3].strip() == ""
+
+
+def test_one_seed_pairs_without_a_spread():
+    """One seed has no spread: its difference and whether it is higher, no "± 0.0"."""
+    results = {"a": {1: {"AP": 59.34}}, "b": {1: {"AP": 56.07}}, "c": {1: {"AP": 60.0}}}
+    assert paired_cell(results, "a", "b", [1]) == "+3.3 (1/1 higher)"
+    assert paired_cell(results, "b", "c", [1]) == "-3.9 (0/1 higher)"
+    results["a"][2], results["b"][2] = {"AP": 58.0}, {"AP": 57.0}
+    d = [59.34 - 56.07, 58.0 - 57.0]
+    want = f"{np.mean(d):+.1f} ± {np.std(d, ddof=1):.1f} (2/2 higher)"
+    assert paired_cell(results, "a", "b", [1, 2]) == want
 
 
 def test_report_only_without_runs_is_an_error_and_keeps_the_report(tmp_path):

@@ -196,7 +196,8 @@ def _both(results, row: str, seeds) -> str:
 
 
 def paired_cell(results, row: str, base: str, seeds, metric="AP", base_metric="AP") -> str:
-    """``row``'s metric minus ``base``'s, paired per seed: mean ± std (seeds higher)."""
+    """``row``'s metric minus ``base``'s, paired per seed: mean ± std (seeds higher); one
+    seed's difference without a spread."""
     runs, ref = results.get(row, {}), results.get(base, {})
     shared = [
         s for s in seeds if s in runs and s in ref and metric in runs[s] and base_metric in ref[s]
@@ -205,7 +206,8 @@ def paired_cell(results, row: str, base: str, seeds, metric="AP", base_metric="A
         return ""
     d = [runs[s][metric] - ref[s][base_metric] for s in shared]
     mean, std = mean_std(d)
-    return f"{mean:+.1f} ± {std:.1f} ({sum(v > 0 for v in d)}/{len(d)} higher)"
+    spread_text = f" ± {std:.1f}" if len(d) > 1 else ""
+    return f"{mean:+.1f}{spread_text} ({sum(v > 0 for v in d)}/{len(d)} higher)"
 
 
 def per_seed_rows(results, seeds, metrics=("AP", "ort AP")) -> list[list[str]]:

@@ -318,15 +318,16 @@ def tables(results, widths: list[str], seeds, arch: str = "vitdet") -> str:
     fp = _values(results, "fp", seeds[:1], "AP")
     fp_mask = _values(results, "fp", seeds[:1], "mask AP")
     seed_list = ", ".join(map(str, seeds))
+    over = f"mean ± sample std over seeds {seed_list}" if len(seeds) > 1 else f"seed {seeds[0]}"
     return report_text(
-        f"COCO AP on qdet_digits_val of the tiny {ARCHS[arch].name} Mask R-CNN, mean ± "
-        "sample std over "
-        f"seeds {seed_list} (one FP model: box {spread(list(fp.values()))}, mask "
+        f"COCO AP on qdet_digits_val of the tiny {ARCHS[arch].name} Mask R-CNN, {over} "
+        f"(one FP model: box {spread(list(fp.values()))}, mask "
         f"{spread(list(fp_mask.values()))}); two figures: PyTorch / the whole file in "
         "onnxruntime:",
         ap,
         "Paired differences (same FP model and batches per seed; the file's AP unless "
-        "'simulated'), mean ± sample std, and on how many seeds the first is higher:",
+        "'simulated'), mean ± sample std (one seed: its difference), and on how many seeds "
+        "the first is higher:",
         diffs,
         heads,
         results,
