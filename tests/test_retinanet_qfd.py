@@ -1,6 +1,7 @@
 """QuantRetinaNet, the QFD distiller and tools/train_net.py on the embedded data (CPU)."""
 
 import copy
+import glob
 import json
 import os
 import re
@@ -16,7 +17,7 @@ from detectron2.modeling import build_model
 from detectron2.utils.events import EventStorage
 from train_net_cli import run_train_net, write_config_with
 
-from qdet.config import add_qdet_config
+from qdet.config import add_qdet_config, load_config
 from qdet.distill import Distiller, TermSpec, build_distill_loss
 from qdet.engine import teacher_stage
 from qdet.engine.teacher_stage import load_teacher, teacher_config
@@ -513,8 +514,6 @@ def test_configs_load_safely_and_keep_detectron2s_anchors():
     for path in paths:
         with open(path) as f:
             yaml.safe_load(f)
-    from qdet.config import load_config
-
     cfg = load_config(os.path.join(ROOT, "configs", "Base-QDet-RetinaNet.yaml"), [])
     expected = [[x * 2 ** (k / 3) for k in range(3)] for x in (32, 64, 128, 256, 512)]
     got = cfg.MODEL.ANCHOR_GENERATOR.SIZES
@@ -526,10 +525,6 @@ def test_configs_load_safely_and_keep_detectron2s_anchors():
 def test_every_detection_config_merges_into_qdets_keys():
     """Every yacs YAML of configs/ (not a _BASE_ file alone) loads with qdet's config: no
     key that qdet or Detectron2 does not declare, every _BASE_ chain found."""
-    import glob
-
-    from qdet.config import load_config
-
     paths = [
         p
         for p in glob.glob(os.path.join(ROOT, "configs", "**", "*.yaml"), recursive=True)

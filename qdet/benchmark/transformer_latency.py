@@ -214,6 +214,7 @@ def measure_transformers(args) -> dict:
     import onnxruntime  # optional: the export extra
 
     bits = [tuple(b) for b in (args.qdet_calibrated or [(8, 8), (4, 8)])]
+    arena = not args.no_arena  # False: every session returns its activations' memory
     result = {
         "onnxruntime": onnxruntime.__version__,
         "repeats": args.repeats,
@@ -221,8 +222,7 @@ def measure_transformers(args) -> dict:
         "file": WHOLE_FILE if args.whole else "the backbone file",
         "pictures": "uniform noise, seeded; weights random unless MODEL.WEIGHTS is given",
         "calibration_pictures": args.calibration_images,
-        # False (--no-arena): every session returns its activations' memory after each run
-        "memory_arena": not args.no_arena,
+        "memory_arena": arena,
         "notes": {
             "quantize_static Percentile": "not built: onnxruntime's histogram calibrators "
             "cannot calibrate a whole file (qdet.export.peer.quantize_static_peer)"
@@ -251,9 +251,7 @@ def measure_transformers(args) -> dict:
             result["mib"][key] = {n: os.path.getsize(p) / 2**20 for n, p in paths.items()}
             time_files = time_detectors if args.whole else time_networks
             for threads in args.threads:
-                timed = time_files(
-                    paths, picture, threads, args.repeats, args.warmup, not args.no_arena
-                )
+                timed = time_files(paths, picture, threads, args.repeats, args.warmup, arena)
                 result["timings"][f"{key}@{threads}"] = timed
             for file, why in notes.items():
                 result["notes"][f"{key}: {file}"] = why

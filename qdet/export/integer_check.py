@@ -200,9 +200,9 @@ class _Substitute:
             t = n * torch.clamp((x.detach().float() - lower) / (upper - lower), 0, 1)
             mine = torch.round(t).long()
             near = (t - torch.floor(t) - 0.5).abs() < TIE_TOL
-            # Copies of one value are one rounding decision (verify.check_tie_rate).
-            self.report.tie_values += int(torch.unique(t[(mine != codes) & near]).numel())
         differ = mine != codes
+        if not requantize:  # copies of one value are one rounding decision (check_tie_rate)
+            self.report.tie_values += int(torch.unique(t[differ & near]).numel())
         if (differ & ~near).any():
             where = grid["path"] or f"the requantisation after QuantizeLinear {i - 1}"
             self.report.failures.append(
